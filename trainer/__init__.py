@@ -1,0 +1,1 @@
+"""Config schema, model and data loading, the training loop, checkpoints and metrics."""

@@ -1,0 +1,209 @@
+"""Checkpoints that are either complete or ignored.
+
+A checkpoint is written into a hidden temporary folder, renamed to `step_N`,
+and only then marked with an empty `COMPLETE` file. Readers accept nothing
+without the marker; pruning removes the marker first. Nothing here unpickles
+arbitrary objects: weights are safetensors, everything else loads with
+`torch.load(weights_only=True)` or is JSON/YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+COMPLETE = "COMPLETE"
+MODEL_FILE = "model.safetensors"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which and why."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    data: Optional[dict[str, int]] = None  # the loader's state_dict
+
+
+def step_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"step_{step}"
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """All step_N folders, complete or not, oldest first."""
+    found = []
+    if Path(output_dir).is_dir():
+        for p in Path(output_dir).iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_complete(output_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint; newer incomplete ones are skipped with a warning."""
+    for step, path in reversed(list_checkpoints(output_dir)):
+        if is_complete(path):
+            return path
+        warnings.warn(f"skipping incomplete checkpoint {path} (no {COMPLETE} marker)", stacklevel=2)
+    return None
+
+
+# --- RNG ---------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(py_state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- write ---------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    output_dir: Path,
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config_yaml: str,
+    keep_last: Optional[int] = None,
+) -> Path:
+    """Write step_N atomically; prune older ones only once the new one is complete."""
+    output_dir = Path(output_dir)
+    final = step_dir(output_dir, state.step)
+    tmp = output_dir / f".tmp-step_{state.step}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / MODEL_FILE))
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(rng_state(), tmp / "rng.pt")
+        _write_text(tmp / "trainer_state.json", json.dumps(state.__dict__, indent=1))
+        _write_text(tmp / "config.resolved.yaml", config_yaml)
+        _fsync_dir(tmp)
+        if final.exists():  # an incomplete leftover of an earlier, interrupted run
+            _remove(final)
+        os.rename(tmp, final)
+        _write_text(final / COMPLETE, "")
+        _fsync_dir(final)
+        _fsync_dir(output_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from e
+    if keep_last:
+        prune(output_dir, keep_last)
+    return final
+
+
+def _remove(path: Path) -> None:
+    # The marker goes first, so a half-removed folder never looks complete.
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path)
+
+
+def prune(output_dir: Path, keep_last: int) -> None:
+    complete = [(s, p) for s, p in list_checkpoints(output_dir) if is_complete(p)]
+    if not complete:
+        return
+    cutoff = complete[-keep_last][0] if len(complete) >= keep_last else complete[0][0]
+    for step, path in list_checkpoints(output_dir):
+        if step < cutoff:
+            _remove(path)
+
+
+# --- read ----------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> TrainState:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); refusing to load it")
+    try:
+        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if optimizer is not None:
+            optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+        if scheduler is not None:
+            scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
+        if restore_rng:
+            set_rng_state(_torch_load(path / "rng.pt"))
+        state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
+    return state

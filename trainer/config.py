@@ -1,0 +1,267 @@
+"""The run configuration: typed pydantic models, YAML in, dotted overrides on top.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.max_steps=12", "train.lr=1e-4"])
+
+Every mistake a user can make in a config surfaces as one `ConfigError` whose
+message names the key path, what was given and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config or command line; the CLI prints it as one line and exits 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    # A local transformers folder, a .gguf file, or `pkg://module/file` for a file
+    # shipped inside an installed Python package (the bundled SmolLM2 GGUF).
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None  # file name inside `path` when `path` is a folder
+    # Inline transformers config for random init; needs `model_type` (llama, qwen2, qwen3, mistral).
+    config: Optional[dict[str, Any]] = None
+    # Tokenizer source when it is not the model's own (e.g. for an inline config).
+    tokenizer: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.path is None) == (self.config is None):
+            raise ValueError("set exactly one of model.path (folder, .gguf, pkg://) and model.config (inline)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a model_type (llama, qwen2, qwen3, mistral)")
+        return self
+
+
+class PasskeyConfig(_Section):
+    digits: int = Field(5, ge=1, le=20)
+    eval_samples: int = Field(8, ge=0)
+
+
+class DataConfig(_Section):
+    kind: Literal["passkey", "jsonl", "text", "parquet", "hf_disk"] = "passkey"
+    path: Optional[str] = None  # a file, a folder of files, or a `datasets` save_to_disk folder
+    text_field: str = "text"
+    seq_len: int = Field(1024, gt=0)
+    packing: bool = True  # False: one document per sequence, truncated and padded
+    passkey: PasskeyConfig = PasskeyConfig()
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> "DataConfig":
+        if self.kind != "passkey" and not self.path:
+            raise ValueError(f"data.kind={self.kind} needs data.path")
+        return self
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(100, gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    clip_grad_norm: Optional[float] = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 = autocast over fp32 weights
+    seed: int = 0
+    eval_every_n_steps: int = Field(0, ge=0)  # 0: evaluate once, at the end
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class MemoryConfig(_Section):
+    """Filled by the planner and offload issues; kept so configs can name the section now."""
+
+    budget_gb: Optional[float] = Field(None, gt=0)
+    gradient_checkpointing: bool = False
+
+
+class CheckpointConfig(_Section):
+    every_n_steps: int = Field(0, ge=0)  # 0: only at the end
+    keep_last: int = Field(2, gt=0)
+    save_final: bool = True
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/quickstart"
+    resume: Optional[str] = None  # null | auto | path of a step_N folder
+
+
+class LogConfig(_Section):
+    every_n_steps: int = Field(1, gt=0)
+    sinks: list[Literal["console", "jsonl", "tensorboard"]] = ["console", "jsonl"]
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    memory: MemoryConfig = MemoryConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = RunConfig()
+    log: LogConfig = LogConfig()
+
+
+# --- loading ---------------------------------------------------------------------------
+
+BUNDLED_DIR = resources.files("longtune.configs")
+
+
+def bundled_config_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in BUNDLED_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a config shipped with longtune (`quickstart`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if "/" not in name_or_path and bundled.is_file():
+        return Path(str(bundled))
+    hint = f"; bundled configs: {', '.join(bundled_config_names())}"
+    raise ConfigError(f"config file not found: {name_or_path}{hint}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is typed by YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    parts = key.strip().split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override key {key!r} has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. an unbalanced bracket): take it as a string
+    if isinstance(value, str):
+        value = _number_or_str(value)
+    return parts, value
+
+
+def _number_or_str(text: str) -> Any:
+    # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a float.
+    try:
+        return float(text) if any(c in text for c in "eE.") else int(text)
+    except ValueError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    data = read_yaml(resolve_config_path(str(path))) if path is not None else {}
+    return validate(apply_overrides(data, list(overrides)))
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e)) from None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming the key path and the fix."""
+    lines = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc) or "(top level)"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            lines.append(_unknown_key_message(loc))
+        elif kind == "missing":
+            lines.append(f"missing required key {key}")
+        elif kind == "value_error":
+            lines.append(f"{key + ': ' if loc else ''}{item['msg'].removeprefix('Value error, ')}")
+        else:
+            given = item.get("input")
+            lines.append(f"{key}: got {given!r}; expected {_expected(item)}")
+    return "; ".join(lines)
+
+
+def _expected(item: dict[str, Any]) -> str:
+    ctx = item.get("ctx") or {}
+    if "expected" in ctx:
+        return f"one of {ctx['expected']}"
+    bounds = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    for name, sign in bounds.items():
+        if name in ctx:
+            return f"a number {sign} {ctx[name]}"
+    return item["msg"].lower().removeprefix("input should be ")
+
+
+def _unknown_key_message(loc: list[str]) -> str:
+    *parents, name = loc
+    valid = _valid_keys(parents)
+    where = f"in section {'.'.join(parents)}" if parents else "at the top level"
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {'.'.join([*parents, close[0]])}?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"unknown key {'.'.join(loc)} {where}{hint}"
+
+
+def _valid_keys(parents: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in parents:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,102 @@
+"""Step metrics to the console (with a progress bar), metrics.jsonl and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+
+def host_memory_gb() -> dict[str, float]:
+    """Current and peak resident set size of this process."""
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        rss = peak_kb * 1024
+    return {"host_rss_gb": rss / 2**30, "host_peak_rss_gb": peak_kb / 2**20}
+
+
+def gpu_memory_gb(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {
+        "gpu_peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        "gpu_peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+        "gpu_alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0),
+    }
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, sinks: list[str], total_steps: int, start_step: int = 0):
+        self.sinks = set(sinks)
+        self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a") if "jsonl" in self.sinks else None
+        self.tensorboard = None
+        if "tensorboard" in self.sinks:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable="console" not in self.sinks or not sys.stderr.isatty(),
+        )
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        record = {"step": step, **values}
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if "console" in self.sinks:
+            self.bar.write(format_line(record))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+_SHOWN = [
+    ("loss", "loss {:.4g}"),
+    ("lr", "lr {:.2e}"),
+    ("grad_norm", "gnorm {:.3f}"),
+    ("tokens_per_s", "{:,.0f} tok/s"),
+    ("step_time_s", "{:.2f} s/step"),
+    ("tflops", "{:.2f} TFLOPS"),
+    ("gpu_peak_allocated_gb", "gpu {:.2f} GB"),
+    ("host_peak_rss_gb", "host {:.2f} GB"),
+    ("passkey_acc", "passkey acc {:.2f}"),
+    ("passkey_loss", "passkey loss {:.4g}"),
+]
+
+
+def format_line(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']}"]
+    parts += [fmt.format(record[k]) for k, fmt in _SHOWN if record.get(k) is not None]
+    return " | ".join(parts)
+
+
+def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """6N for the matmuls plus causal attention (forward + backward), per token."""
+    return 6 * n_params + 6 * n_layers * hidden * seq_len
+
+

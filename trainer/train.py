@@ -1,0 +1,226 @@
+"""The training loop: config -> model, data, optimizer -> steps, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, dump_config
+from .data import DataLoader, PasskeyTask, build_source, check_data_config, passkey_accuracy
+from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, train_flops_per_token
+from .model import build_model, build_tokenizer, check_model_config, count_parameters
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    step: int
+    last_loss: Optional[float]
+    eval: dict[str, float]
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path).expanduser()
+    probe = out / f".write-test-{uuid.uuid4().hex}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run.output_dir: cannot write to {path}: {e.strerror or e}") from None
+    return out
+
+
+def resolve_resume(cfg: Config, output_dir: Path) -> Optional[Path]:
+    """The checkpoint to start from, or None for a fresh run."""
+    resume = cfg.run.resume
+    if resume is None:
+        if any(ckpt.is_complete(p) for _, p in ckpt.list_checkpoints(output_dir)):
+            raise ConfigError(
+                f"run.output_dir {output_dir} already holds checkpoints of an earlier run; "
+                "continue it with run.resume=auto (or `longtune resume`), or pick another run.output_dir"
+            )
+        return None
+    if resume == "auto":
+        return ckpt.latest_complete(output_dir)
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
+    if not ckpt.is_complete(path):
+        raise ConfigError(f"run.resume: checkpoint {resume} is incomplete (no {ckpt.COMPLETE} marker)")
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases (1-D tensors), as is standard.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
+    from transformers import get_scheduler
+
+    t = cfg.train
+    name, extra = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule], {}
+    if t.schedule == "cosine" and t.min_lr_ratio > 0:
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}
+    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps, scheduler_specific_kwargs=extra)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check(cfg: Config) -> Path:
+    """Every check that needs no model: run before anything heavy is loaded."""
+    check_model_config(cfg.model)
+    check_data_config(cfg.data)
+    return prepare_output_dir(cfg.run.output_dir)
+
+
+def train(cfg: Config) -> RunResult:
+    output_dir = check(cfg)
+    resume_from = resolve_resume(cfg, output_dir)
+    device = pick_device()
+    seed_everything(cfg.train.seed)
+    config_yaml = dump_config(cfg)
+    (output_dir / "config.resolved.yaml").write_text(config_yaml)
+
+    tokenizer = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, load_weights=resume_from is None).to(device)
+    if cfg.memory.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    train_source = build_source(cfg.data, tokenizer, cfg.train.seed)
+    eval_task = None
+    if isinstance(train_source, PasskeyTask) and cfg.data.passkey.eval_samples:
+        eval_task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")
+    loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+
+    state = ckpt.TrainState()
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        loader.load_state_dict(state.data)
+        print(f"resumed from {resume_from} at step {state.step} ({state.tokens_seen:,} tokens seen)")
+
+    t = cfg.train
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.mixed_precision == "bf16" else contextlib.nullcontext
+    n_params = count_parameters(model)
+    mc = model.config
+    flops_per_token = train_flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.seq_len)
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len
+    print(
+        f"model {n_params / 1e6:.1f}M params on {device} | {cfg.data.kind} data, {cfg.data.seq_len:,} tokens/seq, "
+        f"{tokens_per_step:,} tokens/step | steps {state.step + 1}..{t.max_steps} | run folder {output_dir}"
+    )
+    logger = MetricsLogger(output_dir, cfg.log.sinks, t.max_steps, state.step)
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_loss, eval_metrics, saved_step = None, {}, state.step
+
+    def evaluate() -> dict[str, float]:
+        if eval_task is None:
+            return {}
+        metrics = passkey_accuracy(model, eval_task, cfg.data.passkey.eval_samples, device, autocast)
+        logger.log(state.step, metrics)
+        return metrics
+
+    try:
+        if state.step == 0:
+            evaluate()  # the starting point, so the run shows what training changed
+        for step in range(state.step + 1, t.max_steps + 1):
+            start = time.perf_counter()
+            batches = [next(loader) for _ in range(t.grad_accum_steps)]
+            # Normalise by the label count of the whole step, so accumulation equals one big batch.
+            n_targets = max(sum(b.loss_tokens for b in batches), 1)
+            loss = torch.zeros((), device=device)
+            for batch in batches:
+                batch = batch.to(device)
+                with autocast():
+                    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels, num_items_in_batch=n_targets)
+                out.loss.backward()
+                loss += out.loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or math.inf)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step, state.tokens_seen, state.data = step, state.tokens_seen + tokens_per_step, loader.state_dict()
+            last_loss = float(loss)
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss is {last_loss} at step {step}; lower train.lr or check the data")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            logger.advance()
+            if step % cfg.log.every_n_steps == 0 or step == t.max_steps:
+                logger.log(step, {
+                    "loss": last_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_seen": state.tokens_seen,
+                    "tokens_per_s": tokens_per_step / elapsed,
+                    "step_time_s": elapsed,
+                    "tflops": flops_per_token * tokens_per_step / elapsed / 1e12,
+                    **gpu_memory_gb(device),
+                    **host_memory_gb(),
+                })
+            if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
+                ckpt.save_checkpoint(output_dir, state, model, optimizer, scheduler, config_yaml, cfg.checkpoint.keep_last)
+                saved_step = step
+            if t.eval_every_n_steps and step % t.eval_every_n_steps == 0 and step != t.max_steps:
+                evaluate()
+        if cfg.checkpoint.save_final and saved_step != state.step:
+            ckpt.save_checkpoint(output_dir, state, model, optimizer, scheduler, config_yaml, cfg.checkpoint.keep_last)
+        eval_metrics = evaluate()
+    finally:
+        logger.close()
+    return RunResult(output_dir, state.step, last_loss, eval_metrics)
+
+
+def load_trained(run_dir: Path, step: Optional[int] = None):
+    """(config, model, tokenizer, checkpoint path) of a run's newest complete (or given) checkpoint."""
+    from .config import read_yaml, validate
+
+    run_dir = Path(run_dir)
+    path = ckpt.step_dir(run_dir, step) if step is not None else ckpt.latest_complete(run_dir)
+    if path is None:
+        raise ckpt.CheckpointError(f"{run_dir} holds no complete checkpoint")
+    if not (path / "config.resolved.yaml").is_file():
+        raise ckpt.CheckpointError(f"checkpoint {path} has no config.resolved.yaml")
+    cfg = validate(read_yaml(path / "config.resolved.yaml"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(cfg.model, load_weights=False)
+    ckpt.load_checkpoint(path, model, restore_rng=False)
+    return cfg, model, build_tokenizer(cfg.model), path
+
+
+def export(run_dir: Path, out_dir: Path, step: Optional[int] = None) -> Path:
+    """A transformers save_pretrained folder (weights, config, tokenizer)."""
+    _, model, tokenizer, path = load_trained(run_dir, step)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -92,10 +93,15 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from longtune.trainer.checkpoint import CheckpointError
     from longtune.trainer.config import ConfigError
 
+    warnings.showwarning = _one_line_warning
     try:
         return run(build_parser().parse_args(argv))
     except (ConfigError, UsageError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -176,7 +177,10 @@ def prune(output_dir: Path, keep_last: int) -> None:
 
 
 def _torch_load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} is unreadable: it holds objects other than tensors and plain data, and is not unpickled") from None
 
 
 def load_checkpoint(
@@ -194,7 +198,7 @@ def load_checkpoint(
     try:
         missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise CheckpointError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
         if optimizer is not None:
             optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
         if scheduler is not None:

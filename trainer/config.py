@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Overrides arrive typed by YAML; `run.output_dir=2024` still means a string.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Section):
@@ -136,6 +137,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config {name_or_path} is a folder; give a YAML file")
     bundled = BUNDLED_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
     if "/" not in name_or_path and bundled.is_file():
         return Path(str(bundled))
@@ -153,6 +156,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text YAML file") from None
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     if data is None:
@@ -174,17 +179,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # not YAML (e.g. an unbalanced bracket): take it as a string
-    if isinstance(value, str):
-        value = _number_or_str(value)
+    # YAML 1.1 reads `1e-4` (no dot) as a string; the typed schema turns it into a float.
     return parts, value
-
-
-def _number_or_str(text: str) -> Any:
-    # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a float.
-    try:
-        return float(text) if any(c in text for c in "eE.") else int(text)
-    except ValueError:
-        return text
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -241,7 +237,8 @@ def _expected(item: dict[str, Any]) -> str:
     for name, sign in bounds.items():
         if name in ctx:
             return f"a number {sign} {ctx[name]}"
-    return item["msg"].lower().removeprefix("input should be ")
+    msg = item["msg"].removeprefix("Input should be ")
+    return msg[:1].lower() + msg[1:]
 
 
 def _unknown_key_message(loc: list[str]) -> str:

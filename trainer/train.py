@@ -53,7 +53,14 @@ def resolve_resume(cfg: Config, output_dir: Path) -> Optional[Path]:
             )
         return None
     if resume == "auto":
-        return ckpt.latest_complete(output_dir)
+        found = ckpt.latest_complete(output_dir)
+        if found is None:
+            print(f"no complete checkpoint in {output_dir}; starting from step 0")
+        return found
+    return check_resume_path(resume)
+
+
+def check_resume_path(resume: str) -> Path:
     path = Path(resume).expanduser()
     if not path.is_dir():
         raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
@@ -96,6 +103,8 @@ def check(cfg: Config) -> Path:
     """Every check that needs no model: run before anything heavy is loaded."""
     check_model_config(cfg.model)
     check_data_config(cfg.data)
+    if cfg.run.resume not in (None, "auto"):
+        check_resume_path(cfg.run.resume)  # before output_dir is created
     return prepare_output_dir(cfg.run.output_dir)
 
 
@@ -110,7 +119,8 @@ def train(cfg: Config) -> RunResult:
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, load_weights=resume_from is None).to(device)
     if cfg.memory.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()  # transformers 5 renamed gradient_checkpointing_enable
     train_source = build_source(cfg.data, tokenizer, cfg.train.seed)
     eval_task = None
     if isinstance(train_source, PasskeyTask) and cfg.data.passkey.eval_samples:
@@ -204,9 +214,14 @@ def load_trained(run_dir: Path, step: Optional[int] = None):
     from .config import read_yaml, validate
 
     run_dir = Path(run_dir)
-    path = ckpt.step_dir(run_dir, step) if step is not None else ckpt.latest_complete(run_dir)
-    if path is None:
+    if not run_dir.is_dir():
+        raise ckpt.CheckpointError(f"run folder {run_dir} does not exist")
+    complete = [s for s, p in ckpt.list_checkpoints(run_dir) if ckpt.is_complete(p)]
+    if not complete:
         raise ckpt.CheckpointError(f"{run_dir} holds no complete checkpoint")
+    if step is not None and step not in complete:
+        raise ckpt.CheckpointError(f"{run_dir} has no complete step_{step}; complete checkpoints: {complete}")
+    path = ckpt.step_dir(run_dir, complete[-1] if step is None else step)
     if not (path / "config.resolved.yaml").is_file():
         raise ckpt.CheckpointError(f"checkpoint {path} has no config.resolved.yaml")
     cfg = validate(read_yaml(path / "config.resolved.yaml"))

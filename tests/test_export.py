@@ -1,0 +1,40 @@
+"""Export: the real SmolLM2 fine-tuned for two steps reloads in transformers with the same logits."""
+
+from __future__ import annotations
+
+import torch
+from conftest import SMOLLM2_GGUF, run_cli, write_yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from longtune.trainer.config import ModelConfig
+from longtune.trainer.model import build_model
+from longtune.trainer.train import load_trained
+
+
+def test_smollm2_export_reloads_with_identical_logits(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    cfg = {
+        "model": {"path": SMOLLM2_GGUF},
+        "data": {"kind": "passkey", "seq_len": 128, "passkey": {"eval_samples": 0}},
+        "train": {"max_steps": 2, "lr": 1e-4, "warmup_steps": 0},
+        "run": {"output_dir": str(run_dir)},
+        "log": {"sinks": ["jsonl"]},
+    }
+    result = run_cli("train", write_yaml(tmp_path / "c.yaml", cfg))
+    assert result.returncode == 0, result.stderr
+    result = run_cli("export", run_dir, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "step_2" in result.stdout
+
+    _, trained, tokenizer, _ = load_trained(run_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "The pass key is 71432. Remember it."
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, reloaded_tokenizer(text, return_tensors="pt")["input_ids"])
+    trained.eval()
+    with torch.no_grad():
+        assert torch.equal(trained(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    # Training changed the weights: the export is not the untouched base model.
+    base = build_model(ModelConfig(path=SMOLLM2_GGUF))
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, reloaded.model.layers[0].mlp.up_proj.weight)

@@ -1,0 +1,98 @@
+"""Resume exactness: a run killed with SIGKILL and resumed equals the uninterrupted run bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO, cli_env, run_cli, train_losses, write_yaml
+
+from longtune.trainer.checkpoint import COMPLETE, is_complete, list_checkpoints
+
+
+def _resume_config(tiny_config: dict, output_dir) -> dict:
+    cfg = tiny_config
+    # Longer sequences than the default tiny config, so one step takes long enough
+    # (~0.2 s) for the test to kill the run after step 6 and before step 8.
+    cfg["data"]["seq_len"] = 512
+    cfg["model"]["config"]["hidden_size"] = 64
+    cfg["model"]["config"]["intermediate_size"] = 128
+    cfg["train"].update(max_steps=12, grad_accum_steps=2, warmup_steps=2)
+    cfg["checkpoint"].update(every_n_steps=4, keep_last=3)
+    cfg["run"]["output_dir"] = str(output_dir)
+    return cfg
+
+
+def _kill_after_step(config_path, run_dir, step: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "longtune.launch.cli", "train", str(config_path)],
+        cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if (run_dir / "metrics.jsonl").exists() and step in train_losses(run_dir):
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"step {step} never logged")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tmp_path, tiny_config):
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight_cfg = write_yaml(tmp_path / "straight.yaml", _resume_config(dict(tiny_config), straight_dir))
+    result = run_cli("train", straight_cfg)
+    assert result.returncode == 0, result.stderr
+    straight = train_losses(straight_dir)
+    assert sorted(straight) == list(range(1, 13))
+
+    killed_cfg = write_yaml(tmp_path / "killed.yaml", _resume_config(dict(tiny_config), killed_dir))
+    _kill_after_step(killed_cfg, killed_dir, 6)
+    complete = [s for s, p in list_checkpoints(killed_dir) if is_complete(p)]
+    assert complete == [4], f"expected only step_4 complete after the kill, found {complete}"
+
+    # A newer checkpoint folder without COMPLETE (as a crash mid-save leaves) must be skipped:
+    # its weights are garbage, so loading it would fail or change the losses.
+    fake = killed_dir / "step_8"
+    fake.mkdir()
+    (fake / "model.safetensors").write_bytes(b"not a checkpoint")
+
+    result = run_cli("resume", killed_dir)
+    assert result.returncode == 0, result.stderr
+    assert "skipping incomplete checkpoint" in result.stderr
+    assert "resumed from" in result.stdout and "step_4 at step 4" in result.stdout
+    resumed = train_losses(killed_dir)
+    for step in range(5, 13):
+        assert resumed[step] == straight[step], f"step {step}: {resumed[step]!r} != {straight[step]!r}"
+    assert is_complete(killed_dir / "step_12") and (killed_dir / "step_8" / COMPLETE).is_file()
+
+
+def test_resume_continues_with_a_larger_max_steps(tmp_path, tiny_config):
+    """`longtune resume RUN train.max_steps=N` extends a finished run from its last checkpoint."""
+    tiny_config["train"]["max_steps"] = 3
+    tiny_config["checkpoint"]["every_n_steps"] = 0  # only the final checkpoint
+    run_dir = tmp_path / "run"
+    tiny_config["run"]["output_dir"] = str(run_dir)
+    assert run_cli("train", write_yaml(tmp_path / "c.yaml", tiny_config)).returncode == 0
+    result = run_cli("resume", run_dir, "train.max_steps=5")
+    assert result.returncode == 0, result.stderr
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5]
+    assert is_complete(run_dir / "step_5")
+
+
+def test_new_run_into_a_used_output_dir_is_refused(tmp_path, tiny_config):
+    tiny_config["train"]["max_steps"] = 1
+    path = write_yaml(tmp_path / "c.yaml", tiny_config)
+    assert run_cli("train", path).returncode == 0
+    again = run_cli("train", path)
+    assert again.returncode == 2
+    assert "already holds checkpoints" in again.stderr and "run.resume=auto" in again.stderr

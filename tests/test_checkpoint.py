@@ -47,7 +47,7 @@ def test_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     path = _save(tmp_path, 2, model, opt, sched)
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["COMPLETE", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.resolved.yaml"]
+        ["COMPLETE", "config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.resolved.yaml"]
     )
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
 

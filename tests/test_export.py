@@ -6,8 +6,6 @@ import torch
 from conftest import SMOLLM2_GGUF, run_cli, write_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from longtune.trainer.config import ModelConfig
-from longtune.trainer.model import build_model
 from longtune.trainer.train import load_trained
 
 
@@ -35,6 +33,3 @@ def test_smollm2_export_reloads_with_identical_logits(tmp_path):
     trained.eval()
     with torch.no_grad():
         assert torch.equal(trained(input_ids=ids).logits, reloaded(input_ids=ids).logits)
-    # Training changed the weights: the export is not the untouched base model.
-    base = build_model(ModelConfig(path=SMOLLM2_GGUF))
-    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, reloaded.model.layers[0].mlp.up_proj.weight)

@@ -137,6 +137,8 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / MODEL_FILE))
+        if hasattr(model, "config"):  # the architecture, so loading needs no GGUF parse
+            model.config.to_json_file(tmp / "config.json")
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         _torch_save(rng_state(), tmp / "rng.pt")

@@ -94,16 +94,23 @@ def build_config(cfg: ModelConfig):
     return AutoConfig.from_pretrained(source.folder, **source.kwargs())
 
 
-def build_model(cfg: ModelConfig, load_weights: bool = True) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, checkpoint: Optional[Path] = None) -> torch.nn.Module:
     """A transformers causal LM in training mode.
 
-    load_weights=False builds the architecture with random init; used when a
-    checkpoint is about to overwrite every weight (resume, export).
+    With `checkpoint` (a step_N folder), the architecture comes from its
+    config.json and weights are left uninitialised: the checkpoint overwrites
+    every one, and neither a GGUF parse nor a random init is paid for.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     common = {"dtype": torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation}
-    if cfg.path is not None and load_weights:
+    if checkpoint is not None:
+        config_json = Path(checkpoint) / "config.json"
+        config = AutoConfig.from_pretrained(checkpoint) if config_json.is_file() else build_config(cfg)
+        with _no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, **common)
+        model.tie_weights()  # skipped with the init
+    elif cfg.path is not None:
         source = resolve_source(cfg.path, cfg.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source.folder, **source.kwargs(), **common)
     else:
@@ -112,9 +119,20 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> torch.nn.Module:
     return model
 
 
-def build_tokenizer(cfg: ModelConfig):
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def build_tokenizer(cfg: ModelConfig, saved: Optional[Path] = None):
+    """The tokenizer of `cfg`, or the copy a run saved in `saved` (fast: no GGUF parse)."""
     from transformers import AutoTokenizer
 
+    if saved is not None and (Path(saved) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(saved)
     spec = cfg.tokenizer or cfg.path or DEFAULT_TOKENIZER
     source = resolve_source(spec, cfg.gguf_file if spec == cfg.path else None, what="model.tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source.folder, **source.kwargs())

@@ -7,7 +7,6 @@ import math
 import random
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +19,9 @@ from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, check_data_config, passkey_accuracy
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, train_flops_per_token
 from .model import build_model, build_tokenizer, check_model_config, count_parameters
+
+
+TOKENIZER_DIR = "tokenizer"  # the run's own copy: resume and export need no GGUF parse
 
 
 @dataclass
@@ -116,8 +118,10 @@ def train(cfg: Config) -> RunResult:
     config_yaml = dump_config(cfg)
     (output_dir / "config.resolved.yaml").write_text(config_yaml)
 
-    tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, load_weights=resume_from is None).to(device)
+    tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR)
+    if not (output_dir / TOKENIZER_DIR).is_dir():
+        tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+    model = build_model(cfg.model, checkpoint=resume_from).to(device)
     if cfg.memory.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()  # transformers 5 renamed gradient_checkpointing_enable
@@ -225,11 +229,9 @@ def load_trained(run_dir: Path, step: Optional[int] = None):
     if not (path / "config.resolved.yaml").is_file():
         raise ckpt.CheckpointError(f"checkpoint {path} has no config.resolved.yaml")
     cfg = validate(read_yaml(path / "config.resolved.yaml"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_model(cfg.model, load_weights=False)
+    model = build_model(cfg.model, checkpoint=path)
     ckpt.load_checkpoint(path, model, restore_rng=False)
-    return cfg, model, build_tokenizer(cfg.model), path
+    return cfg, model, build_tokenizer(cfg.model, saved=run_dir / TOKENIZER_DIR), path
 
 
 def export(run_dir: Path, out_dir: Path, step: Optional[int] = None) -> Path:

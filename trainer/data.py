@@ -6,6 +6,7 @@ integers (epoch, index) and resuming continues the exact sample order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -84,6 +85,8 @@ class PasskeyTask:
         filler = (self.filler * math.ceil(budget / len(self.filler)))[:budget]
         cut = int(depth * budget)
         ids = prefix + filler[:cut] + needle + filler[cut:] + question + answer
+        if len(ids) != self.seq_len:  # a key that tokenises longer than the one sized for
+            raise ConfigError(f"data.seq_len={self.seq_len} is too short for passkey sample {index}")
         labels = [IGNORE_INDEX] * (len(ids) - len(answer)) + answer
         return Sample(torch.tensor(ids), torch.tensor(labels), torch.arange(len(ids)))
 
@@ -94,26 +97,20 @@ def passkey_accuracy(model, task: PasskeyTask, n: int, device: torch.device, aut
     was_training = model.training
     model.eval()
     correct, loss_sum, tokens = 0, 0.0, 0
-    for i in range(n):
-        sample = task[i]
-        answer_pos = (sample.labels != IGNORE_INDEX).nonzero().squeeze(1)
-        with autocast() if autocast else _null():
-            logits = model(input_ids=sample.input_ids[None].to(device)).logits[0].float()
-        predicted = logits[answer_pos - 1]  # logits at t predict token t+1
-        target = sample.input_ids[answer_pos].to(device)
-        correct += int(bool((predicted.argmax(-1) == target).all()))
-        loss_sum += float(torch.nn.functional.cross_entropy(predicted, target, reduction="sum"))
-        tokens += len(target)
-    model.train(was_training)
+    try:
+        for i in range(n):
+            sample = task[i]
+            answer_pos = (sample.labels != IGNORE_INDEX).nonzero().squeeze(1)
+            with autocast() if autocast else contextlib.nullcontext():
+                logits = model(input_ids=sample.input_ids[None].to(device), use_cache=False).logits[0].float()
+            predicted = logits[answer_pos - 1]  # logits at t predict token t+1
+            target = sample.input_ids[answer_pos].to(device)
+            correct += int(bool((predicted.argmax(-1) == target).all()))
+            loss_sum += float(torch.nn.functional.cross_entropy(predicted, target, reduction="sum"))
+            tokens += len(target)
+    finally:
+        model.train(was_training)
     return {"passkey_acc": correct / max(n, 1), "passkey_loss": loss_sum / max(tokens, 1)}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- documents from disk -----------------------------------------------------------------
@@ -146,7 +143,7 @@ def read_documents(cfg: DataConfig) -> list[str]:
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         if field not in ds.column_names:
             raise ConfigError(f"data.text_field: column {field!r} not in {ds.column_names}")
-        return list(ds[field])
+        return [t for t in ds[field] if t is not None]
     docs: list[str] = []
     for file in _files(path, cfg.kind):
         if cfg.kind == "text":
@@ -161,14 +158,15 @@ def read_documents(cfg: DataConfig) -> list[str]:
                     raise ConfigError(f"data.path: {file}:{n} is not valid JSON ({e.msg})") from None
                 if not isinstance(record, dict) or field not in record:
                     raise ConfigError(f"data.text_field: {file}:{n} has no field {field!r}")
-                docs.append(str(record[field]))
+                if record[field] is not None:
+                    docs.append(str(record[field]))
         else:
             import pyarrow.parquet as pq
 
             schema = pq.read_schema(file)
             if field not in schema.names:
                 raise ConfigError(f"data.text_field: column {field!r} not in {file} (columns: {schema.names})")
-            docs.extend(str(t) for t in pq.read_table(file, columns=[field]).column(field).to_pylist())
+            docs.extend(str(t) for t in pq.read_table(file, columns=[field]).column(field).to_pylist() if t is not None)
     if not docs:
         raise ConfigError(f"data.path: {cfg.path} holds no documents")
     return docs
@@ -290,6 +288,8 @@ def build_source(cfg: DataConfig, tokenizer, seed: int, split: str = "train") ->
     if cfg.kind == "passkey":
         return PasskeyTask(tokenizer, cfg.seq_len, cfg.passkey.digits, seed, split)
     docs = tokenize_documents(tokenizer, read_documents(cfg))
+    if not docs:
+        raise ConfigError(f"data.path: {cfg.path} has no tokens after tokenization")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return PackedDocuments(docs, cfg.seq_len, pad, cfg.packing)
 

@@ -115,6 +115,9 @@ def build_model(cfg: ModelConfig, checkpoint: Optional[Path] = None) -> torch.nn
         model = AutoModelForCausalLM.from_pretrained(source.folder, **source.kwargs(), **common)
     else:
         model = AutoModelForCausalLM.from_config(build_config(cfg), **common)
+    # With a KV cache, transformers skips the per-document mask it builds from
+    # position_ids, and packed documents would attend to each other.
+    model.config.use_cache = False
     model.train()
     return model
 

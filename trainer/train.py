@@ -172,7 +172,13 @@ def train(cfg: Config) -> RunResult:
             for batch in batches:
                 batch = batch.to(device)
                 with autocast():
-                    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels, num_items_in_batch=n_targets)
+                    out = model(
+                        input_ids=batch.input_ids,
+                        position_ids=batch.position_ids,
+                        labels=batch.labels,
+                        num_items_in_batch=n_targets,
+                        use_cache=False,  # a cache disables the packed-document mask
+                    )
                 out.loss.backward()
                 loss += out.loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or math.inf)
@@ -238,6 +244,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None) -> Path:
     """A transformers save_pretrained folder (weights, config, tokenizer)."""
     _, model, tokenizer, path = load_trained(run_dir, step)
     out_dir = Path(out_dir)
+    model.config.use_cache = True  # for generation with the exported model
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return path

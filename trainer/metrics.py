@@ -55,7 +55,7 @@ class MetricsLogger:
         self.bar.update(1)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        record = {"step": step, **values}
+        record = {"step": step, **{k: v for k, v in values.items() if v is not None}}
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
@@ -82,6 +82,7 @@ _SHOWN = [
     ("tokens_per_s", "{:,.0f} tok/s"),
     ("step_time_s", "{:.2f} s/step"),
     ("tflops", "{:.2f} TFLOPS"),
+    ("mfu", "MFU {:.1%}"),
     ("gpu_peak_allocated_gb", "gpu {:.2f} GB"),
     ("host_peak_rss_gb", "host {:.2f} GB"),
     ("passkey_acc", "passkey acc {:.2f}"),
@@ -93,6 +94,17 @@ def format_line(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}"]
     parts += [fmt.format(record[k]) for k, fmt in _SHOWN if record.get(k) is not None]
     return " | ".join(parts)
+
+
+# Dense bf16 peak FLOP/s, for MFU; devices not listed get no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:

@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, check_data_config, passkey_accuracy
-from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, train_flops_per_token
+from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
 from .model import build_model, build_tokenizer, check_model_config, count_parameters
 
 
@@ -144,6 +144,7 @@ def train(cfg: Config) -> RunResult:
     n_params = count_parameters(model)
     mc = model.config
     flops_per_token = train_flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.seq_len)
+    peak = peak_flops(device)
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len
     print(
         f"model {n_params / 1e6:.1f}M params on {device} | {cfg.data.kind} data, {cfg.data.seq_len:,} tokens/seq, "
@@ -203,6 +204,7 @@ def train(cfg: Config) -> RunResult:
                     "tokens_per_s": tokens_per_step / elapsed,
                     "step_time_s": elapsed,
                     "tflops": flops_per_token * tokens_per_step / elapsed / 1e12,
+                    "mfu": flops_per_token * tokens_per_step / elapsed / peak if peak else None,
                     **gpu_memory_gb(device),
                     **host_memory_gb(),
                 })

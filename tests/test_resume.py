@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO, cli_env, run_cli, train_losses, write_yaml
 
-from longtune.trainer.checkpoint import COMPLETE, is_complete, list_checkpoints
+from longtune.trainer.checkpoint import COMPLETE, is_complete, list_checkpoints, load_checkpoint
+from longtune.trainer.config import validate
+from longtune.trainer.model import build_model
 
 
 def _resume_config(tiny_config: dict, output_dir) -> dict:
@@ -96,3 +99,24 @@ def test_new_run_into_a_used_output_dir_is_refused(tmp_path, tiny_config):
     again = run_cli("train", path)
     assert again.returncode == 2
     assert "already holds checkpoints" in again.stderr and "run.resume=auto" in again.stderr
+
+
+def test_disk_full_during_a_checkpoint_is_one_clear_error_and_the_last_checkpoint_survives(tmp_path, tiny_config):
+    """A real full disk: a 60 MB tmpfs holds the step 2 checkpoint (~38 MB) but not step 4."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount_point)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run_dir = mount_point / "run"
+        tiny_config["train"]["max_steps"] = 6
+        tiny_config["checkpoint"].update(every_n_steps=2, keep_last=5)
+        tiny_config["run"]["output_dir"] = str(run_dir)
+        result = run_cli("train", write_yaml(tmp_path / "c.yaml", tiny_config))
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == f"error: could not write checkpoint {run_dir / 'step_4'}: No space left on device"
+        assert sorted(p.name for p in run_dir.iterdir() if "step" in p.name) == ["step_2"], "no temp folder, no step_4"
+        assert load_checkpoint(run_dir / "step_2", build_model(validate(tiny_config).model, checkpoint=run_dir / "step_2")).step == 2
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

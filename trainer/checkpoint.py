@@ -151,12 +151,24 @@ def save_checkpoint(
         _write_text(final / COMPLETE, "")
         _fsync_dir(final)
         _fsync_dir(output_dir)
-    except OSError as e:
+    except BaseException as e:  # torch.save reports ENOSPC as a RuntimeError; Ctrl-C must clean up too
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from e
+        if not isinstance(e, Exception):
+            raise
+        raise CheckpointError(f"could not write checkpoint {final}: {_root_cause(e)}") from e
     if keep_last:
         prune(output_dir, keep_last)
     return final
+
+
+def _root_cause(err: BaseException) -> str:
+    """The OS error behind a library's wrapper exception, e.g. 'No space left on device'."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(err)
 
 
 def _remove(path: Path) -> None:

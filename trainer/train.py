@@ -110,6 +110,26 @@ def check(cfg: Config) -> Path:
     return prepare_output_dir(cfg.run.output_dir)
 
 
+def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step; returns the step's mean loss per target token."""
+    # Normalise by the label count of the whole step, so accumulation equals one big batch.
+    n_targets = max(sum(b.loss_tokens for b in batches), 1)
+    loss = torch.zeros((), device=device)
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast():
+            out = model(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                labels=batch.labels,
+                num_items_in_batch=n_targets,
+                use_cache=False,  # a cache disables the packed-document mask
+            )
+        out.loss.backward()
+        loss += out.loss.detach()
+    return loss
+
+
 def train(cfg: Config) -> RunResult:
     output_dir = check(cfg)
     resume_from = resolve_resume(cfg, output_dir)
@@ -118,8 +138,9 @@ def train(cfg: Config) -> RunResult:
     config_yaml = dump_config(cfg)
     (output_dir / "config.resolved.yaml").write_text(config_yaml)
 
-    tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR)
-    if not (output_dir / TOKENIZER_DIR).is_dir():
+    # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it.
+    tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR if resume_from else None)
+    if resume_from is None:
         tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     model = build_model(cfg.model, checkpoint=resume_from).to(device)
     if cfg.memory.gradient_checkpointing:
@@ -166,22 +187,7 @@ def train(cfg: Config) -> RunResult:
             evaluate()  # the starting point, so the run shows what training changed
         for step in range(state.step + 1, t.max_steps + 1):
             start = time.perf_counter()
-            batches = [next(loader) for _ in range(t.grad_accum_steps)]
-            # Normalise by the label count of the whole step, so accumulation equals one big batch.
-            n_targets = max(sum(b.loss_tokens for b in batches), 1)
-            loss = torch.zeros((), device=device)
-            for batch in batches:
-                batch = batch.to(device)
-                with autocast():
-                    out = model(
-                        input_ids=batch.input_ids,
-                        position_ids=batch.position_ids,
-                        labels=batch.labels,
-                        num_items_in_batch=n_targets,
-                        use_cache=False,  # a cache disables the packed-document mask
-                    )
-                out.loss.backward()
-                loss += out.loss.detach()
+            loss = forward_backward(model, [next(loader) for _ in range(t.grad_accum_steps)], device, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or math.inf)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()

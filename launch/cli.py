@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
     from longtune.trainer.train import train
 
     result = train(cfg)
-    summary = f"done: step {result.step}, last loss {result.last_loss if result.last_loss is None else f'{result.last_loss:.4f}'}"
+    summary = f"done: step {result.step}, last loss {result.last_loss if result.last_loss is None else f'{result.last_loss:.4g}'}"
     if result.eval:
-        summary += ", " + ", ".join(f"{k} {v:.3f}" for k, v in result.eval.items())
+        summary += ", " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items())
     print(f"{summary}; run folder {result.output_dir}")
     return EXIT_OK
 

@@ -1,6 +1,7 @@
 """`longtune` command line.
 
-Exit codes: 0 success; 2 bad config or usage (one line on stderr); 1 runtime failure.
+Exit codes: 0 success; 2 bad config or usage (one line on stderr); 1 runtime failure;
+3 (plan) no plan fits the memory budget.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
 
 EPILOG = "Overrides are dotted keys typed as YAML: train.max_steps=12 train.lr=3e-4 log.sinks=[console,jsonl]"
 
@@ -40,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run's output_dir")
     resume.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.max_steps=200")
     resume.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    plan = sub.add_parser("plan", help="solve the memory plan for a config (no GPU needed)", epilog=EPILOG,
+                          description="Solve and print the memory plan: per layer and activation class, what stays on the GPU, "
+                                      "goes to host/NVMe, or is recomputed. Exit 3 when no plan fits memory.budget_gb.")
+    plan.add_argument("config", help="YAML file, or the name of a bundled config")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. memory.budget_gb=60")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    plan.add_argument("--machine", help="machine profile YAML (or bundled name) instead of memory.machine")
+    plan.add_argument("--out", help="where to write plan.yaml (default: RUN.output_dir/plan.yaml)")
 
     export = sub.add_parser("export", help="write a transformers save_pretrained folder",
                             description="Write a run's newest complete checkpoint as a transformers folder (weights, config, tokenizer).")
@@ -76,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         path = export(Path(args.run_dir), Path(args.out), args.step)
         print(f"exported {path} -> {args.out}")
         return EXIT_OK
+    if args.command == "plan":
+        return run_plan(args)
     if args.command == "train":
         cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
     else:
@@ -95,6 +107,34 @@ def run(args: argparse.Namespace) -> int:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=file or sys.stderr)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from longtune.planner.plan import PlanInfeasible
+    from longtune.planner.report import format_plan
+    from longtune.trainer.config import load_config
+    from longtune.trainer.planning import plan_for
+
+    cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
+    try:
+        plan = plan_for(cfg, args.machine)
+    except PlanInfeasible as e:
+        if args.json:
+            print(json.dumps({"feasible": False, "budget_bytes": e.budget_bytes, "min_budget_bytes": e.min_budget_bytes,
+                              "missing_bytes": e.missing_bytes}))
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "plan.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(plan.to_yaml())
+    if args.json:
+        print(json.dumps({"feasible": True, "plan_file": str(out), **plan.to_dict()}))
+    else:
+        print(format_plan(plan))
+        print(f"plan written to {out}")
+    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

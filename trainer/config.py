@@ -90,10 +90,20 @@ class OptimConfig(_Section):
 
 
 class MemoryConfig(_Section):
-    """Filled by the planner and offload issues; kept so configs can name the section now."""
+    """What the planner spends (`longtune plan`); the offload runtime that carries a plan out comes later."""
 
-    budget_gb: Optional[float] = Field(None, gt=0)
+    budget_gb: Optional[float] = Field(None, gt=0)  # GPU memory to spend; null: the machine's whole GPU
     gradient_checkpointing: bool = False
+    plan: str = "auto"  # auto: solve for this config | a plan.yaml to use as it is
+    machine: str = "h100-pcie5"  # machine profile: bundled name or a YAML file
+    plan_chunks: int = Field(16, ge=1, le=64)  # token chunks per activation class
+    plan_time_limit_s: float = Field(10.0, gt=0)
+    plan_gap: float = Field(0.01, ge=0, lt=1)
+    # Where optimizer state and parameters live, and the loss chunk: the planner plans for these now;
+    # the trainer runs only the defaults until the memory-tiers and kernels issues land.
+    optimizer: Literal["gpu", "cpu", "nvme"] = "gpu"
+    params: Literal["gpu", "cpu", "nvme"] = "gpu"
+    loss_chunk_tokens: Optional[int] = Field(None, gt=0)
 
 
 class CheckpointConfig(_Section):

@@ -101,10 +101,24 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def check_runnable_memory(cfg: Config) -> None:
+    """The planner plans for these already; the trainer cannot run them yet, and says so."""
+    m = cfg.memory
+    pending = {
+        "memory.optimizer": (m.optimizer != "gpu", "the memory-tiers issue"),
+        "memory.params": (m.params != "gpu", "the memory-tiers issue"),
+        "memory.loss_chunk_tokens": (m.loss_chunk_tokens is not None, "the fused-kernels issue"),
+    }
+    for key, (asked, where) in pending.items():
+        if asked:
+            raise ConfigError(f"{key}={getattr(m, key.split('.')[1])} is planned by `longtune plan` but not yet run by the trainer (comes with {where}); remove it to train")
+
+
 def check(cfg: Config) -> Path:
     """Every check that needs no model: run before anything heavy is loaded."""
     check_model_config(cfg.model)
     check_data_config(cfg.data)
+    check_runnable_memory(cfg)
     if cfg.run.resume not in (None, "auto"):
         check_resume_path(cfg.run.resume)  # before output_dir is created
     return prepare_output_dir(cfg.run.output_dir)

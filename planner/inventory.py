@@ -1,0 +1,143 @@
+"""Analytic activation inventory of one Llama-family decoder layer (llama, mistral, qwen2, qwen3).
+
+Lists the tensors autograd saves for backward in transformers 5.24 with attn_implementation="sdpa", per token,
+so the planner can price keeping / offloading / recomputing each activation class without importing torch.
+`longtune.planner.profile.measure_layer` measures the same list with saved_tensors_hooks; tests keep them equal.
+
+Attention kernel modelled: the flash path of `F.scaled_dot_product_attention` (CUDA
+`_scaled_dot_product_flash_attention`, CPU `_scaled_dot_product_flash_attention_for_cpu`; both save q, k, v, out,
+logsumexp). transformers takes it when the causal mask is skipped (no padding, no packing mask, seq_len below the
+sliding window if the model has one) and then passes `enable_gqa=True` (head_dim <= 256), so k/v are saved with
+num_kv_heads, NOT repeated to num_heads. With an explicit mask (e.g. Mistral-v0.1 beyond its 4096 window)
+transformers repeats k/v and the kernel changes: this formula does not apply.
+
+Per token (s = dtype_bytes, h = hidden, I = intermediate, d = head_dim, nq/nkv = heads, q = nq*d, kv = nkv*d):
+  input = 4h                                   (fp32 upcast of the layer input)
+  pre   = 4 + 2s*h + s*(q + 2kv)  [+ qk_norm: (4+s)(q + kv) + 4(nq + nkv)]
+  attn  = s*q + 4nq                            (out + fp32 logsumexp)
+  post  = 4h + 4 + 2s*h + 4s*I
+  shared (once per model) = 2s*d               (RoPE cos, sin)
+
+Rules behind these numbers:
+* RMSNorm computes in fp32: `x.float()`, pow/mul save the fp32 x (a copy in bf16, x itself in fp32: 4 bytes either way),
+  rsqrt saves its fp32 result (1 float per normalised row), `weight * y.to(dtype)` saves y in the model dtype, and the
+  Linear after the norm saves the norm's output weight*y: a norm keeps 4 + s + s bytes per element, not s.
+* A tensor saved by several ops counts once (memory is per storage): q/k/v_proj share one saved input, gate/up too;
+  the cos/sin views used by q and k are the model's one pair; o_proj's input is the kernel's own output (see below).
+* Parameters (Linear/norm weights) are not activations. Adds (residuals, bias) and views save nothing.
+* RoPE `q*cos + rotate_half(q)*sin` saves only cos/sin (the constant operand of each mul): model-level, `shared`.
+* sdpa returns (b, nq, t, d) as a transposed view of a (b, t, nq, d) buffer (CPU and CUDA flash), so transformers'
+  `transpose(1, 2).contiguous()` before o_proj copies nothing: the attention output is held once.
+* logsumexp is fp32, one value per query head per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+PARTS = ("input", "pre", "attn", "post")  # per-layer classes the planner chooses among; "shared" is model-level
+
+
+def normalize_dtype(dtype: str) -> str:
+    name = str(dtype).removeprefix("torch.")
+    name = _ALIASES.get(name, name)
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    dtype: str = "bfloat16"
+
+    @property
+    def dtype_bytes(self) -> int:
+        return _DTYPES[normalize_dtype(self.dtype)]
+
+    @classmethod
+    def from_hf_config(cls, d: dict, dtype: str) -> LayerShape:
+        """From a transformers config dict (`config.to_dict()` or config.json)."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED:
+            # other families add norms / gates (gemma, olmo, ...) that this formula does not count
+            raise ValueError(f"model_type {model_type!r} not supported; expected one of {SUPPORTED}")
+        heads = d["num_attention_heads"]
+        # head_dim absent/None: transformers derives hidden // heads, except Qwen3Config which defaults to 128
+        head_dim = d.get("head_dim") or (128 if model_type == "qwen3" else d["hidden_size"] // heads)
+        return cls(
+            hidden=d["hidden_size"],
+            intermediate=d["intermediate_size"],
+            num_heads=heads,
+            num_kv_heads=d["num_key_value_heads"],  # required: the absent default differs per config class
+            head_dim=head_dim,
+            qk_norm=model_type == "qwen3",
+            dtype=normalize_dtype(dtype),
+        )
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    name: str
+    part: str  # "input" | "pre" | "attn" | "post" | "shared"
+    bytes_per_token: float
+    dtype: str
+
+
+def layer_inventory(shape: LayerShape) -> list[SavedTensor]:
+    """Every tensor one decoder layer saves for backward (batch 1, per token), plus the model-level RoPE cos/sin."""
+    h, inter, d = shape.hidden, shape.intermediate, shape.head_dim
+    q, kv = shape.num_heads * d, shape.num_kv_heads * d
+    s, dt, f32 = shape.dtype_bytes, normalize_dtype(shape.dtype), "float32"
+
+    def t(name, part, nbytes, dtype=dt):
+        return SavedTensor(name, part, float(nbytes), dtype)
+
+    def rmsnorm(name, part_x, part_rest, width, rows=1, out_saved=True):
+        # x upcast to fp32 (saved by pow and mul), rsqrt per row (fp32), normalised y cast back to the model dtype
+        # (saved by `weight * y`), and the output weight*y if the next op saves it (a Linear saves its input)
+        out = [t(f"{name}.x_fp32", part_x, 4 * width, f32), t(f"{name}.rstd", part_rest, 4 * rows, f32),
+               t(f"{name}.normed", part_rest, s * width)]
+        return out + [t(f"{name}.out", part_rest, s * width)] if out_saved else out
+
+    # input: what the input RMSNorm keeps of the layer input -- its fp32 upcast (4h even in bf16, where a checkpoint
+    # of the raw input would need only s*h); in fp32 it is the input tensor itself.
+    inv = rmsnorm("input_layernorm", "input", "pre", h)  # .out: q/k/v_proj's shared saved input (counted once)
+    if shape.qk_norm:  # on the (t, heads, d) view of the projections, one rstd per head; RoPE does not save .out
+        inv += rmsnorm("self_attn.q_norm", "pre", "pre", q, shape.num_heads, out_saved=False)
+        inv += rmsnorm("self_attn.k_norm", "pre", "pre", kv, shape.num_kv_heads, out_saved=False)
+    inv += [
+        t("self_attn.q_rope", "pre", s * q),  # RoPE outputs, saved by the kernel as its q and k
+        t("self_attn.k_rope", "pre", s * kv),
+        t("self_attn.v_proj.out", "pre", s * kv),  # the kernel's v is a transposed view of v_proj's output
+        # The kernel allocates out as (b, t, heads, d) and returns a transposed view, so transformers'
+        # `transpose(1, 2).contiguous()` is a no-op and o_proj saves this same storage (counted once).
+        t("self_attn.sdpa.out", "attn", s * q),
+        t("self_attn.sdpa.logsumexp", "attn", 4 * shape.num_heads, f32),
+    ]
+    inv += rmsnorm("post_attention_layernorm", "post", "post", h)  # x = residual + attn; .out: gate/up's input
+    inv += [  # SwiGLU: down(act(gate(x)) * up(x))
+        t("mlp.gate_proj.out", "post", s * inter),  # saved by act (silu saves its input)
+        t("mlp.act.out", "post", s * inter),  # saved by the mul (with up.out)
+        t("mlp.up_proj.out", "post", s * inter),
+        t("mlp.down_proj.in", "post", s * inter),
+        t("rotary_emb.cos", "shared", s * d),  # computed once per forward, shared by all layers
+        t("rotary_emb.sin", "shared", s * d),
+    ]
+    return inv
+
+
+def class_bytes_per_token(shape: LayerShape) -> dict[str, float]:
+    """Bytes per token per class: input, pre, attn, post (one layer) and shared (whole model, once)."""
+    out = dict.fromkeys((*PARTS, "shared"), 0.0)
+    for x in layer_inventory(shape):
+        out[x.part] += x.bytes_per_token
+    return out

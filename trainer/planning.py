@@ -1,0 +1,65 @@
+"""Config -> the planner's Problem and Plan. The planner itself knows nothing of configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longtune.planner.plan import Plan, make_plan
+from longtune.planner.problem import Machine, ModelShape, build_problem
+
+from .config import Config, ConfigError
+from .model import build_config
+
+
+def hf_config_dict(cfg: Config) -> dict:
+    """The transformers config as a dict, transformers' defaults filled in; reads no weights."""
+    return build_config(cfg.model).to_dict()
+
+
+def load_machine(name_or_path: str) -> Machine:
+    try:
+        return Machine.load(name_or_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"memory.machine: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"memory.machine: {name_or_path} is not a valid machine profile (missing {e})") from None
+
+
+def planning_problem(cfg: Config, machine: Machine):
+    mem = cfg.memory
+    hf = hf_config_dict(cfg)
+    try:
+        shape = ModelShape.from_hf_config(hf, cfg.model.dtype)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model: the planner cannot size this model: {e}") from None
+    tokens = cfg.data.seq_len * cfg.train.micro_batch_size
+    if mem.plan_chunks > tokens:
+        raise ConfigError(f"memory.plan_chunks={mem.plan_chunks} is more than the {tokens} tokens of a micro-batch")
+    # torch's AdamW keeps two moments in the parameters' dtype.
+    optimizer_bytes = 2 * shape.layer.dtype_bytes
+    return build_problem(
+        shape,
+        tokens,
+        machine,
+        budget_bytes=mem.budget_gb * 1e9 if mem.budget_gb else None,
+        chunks=mem.plan_chunks,
+        optimizer_on_gpu=mem.optimizer == "gpu",
+        params_on_gpu=mem.params == "gpu",
+        optimizer_bytes_per_param=optimizer_bytes,
+        loss_chunk_tokens=mem.loss_chunk_tokens,
+    )
+
+
+def plan_for(cfg: Config, machine_override: str | None = None) -> Plan:
+    """The plan of `memory.plan`: a given file as it is, or one solved for this config."""
+    if cfg.memory.plan != "auto":
+        path = Path(cfg.memory.plan)
+        if not path.is_file():
+            raise ConfigError(f"memory.plan: {path} does not exist")
+        try:
+            return Plan.from_yaml(path.read_text())
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"memory.plan: {path} is not a longtune plan: {e}") from None
+    machine = load_machine(machine_override or cfg.memory.machine)
+    m = cfg.memory
+    return make_plan(planning_problem(cfg, machine), time_limit=m.plan_time_limit_s, gap=m.plan_gap)

@@ -13,7 +13,8 @@ layers 0..j + offloaded chunks of j (in use) and j-1 (arriving) + one chunk of
 each class that any layer recomputes (recompute and backward of the token-wise
 parts go chunk by chunk, so one recomputed chunk is alive at a time, in a
 buffer reserved for the whole step). At the head: fixed + head workspace + every kept chunk
-+ layer L-1's offloaded chunks (still leaving). Rows for the forward pass are
++ layer L-1's offloaded chunks twice (its staging buffer still draining, its
+prefetch buffer filling). Rows for the forward pass are
 implied by these (fewer kept chunks, the same staging).
 """
 
@@ -34,7 +35,7 @@ class Evaluation:
     compute_s: float
     recompute_s: float
     exposed_transfer_s: float
-    objective: float  # step time + the small penalty on bytes moved
+    objective: float  # step time + the small penalty on link time
     gpu_rows: list[float]  # [head, backward of L-1, ..., backward of 0]
     tier_bytes: dict[str, float]
     exposed_d2h_s: list[float]
@@ -97,7 +98,8 @@ def evaluate(problem: Problem, decisions: Decisions) -> Evaluation:
     kept_prefix = [0.0]
     for l in range(L):
         kept_prefix.append(kept_prefix[-1] + kept(l))
-    rows = [problem.fixed_total + problem.head_bytes + kept_prefix[L] + offloaded(L - 1)]
+    # At the head, layer L-1's offloaded chunks are both leaving (staging) and coming back (prefetch).
+    rows = [problem.fixed_total + problem.head_bytes + kept_prefix[L] + 2 * offloaded(L - 1)]
     for j in reversed(range(L)):
         rows.append(base + kept_prefix[j + 1] + offloaded(j) + offloaded(j - 1) + recompute_buffers)
 
@@ -121,7 +123,7 @@ def evaluate(problem: Problem, decisions: Decisions) -> Evaluation:
     compute = L * (problem.layer_fwd_s + problem.layer_bwd_s) + problem.head_s
     recompute = sum(recompute_per_layer)
     exposed = sum(d2h) + sum(h2d)
-    moved = sum(offloaded(l) for l in range(L))
+    link_s = sum(link_time(l, "from_gpu_bps") + link_time(l, "to_gpu_bps") for l in range(L))
     tier_bytes = {
         name: sum(B[c] * d.get(name, 0) for layer in decisions for c, d in layer.items()) for name in tiers
     }
@@ -137,7 +139,7 @@ def evaluate(problem: Problem, decisions: Decisions) -> Evaluation:
         compute_s=compute,
         recompute_s=recompute,
         exposed_transfer_s=exposed,
-        objective=step + problem.move_penalty_s_per_byte * moved,
+        objective=step + problem.transfer_penalty * link_s,
         gpu_rows=rows,
         tier_bytes=tier_bytes,
         exposed_d2h_s=d2h,

@@ -10,6 +10,9 @@ exposed time), and tier capacities. Bytes enter in GB to keep the numbers tame.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -91,7 +94,7 @@ class _Model:
             pulp.lpSum(P.recompute_s[c] * self.n[l, c, RECOMPUTE] for c in P.recompute_s) for l in range(L)
         ]
 
-        rows = [(P.fixed_total + P.head_bytes) / GB + pulp.lpSum(kept) + off[L - 1]]
+        rows = [(P.fixed_total + P.head_bytes) / GB + pulp.lpSum(kept) + 2 * off[L - 1]]
         base = (P.fixed_total + P.layer_workspace_bytes) / GB
         for j in reversed(range(L)):
             prev = off[j - 1] if j > 0 else 0
@@ -106,7 +109,7 @@ class _Model:
             for i, r in enumerate(rows):
                 self.prob += r <= P.budget_bytes / GB, f"gpu_row_{i}"
 
-        exposed = []
+        exposed, link_s = [], []
         for l in range(L):
             def link(direction: str, layer: int = l) -> pulp.LpAffineExpression:
                 return pulp.lpSum(
@@ -116,16 +119,16 @@ class _Model:
             d2h = pulp.LpVariable(f"exposed_d2h_{l}", 0)
             h2d = pulp.LpVariable(f"exposed_h2d_{l}", 0)
             self.prob += link("from_gpu_bps") <= P.layer_fwd_s + d2h
+            link_s += [link("from_gpu_bps"), link("to_gpu_bps")]
             window = P.head_s if l == L - 1 else P.layer_bwd_s + recompute_s[l + 1]
             self.prob += link("to_gpu_bps") <= window + h2d
             exposed += [d2h, h2d]
         for name, tier in tiers.items():
             self.prob += pulp.lpSum(B[c] * self.n[l, c, name] for l in range(L) for c in CLASSES) <= tier.capacity_bytes / GB
         if not minimise_peak:
-            moved = pulp.lpSum(off)
             # The whole predicted step time, constant compute included, so the gap is relative to it.
             compute = L * (P.layer_fwd_s + P.layer_bwd_s) + P.head_s
-            self.prob += compute + pulp.lpSum(recompute_s) + pulp.lpSum(exposed) + P.move_penalty_s_per_byte * GB * moved
+            self.prob += compute + pulp.lpSum(recompute_s) + pulp.lpSum(exposed) + P.transfer_penalty * pulp.lpSum(link_s)
 
     def decisions(self) -> Decisions:
         out: Decisions = []
@@ -143,13 +146,31 @@ class _Model:
         return out
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS prints a banner from C++ even with msg=False; keep stdout clean (e.g. for --json)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _solve(model: _Model, solver: Optional[str], time_limit: float, gap: float) -> Solution:
     names = [solver] if solver else available_solvers()
+    if solver and solver not in available_solvers():
+        raise SolverError(f"solver {solver!r} is not available; available: {available_solvers()}")
     last_error = "no MILP solver available (install highspy, or PuLP's bundled CBC)"
     for name in names:
         start = time.perf_counter()
         try:
-            model.prob.solve(_solver(name, time_limit, gap))
+            with _quiet_stdout():
+                model.prob.solve(_solver(name, time_limit, gap))
         except pulp.PulpSolverError as e:
             last_error = f"{name}: {e}"
             continue

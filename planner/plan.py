@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .arena import plan_arena
 from .evaluate import GPU, RECOMPUTE, Decisions, Evaluation, evaluate
 from .milp import SolverError, min_gpu_budget, solve_schedule
 from .problem import CLASSES, Problem, Tier
@@ -208,11 +209,7 @@ def make_plan(
     return plan
 
 
-def _arena_summary(problem: Problem, decisions: Decisions) -> Optional[dict[str, Any]]:
-    try:
-        from .arena import plan_arena
-    except ImportError:  # the arena module is optional at this stage
-        return None
+def _arena_summary(problem: Problem, decisions: Decisions) -> dict[str, Any]:
     result = plan_arena(problem, decisions)
     return {"size_bytes": result.size, "lower_bound_bytes": result.lower_bound, "gap": result.gap,
             "method": result.method, "solve_s": result.solve_s, "offsets": result.offsets}

@@ -87,9 +87,9 @@ class Problem:
     head_bytes: float  # logits / loss workspace
     budget_bytes: float
     tiers: tuple[Tier, ...]
-    # Moving a byte costs this many seconds beyond the modelled time, so a plan
-    # never offloads what it could keep for free (ties go to the simpler plan).
-    move_penalty_s_per_byte: float = 1e-15
+    # Each second of link time (hidden or not) adds this fraction of a second to the objective,
+    # so ties go to keeping over moving, and to the faster tier over the slower one.
+    transfer_penalty: float = 1e-6
     meta: dict = field(default_factory=dict, compare=False)
 
     @property

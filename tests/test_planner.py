@@ -1,0 +1,175 @@
+"""The schedule MILP against brute force, its limits, monotonicity, and `longtune plan`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import run_cli
+
+from longtune.planner.evaluate import GPU, RECOMPUTE, evaluate, places
+from longtune.planner.milp import min_gpu_budget, solve_schedule
+from longtune.planner.plan import Plan, PlanInfeasible, fallback_decisions, make_plan
+from longtune.planner.problem import CLASSES, Machine, ModelShape, Tier, build_problem
+from longtune.planner.report import format_plan
+
+LLAMA_8B = dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+
+
+def small_problem(layers: int, chunks: int, tiers=("host",), link_gbps: float = 2.0, loss_chunk_tokens: int = 4096):
+    """A few 8B-sized layers at 32K tokens on a machine with a slow link, so every
+    kind of decision (keep, offload, recompute, exposed transfer) can be optimal."""
+    shape = ModelShape.from_hf_config({**LLAMA_8B, "num_hidden_layers": layers}, "bfloat16")
+    machine = Machine("test", 80e9, 989e12, 0.6, 0.5, tuple(
+        Tier(name, 200e9 if name == "host" else 1e12, link_gbps * 1e9 * (1 if name == "host" else 0.5),
+             link_gbps * 1e9 * (1 if name == "host" else 0.5))
+        for name in tiers
+    ))
+    return build_problem(shape, 32768, machine, chunks=chunks, optimizer_on_gpu=False, loss_chunk_tokens=loss_chunk_tokens)
+
+
+def all_decisions(problem):
+    """Every decision set, by brute force."""
+    G, options = problem.chunks, []
+    for c in CLASSES:
+        allowed = [p for p in places(problem) if p != RECOMPUTE or c in problem.recompute_s]
+        if c in problem.all_or_nothing:
+            options.append([{p: G} for p in allowed])
+        else:
+            options.append([
+                {p: n for p, n in zip(allowed, counts) if n}
+                for counts in itertools.product(range(G + 1), repeat=len(allowed)) if sum(counts) == G
+            ])
+    per_layer = [dict(zip(CLASSES, combo)) for combo in itertools.product(*options)]
+    return itertools.product(per_layer, repeat=problem.num_layers)
+
+
+def keep_all_peak(problem) -> float:
+    return evaluate(problem, [{c: {GPU: problem.chunks} for c in CLASSES}] * problem.num_layers).gpu_peak_bytes
+
+
+@pytest.mark.parametrize("layers, chunks, tiers", [(3, 1, ("host",)), (2, 2, ("host",)), (2, 1, ("host", "nvme"))])
+def test_milp_matches_brute_force(layers, chunks, tiers):
+    base = small_problem(layers, chunks, tiers)
+    low, high = min_gpu_budget(base, gap=0), keep_all_peak(base)
+    candidates = [list(d) for d in all_decisions(base)]
+    evaluated = [(evaluate(base, d), d) for d in candidates]
+    for budget in [low, low + 0.2 * (high - low), low + 0.5 * (high - low), low + 0.8 * (high - low), high]:
+        problem = base.with_budget(budget * (1 + 1e-9))
+        best = min(ev.objective for ev, _ in evaluated if ev.gpu_peak_bytes <= problem.budget_bytes)
+        solution = solve_schedule(problem, gap=0)
+        assert solution.status == "optimal"
+        assert evaluate(problem, solution.decisions).objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    with pytest.raises(PlanInfeasible):
+        make_plan(base.with_budget(low * 0.99), with_arena=False)
+
+
+def test_milp_objective_is_what_evaluate_predicts():
+    problem = small_problem(6, 4, ("host", "nvme")).with_budget(0)
+    problem = problem.with_budget(min_gpu_budget(problem) * 1.3)
+    solution = solve_schedule(problem, gap=0)
+    ev = evaluate(problem, solution.decisions)
+    assert ev.feasible
+    assert solution.objective == pytest.approx(ev.objective, rel=1e-9)
+
+
+def test_step_time_never_increases_with_the_budget():
+    base = small_problem(6, 4, ("host", "nvme"))
+    low, high = min_gpu_budget(base, gap=0), keep_all_peak(base)
+    times = []
+    for i in range(13):
+        budget = low + (high - low) * i / 12
+        times.append(make_plan(base.with_budget(budget * (1 + 1e-9)), gap=0, with_arena=False).predicted["step_time_s"])
+    assert all(b <= a + 1e-12 for a, b in zip(times, times[1:])), times
+    assert times[0] > times[-1], "the sweep must span a real trade-off"
+
+
+def test_tiny_budget_recomputes_everything():
+    """At the smallest budget, when the backward rows bind (a small loss chunk keeps the LM head
+    row below them), every byte that can be recomputed is, and the layer input and attention
+    output leave the GPU, except in the last two layers: an offloaded layer occupies the rows of
+    its own backward and the next one's, so there keeping costs no more and saves the copies
+    (MEMO's rule "the last 2 layers are never swapped", found by the solver)."""
+    base = small_problem(6, 4, ("host",), link_gbps=50, loss_chunk_tokens=128)
+    plan = make_plan(base.with_budget(min_gpu_budget(base, gap=0) * (1 + 1e-6)), gap=0, with_arena=False)
+    for l, layer in enumerate(plan.layers):
+        assert layer["pre"] == {RECOMPUTE: 4} and layer["post"] == {RECOMPUTE: 4}
+        if l < len(plan.layers) - 2:
+            assert layer["input"] == {"host": 4} and layer["attn"] == {"host": 4}
+
+
+def test_huge_budget_keeps_everything():
+    base = small_problem(4, 4, ("host", "nvme"))
+    plan = make_plan(base.with_budget(keep_all_peak(base) * 2), with_arena=False)
+    assert all(layer[c] == {GPU: 4} for layer in plan.layers for c in CLASSES)
+    assert plan.predicted["recompute_s"] == 0 and plan.predicted["exposed_transfer_s"] == 0
+    assert plan.binding == []
+
+
+def test_infeasible_budget_says_how_much_is_missing():
+    base = small_problem(4, 4)
+    low = min_gpu_budget(base, gap=0)
+    with pytest.raises(PlanInfeasible) as info:
+        make_plan(base.with_budget(low - 3e9), with_arena=False)
+    assert info.value.missing_bytes == pytest.approx(3e9, rel=1e-6)
+    assert "3.00 GB missing" in str(info.value)
+
+
+def test_fallback_when_the_solver_is_unavailable():
+    base = small_problem(4, 4)
+    problem = base.with_budget(min_gpu_budget(base, gap=0) * 1.5)
+    plan = make_plan(problem, solver="NO_SUCH_SOLVER", with_arena=False)
+    assert plan.solver["name"] == "fallback (MEMO rule)" and "not available" in plan.solver["note"]
+    assert plan.layers == fallback_decisions(problem)
+    assert evaluate(problem, plan.layers).feasible
+
+
+def test_plan_yaml_round_trip_and_version_check():
+    base = small_problem(4, 4, ("host", "nvme"))
+    plan = make_plan(base.with_budget(min_gpu_budget(base) * 1.2), with_arena=False)
+    again = Plan.from_yaml(plan.to_yaml())
+    assert again.problem == plan.problem and again.layers == plan.layers and again.predicted == plan.predicted
+    assert evaluate(again.problem, again.layers).step_time_s == plan.predicted["step_time_s"]
+    with pytest.raises(ValueError, match="version"):
+        Plan.from_dict({**plan.to_dict(), "version": 99})
+    assert "layers" in format_plan(plan) and "predicted step" in format_plan(plan)
+
+
+def test_planner_imports_no_torch():
+    code = "import sys, longtune.planner.plan, longtune.planner.milp, longtune.planner.report; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_plan_8b_128k_json(tmp_path):
+    result = run_cli("plan", "configs/llama3-8b-128k.yaml", "--json", "--out", tmp_path / "plan.yaml")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["feasible"] is True
+    assert out["predicted"]["step_time_s"] > 0
+    assert set(out["predicted"]["peak_bytes"]) == {"gpu", "host", "nvme"}
+    assert out["predicted"]["peak_bytes"]["gpu"] <= 70e9
+    assert len(out["layers"]) == 32
+    assert Plan.from_yaml((tmp_path / "plan.yaml").read_text()).layers == out["layers"]
+
+
+def test_cli_plan_table_and_infeasible_exit_3(tmp_path):
+    table = run_cli("plan", "configs/llama3-8b-128k.yaml", "--out", tmp_path / "p.yaml")
+    assert table.returncode == 0, table.stderr
+    assert "predicted step" in table.stdout and "binding:" in table.stdout
+    result = run_cli("plan", "configs/llama3-8b-128k.yaml", "memory.budget_gb=10", "--json", "--out", tmp_path / "q.yaml")
+    assert result.returncode == 3
+    out = json.loads(result.stdout)
+    assert out["feasible"] is False and out["missing_bytes"] > 0
+    assert out["min_budget_bytes"] == pytest.approx(10e9 + out["missing_bytes"])
+    assert result.stderr.strip().startswith("error: no plan fits a GPU budget of 10.00 GB")
+    assert not (tmp_path / "q.yaml").exists()
+
+
+def test_trainer_refuses_what_it_cannot_run_yet(tmp_path):
+    result = run_cli("train", "configs/llama3-8b-128k.yaml", f"run.output_dir={tmp_path / 'r'}")
+    assert result.returncode == 2
+    assert "memory.optimizer=cpu is planned by `longtune plan` but not yet run by the trainer" in result.stderr

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from longtune.planner.arena import plan_arena
 from longtune.planner.milp import SolverError, min_gpu_budget, solve_schedule
 from longtune.planner.evaluate import evaluate
 from longtune.planner.problem import Machine, ModelShape, build_problem
@@ -44,7 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     machine = Machine.load("h100-pcie5")
     rows = []
-    print(f"{'arch':>5} {'tokens':>9} {'solver':>13} {'status':>10} {'solve s':>8} {'gap':>7} {'step s':>9} {'gpu GB':>7} {'host GB':>8} {'nvme GB':>8}")
+    print(f"{'arch':>5} {'tokens':>9} {'solver':>13} {'status':>11} {'solve s':>8} {'gap':>7} {'step s':>9} {'gpu GB':>7} "
+          f"{'host GB':>8} {'nvme GB':>8} {'arena s':>8} {'arena gap':>9}")
     for arch, dims in ARCHS.items():
         shape = ModelShape.from_hf_config({"model_type": "llama", "vocab_size": 128256, **dims}, "bfloat16")
         for tokens in TOKENS:
@@ -63,7 +65,9 @@ def main() -> None:
                     pass
                 elif solution.decisions:
                     ev = evaluate(problem, solution.decisions)
-                    row.update(step_time_s=ev.step_time_s, gpu_peak_bytes=ev.gpu_peak_bytes, tier_bytes=ev.tier_bytes)
+                    arena = plan_arena(problem, solution.decisions)
+                    row.update(step_time_s=ev.step_time_s, gpu_peak_bytes=ev.gpu_peak_bytes, tier_bytes=ev.tier_bytes,
+                               arena_s=arena.solve_s, arena_gap=arena.gap, arena_method=arena.method)
                 else:
                     row["min_budget_bytes"] = min_gpu_budget(problem, solver, args.time_limit)
                 rows.append(row)
@@ -72,8 +76,10 @@ def main() -> None:
                 step = f"{row['step_time_s']:9.2f}" if "step_time_s" in row else f"{'needs' if 'min_budget_bytes' in row else '-':>9}"
                 gpu_bytes = row.get("gpu_peak_bytes", row.get("min_budget_bytes"))
                 gpu = f"{gpu_bytes / 1e9:7.1f}" if gpu_bytes else f"{'-':>7}"
-                print(f"{arch:>5} {tokens:>9,} {solver:>13} {row['status']:>10} {elapsed:8.2f} {gap:>7} {step} {gpu} "
-                      f"{tiers.get('host', 0) / 1e9:8.1f} {tiers.get('nvme', 0) / 1e9:8.1f}", flush=True)
+                arena_s = f"{row['arena_s']:8.2f}" if "arena_s" in row else f"{'-':>8}"
+                arena_gap = f"{row['arena_gap']:9.2%}" if "arena_gap" in row else f"{'-':>9}"
+                print(f"{arch:>5} {tokens:>9,} {solver:>13} {row['status']:>11} {elapsed:8.2f} {gap:>7} {step} {gpu} "
+                      f"{tiers.get('host', 0) / 1e9:8.1f} {tiers.get('nvme', 0) / 1e9:8.1f} {arena_s} {arena_gap}", flush=True)
     date = datetime.date.today().isoformat()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = Path(args.out or Path(__file__).parent / "results" / f"planner_solve-{date}.json")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 
 import pulp
 import pytest
@@ -241,18 +240,13 @@ def random_decisions(P, rng: random.Random) -> list[dict]:
     return out
 
 
-def test_plan_arena_32_layers_fast_and_valid():
+def test_plan_arena_32_layers_valid():
+    # Its solve time is measured by bench/planner_solve.py's arena column, not asserted here.
     P = tiny_problem(32, tokens=65536, chunks=8)
     decisions = random_decisions(P, random.Random(0))
     buffers = runtime_buffers(P, decisions)
     assert len(buffers) > 40
-    start = time.perf_counter()
     result = plan_arena(P, decisions, time_limit=5.0)
-    elapsed = time.perf_counter() - start
-    print(f"\nplan_arena, 32 layers, {len(buffers)} buffers: {elapsed:.2f} s, {result.method}, "
-          f"size {result.size}, lower bound {result.lower_bound}, gap {result.gap:.2e}, "
-          f"best fit {arena_size(buffers, best_fit(buffers))}")
-    assert elapsed < 5.0
     check_no_overlap(buffers, result.offsets)
     assert set(result.offsets) == {b.name for b in buffers}
     assert all(o % 512 == 0 for o in result.offsets.values())

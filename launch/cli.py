@@ -112,10 +112,8 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def run_plan(args: argparse.Namespace) -> int:
     import json
 
-    from longtune.planner.plan import PlanInfeasible
-    from longtune.planner.report import format_plan
     from longtune.trainer.config import load_config
-    from longtune.trainer.planning import plan_for
+    from longtune.trainer.planning import PlanInfeasible, describe, plan_for
 
     cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
     try:
@@ -132,7 +130,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"feasible": True, "plan_file": str(out), **plan.to_dict()}))
     else:
-        print(format_plan(plan))
+        print(describe(plan))
         print(f"plan written to {out}")
     return EXIT_OK
 

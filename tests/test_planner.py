@@ -173,3 +173,16 @@ def test_trainer_refuses_what_it_cannot_run_yet(tmp_path):
     result = run_cli("train", "configs/llama3-8b-128k.yaml", f"run.output_dir={tmp_path / 'r'}")
     assert result.returncode == 2
     assert "memory.optimizer=cpu is planned by `longtune plan` but not yet run by the trainer" in result.stderr
+
+
+def test_memory_plan_file_is_used_as_it_is(tmp_path):
+    first = run_cli("plan", "configs/llama3-8b-128k.yaml", "--json", "--out", tmp_path / "plan.yaml")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("plan", "configs/llama3-8b-128k.yaml", f"memory.plan={tmp_path / 'plan.yaml'}", "--json",
+                    "--out", tmp_path / "copy.yaml")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["layers"] == json.loads(first.stdout)["layers"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 99\n")
+    bad = run_cli("plan", "configs/llama3-8b-128k.yaml", f"memory.plan={broken}")
+    assert bad.returncode == 2 and "is not a longtune plan" in bad.stderr

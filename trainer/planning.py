@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longtune.planner.plan import Plan, make_plan
+from longtune.planner.plan import Plan, PlanInfeasible, make_plan
 from longtune.planner.problem import Machine, ModelShape, build_problem
+from longtune.planner.report import format_plan
 
 from .config import Config, ConfigError
 from .model import build_config
@@ -63,3 +64,11 @@ def plan_for(cfg: Config, machine_override: str | None = None) -> Plan:
     machine = load_machine(machine_override or cfg.memory.machine)
     m = cfg.memory
     return make_plan(planning_problem(cfg, machine), time_limit=m.plan_time_limit_s, gap=m.plan_gap)
+
+
+def describe(plan: Plan) -> str:
+    """The plan as the table `longtune plan` prints."""
+    return format_plan(plan)
+
+
+__all__ = ["PlanInfeasible", "describe", "plan_for", "planning_problem", "load_machine", "hf_config_dict"]

@@ -1,0 +1,40 @@
+"""Whether the Triton kernels can run here, or the torch reference versions stand in.
+
+Triton runs on a CUDA GPU, or on the CPU under its interpreter (TRITON_INTERPRET=1,
+set before triton is first imported; fp32/fp16 only). Elsewhere every kernel
+falls back to its torch reference, with a one-line notice, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Run the Triton kernel for a tensor on t's device?"""
+    if not triton_available():
+        _notice("triton is not installed")
+        return False
+    if t.is_cuda or interpreting():
+        return True
+    _notice("no GPU and TRITON_INTERPRET is not 1")
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _notice(reason: str) -> None:
+    print(f"longtune.kernels: {reason}; using the torch reference kernels", file=sys.stderr)

@@ -27,6 +27,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True)
 
 
+class KernelsConfig(_Section):
+    """Fused kernels (Triton on a GPU or under TRITON_INTERPRET=1, torch references elsewhere)."""
+
+    rmsnorm: bool = False
+    rope: bool = False
+    swiglu: bool = False
+    fused_ce: bool = False  # the loss without full [tokens x vocab] logits
+    ce_chunk_tokens: Optional[int] = Field(None, gt=0)  # tokens per fused-CE chunk; null: the kernel's default
+
+
 class ModelConfig(_Section):
     # A local transformers folder, a .gguf file, or `pkg://module/file` for a file
     # shipped inside an installed Python package (the bundled SmolLM2 GGUF).
@@ -38,6 +48,7 @@ class ModelConfig(_Section):
     tokenizer: Optional[str] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    kernels: KernelsConfig = KernelsConfig()
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -99,11 +110,10 @@ class MemoryConfig(_Section):
     plan_chunks: int = Field(16, ge=1, le=64)  # token chunks per activation class
     plan_time_limit_s: float = Field(10.0, gt=0)
     plan_gap: float = Field(0.01, ge=0, lt=1)
-    # Where optimizer state and parameters live, and the loss chunk: the planner plans for these now;
-    # the trainer runs only the defaults until the memory-tiers and kernels issues land.
+    # Where optimizer state and parameters live: the planner plans for these now;
+    # the trainer runs only `gpu` until the memory-tiers issue lands.
     optimizer: Literal["gpu", "cpu", "nvme"] = "gpu"
     params: Literal["gpu", "cpu", "nvme"] = "gpu"
-    loss_chunk_tokens: Optional[int] = Field(None, gt=0)
 
 
 class CheckpointConfig(_Section):

@@ -47,8 +47,15 @@ def planning_problem(cfg: Config, machine: Machine):
         optimizer_on_gpu=mem.optimizer == "gpu",
         params_on_gpu=mem.params == "gpu",
         optimizer_bytes_per_param=optimizer_bytes,
-        loss_chunk_tokens=mem.loss_chunk_tokens,
+        loss_chunk_tokens=_ce_chunk_tokens(cfg, shape, tokens) if cfg.model.kernels.fused_ce else None,
     )
+
+
+def _ce_chunk_tokens(cfg: Config, shape: ModelShape, tokens: int) -> int:
+    """The chunk the fused loss will use, so the plan counts the head workspace it really needs."""
+    from longtune.kernels.fused_ce import default_chunk_size
+
+    return cfg.model.kernels.ce_chunk_tokens or default_chunk_size(tokens, shape.layer.hidden, shape.vocab)
 
 
 def plan_for(cfg: Config, machine_override: str | None = None) -> Plan:

@@ -104,14 +104,10 @@ def pick_device() -> torch.device:
 def check_runnable_memory(cfg: Config) -> None:
     """The planner plans for these already; the trainer cannot run them yet, and says so."""
     m = cfg.memory
-    pending = {
-        "memory.optimizer": (m.optimizer != "gpu", "the memory-tiers issue"),
-        "memory.params": (m.params != "gpu", "the memory-tiers issue"),
-        "memory.loss_chunk_tokens": (m.loss_chunk_tokens is not None, "the fused-kernels issue"),
-    }
-    for key, (asked, where) in pending.items():
-        if asked:
-            raise ConfigError(f"{key}={getattr(m, key.split('.')[1])} is planned by `longtune plan` but not yet run by the trainer (comes with {where}); remove it to train")
+    for key in ("optimizer", "params"):
+        if getattr(m, key) != "gpu":
+            raise ConfigError(f"memory.{key}={getattr(m, key)} is planned by `longtune plan` but not yet run by the trainer "
+                              "(comes with the memory-tiers issue); remove it to train")
 
 
 def check(cfg: Config) -> Path:
@@ -157,6 +153,11 @@ def train(cfg: Config) -> RunResult:
     if resume_from is None:
         tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     model = build_model(cfg.model, checkpoint=resume_from).to(device)
+    kernels = cfg.model.kernels
+    if kernels.rmsnorm or kernels.rope or kernels.swiglu or kernels.fused_ce:
+        from longtune.kernels.patch import apply_kernels
+
+        apply_kernels(model, kernels.rmsnorm, kernels.rope, kernels.swiglu, kernels.fused_ce, kernels.ce_chunk_tokens)
     if cfg.memory.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()  # transformers 5 renamed gradient_checkpointing_enable

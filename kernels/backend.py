@@ -38,3 +38,11 @@ def use_triton(t: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=None)
 def _notice(reason: str) -> None:
     print(f"longtune.kernels: {reason}; using the torch reference kernels", file=sys.stderr)
+
+
+def num_warps(block_size: int) -> int:
+    """Warps for a program handling `block_size` elements (Liger's calculate_settings)."""
+    for threshold, warps in ((32768, 32), (8192, 16), (2048, 8)):
+        if block_size >= threshold:
+            return warps
+    return 4

@@ -63,7 +63,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import use_triton
+from .backend import num_warps, use_triton
 
 try:  # the reference must work without triton
     import triton
@@ -190,14 +190,6 @@ if triton is not None:
                 tl.store(X + cols, g * scale, mask=mask)
 
 
-def _num_warps(block_size: int) -> int:
-    if block_size >= 16384:
-        return 32
-    if block_size >= 8192:
-        return 16
-    if block_size >= 2048:
-        return 8
-    return 4
 
 
 def _chunk_ce_triton(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.Tensor,
@@ -208,7 +200,7 @@ def _chunk_ce_triton(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch
     _ce_chunk_kernel[(n_rows,)](
         logits, logits.stride(0), labels, loss_out,
         n_cols, ignore_index, scale,
-        COMPUTE_GRAD=compute_grad, BLOCK_SIZE=block, num_warps=_num_warps(block),
+        COMPUTE_GRAD=compute_grad, BLOCK_SIZE=block, num_warps=num_warps(block),
     )
 
 

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .backend import use_triton
+from .backend import num_warps, use_triton
 
 try:  # the reference must work without triton
     import triton
@@ -43,14 +43,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return out.type_as(x)
 
 
-def _num_warps(block_size: int) -> int:
-    if block_size >= 32768:
-        return 32
-    if block_size >= 8192:
-        return 16
-    if block_size >= 2048:
-        return 8
-    return 4
 
 
 def _num_backward_programs(x: torch.Tensor, n_rows: int) -> int:
@@ -145,7 +137,7 @@ def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, offset: float)
         _rms_norm_fwd_kernel[(n_rows,)](
             y, y.stride(0), x2d, x2d.stride(0), weight, rstd,
             n_cols, eps, offset,
-            LLAMA_CASTS=llama, BLOCK_SIZE=block, num_warps=_num_warps(block),
+            LLAMA_CASTS=llama, BLOCK_SIZE=block, num_warps=num_warps(block),
         )
     return y, rstd
 
@@ -162,7 +154,7 @@ def _backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd:
             dy2d, dy2d.stride(0), dx, dx.stride(0), x2d, x2d.stride(0), weight, rstd,
             dw_partial, dw_partial.stride(0),
             n_rows, n_cols, offset, rows_per_program,
-            LLAMA_CASTS=offset == 0.0, BLOCK_SIZE=block, num_warps=_num_warps(block),
+            LLAMA_CASTS=offset == 0.0, BLOCK_SIZE=block, num_warps=num_warps(block),
         )
     dw = dw_partial.sum(dim=0).to(weight.dtype)
     return dx, dw

@@ -115,15 +115,17 @@ def evaluate(problem: Problem, decisions: Decisions) -> Evaluation:
             for c, d in decisions[l].items() for p, n in d.items() if p in tiers
         )
 
-    d2h = [max(0.0, link_time(l, "from_gpu_bps") - problem.layer_fwd_s) for l in range(L)]
+    out_s = [link_time(l, "from_gpu_bps") for l in range(L)]
+    in_s = [link_time(l, "to_gpu_bps") for l in range(L)]
+    d2h = [max(0.0, out_s[l] - problem.layer_fwd_s) for l in range(L)]
     h2d = []
     for l in range(L):
         window = problem.head_s if l == L - 1 else problem.layer_bwd_s + recompute_per_layer[l + 1]
-        h2d.append(max(0.0, link_time(l, "to_gpu_bps") - window))
+        h2d.append(max(0.0, in_s[l] - window))
     compute = L * (problem.layer_fwd_s + problem.layer_bwd_s) + problem.head_s
     recompute = sum(recompute_per_layer)
     exposed = sum(d2h) + sum(h2d)
-    link_s = sum(link_time(l, "from_gpu_bps") + link_time(l, "to_gpu_bps") for l in range(L))
+    link_s = sum(out_s) + sum(in_s)
     tier_bytes = {
         name: sum(B[c] * d.get(name, 0) for layer in decisions for c, d in layer.items()) for name in tiers
     }

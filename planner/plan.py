@@ -88,7 +88,7 @@ def problem_from_dict(d: dict[str, Any]) -> Problem:
 
 
 def _plain(x: Any) -> Any:
-    """Tuples to lists, numpy-ish scalars to floats: YAML that safe_load reads back."""
+    """Tuples to lists, so the YAML is plain and safe_load reads it back."""
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -201,7 +201,6 @@ def make_plan(
         info = {"name": "fallback (MEMO rule)", "status": "feasible", "solve_s": time.perf_counter() - start, "gap": None}
     if note:
         info["note"] = note
-    ev = evaluate(problem, decisions)
     plan = Plan(problem, decisions, predicted(problem, ev), info, binding_constraints(problem, ev))
     if with_arena:
         plan.arena = _arena_summary(problem, decisions)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -100,20 +100,47 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class TiersConfig(_Section):
+    """What longtune may use of each tier off the GPU, in GB; null: what this machine has free now."""
+
+    host_gb: Optional[float] = Field(None, ge=0)  # local DRAM
+    cxl_gb: Optional[float] = Field(None, ge=0)  # CPU-less NUMA nodes
+    nvme_gb: Optional[float] = Field(None, ge=0)  # free space under memory.nvme_path
+
+
 class MemoryConfig(_Section):
-    """What the planner spends (`longtune plan`); the offload runtime that carries a plan out comes later."""
+    """What the planner spends (`longtune plan`) and where optimizer state and weights live."""
 
     budget_gb: Optional[float] = Field(None, gt=0)  # GPU memory to spend; null: the machine's whole GPU
     gradient_checkpointing: bool = False
     plan: str = "auto"  # auto: solve for this config | a plan.yaml to use as it is
-    machine: str = "h100-pcie5"  # machine profile: bundled name or a YAML file
+    machine: str = "h100-pcie5"  # machine profile: bundled name, a YAML file from `longtune probe`
     plan_chunks: int = Field(16, ge=1, le=64)  # token chunks per activation class
     plan_time_limit_s: float = Field(10.0, gt=0)
     plan_gap: float = Field(0.01, ge=0, lt=1)
-    # Where optimizer state and parameters live: the planner plans for these now;
-    # the trainer runs only `gpu` until the memory-tiers issue lands.
-    optimizer: Literal["gpu", "cpu", "nvme"] = "gpu"
-    params: Literal["gpu", "cpu", "nvme"] = "gpu"
+    # fp32 master weights + Adam moments: on the GPU (torch AdamW), host RAM or NVMe (stepped on the CPU
+    # during backward); decoder-layer weights: on the GPU, or streamed one layer ahead from host or NVMe.
+    # auto: the GPU while it holds them with room for activations, else host, else NVMe.
+    optimizer: Literal["gpu", "cpu", "nvme", "auto"] = "gpu"
+    params: Literal["gpu", "cpu", "nvme", "auto"] = "gpu"
+    tiers: TiersConfig = TiersConfig()  # `auto` (all null) or capacities
+    nvme_path: Optional[str] = None  # folder for the NVMe tier's swap files (scratch: removed at exit)
+    nvme_checksum: bool = True  # verify every NVMe read: a corrupt or short read is an error, not garbage
+    nvme_backend: Literal["auto", "threads", "aio"] = "auto"  # aio: DeepSpeed's libaio op (needs libaio-dev)
+    cpu_adam: Literal["auto", "torch", "deepspeed"] = "auto"  # the CPU AdamW kernel
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _auto_tiers(cls, value):
+        return {} if value == "auto" else value
+
+    @model_validator(mode="after")
+    def _tiers_fit(self) -> "MemoryConfig":
+        if self.params not in ("gpu", "auto") and self.optimizer == "gpu":
+            raise ValueError(f"memory.params={self.params} needs the optimizer off the GPU too: set memory.optimizer to cpu, nvme or auto")
+        if "nvme" in (self.optimizer, self.params) and not self.nvme_path:
+            raise ValueError("memory.optimizer or memory.params is nvme: set memory.nvme_path to a folder on the NVMe drive")
+        return self
 
 
 class CheckpointConfig(_Section):

@@ -18,6 +18,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, check_data_config, passkey_accuracy
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
+from .offloading import Offload, build_offload
 from .model import build_model, build_tokenizer, check_model_config, count_parameters
 
 
@@ -84,7 +85,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    # The fused kernel (CUDA and CPU) is torch's fastest AdamW, and the one the offloaded optimizer
+    # runs on the host: the same update rule bit for bit, so moving state off the GPU changes nothing.
+    fused = all(p.device.type in ("cuda", "cpu") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
@@ -101,33 +105,26 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def check_runnable_memory(cfg: Config) -> None:
-    """The planner plans for these already; the trainer cannot run them yet, and says so."""
-    m = cfg.memory
-    for key in ("optimizer", "params"):
-        if getattr(m, key) != "gpu":
-            raise ConfigError(f"memory.{key}={getattr(m, key)} is planned by `longtune plan` but not yet run by the trainer "
-                              "(comes with the memory-tiers issue); remove it to train")
-
-
 def check(cfg: Config) -> Path:
     """Every check that needs no model: run before anything heavy is loaded."""
     check_model_config(cfg.model)
     check_data_config(cfg.data)
-    check_runnable_memory(cfg)
     if cfg.run.resume not in (None, "auto"):
         check_resume_path(cfg.run.resume)  # before output_dir is created
     return prepare_output_dir(cfg.run.output_dir)
 
 
-def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast) -> torch.Tensor:
+def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast, offload: Optional[Offload] = None) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step; returns the step's mean loss per target token."""
     # Normalise by the label count of the whole step, so accumulation equals one big batch.
     n_targets = max(sum(b.loss_tokens for b in batches), 1)
     loss = torch.zeros((), device=device)
+    if offload is not None and offload.optimizer is not None:
+        offload.optimizer.expect_backwards(len(batches))
+    saving = offload.saving if offload is not None else contextlib.nullcontext
     for batch in batches:
         batch = batch.to(device)
-        with autocast():
+        with autocast(), saving():
             out = model(
                 input_ids=batch.input_ids,
                 position_ids=batch.position_ids,
@@ -152,7 +149,8 @@ def train(cfg: Config) -> RunResult:
     tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR if resume_from else None)
     if resume_from is None:
         tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
-    model = build_model(cfg.model, checkpoint=resume_from).to(device)
+    model = build_model(cfg.model, checkpoint=resume_from)  # on the host: build_offload places it
+    n_params = count_parameters(model)  # before streamed weights leave the model
     kernels = cfg.model.kernels
     if kernels.rmsnorm or kernels.rope or kernels.swiglu or kernels.fused_ce:
         from longtune.kernels.patch import apply_kernels
@@ -166,18 +164,28 @@ def train(cfg: Config) -> RunResult:
     if isinstance(train_source, PasskeyTask) and cfg.data.passkey.eval_samples:
         eval_task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")
     loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed)
-    optimizer = build_optimizer(model, cfg)
+    offload = build_offload(cfg, model, device, n_params)
+    for note in offload.notes:
+        print(note)
+    try:
+        return _train(cfg, output_dir, resume_from, device, model, n_params, offload, loader, eval_task, config_yaml)
+    finally:
+        offload.close()
+
+
+def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loader, eval_task, config_yaml) -> RunResult:
+    optimizer = offload.optimizer or build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
 
     state = ckpt.TrainState()
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        with offload.materialized():
+            state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
         loader.load_state_dict(state.data)
         print(f"resumed from {resume_from} at step {state.step} ({state.tokens_seen:,} tokens seen)")
 
     t = cfg.train
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.mixed_precision == "bf16" else contextlib.nullcontext
-    n_params = count_parameters(model)
     mc = model.config
     flops_per_token = train_flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.seq_len)
     peak = peak_flops(device)
@@ -189,6 +197,11 @@ def train(cfg: Config) -> RunResult:
     logger = MetricsLogger(output_dir, cfg.log.sinks, t.max_steps, state.step)
     params = [p for p in model.parameters() if p.requires_grad]
     last_loss, eval_metrics, saved_step = None, {}, state.step
+
+    def save(state: ckpt.TrainState) -> None:
+        state_dict = optimizer.state_dict()  # an offloaded optimizer finishes its updates first
+        with offload.materialized():
+            ckpt.save_checkpoint(output_dir, state, model, _Saved(state_dict), scheduler, config_yaml, cfg.checkpoint.keep_last)
 
     def evaluate() -> dict[str, float]:
         if eval_task is None:
@@ -202,10 +215,13 @@ def train(cfg: Config) -> RunResult:
             evaluate()  # the starting point, so the run shows what training changed
         for step in range(state.step + 1, t.max_steps + 1):
             start = time.perf_counter()
-            loss = forward_backward(model, [next(loader) for _ in range(t.grad_accum_steps)], device, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or math.inf)
+            loss = forward_backward(model, [next(loader) for _ in range(t.grad_accum_steps)], device, autocast, offload)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if offload.optimizer is not None:  # clips, and runs what backward left of the per-layer steps
+                grad_norm = offload.optimizer.clip_and_step()
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or math.inf)
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step, state.tokens_seen, state.data = step, state.tokens_seen + tokens_per_step, loader.state_dict()
@@ -230,16 +246,26 @@ def train(cfg: Config) -> RunResult:
                     **host_memory_gb(),
                 })
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
-                ckpt.save_checkpoint(output_dir, state, model, optimizer, scheduler, config_yaml, cfg.checkpoint.keep_last)
+                save(state)
                 saved_step = step
             if t.eval_every_n_steps and step % t.eval_every_n_steps == 0 and step != t.max_steps:
                 evaluate()
         if cfg.checkpoint.save_final and saved_step != state.step:
-            ckpt.save_checkpoint(output_dir, state, model, optimizer, scheduler, config_yaml, cfg.checkpoint.keep_last)
+            save(state)
         eval_metrics = evaluate()
     finally:
         logger.close()
     return RunResult(output_dir, state.step, last_loss, eval_metrics)
+
+
+class _Saved:
+    """An optimizer state taken before the checkpoint's weights are bound (what save_checkpoint asks for)."""
+
+    def __init__(self, state_dict: dict):
+        self._state_dict = state_dict
+
+    def state_dict(self) -> dict:
+        return self._state_dict
 
 
 def load_trained(run_dir: Path, step: Optional[int] = None):

@@ -1,0 +1,267 @@
+"""Decoder-layer weights that live on the host or NVMe and visit the GPU one layer ahead of use.
+
+ZeRO-Infinity's parameter offload for one process. Each layer's weights are
+one flat buffer in their home (a `HostPool` slot, or an `NvmeStore` key); on
+the GPU a layer exists only from its prefetch to the end of its use:
+
+- forward: layer i's pre-hook waits for i and prefetches i+1; its post-hook
+  frees i (the last layer stays: backward starts there);
+- backward: autograd would keep freed weights alive through the tensors it
+  saved (linear saves `weight.t()`, a view), so while `saving()` is active
+  saved views of streamed weights are packed as (layer, view geometry) and
+  rebuilt on unpack after fetching the layer again, prefetching the one below;
+  recomputation under gradient checkpointing fetches through the pre-hook;
+- a layer is freed in backward once all its gradients are accumulated.
+
+Embeddings, the final norm and the head stay on the GPU. The optimizer writes
+updated weights into the home (`write`), and a fetch waits for that update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .groups import ParamGroup, param_groups
+from .pinned import HostPool, exact_pinned_empty
+
+ALIGN = 64  # bytes: every weight starts aligned for any dtype view
+
+
+def _in_backward() -> bool:
+    return torch._C._current_autograd_node() is not None
+
+
+class ParamStreamer:
+    def __init__(self, model: nn.Module, device: torch.device, *, tier: str = "cpu", nvme_store=None,
+                 numa_nodes=None, interleave: bool = False):
+        if tier not in ("cpu", "nvme"):
+            raise ValueError(f"parameter tier must be cpu or nvme, not {tier!r}")
+        if tier == "nvme" and nvme_store is None:
+            raise ValueError("the nvme parameter tier needs an NvmeStore")
+        self.device, self.tier, self.store = torch.device(device), tier, nvme_store
+        self.cuda = self.device.type == "cuda"
+        groups = param_groups(model)
+        self.layers = [g for g in groups if g.index > 0]
+        streamed = {id(p) for g in self.layers for p in g.params}
+        self._layout: dict[int, list[tuple[int, int]]] = {}  # layer -> (byte offset, nbytes) per param
+        self._nbytes: dict[int, int] = {}
+        for g in self.layers:
+            at, spans = 0, []
+            for p in g.params:
+                spans.append((at, p.numel() * p.element_size()))  # params are all there at construction
+                at += -(-spans[-1][1] // ALIGN) * ALIGN
+            self._layout[g.index], self._nbytes[g.index] = spans, at
+        self.pool = HostPool([(f"w/{g.index}", (self._nbytes[g.index],), torch.uint8) for g in self.layers],
+                             numa_nodes=numa_nodes, interleave=interleave, name="params") if tier == "cpu" else None
+        biggest = max(self._nbytes.values())
+        self._staging = exact_pinned_empty((biggest,), torch.uint8) if tier == "nvme" else None
+        self._write_staging = exact_pinned_empty((biggest,), torch.uint8) if tier == "nvme" else None
+        with torch.no_grad():
+            for g in self.layers:  # move each layer to its home; frees it from the model as it goes
+                flat = self._home(g) if tier == "cpu" else self._write_staging[: self._nbytes[g.index]]
+                for p, view in zip(g.params, self._views(flat, g)):
+                    view.copy_(p.data)
+                    p.data = self._placeholder(p)
+                if tier == "nvme":
+                    self.store.write(self._key(g), flat)
+        for name, p in model.named_parameters():
+            if id(p) not in streamed:
+                p.data = p.data.to(self.device)
+        for name, b in model.named_buffers():
+            b.data = b.data.to(self.device)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="longtune-fetch")
+        self._fetches: dict[int, Future] = {}  # layer -> device buffer being filled
+        self._resident: dict[int, torch.Tensor] = {}  # layer -> its device buffer
+        self._storage_layer: dict[int, int] = {}  # device buffer storage address -> layer
+        self._by_index = {g.index: g for g in self.layers}
+        self._last = self.layers[-1].index
+        self._grads_left: dict[int, int] = {}
+        self.wait_update: Callable[[int], None] = lambda index: None  # the optimizer's gate, set by the trainer
+        self.bytes_fetched = 0
+        self._hooks = []
+        for g in self.layers:
+            self._hooks.append(g.module.register_forward_pre_hook(self._pre_hook(g)))
+            self._hooks.append(g.module.register_forward_hook(self._post_hook(g)))
+            for p in g.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(g)))
+
+    # --- homes -------------------------------------------------------------------------------
+    def _key(self, g: ParamGroup) -> str:
+        return f"weights-{g.index}"
+
+    def _home(self, g: ParamGroup) -> torch.Tensor:
+        return self.pool.tensor(f"w/{g.index}")
+
+    def _views(self, flat: torch.Tensor, g: ParamGroup) -> list[torch.Tensor]:
+        return [flat[o: o + n].view(p.dtype).view(shape) for (o, n), p, shape in zip(self._layout[g.index], g.params, g.shapes)]
+
+    def _placeholder(self, p: nn.Parameter) -> torch.Tensor:
+        return torch.empty(0, dtype=p.dtype, device=self.device)
+
+    def read(self, p: nn.Parameter) -> torch.Tensor:
+        """The current weights of a streamed parameter, on the host (for the optimizer's master copy)."""
+        g = next(g for g in self.layers if any(q is p for q in g.params))
+        flat = self._home(g) if self.tier == "cpu" else self._read_home(g)
+        return self._views(flat, g)[next(i for i, q in enumerate(g.params) if q is p)]
+
+    def _read_home(self, g: ParamGroup) -> torch.Tensor:
+        flat = torch.empty(self._nbytes[g.index], dtype=torch.uint8)
+        self.store.read(self._key(g), flat)
+        return flat
+
+    def write(self, g: ParamGroup, masters: list[torch.Tensor]) -> None:
+        """The optimizer's updated fp32 weights of layer g, into its home (runs on the optimizer's worker)."""
+        flat = self._home(g) if self.tier == "cpu" else self._write_staging[: self._nbytes[g.index]]
+        for view, m in zip(self._views(flat, g), masters):
+            view.copy_(m)
+        if self.tier == "nvme":
+            self.store.write(self._key(g), flat)
+
+    def writers(self) -> dict[int, Callable]:
+        writer = _Writer(self)
+        return {g.index: writer for g in self.layers}
+
+    # --- fetch and free ----------------------------------------------------------------------
+    def _fetch(self, g: ParamGroup) -> torch.Tensor:
+        self.wait_update(g.index)
+        n = self._nbytes[g.index]
+        source = self._home(g) if self.tier == "cpu" else self._staging[:n]
+        if self.tier == "nvme":
+            self.store.read(self._key(g), source)
+        buffer = torch.empty(n, dtype=torch.uint8, device=self.device)
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                buffer.copy_(source, non_blocking=True)
+            self.copy_stream.synchronize()  # the staging buffer is reused by the next fetch
+        else:
+            buffer.copy_(source)
+        self.bytes_fetched += n
+        return buffer
+
+    def prefetch(self, index: int) -> None:
+        g = self._by_index.get(index)
+        if g is not None and index not in self._resident and index not in self._fetches:
+            self._fetches[index] = self._fetcher.submit(self._fetch, g)
+
+    def ensure(self, index: int) -> None:
+        """Layer `index`'s weights on the device, bound to its parameters."""
+        if index in self._resident:
+            return
+        self.prefetch(index)
+        buffer = self._fetches.pop(index).result()
+        g = self._by_index[index]
+        for p, view in zip(g.params, self._views(buffer, g)):
+            p.data = view
+        self._resident[index] = buffer
+        self._storage_layer[buffer.untyped_storage().data_ptr()] = index
+
+    def release(self, index: int) -> None:
+        buffer = self._resident.pop(index, None)
+        if buffer is None:
+            return
+        del self._storage_layer[buffer.untyped_storage().data_ptr()]
+        for p in self._by_index[index].params:
+            p.data = self._placeholder(p)
+
+    def _pre_hook(self, g: ParamGroup):
+        def hook(module, args):
+            backward = _in_backward()  # recomputation under gradient checkpointing
+            self.ensure(g.index)
+            self.prefetch(g.index - 1 if backward else g.index + 1)
+        return hook
+
+    def _post_hook(self, g: ParamGroup):
+        def hook(module, args, output):
+            if _in_backward():
+                return  # recomputed for backward: freed once its gradients are in
+            out = output if isinstance(output, torch.Tensor) else next((o for o in output if isinstance(o, torch.Tensor)), None)
+            if out is not None and out.requires_grad:
+                # The gradient of the layer's output arrives just before the layer's backward (and before
+                # gradient checkpointing recomputes it, which calls forward with no hooks): fetch it then.
+                out.register_hook(self._backward_prefetch(g.index))
+            if g.index == self._last and torch.is_grad_enabled():
+                self._grads_left = {h.index: len(h.params) for h in self.layers}
+                return  # backward starts with the last layer
+            self.release(g.index)
+        return hook
+
+    def _backward_prefetch(self, index: int):
+        def hook(grad):
+            self.ensure(index)
+            self.prefetch(index - 1)
+        return hook
+
+    def _grad_hook(self, g: ParamGroup):
+        def hook(p):
+            left = self._grads_left.get(g.index, 0) - 1
+            self._grads_left[g.index] = left
+            if left == 0:
+                self.release(g.index)
+        return hook
+
+    # --- saved tensors -----------------------------------------------------------------------
+    def _pack(self, t: torch.Tensor):
+        layer = self._storage_layer.get(t.untyped_storage().data_ptr()) if t.device == self.device else None
+        if layer is None:
+            return t
+        return (layer, t.dtype, t.size(), t.stride(), t.storage_offset())
+
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        layer, dtype, size, stride, offset = packed
+        self.ensure(layer)
+        self.prefetch(layer - 1)
+        storage = self._resident[layer].untyped_storage()
+        return torch.empty(0, dtype=dtype, device=self.device).set_(storage, offset, size, stride)
+
+    def saving(self):
+        """Wrap the training forward: streamed weights saved for backward don't keep the layer on the GPU."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @contextlib.contextmanager
+    def materialized(self):
+        """Every streamed parameter as its own host tensor (safetensors refuses views of one buffer)
+        for a checkpoint save or load; what they hold afterwards is written home."""
+        for index in list(self._resident):
+            self.release(index)
+        for g in self.layers:
+            flat = self._home(g) if self.tier == "cpu" else self._read_home(g)
+            for p, view in zip(g.params, self._views(flat, g)):
+                p.data = view.clone()
+        try:
+            yield
+        finally:
+            for g in self.layers:
+                flat = self._home(g) if self.tier == "cpu" else self._write_staging[: self._nbytes[g.index]]
+                for p, view in zip(g.params, self._views(flat, g)):
+                    view.copy_(p.data)
+                    p.data = self._placeholder(p)
+                if self.tier == "nvme":
+                    self.store.write(self._key(g), flat)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._fetcher.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.close()
+
+
+class _Writer:
+    """What the optimizer calls for a streamed layer: write the update home; read the weights."""
+
+    def __init__(self, streamer: ParamStreamer):
+        self.streamer = streamer
+
+    def __call__(self, g: ParamGroup, masters: list[torch.Tensor]) -> None:
+        self.streamer.write(g, masters)
+
+    def read(self, p: nn.Parameter) -> torch.Tensor:
+        return self.streamer.read(p)

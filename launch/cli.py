@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--machine", help="machine profile YAML (or bundled name) instead of memory.machine")
     plan.add_argument("--out", help="where to write plan.yaml (default: RUN.output_dir/plan.yaml)")
 
+    probe = sub.add_parser("probe", help="measure this machine's memory tiers and write a machine profile",
+                           description="Measure GPU (or CPU) throughput, host and CXL copy bandwidth, and NVMe read/write "
+                                       "bandwidth through the tiers' own I/O paths; write the machine profile that "
+                                       "memory.machine and `longtune plan --machine` read.")
+    probe.add_argument("--out", default="machine.yaml", help="profile to write (default: machine.yaml)")
+    probe.add_argument("--nvme-path", help="folder on the NVMe drive to measure (default: no NVMe tier)")
+    probe.add_argument("--size-mb", type=int, default=1024, help="working set of each bandwidth test (default: 1024)")
+    probe.add_argument("--nvme-backend", choices=["auto", "threads", "aio"], default="auto")
+    probe.add_argument("--emulate-cxl-gbps", type=float, help="with no CXL node, emulate a cxl tier on the local node at this bandwidth")
+
     export = sub.add_parser("export", help="write a transformers save_pretrained folder",
                             description="Write a run's newest complete checkpoint as a transformers folder (weights, config, tokenizer).")
     export.add_argument("run_dir", help="the run's output_dir")
@@ -88,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "plan":
         return run_plan(args)
+    if args.command == "probe":
+        return run_probe(args)
     if args.command == "train":
         cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
     else:
@@ -132,6 +144,25 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(describe(plan))
         print(f"plan written to {out}")
+    return EXIT_OK
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    import yaml
+
+    from longtune.offload.probe import probe
+
+    if args.size_mb < 16:
+        raise UsageError(f"longtune probe: --size-mb must be at least 16, got {args.size_mb}")
+    profile = probe(args.nvme_path, args.size_mb, args.emulate_cxl_gbps, args.nvme_backend)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# Measured by `longtune probe` on {profile['measured']['date']}\n" + yaml.safe_dump(profile, sort_keys=False))
+    for name, tier in profile["tiers"].items():
+        extra = f", disk read {tier['read_gbps']} / write {tier['write_gbps']} GB/s ({tier['backend']})" if name == "nvme" else ""
+        emulated = " (emulated)" if tier.get("emulated") else ""
+        print(f"{name}{emulated}: {tier['capacity_gb']} GB, to GPU {tier['to_gpu_gbps']} GB/s, from GPU {tier['from_gpu_gbps']} GB/s{extra}")
+    print(f"machine profile written to {out}; use it with memory.machine={out}")
     return EXIT_OK
 
 

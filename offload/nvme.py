@@ -193,10 +193,22 @@ class _AioIO:
 
     name = "aio (DeepSpeed)"
 
-    def __init__(self, op, block_bytes: int, queue_depth: int):
+    def __init__(self, op, block_bytes: int, queue_depth: int, folder: Path):
         self._make = lambda: op.aio_handle(block_bytes, queue_depth, False, True, 1)
         self._local = threading.local()
         self._allocator = self._make()
+        # The op logs a once-per-process warning on its first write from inside std::call_once, taking the
+        # GIL there, while the fd form of async_pwrite holds the GIL: two threads making the first write at
+        # once deadlock. So the first write happens here, on one thread; it also proves the op works.
+        probe, buf = folder / ".aio-probe", self.allocate(ALIGN)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+        try:
+            if self._allocator.async_pwrite(buf, fd, 0) != 0 or self._allocator.wait() != 1:
+                raise NvmeError(f"DeepSpeed's aio op could not write a test page at {folder}")
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+            self.free(buf)
 
     def _handle(self):
         if not hasattr(self._local, "handle"):
@@ -248,6 +260,9 @@ def aio_is_built() -> bool:
 
 def _load_aio():
     hint = "apt-get install libaio-dev, or set backend: threads"
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its accelerator and SSD-endurance notices, on every load
     try:
         from deepspeed.ops.op_builder import AsyncIOBuilder
     except ImportError as exc:
@@ -293,10 +308,11 @@ class NvmeStore:
                 raise NvmeError(f"backend 'aio' needs O_DIRECT, which is off or refused at {self.folder}; set backend: threads")
             if backend == "aio" or (backend == "auto" and self.direct_io and aio_is_built()):
                 try:
-                    self._io = _AioIO(_load_aio(), block_bytes, max(8, workers))
-                except NvmeError:
+                    self._io = _AioIO(_load_aio(), block_bytes, max(8, workers), self.path)
+                except (NvmeError, OSError) as exc:
                     if backend == "aio":
-                        raise
+                        raise exc if isinstance(exc, NvmeError) else NvmeError(
+                            f"DeepSpeed's aio op failed at {self.path}: {exc.strerror or exc}") from exc
                     self._io = _ThreadsIO()  # "auto": a cached op that no longer loads is no reason to fail
             else:
                 self._io = _ThreadsIO()

@@ -173,3 +173,30 @@ def test_smollm2_ten_steps_offloaded_equal_in_memory(tmp_path):
     assert len(plain[0]) == 10
     for placement in ("optimizer on host", "optimizer on nvme", "weights streamed from host"):
         _assert_same(_run(cfg, tmp_path, placement.replace(" ", "-"), PLACEMENTS[placement]), plain)
+
+
+def test_cxl_machine_puts_optimizer_state_local_and_weights_on_cxl(tmp_path, offload_config, monkeypatch):
+    """The trainer's pools follow the CXL-aware policy on a (fake sysfs) machine with a CXL node."""
+    import longtune.offload.numa as numa
+    from longtune.trainer.offloading import _numa_placement
+
+    root = tmp_path / "node"
+    for node, cpus, gib in ((0, "0-15", 64), (1, "", 256)):
+        d = root / f"node{node}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(cpus + "\n")
+        kb = gib * 1024 * 1024
+        (d / "meminfo").write_text(f"Node {node} MemTotal:       {kb} kB\nNode {node} MemFree:        {kb} kB\n")
+        (d / "distance").write_text("10 20\n" if node == 0 else "20 10\n")
+    (root / "online").write_text("0-1\n")
+    (root / "has_memory").write_text("0-1\n")
+    real = numa.read_nodes
+    monkeypatch.setattr(numa, "read_nodes", lambda: real(root))
+    cfg = validate({**offload_config, "memory": {"optimizer": "cpu", "params": "cpu", "tiers": {"host_gb": 100}}})
+    notes = []
+    optimizer, weights = _numa_placement(cfg, 5_000_000_000, 2, "cpu", notes)  # 80 GB of fp32 state, 10 GB of bf16 weights
+    assert optimizer == {"numa_nodes": [0], "interleave": False}
+    assert weights == {"numa_nodes": [1], "interleave": False}
+    assert any("weights pool on NUMA nodes [1]" in n for n in notes)
+    optimizer, _ = _numa_placement(cfg, 10_000_000_000, 2, "cpu", notes)  # 160 GB of state straddles 100 GB
+    assert optimizer == {"numa_nodes": [0, 1], "interleave": True}

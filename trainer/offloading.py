@@ -142,7 +142,7 @@ def build_offload(cfg: Config, model: torch.nn.Module, device: torch.device, n_p
             raise ConfigError(f"memory.nvme_path: {e}") from None
         off.notes.append(f"nvme tier: {off.store.folder} ({off.store.backend_name}, "
                          f"{'O_DIRECT' if off.store.direct_io else 'buffered'}, checksums {'on' if mem.nvme_checksum else 'off'})")
-    numa = _numa_notes(off.notes)
+    numa_optimizer, numa_weights = _numa_placement(cfg, n_params, weight_bytes, params_tier, off.notes)
     if params_tier == "gpu":
         model.to(device)
     t, o = cfg.train, cfg.optim
@@ -150,9 +150,9 @@ def build_offload(cfg: Config, model: torch.nn.Module, device: torch.device, n_p
     # Built while every weight is still in the model: the master copy starts from them.
     off.optimizer = OffloadedAdamW(model, lr=t.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                    clip_grad_norm=t.clip_grad_norm, tier=optimizer_tier, nvme_store=off.store,
-                                   cpu_adam=cpu_adam, device=device, **numa)
+                                   cpu_adam=cpu_adam, device=device, **numa_optimizer)
     if params_tier != "gpu":
-        off.streamer = ParamStreamer(model, device, tier="cpu" if params_tier == "cpu" else "nvme", nvme_store=off.store, **numa)
+        off.streamer = ParamStreamer(model, device, tier="cpu" if params_tier == "cpu" else "nvme", nvme_store=off.store, **numa_weights)
         off.optimizer.set_weight_writers(off.streamer.writers())
         off.streamer.wait_update = off.optimizer.wait_group
     off.notes.append(f"optimizer on {optimizer_tier} ({cpu_adam.backend_name} AdamW, stepped per layer during backward)"
@@ -160,19 +160,35 @@ def build_offload(cfg: Config, model: torch.nn.Module, device: torch.device, n_p
     return off
 
 
-def _numa_notes(notes: list[str]) -> dict:
-    """Host pools go to local DRAM; on a one-node machine that is a real mbind to node 0 and CXL is emulated."""
-    from longtune.offload.numa import cxl_nodes, local_nodes, read_nodes
+def _numa_placement(cfg: Config, n_params: int, weight_bytes: int, params_tier: str, notes: list[str]) -> tuple[dict, dict]:
+    """NUMA binding of the optimizer's and the weights' host pools, by the CXL-aware policy (Liaw & Chen).
+
+    fp32 optimizer state prefers local DRAM; the weights (model dtype) may go to CXL; a pool that straddles
+    the local budget is interleaved over local + CXL nodes. With no CXL node both pools are bound to the
+    local node (a real mbind) and the CXL tier is emulated.
+    """
+    from longtune.offload.numa import PlacementRequest, TensorKind, cxl_nodes, local_nodes, place, read_nodes
 
     try:
         nodes = read_nodes()
     except OSError:
-        return {}
+        return {}, {}
     local, cxl = local_nodes(nodes), cxl_nodes(nodes)
     if not local:
-        return {}
+        return {}, {}
     if not cxl:
         notes.append(f"host tier bound to NUMA node {local[0].id}; no CXL node: the cxl tier is emulated on node {local[0].id}")
-    else:
-        notes.append(f"host tier bound to NUMA node {local[0].id}; CXL nodes {[n.id for n in cxl]} hold what local DRAM does not")
-    return {"numa_nodes": [local[0].id]}
+        return {"numa_nodes": [local[0].id]}, {"numa_nodes": [local[0].id]}
+    budget = cfg.memory.tiers.host_gb * GB if cfg.memory.tiers.host_gb is not None else sum(n.free_bytes for n in local)
+    requests = [PlacementRequest("optimizer", HOST_OPTIMIZER_BYTES * n_params, TensorKind.FP32_MOMENTUM)]
+    if params_tier == "cpu":
+        requests.append(PlacementRequest("weights", weight_bytes * n_params, TensorKind.BF16_WEIGHT))
+    try:
+        placements = place(requests, nodes, int(budget))
+    except ValueError as e:
+        raise ConfigError(f"memory.tiers: {e}") from None
+    for p in placements:
+        notes.append(f"{p.name} pool on NUMA nodes {list(p.nodes)}{' interleaved' if p.interleave else ''} "
+                     f"({p.local_bytes / GB:.1f} GB local, {p.cxl_bytes / GB:.1f} GB CXL)")
+    kwargs = [{"numa_nodes": list(p.nodes), "interleave": p.interleave} for p in placements]
+    return kwargs[0], (kwargs[1] if len(kwargs) > 1 else {})

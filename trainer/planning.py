@@ -38,17 +38,33 @@ def planning_problem(cfg: Config, machine: Machine):
         raise ConfigError(f"memory.plan_chunks={mem.plan_chunks} is more than the {tokens} tokens of a micro-batch")
     # torch's AdamW keeps two moments in the parameters' dtype.
     optimizer_bytes = 2 * shape.layer.dtype_bytes
+    optimizer, params = _placement(cfg, machine, shape)
     return build_problem(
         shape,
         tokens,
         machine,
         budget_bytes=mem.budget_gb * 1e9 if mem.budget_gb else None,
         chunks=mem.plan_chunks,
-        optimizer_on_gpu=mem.optimizer == "gpu",
-        params_on_gpu=mem.params == "gpu",
+        optimizer_on_gpu=optimizer == "gpu",
+        params_on_gpu=params == "gpu",
         optimizer_bytes_per_param=optimizer_bytes,
         loss_chunk_tokens=_ce_chunk_tokens(cfg, shape, tokens) if cfg.model.kernels.fused_ce else None,
     )
+
+
+def _placement(cfg: Config, machine: Machine, shape: ModelShape) -> tuple[str, str]:
+    """memory.optimizer/params with `auto` decided as the trainer would, on the profile's capacities."""
+    mem = cfg.memory
+    if "auto" not in (mem.optimizer, mem.params):
+        return mem.optimizer, mem.params
+    from .offloading import Capacities, resolve_placement
+
+    tiers = {t.name: t.capacity_bytes for t in machine.tiers}
+    t = mem.tiers
+    pick = lambda name, cap: cap * 1e9 if cap is not None else tiers.get(name, 0.0)  # noqa: E731
+    caps = Capacities(gpu=mem.budget_gb * 1e9 if mem.budget_gb else machine.gpu_bytes, host=pick("host", t.host_gb),
+                      cxl=pick("cxl", t.cxl_gb), nvme=pick("nvme", t.nvme_gb))
+    return resolve_placement(cfg, shape.params, shape.layer.dtype_bytes, caps)
 
 
 def _ce_chunk_tokens(cfg: Config, shape: ModelShape, tokens: int) -> int:

@@ -12,18 +12,17 @@ Two backends update fp32 params and moments in place:
 The trainer calls `CpuAdamW.step` once per layer from a worker thread while the main thread
 runs backward. torch's kernel runs without the GIL; DeepSpeed's holds it, so it is called in
 chunks (`_DS_CHUNK`). Both use `torch.get_num_threads()` OpenMP threads from whichever thread
-calls them. "auto" never compiles: it loads DeepSpeed's op only when already built and keeps
-it only if a short probe (~0.1 s, plus a few seconds to import DeepSpeed) finds it faster.
+calls them. "auto" is torch fused: bitwise the in-memory optimizer, and on the machines
+measured (bench/cpu_adam.py) as fast as DeepSpeed's op, which needs a ~1 min build; a timing
+probe could pick either per run, and a run that resumed on the other would stop being exact.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
 import sys
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,6 @@ BACKENDS = ("auto", "torch", "deepspeed")
 # (hundreds of millions of elements) would freeze every Python hook of the concurrent backward.
 # 4M elements is a few milliseconds per call, about Python's own GIL switch interval.
 _DS_CHUNK = 1 << 22
-# `auto` picks DeepSpeed only when it beats torch by this margin, so that timing noise on a
-# busy machine does not flip a run between bitwise and non-bitwise results.
-_AUTO_MARGIN = 0.9
 
 
 @dataclass(frozen=True)
@@ -152,16 +148,6 @@ def _check_tensors(params, grads, exp_avgs, exp_avg_sqs) -> None:
                 raise ValueError(f"CpuAdamW.step: {name}[{i}] shares memory with params[{i}]")
 
 
-def _time_step(fn, reps: int = 3) -> float:
-    fn()  # first touch of the probe buffers
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 class CpuAdamW:
     """In-place AdamW over fp32 CPU tensors; `backend`: "auto" | "torch" | "deepspeed"."""
 
@@ -171,28 +157,14 @@ class CpuAdamW:
         self._op = None
         self._opt_id = None
         self._lock = threading.Lock()  # the C++ optimizer keeps lr and beta^t between calls
-        if backend == "deepspeed" or (backend == "auto" and deepspeed_cpu_adam_built()):
-            try:
-                self._use_deepspeed(_load_deepspeed_op())
-            except RuntimeError:
-                if backend == "deepspeed":
-                    raise
-        if backend == "auto" and self._op is not None and not self._deepspeed_is_faster():
-            self.close()
+        if backend == "deepspeed":
+            self._use_deepspeed(_load_deepspeed_op())
         self.backend_name = DEEPSPEED if self._op is not None else TORCH_FUSED
 
     def _use_deepspeed(self, op) -> None:
         self._op = op
         self._opt_id = _new_deepspeed_optimizer(op)
         self._finalizer = weakref.finalize(self, op.destroy_adam, self._opt_id)
-
-    def _deepspeed_is_faster(self) -> bool:
-        n = 1 << 22  # 64 MiB over the four buffers: past the caches, as a real layer is
-        bufs = [[torch.randn(n)], [torch.randn(n)], [torch.zeros(n)], [torch.zeros(n)]]
-        hyper = AdamWHyper(1e-3, (0.9, 0.999), 1e-8, 0.01)
-        ds = _time_step(lambda: self._step_deepspeed(*bufs, 1, hyper))
-        fused = _time_step(lambda: self._step_torch(*bufs, 1, hyper))
-        return ds < _AUTO_MARGIN * fused
 
     def close(self) -> None:
         """Free DeepSpeed's C++ optimizer state (no-op for torch)."""

@@ -5,23 +5,20 @@
         store.read("layer3.exp_avg", out)
 
 Every request is cut into `block_bytes` pieces run by a pool of `workers` threads, so one large tensor
-keeps `workers` requests in flight on the device. Two ways to move a piece: `os.pwrite`/`os.preadv`
-("threads", portable) or DeepSpeed's libaio op ("aio", used when it is already built). With O_DIRECT,
-pieces whose memory is not page aligned, and the odd tail of a tensor, go through a bounded pool of
-page-aligned staging buffers; the file is padded to a multiple of 4096 bytes.
+keeps `workers` requests in flight on the device. How a piece reaches the file (thread-pool syscalls or
+DeepSpeed's libaio op, staging for O_DIRECT) is in nvme_io.py; this module keeps the store's bookkeeping.
+With O_DIRECT the file is padded to a multiple of 4096 bytes.
 
 A write lands in a temporary file that replaces the key's file only once every byte is written, so a
 failed write never leaves a key that looks valid and the previous version stays readable. Each piece
-carries an xxh3_64 checksum kept in memory; a read verifies it, so a damaged file is an error, never
-silently wrong numbers. The store is scratch space: close() deletes its files.
+carries an xxh3_64 checksum (zlib.crc32 without the xxhash package) kept in memory; a read verifies it,
+so a damaged file is an error, never silently wrong numbers. The store is scratch space: close() deletes its files.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import errno
-import importlib.util
 import itertools
 import mmap
 import os
@@ -36,6 +33,13 @@ from pathlib import Path
 
 import torch
 
+from .nvme_io import (
+    ALIGN, NvmeError, aio_is_built, page_aligned_empty,
+    _O_DIRECT, _AioIO, _StagingPool, _ThreadsIO, _load_aio, _np, _preallocate, _round_up,
+)
+
+__all__ = ["ALIGN", "NvmeError", "NvmeStore", "aio_is_built", "page_aligned_empty"]
+
 try:
     import xxhash
 
@@ -45,46 +49,7 @@ except ImportError:  # xxhash is optional; crc32 is slower but catches the same 
 
     _digest = zlib.crc32
 
-ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the logical block size
 _DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-class NvmeError(OSError):
-    """An NVMe store operation failed; the message says what, where and why."""
-
-
-def _round_up(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def _np(t: torch.Tensor):
-    """A uint8 tensor as a numpy array: a zero-copy buffer for pwrite/preadv/xxhash."""
-    return t.numpy()
-
-
-def _preallocate(fd: int, size: int) -> None:
-    # Reserving every block before the first byte is written turns "disk full" into one clean error up
-    # front (DeepSpeed's aio op does not report a failed request at all), and gives the file few extents.
-    if size == 0 or _libc.fallocate(fd, 0, 0, size) == 0:
-        return
-    err = ctypes.get_errno()
-    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-        raise OSError(err, os.strerror(err))
-    os.ftruncate(fd, size)  # a filesystem without fallocate: sparse, and ENOSPC may come from a write
-
-
-def page_aligned_empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised CPU tensor on whole pages, which the store moves with O_DIRECT without staging.
-
-    torch's own CPU tensors start 64 bytes into a page, so with O_DIRECT every piece of them is copied
-    through a staging buffer; swap buffers that live for the whole run should come from here."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(mmap.mmap(-1, _round_up(nbytes)), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
 @dataclass(frozen=True)
@@ -123,159 +88,6 @@ class _Job:
             return self.remaining == 0
 
 
-class _StagingPool:
-    """At most `count` page-aligned buffers of `size` bytes, made on first use and reused."""
-
-    def __init__(self, count: int, size: int, allocate):
-        self.count, self.size, self._allocate = count, size, allocate
-        self._free: list[torch.Tensor] = []
-        self._all: list[torch.Tensor] = []
-        self._cond = threading.Condition()
-        self.in_use_bytes = self.max_in_use_bytes = 0
-
-    def acquire(self) -> torch.Tensor:
-        with self._cond:
-            while not self._free and len(self._all) == self.count:
-                self._cond.wait()
-            if self._free:
-                buf = self._free.pop()
-            else:
-                buf = self._allocate(self.size)
-                self._all.append(buf)
-            self.in_use_bytes += self.size
-            self.max_in_use_bytes = max(self.max_in_use_bytes, self.in_use_bytes)
-            return buf
-
-    def release(self, buf: torch.Tensor) -> None:
-        with self._cond:
-            self._free.append(buf)
-            self.in_use_bytes -= self.size
-            self._cond.notify()
-
-    def drain(self) -> list[torch.Tensor]:
-        with self._cond:
-            buffers, self._all, self._free = self._all, [], []
-            return buffers
-
-
-class _ThreadsIO:
-    name = "threads"
-
-    def allocate(self, size: int) -> torch.Tensor:
-        return page_aligned_empty(size, torch.uint8)
-
-    def free(self, buf: torch.Tensor) -> None:
-        pass  # the mmap goes with the last reference to the tensor
-
-    def can_use_directly(self, data: torch.Tensor) -> bool:
-        return True
-
-    def write(self, fd: int, data: torch.Tensor, offset: int) -> None:
-        view, done = memoryview(_np(data)), 0
-        while done < len(view):
-            written = os.pwrite(fd, view[done:], offset + done)
-            if written == 0:
-                raise OSError(errno.EIO, "pwrite wrote nothing")
-            done += written
-
-    def read(self, fd: int, data: torch.Tensor, offset: int) -> int:
-        view, done = memoryview(_np(data)), 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got == 0:
-                break  # end of file: the caller reports the short read
-            done += got
-        return done
-
-
-class _AioIO:
-    """DeepSpeed's libaio op; one handle per worker thread because a handle's wait() covers all its requests."""
-
-    name = "aio (DeepSpeed)"
-
-    def __init__(self, op, block_bytes: int, queue_depth: int, folder: Path):
-        self._make = lambda: op.aio_handle(block_bytes, queue_depth, False, True, 1)
-        self._local = threading.local()
-        self._allocator = self._make()
-        # The op logs a once-per-process warning on its first write from inside std::call_once, taking the
-        # GIL there, while the fd form of async_pwrite holds the GIL: two threads making the first write at
-        # once deadlock. So the first write happens here, on one thread; it also proves the op works.
-        probe, buf = folder / ".aio-probe", self.allocate(ALIGN)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
-        try:
-            if self._allocator.async_pwrite(buf, fd, 0) != 0 or self._allocator.wait() != 1:
-                raise NvmeError(f"DeepSpeed's aio op could not write a test page at {folder}")
-        finally:
-            os.close(fd)
-            probe.unlink(missing_ok=True)
-            self.free(buf)
-
-    def _handle(self):
-        if not hasattr(self._local, "handle"):
-            self._local.handle = self._make()
-        return self._local.handle
-
-    def allocate(self, size: int) -> torch.Tensor:
-        # Page-locked by DeepSpeed's manager, so the op reads it in place instead of through a full-size
-        # bounce buffer of its own (which would break the staging bound).
-        return self._allocator.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))
-
-    def free(self, buf: torch.Tensor) -> None:
-        self._allocator.free_cpu_locked_tensor(buf)
-
-    def can_use_directly(self, data: torch.Tensor) -> bool:
-        return data.is_pinned() or self._allocator.is_pinned(data)
-
-    def write(self, fd: int, data: torch.Tensor, offset: int) -> None:
-        handle = self._handle()
-        if handle.async_pwrite(data, fd, offset) != 0 or handle.wait() != 1:
-            raise OSError(errno.EIO, "DeepSpeed aio write request failed")
-
-    def read(self, fd: int, data: torch.Tensor, offset: int) -> int:
-        # By /proc/self/fd so the op reads the very file this request opened, even if a newer write has
-        # since replaced the key's file. The size was checked at open: the op aborts on a short file.
-        if self._handle().sync_pread(data, f"/proc/self/fd/{fd}", offset) != 1:
-            raise OSError(errno.EIO, "DeepSpeed aio read request failed")
-        return data.numel()
-
-
-def aio_is_built() -> bool:
-    """Whether DeepSpeed's async_io op is compiled already (in the wheel or the torch extensions cache),
-    found without importing deepspeed or compiling anything."""
-    spec = importlib.util.find_spec("deepspeed")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    if any(Path(next(iter(spec.submodule_search_locations)), "ops", "aio").glob("async_io_op*.so")):
-        return True
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:  # the same folder torch.utils.cpp_extension.load builds into
-        from torch.utils.cpp_extension import get_default_build_root
-
-        accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-        if torch.version.hip:
-            accel = f"rocm{torch.version.hip.replace('.', '')}"
-        root = os.path.join(get_default_build_root(), f"py{sys.version_info[0]}{sys.version_info[1]}{sys.abiflags}_{accel}")
-    return all(Path(root, name, f"{name}.so").exists() for name in ("async_io", "pin_memory"))
-
-
-def _load_aio():
-    hint = "apt-get install libaio-dev, or set backend: threads"
-    import logging
-
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its accelerator and SSD-endurance notices, on every load
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-    except ImportError as exc:
-        raise NvmeError(f"backend 'aio' needs deepspeed, which does not import ({exc}); pip install deepspeed, or set backend: threads") from exc
-    builder = AsyncIOBuilder()
-    if not builder.is_compatible(verbose=False):
-        raise NvmeError(f"DeepSpeed's async_io op cannot be built here (libaio headers or library missing): {hint}")
-    try:
-        return builder.load(verbose=False)
-    except Exception as exc:
-        raise NvmeError(f"DeepSpeed's async_io op failed to build or load ({exc}): {hint}") from exc
-
-
 class NvmeStore:
     """Tensors in files under `folder`, moved by a thread pool; see the module docstring."""
 
@@ -306,7 +118,10 @@ class NvmeStore:
             self.direct_io = self._probe_direct(direct)
             if backend == "aio" and not self.direct_io:
                 raise NvmeError(f"backend 'aio' needs O_DIRECT, which is off or refused at {self.folder}; set backend: threads")
-            if backend == "aio" or (backend == "auto" and self.direct_io and aio_is_built()):
+            # "auto" takes aio only with a GPU: without one no memory counts as pinned to it, aio copies every
+            # byte through staging, and measured 0.6-0.7x fio where the thread pool reached 0.9x.
+            use_aio = backend == "auto" and self.direct_io and torch.cuda.is_available() and aio_is_built()
+            if backend == "aio" or use_aio:
                 try:
                     self._io = _AioIO(_load_aio(), block_bytes, max(8, workers), self.path)
                 except (NvmeError, OSError) as exc:
@@ -334,9 +149,13 @@ class NvmeStore:
     def _probe_direct(self, direct: str) -> bool:
         if direct == "off":
             return False
+        if not _O_DIRECT:
+            if direct == "on":
+                raise NvmeError(f"O_DIRECT does not exist on {sys.platform}; set direct: auto or off")
+            return False
         probe, buf = self.path / ".direct-probe", mmap.mmap(-1, ALIGN)
         try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | _O_DIRECT | os.O_CLOEXEC, 0o600)
             try:
                 os.pwrite(fd, buf, 0)
             finally:
@@ -521,7 +340,7 @@ class NvmeStore:
 
     def _start_write(self, job: _Job) -> None:
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if self.direct_io else 0)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (_O_DIRECT if self.direct_io else 0)
             job.fd = os.open(job.path, flags, 0o600)
             _preallocate(job.fd, _round_up(job.nbytes))
             job.digests = [0] * len(self._pieces(job)) if self.checksum else None
@@ -550,7 +369,7 @@ class NvmeStore:
             self._io.write(job.fd, data, offset)
 
     def _finish_write(self, job: _Job) -> None:
-        committed = False
+        committed, error = False, None
         try:
             if job.fd is not None:
                 if job.error is None and self.fsync:
@@ -568,17 +387,25 @@ class NvmeStore:
                     self._floor[job.key] = job.generation
                     committed = True
         except BaseException as exc:
-            job.future.set_exception(self._error(exc, "writing", job))
-        else:
-            job.future.set_result(None)
-        finally:
+            error = self._error(exc, "writing", job)
+        try:
             if not committed:
                 job.path.unlink(missing_ok=True)
-            with self._lock:
-                if self._pending.get(job.key) is job:
-                    del self._pending[job.key]
-            job.tensor = job.flat = None  # the caller may reuse its memory now
-            self._job_done()
+        except OSError:
+            pass  # best effort: close() removes the whole folder anyway
+        with self._lock:
+            if self._pending.get(job.key) is job:
+                del self._pending[job.key]
+        self._resolve(job, error)
+
+    def _resolve(self, job: _Job, error: NvmeError | None) -> None:
+        """Complete a request after everything it touched is tidied up, so its caller never sees leftovers."""
+        job.tensor = job.flat = None  # the caller may reuse its memory now
+        self._job_done()
+        if error is None:
+            job.future.set_result(None)
+        else:
+            job.future.set_exception(error)
 
     # ------------------------------------------------------------------------------ reads
 
@@ -589,7 +416,7 @@ class NvmeStore:
                 if entry is None:
                     raise NvmeError(f"key {job.key!r} vanished from the NVMe store at {self.path} (deleted, or its write failed)")
                 job.entry, job.path = entry, entry.path
-                job.fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if self.direct_io else 0))
+                job.fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | (_O_DIRECT if self.direct_io else 0))
             self._check_shape(job.key, job.tensor, entry.dtype, entry.numel)
             size = os.fstat(job.fd).st_size
             if size < _round_up(entry.nbytes):
@@ -622,15 +449,12 @@ class NvmeStore:
                 self._staging.release(buf)
 
     def _finish_read(self, job: _Job) -> None:
+        error = None
         try:
             if job.fd is not None:
                 os.close(job.fd)
             if job.error is not None:
                 raise job.error
         except BaseException as exc:
-            job.future.set_exception(self._error(exc, "reading", job))
-        else:
-            job.future.set_result(None)
-        finally:
-            job.tensor = job.flat = None
-            self._job_done()
+            error = self._error(exc, "reading", job)
+        self._resolve(job, error)

@@ -134,13 +134,15 @@ class ParamStreamer:
         source = self._home(g) if self.tier == "cpu" else self._staging[:n]
         if self.tier == "nvme":
             self.store.read(self._key(g), source)
-        buffer = torch.empty(n, dtype=torch.uint8, device=self.device)
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
+                # Allocated on the copy stream, so the allocator never hands the copy a block the compute
+                # stream may still be reading; ensure() records the compute stream's use of it.
+                buffer = torch.empty(n, dtype=torch.uint8, device=self.device)
                 buffer.copy_(source, non_blocking=True)
             self.copy_stream.synchronize()  # the staging buffer is reused by the next fetch
         else:
-            buffer.copy_(source)
+            buffer = source.clone()
         self.bytes_fetched += n
         return buffer
 
@@ -155,6 +157,8 @@ class ParamStreamer:
             return
         self.prefetch(index)
         buffer = self._fetches.pop(index).result()
+        if self.cuda:
+            buffer.record_stream(torch.cuda.current_stream(self.device))
         g = self._by_index[index]
         for p, view in zip(g.params, self._views(buffer, g)):
             p.data = view

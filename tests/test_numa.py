@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from longtune.offload.numa import (
-    GiB, BandwidthCap, NumaNode, Placement, PlacementRequest, TensorKind, bind_memory, bind_placement,
-    cxl_nodes, describe, local_nodes, memory_policy_nodes, page_node, place, placement_ranges, read_nodes,
+    GiB, BandwidthCap, NumaNode, bind_memory, cxl_nodes, describe, local_nodes, memory_policy_nodes, page_node,
+    read_nodes,
 )
+from longtune.offload.placement import Placement, PlacementRequest, TensorKind, bind_placement, place, placement_ranges
 
 K = TensorKind
 PAGE = mmap.PAGESIZE

@@ -169,10 +169,12 @@ def test_cli_plan_table_and_infeasible_exit_3(tmp_path):
     assert not (tmp_path / "q.yaml").exists()
 
 
-def test_trainer_refuses_what_it_cannot_run_yet(tmp_path):
-    result = run_cli("train", "configs/llama3-8b-128k.yaml", f"run.output_dir={tmp_path / 'r'}")
-    assert result.returncode == 2
-    assert "memory.optimizer=cpu is planned by `longtune plan` but not yet run by the trainer" in result.stderr
+def test_trainer_refuses_a_placement_the_tiers_cannot_hold_before_building_the_model(tmp_path):
+    """Llama-3-8B with the optimizer on the host: 128 GB of state, checked from the config alone (seconds, no 16 GB build)."""
+    result = run_cli("train", "configs/llama3-8b-128k.yaml", f"run.output_dir={tmp_path / 'r'}", "memory.tiers.host_gb=64",
+                     timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "needs 128.5 GB on the host tier, which holds 64.0 GB: 64.5 GB missing" in result.stderr
 
 
 def test_memory_plan_file_is_used_as_it_is(tmp_path):

@@ -127,7 +127,7 @@ class MemoryConfig(_Section):
     nvme_path: Optional[str] = None  # folder for the NVMe tier's swap files (scratch: removed at exit)
     nvme_checksum: bool = True  # verify every NVMe read: a corrupt or short read is an error, not garbage
     nvme_backend: Literal["auto", "threads", "aio"] = "auto"  # aio: DeepSpeed's libaio op (needs libaio-dev)
-    cpu_adam: Literal["auto", "torch", "deepspeed"] = "auto"  # the CPU AdamW kernel
+    cpu_adam: Literal["auto", "torch", "deepspeed"] = "auto"  # CPU AdamW: auto = torch fused (bitwise); deepspeed builds its op
 
     @field_validator("tiers", mode="before")
     @classmethod

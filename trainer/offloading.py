@@ -81,6 +81,22 @@ def resolve_placement(cfg: Config, n_params: int, weight_bytes: int, caps: Capac
     return optimizer, params
 
 
+def early_placement(cfg: Config, device: torch.device) -> Optional[tuple[str, str]]:
+    """The placement from the config's architecture alone, so an impossible one fails before a weight is loaded
+    and `auto` is decided on the memory free before the model takes its share. None: sized after loading."""
+    if cfg.memory.optimizer == "gpu" and cfg.memory.params == "gpu":
+        return "gpu", "gpu"
+    from longtune.planner.problem import ModelShape
+
+    from .planning import hf_config_dict
+
+    try:
+        shape = ModelShape.from_hf_config(hf_config_dict(cfg), cfg.model.dtype)
+    except (KeyError, ValueError, TypeError):
+        return None  # an architecture the planner cannot size: checked once the model is built
+    return resolve_placement(cfg, shape.params, shape.layer.dtype_bytes, capacities(cfg, device))
+
+
 def _need(tier: str, need: float, have: float, optimizer: str, params: str) -> None:
     if need > have:
         raise ConfigError(
@@ -120,10 +136,11 @@ class Offload:
             raise errors[0]
 
 
-def build_offload(cfg: Config, model: torch.nn.Module, device: torch.device, n_params: int) -> Offload:
+def build_offload(cfg: Config, model: torch.nn.Module, device: torch.device, n_params: int,
+                  placement: Optional[tuple[str, str]] = None) -> Offload:
     """Move the model to `device`, except what the config sends elsewhere, and start the movers."""
     weight_bytes = next(model.parameters()).element_size()
-    optimizer_tier, params_tier = resolve_placement(cfg, n_params, weight_bytes, capacities(cfg, device))
+    optimizer_tier, params_tier = placement or resolve_placement(cfg, n_params, weight_bytes, capacities(cfg, device))
     off = Offload(optimizer_tier, params_tier)
     if optimizer_tier == "gpu":
         model.to(device)
@@ -167,7 +184,9 @@ def _numa_placement(cfg: Config, n_params: int, weight_bytes: int, params_tier: 
     the local budget is interleaved over local + CXL nodes. With no CXL node both pools are bound to the
     local node (a real mbind) and the CXL tier is emulated.
     """
-    from longtune.offload.numa import PlacementRequest, TensorKind, cxl_nodes, local_nodes, place, read_nodes
+    # numa is looked up at call time, so a test can stand a fake sysfs tree in for read_nodes.
+    from longtune.offload.numa import cxl_nodes, local_nodes, read_nodes
+    from longtune.offload.placement import PlacementRequest, TensorKind, place
 
     try:
         nodes = read_nodes()

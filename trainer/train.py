@@ -18,7 +18,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, check_data_config, passkey_accuracy
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
-from .offloading import Offload, build_offload
+from .offloading import Offload, build_offload, early_placement
 from .model import build_model, build_tokenizer, check_model_config, count_parameters
 
 
@@ -141,6 +141,7 @@ def train(cfg: Config) -> RunResult:
     output_dir = check(cfg)
     resume_from = resolve_resume(cfg, output_dir)
     device = pick_device()
+    placement = early_placement(cfg, device)
     seed_everything(cfg.train.seed)
     config_yaml = dump_config(cfg)
     (output_dir / "config.resolved.yaml").write_text(config_yaml)
@@ -164,7 +165,7 @@ def train(cfg: Config) -> RunResult:
     if isinstance(train_source, PasskeyTask) and cfg.data.passkey.eval_samples:
         eval_task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")
     loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed)
-    offload = build_offload(cfg, model, device, n_params)
+    offload = build_offload(cfg, model, device, n_params, placement)
     for note in offload.notes:
         print(note)
     try:

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402  (after the OpenMP setting: libgomp reads it once, when torch loads it)
 
 from longtune.offload.cpu_adam import AdamWHyper, CpuAdamW, deepspeed_cpu_adam_built  # noqa: E402
+from provenance import git_commit  # noqa: E402  (bench/ is on sys.path when a script in it runs)
 
 REPO = Path(__file__).resolve().parents[1]
 HYPER = AdamWHyper(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -163,12 +163,7 @@ def main() -> None:
             print(f"{r['implementation']:>34} {r['worker_thread_s']:9.3f} {r['main_thread_max_stall_s']:24.4f}")
 
     date = datetime.date.today().isoformat()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        commit += " (dirty tree)" if dirty else ""
-    except OSError:
-        commit = None
+    commit = git_commit()
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"cpu_adam-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import git_commit  # bench/ is on sys.path when a script in it runs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -233,12 +235,7 @@ def main() -> None:
                   f"  [goal: peak <= 1/8: {'met' if r['peak_ratio'] <= 1 / 8 else 'NOT met'}]")
 
     date = datetime.date.today().isoformat()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        commit += " (dirty tree)" if dirty else ""
-    except OSError:
-        commit = None
+    commit = git_commit()
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"fused_ce-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from longtune.planner.arena import plan_arena
 from longtune.planner.milp import SolverError, min_gpu_budget, solve_schedule
 from longtune.planner.evaluate import evaluate
 from longtune.planner.problem import Machine, ModelShape, build_problem
+from provenance import git_commit  # bench/ is on sys.path when a script in it runs
 
 ARCHS = {
     "8B": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
@@ -81,7 +81,7 @@ def main() -> None:
                 print(f"{arch:>5} {tokens:>9,} {solver:>13} {row['status']:>11} {elapsed:8.2f} {gap:>7} {step} {gpu} "
                       f"{tiers.get('host', 0) / 1e9:8.1f} {tiers.get('nvme', 0) / 1e9:8.1f} {arena_s} {arena_gap}", flush=True)
     date = datetime.date.today().isoformat()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     out = Path(args.out or Path(__file__).parent / "results" / f"planner_solve-{date}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -12,13 +12,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib.util
-import mmap
 import os
 import sys
 import threading
 from pathlib import Path
 
 import torch
+
+from .pinned import anonymous_mapping
 
 ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the logical block size
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux only; elsewhere the store runs buffered
@@ -63,7 +64,7 @@ def page_aligned_empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tenso
     nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(mmap.mmap(-1, _round_up(nbytes)), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
+    return torch.frombuffer(anonymous_mapping(_round_up(nbytes)), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
 class _StagingPool:

@@ -18,6 +18,7 @@ State lives on the host (a `HostPool`, pinned when a GPU exists) or on NVMe
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
@@ -61,6 +62,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.steps_done = 0
+        self.bytes_to_host = self.bytes_to_device = 0  # gradients out, updated weights back
+        self.wait_s = 0.0  # the training thread blocked on a layer's update: CPU step time not hidden
         self._torch_group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._offsets = {g.index: flat_offsets(g.shapes) for g in self.groups}
         # OpenMP's thread count is per thread: without this the worker would split the fused kernel
@@ -122,7 +125,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def expect_backwards(self, micro_batches: int) -> None:
         """Call before the step's first backward: how many micro-batches feed this step."""
+        start = time.perf_counter()
         self.synchronize()
+        self.wait_s += time.perf_counter() - start
         self._begin(micro_batches)
 
     def _install_hooks(self) -> None:
@@ -149,6 +154,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 self._grad_events[g.index].append(event)
             else:
                 dest.copy_(p.grad)
+            self.bytes_to_host += p.grad.numel() * p.grad.element_size()
             p.grad = None  # the GPU holds no gradient past this point
             if not first:
                 self._wait_events(g.index)
@@ -234,7 +240,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
         writer = self.writers.get(g.index)
         if writer is not None:
             writer(g, masters)
-        elif self.cuda:
+            return
+        self.bytes_to_device += sum(p.numel() * p.element_size() for p in g.params)
+        if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 for p, m in zip(g.params, masters):
                     p.data.copy_(m, non_blocking=True)
@@ -247,35 +255,33 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def _gate(self, g: ParamGroup):
         def hook(module, args):
+            start = time.perf_counter()
             self.wait_group(g.index)
+            self.wait_s += time.perf_counter() - start
         return hook
 
     def wait_group(self, index: int) -> None:
         """Block until the update of group `index` has landed (raises what the worker raised)."""
         fut = self._pending.get(index)  # not popped: the fetch thread may wait on it too
         if fut is not None:
-            try:
-                fut.result()
-            except BaseException:
-                self._abandon()
-                raise
+            self._await(fut)
 
     def synchronize(self) -> None:
         for index in list(self._pending):
             self.wait_group(index)
         self._pending.clear()
-        for slot, fut in enumerate(self._staging_busy):
+        for fut in self._staging_busy:
             if fut is not None:
-                try:
-                    fut.result()
-                except BaseException:
-                    self._abandon()
-                    raise
+                self._await(fut)
 
-    def _abandon(self) -> None:
-        """After a failed update the run stops: report the error once, not again at every later wait."""
-        self._pending.clear()
-        self._staging_busy = [None, None]
+    def _await(self, fut: Future) -> None:
+        try:
+            fut.result()
+        except BaseException:
+            # After a failed update the run stops: report the error once, not again at every later wait.
+            self._pending.clear()
+            self._staging_busy = [None, None]
+            raise
 
     def step(self, closure=None):  # the torch API: a whole step with no overlap
         if closure is not None:

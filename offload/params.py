@@ -20,8 +20,9 @@ updated weights into the home (`write`), and a fetch waits for that update.
 from __future__ import annotations
 
 import contextlib
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -84,6 +85,7 @@ class ParamStreamer:
         self._grads_left: dict[int, int] = {}
         self.wait_update: Callable[[int], None] = lambda index: None  # the optimizer's gate, set by the trainer
         self.bytes_fetched = 0
+        self.wait_s = 0.0  # the training thread blocked on a fetch: transfer time not hidden behind compute
         self._hooks = []
         for g in self.layers:
             self._hooks.append(g.module.register_forward_pre_hook(self._pre_hook(g)))
@@ -156,7 +158,9 @@ class ParamStreamer:
         if index in self._resident:
             return
         self.prefetch(index)
+        start = time.perf_counter()
         buffer = self._fetches.pop(index).result()
+        self.wait_s += time.perf_counter() - start
         if self.cuda:
             buffer.record_stream(torch.cuda.current_stream(self.device))
         g = self._by_index[index]

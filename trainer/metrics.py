@@ -85,6 +85,9 @@ _SHOWN = [
     ("mfu", "MFU {:.1%}"),
     ("gpu_peak_allocated_gb", "gpu {:.2f} GB"),
     ("host_peak_rss_gb", "host {:.2f} GB"),
+    ("offload_wait_s", "offload wait {:.2f} s"),
+    ("nvme_read_gb", "nvme read {:.2f} GB"),
+    ("nvme_write_gb", "write {:.2f} GB"),
     ("passkey_acc", "passkey acc {:.2f}"),
     ("passkey_loss", "passkey loss {:.4g}"),
 ]

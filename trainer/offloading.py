@@ -119,6 +119,19 @@ class Offload:
     def saving(self):
         return self.streamer.saving() if self.streamer is not None else contextlib.nullcontext()
 
+    def traffic(self) -> dict[str, float]:
+        """Running totals: GB moved to the device and to the host, GB read and written on NVMe, and seconds the
+        training thread waited for an update or a fetch (the part of the movers' time not hidden by compute)."""
+        opt, streamer, store = self.optimizer, self.streamer, self.store
+        if opt is None:
+            return {}
+        totals = {"to_device_gb": (opt.bytes_to_device + (streamer.bytes_fetched if streamer else 0)) / GB,
+                  "to_host_gb": opt.bytes_to_host / GB,
+                  "offload_wait_s": opt.wait_s + (streamer.wait_s if streamer else 0.0)}
+        if store is not None:
+            totals |= {"nvme_read_gb": store.bytes_read / GB, "nvme_write_gb": store.bytes_written / GB}
+        return totals
+
     def materialized(self):
         """Every weight reachable through the model (for checkpoint save and load)."""
         return self.streamer.materialized() if self.streamer is not None else contextlib.nullcontext()

@@ -9,7 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -215,7 +215,7 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loade
         if state.step == 0:
             evaluate()  # the starting point, so the run shows what training changed
         for step in range(state.step + 1, t.max_steps + 1):
-            start = time.perf_counter()
+            start, before = time.perf_counter(), offload.traffic()
             loss = forward_backward(model, [next(loader) for _ in range(t.grad_accum_steps)], device, autocast, offload)
             lr = scheduler.get_last_lr()[0]
             if offload.optimizer is not None:  # clips, and runs what backward left of the per-layer steps
@@ -232,6 +232,7 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loade
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
+            moved = offload.traffic()
             logger.advance()
             if step % cfg.log.every_n_steps == 0 or step == t.max_steps:
                 logger.log(step, {
@@ -245,6 +246,7 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loade
                     "mfu": flops_per_token * tokens_per_step / elapsed / peak if peak else None,
                     **gpu_memory_gb(device),
                     **host_memory_gb(),
+                    **{k: v - before[k] for k, v in moved.items()},  # this step's share
                 })
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
                 save(state)

@@ -9,10 +9,11 @@ on. Two kinds of source tensors: page-aligned ones (`page_aligned_empty`, moved 
 and plain torch tensors (64 bytes into a page, so with O_DIRECT every piece goes through staging).
 fio then does a sequential write and read of the same size with the same parallelism (one job at queue
 depth = workers with libaio, or `workers` jobs at depth 1 with psync; --direct=1 when the store used
-O_DIRECT), at the store's piece size and at 1 MiB, and the better of the two counts. Store and fio take turns --rounds times (a shared or virtual disk varies a
-lot from minute to minute): the best of each, and the median over rounds of the store/fio ratio within a
-round, are printed (the goal is >= 0.8); all of it, every round too, goes with the machine, date,
-commit and command to bench/results/nvme_tier-<date>.json.
+O_DIRECT), at the store's piece size and at 1 MiB, and the better of the two counts. Store and fio
+take turns --rounds times (a shared or virtual disk varies a lot from minute to minute): the best of
+each, and the median over rounds of the store/fio ratio within a round, are printed (the goal is
+>= 0.8); all of it, every round too, goes with the machine, date, commit and command to
+bench/results/nvme_tier-<date>.json.
 """
 
 from __future__ import annotations
@@ -97,13 +98,14 @@ def main() -> None:
     ap.add_argument("--staging-buffers", type=int, default=4)
     ap.add_argument("--backend", default="auto", choices=["auto", "threads", "aio"])
     ap.add_argument("--direct", default="auto", choices=["auto", "on", "off"])
-    ap.add_argument("--rounds", type=int, default=5, help="store and fio take turns this many times; the best of each is kept")
+    ap.add_argument("--rounds", type=int, default=5, help="store and fio take turns this many times")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     folder = Path(args.dir)
     created = not folder.exists()
     count = max(1, round(args.size_gib * 1024 / args.tensor_mib))
     tensor_bytes, block = args.tensor_mib << 20, args.block_mib << 20
+    fio_blocks = sorted({block, 1 << 20})  # fio at its own best: the store's piece size and the customary 1 MiB
     total = count * tensor_bytes
     engine = fio_engine() if shutil.which("fio") else None
     if engine is None:
@@ -134,9 +136,9 @@ def main() -> None:
                 if engine is not None:
                     fio_dir = folder / "fio"
                     fio_dir.mkdir()
-                    try:  # fio at its own best: the store's piece size and the customary 1 MiB
+                    try:
                         write_bw = read_bw = 0.0
-                        for fio_block in sorted({block, 1 << 20}):
+                        for fio_block in fio_blocks:
                             write_bw = max(write_bw, run_fio(fio_dir, "write", total, fio_block, args.workers, direct_io, engine))
                             dropped_all &= drop_page_cache()
                             read_bw = max(read_bw, run_fio(fio_dir, "read", total, fio_block, args.workers, direct_io, engine))
@@ -145,7 +147,7 @@ def main() -> None:
                     finally:
                         shutil.rmtree(fio_dir, ignore_errors=True)
                     depth = f"qd {args.workers}" if engine == "libaio" else f"{args.workers} jobs"
-                    bs = "bs " + " or ".join(f"{b >> 20} MiB" for b in sorted({block, 1 << 20}))
+                    bs = "bs " + " or ".join(f"{b >> 20} MiB" for b in fio_blocks)
                     figures[f"fio ({engine}, {depth}, {bs})"] = (write_bw / 1e9, read_bw / 1e9)
                 rounds.append(figures)
                 print(f"round {round_index + 1}: " + ", ".join(f"{k} {w:.2f}/{r:.2f}" for k, (w, r) in figures.items())

@@ -402,17 +402,13 @@ class NvmeStore:
         with self._lock:
             if self._pending.get(job.key) is job:
                 del self._pending[job.key]
+            if error is None:  # a superseded write reached the disk too: it counts
+                self.bytes_written += job.nbytes
         self._resolve(job, error)
 
     def _resolve(self, job: _Job, error: NvmeError | None) -> None:
         """Complete a request after everything it touched is tidied up, so its caller never sees leftovers."""
         job.tensor = job.flat = None  # the caller may reuse its memory now
-        if error is None:
-            with self._lock:
-                if job.generation:  # reads are generation 0
-                    self.bytes_written += job.nbytes
-                else:
-                    self.bytes_read += job.nbytes
         self._job_done()
         if error is None:
             job.future.set_result(None)
@@ -469,4 +465,7 @@ class NvmeStore:
                 raise job.error
         except BaseException as exc:
             error = self._error(exc, "reading", job)
+        if error is None:
+            with self._lock:
+                self.bytes_read += job.nbytes
         self._resolve(job, error)

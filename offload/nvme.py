@@ -52,8 +52,9 @@ except ImportError:  # xxhash is optional; crc32 is slower but catches the same 
 _DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
 # One request per piece. The block layer merges the adjacent requests of one libaio submitter up to the
 # device's max_sectors_kb (4 MiB here, often more), but not the blocking pwrites of separate threads, so
-# the pieces are that large themselves: 4 MiB pieces wrote 3.6-3.8 GB/s where 1 MiB ones wrote 2.2-3.1
-# and fio (libaio, queue depth 4) 2.8-3.1, on the same disk in the same minutes (bench/nvme_tier.py).
+# the pieces are that large themselves. bench/nvme_tier.py against fio on the same disk: with 1 MiB
+# pieces the store wrote 0.75x fio (median of per-round ratios), with 4 MiB pieces 0.88x (fio at its
+# better of 1 and 4 MiB); results in bench/results/nvme_tier-*2026-12-02.json.
 DEFAULT_BLOCK_BYTES = 4 << 20
 
 

@@ -1,0 +1,376 @@
+"""The activation runtime: carries out a plan's per-layer, per-class, per-token-chunk decisions inside autograd.
+
+For each decoder layer the plan names, per class and per token chunk, a place: "gpu" (keep), a tier ("host",
+"cxl", "nvme": offload) or "recompute". The classes are the planner's (planner/inventory.py):
+
+  input  the layer's input chunk (what any recompute starts from)
+  pre    the pre-attention part's saved tensors and its outputs q/k/v (layer_split.LayerSplit.pre)
+  attn   the attention output and its logsumexp, whole (never recomputed: attention is quadratic)
+  post   the post-attention part's saved tensors (o_proj, residual, norm, MLP)
+
+A layer runs as one autograd Function. Forward, chunk by chunk: stash the input chunk; run the pre part with
+autograd on (inside a dispatcher scope that sends its saved tensors to the chunk's place) or, for a chunk to
+be recomputed, under no_grad; then the attention core on all tokens (per document, offload/attention.py);
+then the post part chunk by chunk, likewise. Only the gradient edges of each chunk's small graph are kept
+(its leaves' data is dropped), so what stays alive is exactly what was stashed.
+
+Backward is one sweep over the chunks, last first: the post part's backward (recomputing the chunk if the
+plan says so) gives the chunk's attention-output gradient; the attention backward of that query chunk
+(keys of all tokens, from the stash or recomputed without a graph) gives dq and adds to dk/dv; chunk i's
+dk/dv are complete once chunk i is done, so the pre part's backward (recomputed if need be) follows at once.
+One recomputed chunk is alive at a time. Parameter gradients of the chunks are summed in fp32 and handed to
+autograd once per layer and micro-batch, so gradient hooks (the offloaded optimizer) see one gradient each.
+
+Prefetch: when layer l's backward starts it waits for its own offloaded bytes and starts bringing back those
+of layer l - depth; the last layers' prefetch starts when the forward ends (behind the LM head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from .attention import attention_backward_chunk, attention_forward, documents
+from .dispatch import SavedTensorDispatcher
+from .groups import decoder_layers
+from .layer_split import check_supported, split_layer
+from .stash import DEVICE, ActivationStash, byte_view
+
+RECOMPUTE = "recompute"
+CLASSES = ("input", "pre", "attn", "post")
+
+
+def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
+    """[start, end) of each of `chunks` near-equal token chunks."""
+    return [(i * tokens // chunks, (i + 1) * tokens // chunks) for i in range(chunks)]
+
+
+@dataclass
+class _Graph:
+    """A chunk's autograd graph, held by its gradient edges only."""
+
+    outs: list
+    ins: list
+    refs: list = field(default_factory=list)  # stashed outputs (pre: q, k, v)
+
+
+@dataclass
+class _LayerState:
+    index: int
+    bounds: list[tuple[int, int]]
+    docs: list
+    cos: torch.Tensor
+    sin: torch.Tensor
+    autocast: tuple
+    shape: tuple
+    inputs: list = field(default_factory=list)  # SavedRef per chunk
+    pre: list = field(default_factory=list)  # _Graph or None (recompute) per chunk
+    post: list = field(default_factory=list)
+    out: object = None  # SavedRef of the attention output [b, nq, s, d]
+    lse: object = None
+
+
+class _LayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, runtime, index, cos, sin, *params):
+        ctx.runtime = runtime
+        ctx.state, y = runtime._forward(index, x, cos, sin)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, grads = ctx.runtime._backward(ctx.state, dy)
+        ctx.state = None
+        return (dx, None, None, None, None, *grads)
+
+
+class ActivationRuntime:
+    """Patches a model's decoder stack to run `places` (see `plan_places`) with `stash` and `dispatcher`.
+
+    places[l][cls] is the list of places of layer l's chunks of class cls (one entry for "attn").
+    """
+
+    def __init__(self, model: nn.Module, places: list[dict[str, list[str]]], dispatcher: SavedTensorDispatcher,
+                 stash: ActivationStash, depth: int = 1):
+        self.model, self.places, self.dispatcher, self.stash = model, places, dispatcher, stash
+        self.depth = max(1, depth)
+        self.base = model.model if hasattr(model, "model") else model
+        check_supported(self.base.config, 0)
+        self.layers = list(decoder_layers(model))
+        if len(places) != len(self.layers):
+            raise ValueError(f"the plan decides {len(places)} layers, the model has {len(self.layers)}")
+        self.splits = [split_layer(layer, self.base.config) for layer in self.layers]
+        self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
+        self._prefetch_bytes: dict[int, int] = {}  # layer -> bytes its prefetch brought back
+        self._step: Optional[dict] = None  # the running forward: cos/sin, documents
+        self._originals = [(self.base, self.base.forward)] + [(layer, layer.forward) for layer in self.layers]
+        self.base.forward = self._base_forward(self.base.forward)
+        for i, layer in enumerate(self.layers):
+            layer.forward = self._layer_forward(i, layer.forward)
+        arena = getattr(stash, "arena", None)
+        self._arena_ptr = arena.untyped_storage().data_ptr() if arena is not None and arena.numel() else None
+
+    def close(self) -> None:
+        for module, forward in self._originals:
+            module.forward = forward
+
+    # --- patching ---------------------------------------------------------------------------------
+    def _base_forward(self, original):
+        base = self.base
+
+        def forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None, **kwargs):
+            if not (torch.is_grad_enabled() and base.training) or use_cache:
+                return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            from transformers.modeling_outputs import BaseModelOutputWithPast
+
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("the activation runtime takes no padding mask: pack documents (position_ids restart "
+                                 "at each document) instead")
+            hidden = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            b, s = hidden.shape[:2]
+            if position_ids is None:
+                position_ids = torch.arange(s, device=hidden.device).unsqueeze(0)
+            cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
+            self._step = {"cos": cos, "sin": sin, "docs": documents(position_ids, s, b)}
+            d = self.dispatcher
+            rope = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+            d.passthrough |= rope  # shared by every layer: kept as they are
+            self._step["rope"] = rope
+            try:
+                for layer in self.layers:
+                    hidden = layer(hidden, position_embeddings=(cos, sin))
+            finally:
+                self._step = None
+            return BaseModelOutputWithPast(last_hidden_state=base.norm(hidden))
+
+        return forward
+
+    def _layer_forward(self, index: int, original):
+        def forward(hidden_states, *args, position_embeddings=None, **kwargs):
+            if self._step is None or not torch.is_grad_enabled():
+                return original(hidden_states, *args, position_embeddings=position_embeddings, **kwargs)
+            cos, sin = position_embeddings
+            return _LayerFunction.apply(hidden_states, self, index, cos, sin, *self.params[index])
+
+        return forward
+
+    # --- forward ----------------------------------------------------------------------------------
+    def _forward(self, l: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        split, places, d, stash = self.splits[l], self.places[l], self.dispatcher, self.stash
+        b, s, h = x.shape
+        chunks = len(places["input"])
+        if chunks > s:
+            raise ValueError(f"the plan cuts {s} tokens into {chunks} chunks")
+        device_type = x.device.type
+        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        st = _LayerState(l, chunk_bounds(s, chunks), self._step["docs"], cos, sin, autocast, (b, s, h))
+        st.rope = self._step["rope"]
+        nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
+        stash.begin_forward(l)
+        leaves: list[torch.Tensor] = []
+        aliases: list[int] = []
+        with d.hooks():
+            qbuf, kbuf, vbuf = (x.new_empty(b, s, n, hd) for n in (nq, nkv, nkv))
+            xs = []
+            for i, (a, e) in enumerate(st.bounds):
+                x_i = x[:, a:e].clone() if chunks > 1 else x
+                with d.scope(l, places["input"][i]):
+                    ref = d.stash_tensor(x_i)
+                st.inputs.append(ref)
+                aliases.append(x_i.untyped_storage().data_ptr())
+                d.aliases[aliases[-1]] = ref.stored  # a pre/post graph saving the input refers to this copy
+                xs.append(x_i)
+                place = places["pre"][i]
+                if place == RECOMPUTE:
+                    with torch.no_grad():
+                        q, k, v = split.pre(x_i, cos[:, a:e], sin[:, a:e])
+                    st.pre.append(None)
+                else:
+                    leaf = x_i.detach().requires_grad_()
+                    with d.scope(l, place), torch.enable_grad():
+                        q, k, v = split.pre(leaf, cos[:, a:e], sin[:, a:e])
+                        refs = [d.stash_tensor(t.detach()) for t in (q, k, v)]
+                    st.pre.append(_Graph([get_gradient_edge(t) for t in (q, k, v)], [get_gradient_edge(leaf)], refs))
+                    leaves.append(leaf)
+                qbuf[:, a:e], kbuf[:, a:e], vbuf[:, a:e] = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                del q, k, v
+            out, lse = attention_forward(qbuf.transpose(1, 2), kbuf.transpose(1, 2), vbuf.transpose(1, 2), st.docs,
+                                         split.scale)
+            del qbuf, kbuf, vbuf
+            with d.scope(l, places["attn"][0]):
+                st.out, st.lse = d.stash_tensor(out), d.stash_tensor(lse)
+            aliases.append(out.untyped_storage().data_ptr())
+            d.aliases[aliases[-1]] = st.out.stored
+            y = x.new_empty(b, s, h)
+            tokens = out.transpose(1, 2)  # [b, s, nq, d]: the kernel's own buffer
+            for i, (a, e) in enumerate(st.bounds):
+                attn_i = tokens[:, a:e].reshape(b, e - a, nq * hd)
+                place = places["post"][i]
+                if place == RECOMPUTE:
+                    with torch.no_grad():
+                        y[:, a:e] = split.post(xs[i], attn_i)
+                    st.post.append(None)
+                else:
+                    xl, al = xs[i].detach().requires_grad_(), attn_i.detach().requires_grad_()
+                    with d.scope(l, place), torch.enable_grad():
+                        y_i = split.post(xl, al)
+                    st.post.append(_Graph([get_gradient_edge(y_i)], [get_gradient_edge(xl), get_gradient_edge(al)]))
+                    leaves += [xl, al]
+                    y[:, a:e] = y_i.detach()
+                    del y_i
+        for ptr in aliases:
+            d.aliases.pop(ptr, None)
+        for leaf in leaves:  # the graphs' AccumulateGrad nodes hold their leaves: keep none of their bytes
+            leaf.data = leaf.data.new_empty(0)
+        stash.end_forward(l)
+        if l >= 1:
+            self._drained(l - 1)
+        if l == len(self.layers) - 1:  # the forward is over: the first prefetches hide behind the head
+            self.dispatcher.residency.phase("head")
+            for j in range(l, l - self.depth, -1):
+                if j >= 0:
+                    self._prefetch(j)
+        return st, y
+
+    def _drained(self, l: int) -> None:
+        for region in self.stash.regions[l].values():
+            self.stash.d2h.finish(region.d2h)
+        self.dispatcher.drained(l)
+
+    def _prefetch(self, l: int) -> None:
+        if l < 0 or l in self._prefetch_bytes:
+            return
+        before = self.stash.bytes_to_device
+        self.stash.prefetch(l)
+        self._prefetch_bytes[l] = self.stash.bytes_to_device - before
+        self.dispatcher.residency.add("prefetch", self._prefetch_bytes[l])
+
+    # --- backward ---------------------------------------------------------------------------------
+    def _backward(self, st: _LayerState, dy: torch.Tensor):
+        l, split, d, stash = st.index, self.splits[st.index], self.dispatcher, self.stash
+        b, s, h = st.shape
+        nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
+        if l == len(self.layers) - 1:
+            self._drained(l)
+        d.residency.phase(f"backward {l}")
+        self._prefetch(l)  # (a no-op unless nobody asked for it yet)
+        self._prefetch(l - self.depth)
+        stash.ready(l)
+        params = self.params[l]
+        param_edges = [get_gradient_edge(p) for p in params]
+        sums: list[Optional[torch.Tensor]] = [None] * len(params)
+        device_type = dy.device.type
+        autocast = torch.autocast(device_type, dtype=st.autocast[1], enabled=st.autocast[0])
+        dy = dy.contiguous()
+        # Every stashed storage on the device now (kept or prefetched) is not recompute memory.
+        resident = {ref.stored.device.untyped_storage().data_ptr() for ref in st.inputs + [st.out]}
+        d.passthrough |= resident
+        try:
+            with d.hooks(), autocast:
+                K, V = self._keys_values(st)
+                acc = torch.float32 if dy.dtype in (torch.bfloat16, torch.float16) else dy.dtype
+                dk = torch.zeros(b, nkv, s, hd, dtype=acc, device=dy.device)
+                dv = torch.zeros_like(dk)
+                dx = torch.empty_like(dy)
+                out, lse = st.out.tensor(), st.lse.tensor()
+                tokens = out.transpose(1, 2)
+                for i in reversed(range(len(st.bounds))):
+                    a, e = st.bounds[i]
+                    cos_i, sin_i = st.cos[:, a:e], st.sin[:, a:e]
+                    # post part
+                    graph, scope = st.post[i], None
+                    if graph is None:
+                        xl = st.inputs[i].tensor().detach().requires_grad_()
+                        al = tokens[:, a:e].reshape(b, e - a, nq * hd).detach().requires_grad_()
+                        with d.scope(l, DEVICE, recompute=True) as scope, torch.enable_grad():
+                            outs, ins = [split.post(xl, al)], [xl, al]
+                    else:
+                        outs, ins = graph.outs, graph.ins
+                    grads = torch.autograd.grad(outs, ins + param_edges, [dy[:, a:e]], allow_unused=True)
+                    del outs, ins
+                    st.post[i] = None
+                    if scope is not None:
+                        d.release_recompute(scope)
+                    dx_i, dattn = grads[0], grads[1]
+                    _accumulate(sums, grads[2:])
+                    # attention backward of query chunk i
+                    graph, scope = st.pre[i], None
+                    if graph is None:
+                        xl = st.inputs[i].tensor().detach().requires_grad_()
+                        with d.scope(l, DEVICE, recompute=True) as scope, torch.enable_grad():
+                            q, k, v = split.pre(xl, cos_i, sin_i)
+                        outs, ins = [q, k, v], [xl]
+                    else:
+                        q = graph.refs[0].tensor()
+                        outs, ins = graph.outs, graph.ins
+                    dout = dattn.view(b, e - a, nq, hd).transpose(1, 2)
+                    dq = attention_backward_chunk(dout, q, K, V, out[:, :, a:e], lse[:, :, a:e], st.docs, a, e,
+                                                  split.scale, dk, dv)
+                    del q, dout, dattn
+                    grads = torch.autograd.grad(outs, ins + param_edges, [dq, dk[:, :, a:e].to(dy.dtype),
+                                                                          dv[:, :, a:e].to(dy.dtype)], allow_unused=True)
+                    del outs, ins
+                    st.pre[i] = None
+                    if scope is not None:
+                        d.release_recompute(scope)
+                    dx[:, a:e] = dx_i + grads[0]
+                    _accumulate(sums, grads[1:])
+        finally:
+            d.passthrough -= resident
+        stash.release(l)
+        d.release_layer(l)
+        d.residency.sub("prefetch", self._prefetch_bytes.pop(l, 0))
+        if l == 0:
+            d.passthrough -= st.rope
+            d.residency.phase(None)
+        grads = [g.to(p.dtype) if g is not None else None for g, p in zip(sums, params)]
+        return dx, grads
+
+    def _keys_values(self, st: _LayerState):
+        """K and V of every token for the attention backward: stashed, or recomputed without a graph."""
+        split = self.splits[st.index]
+        b, s, _ = st.shape
+        kbuf = torch.empty(b, s, split.num_kv_heads, split.head_dim, dtype=st.out.dtype, device=st.cos.device)
+        vbuf = torch.empty_like(kbuf)
+        for i, (a, e) in enumerate(st.bounds):
+            graph = st.pre[i]
+            if graph is None:
+                with torch.no_grad():
+                    _, k, v = split.pre(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])
+            else:
+                k, v = graph.refs[1].tensor(), graph.refs[2].tensor()
+            kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)
+        return kbuf.transpose(1, 2), vbuf.transpose(1, 2)
+
+
+def _accumulate(sums: list, grads) -> None:
+    for j, g in enumerate(grads):
+        if g is None:
+            continue
+        if sums[j] is None:
+            sums[j] = g.float() if g.dtype != torch.float32 else g
+        else:
+            sums[j] += g
+
+
+def plan_places(layers: list[dict[str, dict[str, int]]], tier_order: tuple[str, ...] = ("host", "cxl", "nvme")
+                ) -> list[dict[str, list[str]]]:
+    """A plan's chunk counts per place -> the place of each chunk: kept first, then the tiers, then recompute."""
+    order = [DEVICE, *tier_order]
+    out = []
+    for layer in layers:
+        row = {}
+        for cls in CLASSES:
+            counts = layer[cls]
+            places = [p for p in order if counts.get(p)] + sorted(p for p in counts if p not in order and p != RECOMPUTE)
+            row[cls] = [p for p in places for _ in range(counts[p])] + [RECOMPUTE] * counts.get(RECOMPUTE, 0)
+        if len(set(row["attn"])) != 1:
+            raise ValueError(f"the attention output goes to one place, got {layer['attn']}")
+        row["attn"] = row["attn"][:1]
+        out.append(row)
+    return out

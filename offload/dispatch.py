@@ -1,0 +1,180 @@
+"""The one saved-tensor hook of a run, and the count of bytes it keeps where.
+
+Only the innermost `saved_tensors_hooks` context runs, so two offloaders nested would silently switch one
+off. Here one dispatcher decides for every tensor autograd saves:
+
+1. storages kept as they are: parameters on the device, RoPE's cos/sin (shared by every layer);
+2. a streamed layer's weights (a Linear saves `weight.t()`, a view): the weight streamer's handle, fetched
+   again in backward;
+3. storages the layer runtime stashed itself (the layer input chunk, the attention output): a reference to
+   that copy, never a second one;
+4. inside a scope opened by the layer runtime: the scope's place — kept on the device, or copied to a tier by
+   the stash — once per storage (views of one storage share it); in a recompute scope: kept and counted;
+5. anything else (embeddings, the head, the loss): kept as autograd would.
+
+`Residency` counts the bytes of saved activations on the device (kept, staging, prefetch, recompute) and in
+each tier, with their peaks: the runtime's own measurement, compared against the plan's prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from .stash import DEVICE, ActivationStash, SavedRef
+
+DEVICE_KINDS = ("kept", "staging", "prefetch", "recompute")
+
+
+class Residency:
+    """Bytes of saved activations now, and their peaks: on the device by kind, and per tier."""
+
+    def __init__(self):
+        self.now: dict[str, int] = defaultdict(int)
+        self.peak: dict[str, int] = defaultdict(int)
+        self.device_peak = 0
+        self.phase_peaks: dict[str, int] = {}  # position ("head", "backward 3") -> device bytes peak there
+        self._phase: Optional[str] = None
+
+    @property
+    def device(self) -> int:
+        return sum(self.now[k] for k in DEVICE_KINDS)
+
+    def add(self, kind: str, n: int) -> None:
+        self.now[kind] += n
+        self.peak[kind] = max(self.peak[kind], self.now[kind])
+        if kind in DEVICE_KINDS:
+            total = self.device
+            self.device_peak = max(self.device_peak, total)
+            if self._phase is not None:
+                self.phase_peaks[self._phase] = max(self.phase_peaks.get(self._phase, 0), total)
+
+    def sub(self, kind: str, n: int) -> None:
+        self.now[kind] -= n
+
+    def phase(self, name: Optional[str]) -> None:
+        """From now on, device peaks also count toward `name` (None: no phase)."""
+        self._phase = name
+        if name is not None:
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.device)
+
+    def reset_peaks(self) -> None:
+        self.peak = defaultdict(int, self.now)
+        self.device_peak = self.device
+        self.phase_peaks = {}
+
+
+class _Scope:
+    __slots__ = ("layer", "place", "recompute", "seen", "hold", "counted")
+
+    def __init__(self, layer: int, place: str, recompute: bool):
+        self.layer, self.place, self.recompute = layer, place, recompute
+        self.seen: dict[int, object] = {}  # storage address -> Stored (or bytes counted, in recompute)
+        self.hold: list[torch.Tensor] = []  # sources stay alive in the scope, so no address is reused
+        self.counted = 0
+
+
+class SavedTensorDispatcher:
+    def __init__(self, stash: Optional[ActivationStash] = None, residency: Optional[Residency] = None):
+        self.stash = stash
+        self.residency = residency or Residency()
+        self.passthrough: set[int] = set()
+        self.aliases: dict[int, object] = {}  # storage address -> Stored
+        self.params = None  # the weight streamer (pack_param / unpack_param), when weights are streamed
+        self._scope: Optional[_Scope] = None
+        self.kept_by_layer: dict[int, int] = defaultdict(int)
+        self.staged_by_layer: dict[int, int] = defaultdict(int)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @contextlib.contextmanager
+    def scope(self, layer: int, place: str, recompute: bool = False):
+        """Tensors saved (or stashed) inside go to `place` for `layer`; recompute: kept, counted while open."""
+        outer, self._scope = self._scope, _Scope(layer, place, recompute)
+        scope = self._scope
+        try:
+            yield scope
+        finally:
+            self._scope = outer
+            if not recompute and self.stash is not None and place != DEVICE:
+                self.stash.flush(layer)
+            scope.hold.clear()
+
+    def release_recompute(self, scope: _Scope) -> None:
+        """A recompute scope's tensors are gone (its graph was freed)."""
+        self.residency.sub("recompute", scope.counted)
+        scope.counted = 0
+
+    # --- stashing ---------------------------------------------------------------------------------
+    def stash_tensor(self, t: torch.Tensor) -> SavedRef:
+        """Keep t (a tensor the layer runtime needs in backward) at the current scope's place."""
+        scope = self._scope
+        ptr = t.untyped_storage().data_ptr()
+        stored = self.aliases.get(ptr) or scope.seen.get(ptr)
+        if stored is None:
+            stored = self._put(scope, t)
+            scope.seen[ptr] = stored
+        return SavedRef(stored, t)
+
+    def _put(self, scope: _Scope, t: torch.Tensor):
+        stored = self.stash.put(scope.layer, scope.place, t)
+        scope.hold.append(t)
+        n = stored.nbytes
+        if stored.place == DEVICE:
+            self.kept_by_layer[scope.layer] += n
+            self.residency.add("kept", n)
+        else:
+            self.staged_by_layer[scope.layer] += n
+            self.residency.add("staging", n)
+            self.residency.add(stored.place, n)
+        return stored
+
+    def release_layer(self, layer: int) -> None:
+        """Layer `layer`'s backward is done: its kept storages and its prefetch buffer are free."""
+        self.residency.sub("kept", self.kept_by_layer.pop(layer, 0))
+
+    def drained(self, layer: int) -> None:
+        """Layer `layer`'s staging buffer has reached its tier."""
+        self.residency.sub("staging", self.staged_by_layer.pop(layer, 0))
+
+    # --- the hooks --------------------------------------------------------------------------------
+    def _pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self.passthrough:
+            return t
+        if self.params is not None:
+            handle = self.params.pack_param(t)
+            if handle is not None:
+                return _ParamHandle(handle)
+        stored = self.aliases.get(ptr)
+        if stored is not None:
+            return SavedRef(stored, t)
+        scope = self._scope
+        if scope is None:
+            return t
+        if scope.recompute:
+            if ptr not in scope.seen:
+                n = t.untyped_storage().nbytes()
+                scope.seen[ptr] = n
+                scope.counted += n
+                self.residency.add("recompute", n)
+            return t
+        return self.stash_tensor(t)
+
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        if isinstance(packed, SavedRef):
+            return packed.tensor()
+        return self.params.unpack_param(packed.handle)
+
+
+class _ParamHandle:
+    __slots__ = ("handle",)
+
+    def __init__(self, handle):
+        self.handle = handle

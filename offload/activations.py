@@ -179,7 +179,7 @@ class ActivationRuntime:
             xs = []
             for i, (a, e) in enumerate(st.bounds):
                 x_i = x[:, a:e].clone() if chunks > 1 else x
-                with d.scope(l, places["input"][i]):
+                with d.scope(l, "input", places["input"][i]):
                     ref = d.stash_tensor(x_i)
                 st.inputs.append(ref)
                 aliases.append(x_i.untyped_storage().data_ptr())
@@ -192,7 +192,7 @@ class ActivationRuntime:
                     st.pre.append(None)
                 else:
                     leaf = x_i.detach().requires_grad_()
-                    with d.scope(l, place), torch.enable_grad():
+                    with d.scope(l, "pre", place), torch.enable_grad():
                         q, k, v = split.pre(leaf, cos[:, a:e], sin[:, a:e])
                         refs = [d.stash_tensor(t.detach()) for t in (q, k, v)]
                     st.pre.append(_Graph([get_gradient_edge(t) for t in (q, k, v)], [get_gradient_edge(leaf)], refs))
@@ -202,7 +202,7 @@ class ActivationRuntime:
             out, lse = attention_forward(qbuf.transpose(1, 2), kbuf.transpose(1, 2), vbuf.transpose(1, 2), st.docs,
                                          split.scale)
             del qbuf, kbuf, vbuf
-            with d.scope(l, places["attn"][0]):
+            with d.scope(l, "attn", places["attn"][0]):
                 st.out, st.lse = d.stash_tensor(out), d.stash_tensor(lse)
             aliases.append(out.untyped_storage().data_ptr())
             d.aliases[aliases[-1]] = st.out.stored
@@ -217,7 +217,7 @@ class ActivationRuntime:
                     st.post.append(None)
                 else:
                     xl, al = xs[i].detach().requires_grad_(), attn_i.detach().requires_grad_()
-                    with d.scope(l, place), torch.enable_grad():
+                    with d.scope(l, "post", place), torch.enable_grad():
                         y_i = split.post(xl, al)
                     st.post.append(_Graph([get_gradient_edge(y_i)], [get_gradient_edge(xl), get_gradient_edge(al)]))
                     leaves += [xl, al]
@@ -287,7 +287,7 @@ class ActivationRuntime:
                     if graph is None:
                         xl = st.inputs[i].tensor().detach().requires_grad_()
                         al = tokens[:, a:e].reshape(b, e - a, nq * hd).detach().requires_grad_()
-                        with d.scope(l, DEVICE, recompute=True) as scope, torch.enable_grad():
+                        with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad():
                             outs, ins = [split.post(xl, al)], [xl, al]
                     else:
                         outs, ins = graph.outs, graph.ins
@@ -302,7 +302,7 @@ class ActivationRuntime:
                     graph, scope = st.pre[i], None
                     if graph is None:
                         xl = st.inputs[i].tensor().detach().requires_grad_()
-                        with d.scope(l, DEVICE, recompute=True) as scope, torch.enable_grad():
+                        with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad():
                             q, k, v = split.pre(xl, cos_i, sin_i)
                         outs, ins = [q, k, v], [xl]
                     else:

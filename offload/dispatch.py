@@ -68,10 +68,10 @@ class Residency:
 
 
 class _Scope:
-    __slots__ = ("layer", "place", "recompute", "seen", "hold", "counted")
+    __slots__ = ("layer", "cls", "place", "recompute", "seen", "hold", "counted")
 
-    def __init__(self, layer: int, place: str, recompute: bool):
-        self.layer, self.place, self.recompute = layer, place, recompute
+    def __init__(self, layer: int, cls: str, place: str, recompute: bool):
+        self.layer, self.cls, self.place, self.recompute = layer, cls, place, recompute
         self.seen: dict[int, object] = {}  # storage address -> Stored (or bytes counted, in recompute)
         self.hold: list[torch.Tensor] = []  # sources stay alive in the scope, so no address is reused
         self.counted = 0
@@ -86,15 +86,17 @@ class SavedTensorDispatcher:
         self.params = None  # the weight streamer (pack_param / unpack_param), when weights are streamed
         self._scope: Optional[_Scope] = None
         self.kept_by_layer: dict[int, int] = defaultdict(int)
+        self.class_bytes: dict[tuple[int, str], int] = defaultdict(int)  # (layer, class) -> bytes stashed, this step
         self.staged_by_layer: dict[int, int] = defaultdict(int)
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @contextlib.contextmanager
-    def scope(self, layer: int, place: str, recompute: bool = False):
-        """Tensors saved (or stashed) inside go to `place` for `layer`; recompute: kept, counted while open."""
-        outer, self._scope = self._scope, _Scope(layer, place, recompute)
+    def scope(self, layer: int, cls: str, place: str, recompute: bool = False):
+        """Tensors saved (or stashed) inside belong to class `cls` of `layer` and go to `place`; recompute:
+        kept, and counted while the scope's graph lives."""
+        outer, self._scope = self._scope, _Scope(layer, cls, place, recompute)
         scope = self._scope
         try:
             yield scope
@@ -124,6 +126,7 @@ class SavedTensorDispatcher:
         stored = self.stash.put(scope.layer, scope.place, t)
         scope.hold.append(t)
         n = stored.nbytes
+        self.class_bytes[scope.layer, scope.cls] += n
         if stored.place == DEVICE:
             self.kept_by_layer[scope.layer] += n
             self.residency.add("kept", n)

@@ -9,7 +9,10 @@ off. Here one dispatcher decides for every tensor autograd saves:
 3. storages the layer runtime stashed itself (the layer input chunk, the attention output): a reference to
    that copy, never a second one;
 4. inside a scope opened by the layer runtime: the scope's place — kept on the device, or copied to a tier by
-   the stash — once per storage (views of one storage share it); in a recompute scope: kept and counted;
+   the stash — once per storage (views of one storage share it); in a recompute scope: kept and counted.
+   An fp32 tensor that is the upcast of a bf16/fp16 one (transformers' RMSNorm computes in fp32 and saves
+   the upcast) is kept as the half-size original and cast again when backward unpacks it, bit for bit; the
+   upcast of the stashed layer input costs nothing at all;
 5. anything else (embeddings, the head, the loss): kept as autograd would.
 
 `Residency` counts the bytes of saved activations on the device (kept, staging, prefetch, recompute) and in
@@ -159,6 +162,10 @@ class SavedTensorDispatcher:
         scope = self._scope
         if scope is None:
             return t
+        if not scope.recompute:
+            upcast = self._upcast(scope, t, ptr)
+            if upcast is not None:
+                return upcast
         if scope.recompute:
             if ptr not in scope.seen:
                 n = t.untyped_storage().nbytes()
@@ -168,12 +175,59 @@ class SavedTensorDispatcher:
             return t
         return self.stash_tensor(t)
 
+    def _upcast(self, scope: _Scope, t: torch.Tensor, ptr: int):
+        """t as the half-precision tensor it was upcast from (see the module doc), or None."""
+        seen = scope.seen.get(ptr)
+        if isinstance(seen, _Upcast):
+            return seen
+        source = _upcast_source(t)
+        if source is None:
+            return None
+        if isinstance(source, torch.Tensor):  # a leaf: the layer input chunk, stashed already
+            stored = self.aliases.get(source.untyped_storage().data_ptr())
+            if stored is None:
+                return None
+            ref = SavedRef(stored, source)
+        else:
+            ref = self.stash_tensor(t.to(source))
+        scope.seen[ptr] = result = _Upcast(ref, t.dtype)
+        scope.hold.append(t)  # alive until the scope ends: its address must not be reused by another tensor
+        return result
+
     def _unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
         if isinstance(packed, SavedRef):
             return packed.tensor()
+        if isinstance(packed, _Upcast):
+            return packed.ref.tensor().to(packed.dtype)
         return self.params.unpack_param(packed.handle)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _upcast_source(t: torch.Tensor):
+    """For an fp32 tensor made by casting a bf16/fp16 one: that leaf tensor, or the dtype it was cast from."""
+    fn = t.grad_fn
+    if fn is None or t.dtype != torch.float32 or type(fn).__name__ != "ToCopyBackward0":
+        return None
+    node, output_nr = fn.next_functions[0]
+    if node is None:
+        return None
+    leaf = getattr(node, "variable", None)  # AccumulateGrad: the cast read a leaf
+    if leaf is not None:
+        return leaf if leaf.dtype in _HALF else None
+    meta = getattr(node, "_input_metadata", None)  # what the producing op returned (its dtype)
+    dtype = meta[output_nr].dtype if meta is not None and output_nr < len(meta) else None
+    return dtype if dtype in _HALF else None
+
+
+class _Upcast:
+    __slots__ = ("ref", "dtype")
+
+    def __init__(self, ref: SavedRef, dtype: torch.dtype):
+        self.ref, self.dtype = ref, dtype
 
 
 class _ParamHandle:

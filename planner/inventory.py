@@ -135,9 +135,62 @@ def layer_inventory(shape: LayerShape) -> list[SavedTensor]:
     return inv
 
 
-def class_bytes_per_token(shape: LayerShape) -> dict[str, float]:
-    """Bytes per token per class: input, pre, attn, post (one layer) and shared (whole model, once)."""
+def runtime_inventory(shape: LayerShape, kernels: frozenset[str] = frozenset()) -> list[SavedTensor]:
+    """Every tensor the activation runtime (offload/activations.py) stashes for one layer, per token.
+
+    The runtime cuts the layer into the classes itself, so this is what it keeps, not what plain transformers
+    would: the input is the layer input itself (model dtype; a norm that saves its own input refers to that copy,
+    so in fp32 the input norm's upcast costs nothing more); `pre` is the pre part's saved tensors plus its outputs
+    q/k/v (the attention backward's inputs); `attn` the attention output and logsumexp; `post` the post part's.
+    `kernels` names the longtune kernels patched in ("rmsnorm", "swiglu"; "rope" saves what stock RoPE saves):
+    stock RMSNorm's fp32 upcast of a bf16 input is kept as the input itself (the dispatcher casts it again in
+    backward, exactly), so in bf16 the runtime keeps less than plain transformers: no fp32 copy of the layer
+    input or of the residual; the RMSNorm kernel saves its input, the fp32 rstd and (through the next Linear)
+    its output, nothing more;
+    the SwiGLU kernel saves gate and up, and down_proj the product.
+    """
+    h, inter, d = shape.hidden, shape.intermediate, shape.head_dim
+    q, kv = shape.num_heads * d, shape.num_kv_heads * d
+    s, dt, f32 = shape.dtype_bytes, normalize_dtype(shape.dtype), "float32"
+    fused_norm, fused_mlp = "rmsnorm" in kernels, "swiglu" in kernels
+
+    def t(name, part, nbytes, dtype=dt):
+        return SavedTensor(name, part, float(nbytes), dtype)
+
+    def norm(name, part, width, rows=1, x_new=True, out_saved=True):
+        """x_new: the norm's input is a storage of this class, not the stashed layer input (which costs nothing
+        more). Either way the input is kept once, in its own dtype: the stock norm's fp32 upcast of a bf16 input
+        is stored as the bf16 input and cast again when backward asks for it (offload/dispatch.py)."""
+        out = [t(f"{name}.x", part, s * width)] if x_new else []
+        out.append(t(f"{name}.rstd", part, 4 * rows, f32))
+        if not fused_norm:
+            out.append(t(f"{name}.normed", part, s * width))
+        return out + ([t(f"{name}.out", part, s * width)] if out_saved else [])
+
+    inv = [t("input", "input", s * h)]
+    inv += norm("input_layernorm", "pre", h, x_new=False)
+    if shape.qk_norm:  # on the q/k projections' outputs (new storages), one rstd per head; RoPE saves no .out
+        inv += norm("self_attn.q_norm", "pre", q, shape.num_heads, out_saved=False)
+        inv += norm("self_attn.k_norm", "pre", kv, shape.num_kv_heads, out_saved=False)
+    inv += [t("q", "pre", s * q), t("k", "pre", s * kv), t("v", "pre", s * kv),
+            t("attn.out", "attn", s * q), t("attn.logsumexp", "attn", 4 * shape.num_heads, f32)]
+    # post: o_proj saves the attention output (the attn class); r = x + o_proj(.) is new
+    inv += norm("post_attention_layernorm", "post", h)
+    if fused_mlp:
+        inv += [t("mlp.gate", "post", s * inter), t("mlp.up", "post", s * inter), t("mlp.down_proj.in", "post", s * inter)]
+    else:
+        inv += [t("mlp.gate_proj.out", "post", s * inter), t("mlp.act.out", "post", s * inter),
+                t("mlp.up_proj.out", "post", s * inter), t("mlp.down_proj.in", "post", s * inter)]
+    inv += [t("rotary_emb.cos", "shared", s * d), t("rotary_emb.sin", "shared", s * d)]
+    return inv
+
+
+def class_bytes_per_token(shape: LayerShape, kernels: frozenset[str] = frozenset(), runtime: bool = True) -> dict[str, float]:
+    """Bytes per token per class: input, pre, attn, post (one layer) and shared (whole model, once).
+
+    runtime=True: what the activation runtime stashes (what a plan moves); False: what plain transformers saves.
+    """
     out = dict.fromkeys((*PARTS, "shared"), 0.0)
-    for x in layer_inventory(shape):
+    for x in (runtime_inventory(shape, kernels) if runtime else layer_inventory(shape)):
         out[x.part] += x.bytes_per_token
     return out

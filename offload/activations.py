@@ -27,6 +27,8 @@ of layer l - depth; the last layers' prefetch starts when the forward ends (behi
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -106,6 +108,8 @@ class ActivationRuntime:
         self.splits = [split_layer(layer, self.base.config) for layer in self.layers]
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
         self._prefetch_bytes: dict[int, int] = {}  # layer -> bytes its prefetch brought back
+        self.recompute_s = 0.0  # time spent recomputing dropped chunks (CUDA: measured by events, lazily)
+        self._recompute_events: list = []
         self._step: Optional[dict] = None  # the running forward: cos/sin, documents
         self._originals = [(self.base, self.base.forward)] + [(layer, layer.forward) for layer in self.layers]
         self.base.forward = self._base_forward(self.base.forward)
@@ -250,6 +254,30 @@ class ActivationRuntime:
         self._prefetch_bytes[l] = self.stash.bytes_to_device - before
         self.dispatcher.residency.add("prefetch", self._prefetch_bytes[l])
 
+    @contextlib.contextmanager
+    def _timed(self):
+        """Time a recompute: wall time on the CPU; CUDA events on a GPU (read at the step's end, no sync here)."""
+        if self.stash.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._recompute_events.append((start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.recompute_s += time.perf_counter() - t
+
+    def take_recompute_s(self) -> float:
+        """Seconds spent recomputing since the last call."""
+        for start, end in self._recompute_events:
+            end.synchronize()
+            self.recompute_s += start.elapsed_time(end) / 1e3
+        self._recompute_events = []
+        out, self.recompute_s = self.recompute_s, 0.0
+        return out
+
     # --- backward ---------------------------------------------------------------------------------
     def _backward(self, st: _LayerState, dy: torch.Tensor):
         l, split, d, stash = st.index, self.splits[st.index], self.dispatcher, self.stash
@@ -287,7 +315,7 @@ class ActivationRuntime:
                     if graph is None:
                         xl = st.inputs[i].tensor().detach().requires_grad_()
                         al = tokens[:, a:e].reshape(b, e - a, nq * hd).detach().requires_grad_()
-                        with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad():
+                        with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
                             outs, ins = [split.post(xl, al)], [xl, al]
                     else:
                         outs, ins = graph.outs, graph.ins
@@ -302,7 +330,7 @@ class ActivationRuntime:
                     graph, scope = st.pre[i], None
                     if graph is None:
                         xl = st.inputs[i].tensor().detach().requires_grad_()
-                        with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad():
+                        with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
                             q, k, v = split.pre(xl, cos_i, sin_i)
                         outs, ins = [q, k, v], [xl]
                     else:
@@ -340,8 +368,8 @@ class ActivationRuntime:
         for i, (a, e) in enumerate(st.bounds):
             graph = st.pre[i]
             if graph is None:
-                with torch.no_grad():
-                    _, k, v = split.pre(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])
+                with torch.no_grad(), self._timed():
+                    k, v = split.keys_values(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])
             else:
                 k, v = graph.refs[1].tensor(), graph.refs[2].tensor()
             kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)

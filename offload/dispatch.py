@@ -91,6 +91,7 @@ class SavedTensorDispatcher:
         self.kept_by_layer: dict[int, int] = defaultdict(int)
         self.class_bytes: dict[tuple[int, str], int] = defaultdict(int)  # (layer, class) -> bytes stashed, this step
         self.staged_by_layer: dict[int, int] = defaultdict(int)
+        self.tier_by_layer: dict[tuple[int, str], int] = defaultdict(int)
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -135,13 +136,16 @@ class SavedTensorDispatcher:
             self.residency.add("kept", n)
         else:
             self.staged_by_layer[scope.layer] += n
+            self.tier_by_layer[scope.layer, stored.place] += n
             self.residency.add("staging", n)
             self.residency.add(stored.place, n)
         return stored
 
     def release_layer(self, layer: int) -> None:
-        """Layer `layer`'s backward is done: its kept storages and its prefetch buffer are free."""
+        """Layer `layer`'s backward is done: its kept storages, its prefetch buffer and its tier copies are free."""
         self.residency.sub("kept", self.kept_by_layer.pop(layer, 0))
+        for key in [k for k in self.tier_by_layer if k[0] == layer]:
+            self.residency.sub(key[1], self.tier_by_layer.pop(key))
 
     def drained(self, layer: int) -> None:
         """Layer `layer`'s staging buffer has reached its tier."""

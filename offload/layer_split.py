@@ -60,6 +60,20 @@ class LayerSplit:
         q, k = _rope(attn, q, k, cos, sin, self.modeling)
         return q, k, v
 
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """k and v of `pre`, bit for bit, without the q projection (the attention backward needs the keys of all
+        tokens; a recomputed chunk's q is made with its own backward)."""
+        attn = self.attn
+        h = self.layer.input_layernorm(x)
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        k = attn.k_proj(h).view(shape)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        k = k.transpose(1, 2)
+        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        _, k = _rope(attn, k, k, cos, sin, self.modeling)  # RoPE takes q and k together; k stands in for q
+        return k, v
+
     def post(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         r = x + self.attn.o_proj(attn_out)
         return r + self.layer.mlp(self.layer.post_attention_layernorm(r))

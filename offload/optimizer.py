@@ -40,7 +40,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  clip_grad_norm: Optional[float] = None, tier: str = "cpu", nvme_store=None,
                  cpu_adam: Optional[CpuAdamW] = None, numa_nodes=None, interleave: bool = False,
-                 weight_writers: Optional[dict[int, WeightWriter]] = None, device: Optional[torch.device] = None):
+                 weight_writers: Optional[dict[int, WeightWriter]] = None, device: Optional[torch.device] = None,
+                 copy_stream=None):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"optimizer tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -60,7 +61,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.writers = weight_writers or {}
         self.device = torch.device(device) if device is not None else params[0].device  # where training runs
         self.cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # The memory runtime's device-to-host stream (one owner of the copy streams); a private one when alone.
+        self.copy_stream = copy_stream if copy_stream is not None or not self.cuda else torch.cuda.Stream(self.device)
         self.steps_done = 0
         self.bytes_to_host = self.bytes_to_device = 0  # gradients out, updated weights back
         self.wait_s = 0.0  # the training thread blocked on a layer's update: CPU step time not hidden

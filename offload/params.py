@@ -7,9 +7,10 @@ the GPU a layer exists only from its prefetch to the end of its use:
 - forward: layer i's pre-hook waits for i and prefetches i+1; its post-hook
   frees i (the last layer stays: backward starts there);
 - backward: autograd would keep freed weights alive through the tensors it
-  saved (linear saves `weight.t()`, a view), so while `saving()` is active
-  saved views of streamed weights are packed as (layer, view geometry) and
-  rebuilt on unpack after fetching the layer again, prefetching the one below;
+  saved (linear saves `weight.t()`, a view), so the memory runtime's saved-tensor
+  dispatcher packs saved views of streamed weights as (layer, view geometry)
+  (`pack_param`) and rebuilds them on unpack after fetching the layer again,
+  prefetching the one below (`unpack_param`);
   recomputation under gradient checkpointing fetches through the pre-hook;
 - a layer is freed in backward once all its gradients are accumulated.
 
@@ -39,7 +40,7 @@ def _in_backward() -> bool:
 
 class ParamStreamer:
     def __init__(self, model: nn.Module, device: torch.device, *, tier: str = "cpu", nvme_store=None,
-                 numa_nodes=None, interleave: bool = False):
+                 numa_nodes=None, interleave: bool = False, copy_stream=None):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"parameter tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -75,7 +76,8 @@ class ParamStreamer:
                 p.data = p.data.to(self.device)
         for name, b in model.named_buffers():
             b.data = b.data.to(self.device)
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # The memory runtime's host-to-device stream (one owner of the copy streams); a private one when alone.
+        self.copy_stream = copy_stream if copy_stream is not None or not self.cuda else torch.cuda.Stream(self.device)
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="longtune-fetch")
         self._fetches: dict[int, Future] = {}  # layer -> device buffer being filled
         self._resident: dict[int, torch.Tensor] = {}  # layer -> its device buffer
@@ -213,25 +215,20 @@ class ParamStreamer:
                 self.release(g.index)
         return hook
 
-    # --- saved tensors -----------------------------------------------------------------------
-    def _pack(self, t: torch.Tensor):
+    # --- saved tensors (called by the memory runtime's one saved-tensor dispatcher) -----------------
+    def pack_param(self, t: torch.Tensor):
+        """A handle for a view of a streamed layer's weights (None for anything else)."""
         layer = self._storage_layer.get(t.untyped_storage().data_ptr()) if t.device == self.device else None
         if layer is None:
-            return t
+            return None
         return (layer, t.dtype, t.size(), t.stride(), t.storage_offset())
 
-    def _unpack(self, packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
+    def unpack_param(self, packed):
         layer, dtype, size, stride, offset = packed
         self.ensure(layer)
         self.prefetch(layer - 1)
         storage = self._resident[layer].untyped_storage()
         return torch.empty(0, dtype=dtype, device=self.device).set_(storage, offset, size, stride)
-
-    def saving(self):
-        """Wrap the training forward: streamed weights saved for backward don't keep the layer on the GPU."""
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @contextlib.contextmanager
     def materialized(self):

@@ -1,15 +1,17 @@
 """Addresses for the GPU buffers the offload runtime owns: one arena, packed by a MIP (MEMO's form).
 
-Given a schedule (decisions, see evaluate.py), the runtime needs these buffers on the GPU:
+Given a schedule (decisions, see evaluate.py), the runtime needs these buffers on the GPU, with the
+lifetimes of timeline.py (one description for the memory rows, the arena and the runtime):
 
-  staging.<l>     layer l's offloaded chunks on their way out (D2H): alive from the forward of l to the
+  staging.<l>     layer l's offloaded bytes on their way out (D2H): alive from the forward of l to the
                   end of the forward of l+1 (the copy overlaps l's forward and drains during l+1's);
-  prefetch.<l>    layer l's offloaded chunks coming back (H2D), same size: alive from the start of the
-                  backward of l+1 (the head, for the last layer) to the end of the backward of l;
-  recompute.<c>   one chunk of each class c that any layer recomputes: alive for the whole backward pass.
+  prefetch.<l>    layer l's offloaded bytes coming back (H2D), same size: alive from the backward of
+                  l+depth (the head, for the last layers) to the end of the backward of l.
 
-Time is discrete: forward of layer l is time l (0..L-1), the head is time L, backward of layer l is
-time 2L - l. Lifetimes are inclusive [start, end]. Layers that offload nothing get no staging/prefetch.
+Recomputed chunks are made by the model's own ops, so the allocator places them, not the arena (the memory
+rows count them apart). Time is discrete: forward of layer l is time l (0..L-1), the head is time L,
+backward of layer l is time 2L - l. Lifetimes are inclusive [start, end]. Layers that offload nothing get
+no staging/prefetch.
 
 Packing is dynamic storage allocation: give every buffer an offset so that two buffers alive at the
 same time never share a byte, minimising the arena size. The MIP (MEMO, Zhao et al. 2024):
@@ -35,7 +37,8 @@ from typing import Iterable, Optional, Sequence
 import pulp
 
 from .evaluate import GPU, RECOMPUTE, Decisions
-from .problem import CLASSES, Problem
+from .problem import Problem
+from .timeline import prefetch_lifetime, staging_lifetime
 
 
 @dataclass(frozen=True)
@@ -72,25 +75,37 @@ def _bytes(x: float) -> int:
 
 
 def runtime_buffers(problem: Problem, decisions: Decisions) -> list[Buffer]:
-    """The staging, prefetch and recompute buffers of a schedule, with their lifetimes (see the module doc)."""
-    L, B = problem.num_layers, problem.chunk_bytes
+    """The staging and prefetch buffers of a schedule, with their lifetimes (see the module doc)."""
+    L, B, depth = problem.num_layers, problem.chunk_bytes, max(1, problem.prefetch_depth)
     if len(decisions) != L:
         raise ValueError(f"{len(decisions)} layers decided, the model has {L}")
     tiers = {t.name for t in problem.tiers}
     out: list[Buffer] = []
     prefetch: list[Buffer] = []
     for l, layer in enumerate(decisions):
-        off = _bytes(sum(B[c] * n for c, d in layer.items() for p, n in d.items() if p in tiers))
         unknown = {p for d in layer.values() for p in d} - tiers - {GPU, RECOMPUTE}
         if unknown:
             raise ValueError(f"layer {l}: unknown place {sorted(unknown)}")
-        if off > 0:
-            out.append(Buffer(f"staging.{l}", off, l, l + 1))
-            prefetch.append(Buffer(f"prefetch.{l}", off, 2 * L - l - 1, 2 * L - l))
-    out += prefetch
-    for c in CLASSES:
-        if any(layer.get(c, {}).get(RECOMPUTE, 0) for layer in decisions):
-            out.append(Buffer(f"recompute.{c}", _bytes(B[c]), L + 1, 2 * L))
+        size = sum(layer_region_bytes(problem, layer).values())
+        if size > 0:
+            out.append(Buffer(f"staging.{l}", size, *staging_lifetime(l, L)))
+            prefetch.append(Buffer(f"prefetch.{l}", size, *prefetch_lifetime(l, L, depth)))
+    return out + prefetch
+
+
+REGION_SLACK_BYTES = 1024  # per offloaded chunk: the runtime aligns each stored storage (a dozen a chunk) to 64 bytes
+
+
+def layer_region_bytes(problem: Problem, layer: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Bytes layer `layer` sends to each tier: what its buffers and host regions are sized to (with slack for
+    the runtime's alignment of each storage), a multiple of 512 bytes."""
+    tiers = [t.name for t in problem.tiers]
+    out = {}
+    for tier in tiers:
+        chunks = sum(d.get(tier, 0) for d in layer.values())
+        if chunks:
+            raw = sum(problem.chunk_bytes[c] * d.get(tier, 0) for c, d in layer.items())
+            out[tier] = -(-(_bytes(raw) + chunks * REGION_SLACK_BYTES) // 512) * 512
     return out
 
 

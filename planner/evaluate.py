@@ -1,28 +1,22 @@
 """What a set of decisions costs: GPU memory at every point of the step, and the step time.
 
-This is the model the MILP optimises, written as plain loops so it can check
-any plan (the solver's, a fallback's, a brute-force enumeration's) on its own.
+This is the model the MILP optimises, as plain numbers, so it can check any plan (the solver's, a
+fallback's, a brute-force enumeration's) on its own. What is alive when comes from timeline.py, which the
+MILP's rows and the runtime's expected residency use as well.
 
-Timeline of one step, for layers 0..L-1:
-  forward  l: compute; the D2H copy of layer l's offloaded chunks overlaps it.
-  head:       LM head + loss; the prefetch (H2D) of layer L-1 overlaps it.
-  backward l: recompute l's recomputed chunks, then its backward; the prefetch
-              of layer l-1 overlaps both.
-GPU memory during backward of layer j: fixed + workspace + kept chunks of
-layers 0..j + offloaded chunks of j (in use) and j-1 (arriving) + one chunk of
-each class that any layer recomputes (recompute and backward of the token-wise
-parts go chunk by chunk, so one recomputed chunk is alive at a time, in a
-buffer reserved for the whole step). At the head: fixed + head workspace + every kept chunk
-+ layer L-1's offloaded chunks twice (its staging buffer still draining, its
-prefetch buffer filling). Rows for the forward pass are
-implied by these (fewer kept chunks, the same staging).
+Time of one step: the compute of every layer's forward and backward and of the head; the recompute of the
+chunks the plan drops; link time not hidden: layer l's device-to-host copies behind its forward, its
+prefetch (with the weights streamed back for its backward) behind its prefetch window; and the constant
+cost of where the optimizer state and weights live (timeline.state_constant_s).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .problem import CLASSES, Problem
+from .timeline import activation_residency, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
 
 GPU, RECOMPUTE = "gpu", "recompute"
 # decisions[l][class][place] = number of chunks; place is "gpu", "recompute" or a tier name.
@@ -35,16 +29,25 @@ class Evaluation:
     compute_s: float
     recompute_s: float
     exposed_transfer_s: float
+    state_s: float  # what the placement of optimizer state and weights adds
     objective: float  # step time + the small penalty on link time
-    gpu_rows: list[float]  # [head, backward of L-1, ..., backward of 0]
-    tier_bytes: dict[str, float]
+    gpu_rows: list[float]  # at timeline.positions(): [head, backward of L-1, ..., backward of 0]
+    arena_bytes: float  # the staging/prefetch block, held whole
+    recompute_bytes: float  # the one recomputed chunk alive at a time
+    tier_bytes: dict[str, float]  # activations + state per tier
     exposed_d2h_s: list[float]
     exposed_h2d_s: list[float]
+    residency: dict[str, dict[str, float]]  # timeline.activation_residency: saved activations on the device
     violations: list[str]
 
     @property
     def gpu_peak_bytes(self) -> float:
         return max(self.gpu_rows)
+
+    @property
+    def activation_peak_bytes(self) -> float:
+        """Saved activations live on the device at the worst position (kept + staging + prefetch + recompute)."""
+        return max(sum(kinds.values()) for kinds in self.residency.values())
 
     @property
     def feasible(self) -> bool:
@@ -75,33 +78,35 @@ def check_shape(problem: Problem, decisions: Decisions) -> list[str]:
     return errors
 
 
-def evaluate(problem: Problem, decisions: Decisions) -> Evaluation:
+def layer_bytes(problem: Problem, decisions: Decisions) -> tuple[list[float], list[float], float]:
+    """(kept bytes per layer, offloaded bytes per layer, the recompute chunk's bytes)."""
+    B = problem.chunk_bytes
+    tiers = {t.name for t in problem.tiers}
+    kept = [sum(B[c] * d.get(GPU, 0) for c, d in layer.items()) for layer in decisions]
+    off = [sum(B[c] * n for c, d in layer.items() for p, n in d.items() if p in tiers) for layer in decisions]
+    recompute = max((B[c] for c in CLASSES if any(layer[c].get(RECOMPUTE, 0) for layer in decisions)), default=0.0)
+    return kept, off, recompute
+
+
+# Rows may exceed the budget by this much (float rounding of sums of ~1e11 bytes); the MILP keeps its rows
+# MARGIN_BYTES below the budget, far more than its solver's tolerances, so its answers always pass.
+TOLERANCE_BYTES = 1.0
+MARGIN_BYTES = 4096.0
+
+
+def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None,
+             arena_bytes: Optional[float] = None) -> Evaluation:
+    """The plan's memory and time. `state` names the optimizer/weights placement (None: the only option);
+    `arena_bytes`: the packed arena's real size (None: the live peak it is packed to, its lower bound)."""
     errors = check_shape(problem, decisions)
     if errors:
         raise ValueError("; ".join(errors))
+    option = problem.state(state)
     B, L = problem.chunk_bytes, problem.num_layers
-
-    def bytes_at(layer: int, place_filter) -> float:
-        if layer < 0:
-            return 0.0
-        return sum(B[c] * n for c, d in decisions[layer].items() for p, n in d.items() if place_filter(p))
-
-    def kept(l: int) -> float:
-        return bytes_at(l, lambda p: p == GPU)
-
-    def offloaded(l: int) -> float:
-        return bytes_at(l, lambda p: p not in (GPU, RECOMPUTE))
-
-    recompute_buffers = sum(B[c] for c in CLASSES if any(layer[c].get(RECOMPUTE, 0) for layer in decisions))
-
-    base = problem.fixed_total + problem.layer_workspace_bytes
-    kept_prefix = [0.0]
-    for l in range(L):
-        kept_prefix.append(kept_prefix[-1] + kept(l))
-    # At the head, layer L-1's offloaded chunks are both leaving (staging) and coming back (prefetch).
-    rows = [problem.fixed_total + problem.head_bytes + kept_prefix[L] + 2 * offloaded(L - 1)]
-    for j in reversed(range(L)):
-        rows.append(base + kept_prefix[j + 1] + offloaded(j) + offloaded(j - 1) + recompute_buffers)
+    kept, off, recompute = layer_bytes(problem, decisions)
+    live = arena_live(problem, off)
+    arena = max(live) if arena_bytes is None else arena_bytes
+    rows = gpu_rows(problem, kept, recompute, arena, option.gpu_total if option else 0.0)
 
     recompute_per_layer = [
         sum(problem.recompute_s[c] * d.get(RECOMPUTE, 0) for c, d in layer.items() if c in problem.recompute_s)
@@ -116,35 +121,40 @@ def evaluate(problem: Problem, decisions: Decisions) -> Evaluation:
         )
 
     out_s = [link_time(l, "from_gpu_bps") for l in range(L)]
-    in_s = [link_time(l, "to_gpu_bps") for l in range(L)]
+    in_s = [link_time(l, "to_gpu_bps") + (option.bwd_h2d_s if option else 0.0) for l in range(L)]
     d2h = [max(0.0, out_s[l] - problem.layer_fwd_s) for l in range(L)]
-    h2d = []
-    for l in range(L):
-        window = problem.head_s if l == L - 1 else problem.layer_bwd_s + recompute_per_layer[l + 1]
-        h2d.append(max(0.0, in_s[l] - window))
+    h2d = [max(0.0, in_s[l] - prefetch_window_s(problem, l, recompute_per_layer)) for l in range(L)]
     compute = L * (problem.layer_fwd_s + problem.layer_bwd_s) + problem.head_s
-    recompute = sum(recompute_per_layer)
+    recompute_total = sum(recompute_per_layer)
     exposed = sum(d2h) + sum(h2d)
+    state_s = state_constant_s(problem, option)
     link_s = sum(out_s) + sum(in_s)
     tier_bytes = {
-        name: sum(B[c] * d.get(name, 0) for layer in decisions for c, d in layer.items()) for name in tiers
+        name: sum(B[c] * d.get(name, 0) for layer in decisions for c, d in layer.items())
+        + (option.tier_bytes.get(name, 0.0) if option else 0.0)
+        for name in tiers
     }
     violations = []
-    if max(rows) > problem.budget_bytes * (1 + 1e-9):
-        violations.append(f"GPU peak {max(rows) / 1e9:.3f} GB over the budget {problem.budget_bytes / 1e9:.3f} GB")
+    if max(rows) > problem.budget_bytes + TOLERANCE_BYTES:
+        worst = positions(L)[rows.index(max(rows))]
+        violations.append(f"GPU peak {max(rows) / 1e9:.3f} GB (at {worst}) over the budget {problem.budget_bytes / 1e9:.3f} GB")
     for name, used in tier_bytes.items():
-        if used > tiers[name].capacity_bytes * (1 + 1e-9):
+        if used > tiers[name].capacity_bytes + TOLERANCE_BYTES:
             violations.append(f"{name} holds {used / 1e9:.3f} GB, capacity {tiers[name].capacity_bytes / 1e9:.3f} GB")
-    step = compute + recompute + exposed
+    step = compute + recompute_total + exposed + state_s
     return Evaluation(
         step_time_s=step,
         compute_s=compute,
-        recompute_s=recompute,
+        recompute_s=recompute_total,
         exposed_transfer_s=exposed,
+        state_s=state_s,
         objective=step + problem.transfer_penalty * link_s,
         gpu_rows=rows,
+        arena_bytes=arena,
+        recompute_bytes=recompute,
         tier_bytes=tier_bytes,
         exposed_d2h_s=d2h,
         exposed_h2d_s=h2d,
+        residency=activation_residency(problem, kept, off, recompute),
         violations=violations,
     )

@@ -1,11 +1,13 @@
 """The schedule MILP, solved with PuLP: HiGHS (highspy) by default, CBC as the fallback.
 
-Variables: for each layer l, class c and place p (GPU, recompute, each tier), the
-number of token chunks n[l,c,p] in 0..G; a class that must go whole to one place
-gets binaries instead. Constraints and objective are those of evaluate.py: the
-GPU memory row of the head and of every backward position, D2H of layer l
-behind its forward and H2D of layer l behind layer l+1's backward (slack =
-exposed time), and tier capacities. Bytes enter in GB to keep the numbers tame.
+Variables: for each layer l, class c and place p (GPU, recompute, each tier), the number of token chunks
+n[l,c,p] in 0..G (a class that must go whole to one place gets binaries instead); one binary per placement
+of optimizer state and weights (Problem.state_options); the arena size A; the recompute chunk's size.
+Constraints and objective are evaluate.py's, built from the same description of what is alive when
+(timeline.py): the GPU memory row of the head and of every backward position (kept MARGIN_BYTES under the
+budget, so the evaluator never sees the solver's tolerances), A above the live staging/prefetch bytes of
+every time step, D2H of layer l behind its forward and H2D behind its prefetch window (slack = exposed
+time), and tier capacities shared with the state. Bytes enter in GB to keep the numbers tame.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Optional
 
 import pulp
 
-from .evaluate import GPU, RECOMPUTE, Decisions, places
+from .evaluate import GPU, MARGIN_BYTES, RECOMPUTE, Decisions, places
 from .problem import CLASSES, Problem
+from .timeline import arena_live, gpu_rows, prefetch_window_s, state_constant_s
 
 GB = 1e9
 
@@ -32,6 +35,7 @@ class SolverError(RuntimeError):
 @dataclass
 class Solution:
     decisions: Optional[Decisions]
+    state: Optional[str]  # the chosen placement of optimizer state and weights (StateOption.name)
     status: str  # optimal | feasible (time limit or gap) | infeasible | error
     solver: str
     solve_s: float
@@ -50,7 +54,7 @@ def _solver(name: str, time_limit: float, gap: float):
 
 
 class _Model:
-    """The PuLP model of one Problem; `objective` picks step time or GPU peak."""
+    """The PuLP model of one Problem; `minimise_peak` solves for the smallest GPU peak instead of step time."""
 
     def __init__(self, problem: Problem, minimise_peak: bool = False):
         P, L, G = problem, problem.num_layers, problem.chunks
@@ -72,43 +76,45 @@ class _Model:
                     self.prob += pulp.lpSum(x.values()) == G
                     for p in allowed:
                         self.n[l, c, p] = 1 * x[p]
+        options = P.state_options
+        self.state = {o.name: pulp.LpVariable(f"state_{i}", cat="Binary") for i, o in enumerate(options)}
+        if options:
+            self.prob += pulp.lpSum(self.state.values()) == 1
+        y_state = [(o, self.state[o.name]) for o in options]
         B = {c: P.chunk_bytes[c] / GB for c in CLASSES}
 
         def bytes_where(l: int, pred) -> pulp.LpAffineExpression:
-            if l < 0:
-                return pulp.LpAffineExpression()
             return pulp.lpSum(B[c] * v for (ll, c, p), v in self.n.items() if ll == l and pred(p))
 
         kept = [bytes_where(l, lambda p: p == GPU) for l in range(L)]
         off = [bytes_where(l, lambda p: p in tiers) for l in range(L)]
-        # One recomputed chunk per class is alive at a time. Its buffer is reserved in every row once
-        # any layer recomputes that class: one indicator per class keeps the LP relaxation tight.
-        reserve = []
+        # One recomputed chunk is alive at a time; its size is the largest recomputed class's chunk. An
+        # indicator per class keeps the LP relaxation tight.
+        recompute = pulp.LpVariable("recompute_gb", 0)
         for c in P.recompute_s:
             used = pulp.LpVariable(f"recomputes_{c}", cat="Binary")
             for l in range(L):
                 self.prob += self.n[l, c, RECOMPUTE] <= G * used
-            reserve.append(B[c] * used)
-        rc = [pulp.lpSum(reserve)] * L
-        recompute_s = [
-            pulp.lpSum(P.recompute_s[c] * self.n[l, c, RECOMPUTE] for c in P.recompute_s) for l in range(L)
-        ]
-
-        rows = [(P.fixed_total + P.head_bytes) / GB + pulp.lpSum(kept) + 2 * off[L - 1]]
-        base = (P.fixed_total + P.layer_workspace_bytes) / GB
-        for j in reversed(range(L)):
-            prev = off[j - 1] if j > 0 else 0
-            rows.append(base + pulp.lpSum(kept[: j + 1]) + off[j] + prev + rc[j])
-        self.rows = rows
+            self.prob += recompute >= B[c] * used
+        arena = pulp.LpVariable("arena_gb", 0)
+        for live in arena_live(P, off):
+            self.prob += arena >= live
+        state_gb = pulp.lpSum(o.gpu_total / GB * y for o, y in y_state)
+        self.rows = gpu_rows(P, kept, recompute, arena, state_gb, unit=1 / GB)
         if minimise_peak:
             self.peak = pulp.LpVariable("peak_gb", 0)
-            for r in rows:
+            for r in self.rows:
                 self.prob += r <= self.peak
             self.prob += self.peak
         else:
-            for i, r in enumerate(rows):
-                self.prob += r <= P.budget_bytes / GB, f"gpu_row_{i}"
+            limit = (P.budget_bytes - MARGIN_BYTES) / GB
+            for i, r in enumerate(self.rows):
+                self.prob += r <= limit, f"gpu_row_{i}"
 
+        recompute_s = [
+            pulp.lpSum(P.recompute_s[c] * self.n[l, c, RECOMPUTE] for c in P.recompute_s) for l in range(L)
+        ]
+        bwd_h2d = pulp.lpSum(o.bwd_h2d_s * y for o, y in y_state)
         exposed, link_s = [], []
         for l in range(L):
             def link(direction: str, layer: int = l) -> pulp.LpAffineExpression:
@@ -119,16 +125,21 @@ class _Model:
             d2h = pulp.LpVariable(f"exposed_d2h_{l}", 0)
             h2d = pulp.LpVariable(f"exposed_h2d_{l}", 0)
             self.prob += link("from_gpu_bps") <= P.layer_fwd_s + d2h
-            link_s += [link("from_gpu_bps"), link("to_gpu_bps")]
-            window = P.head_s if l == L - 1 else P.layer_bwd_s + recompute_s[l + 1]
-            self.prob += link("to_gpu_bps") <= window + h2d
+            link_s += [link("from_gpu_bps"), link("to_gpu_bps") + bwd_h2d]
+            window = prefetch_window_s(P, l, [0.0] * L) + pulp.lpSum(
+                recompute_s[j] for j in range(l + 1, min(l + max(1, P.prefetch_depth), L - 1) + 1))
+            self.prob += link("to_gpu_bps") + bwd_h2d <= window + h2d
             exposed += [d2h, h2d]
         for name, tier in tiers.items():
-            self.prob += pulp.lpSum(B[c] * self.n[l, c, name] for l in range(L) for c in CLASSES) <= tier.capacity_bytes / GB
+            state_on_tier = pulp.lpSum(o.tier_bytes.get(name, 0.0) / GB * y for o, y in y_state)
+            self.prob += (pulp.lpSum(B[c] * self.n[l, c, name] for l in range(L) for c in CLASSES) + state_on_tier
+                          <= tier.capacity_bytes / GB)
         if not minimise_peak:
             # The whole predicted step time, constant compute included, so the gap is relative to it.
             compute = L * (P.layer_fwd_s + P.layer_bwd_s) + P.head_s
-            self.prob += compute + pulp.lpSum(recompute_s) + pulp.lpSum(exposed) + P.transfer_penalty * pulp.lpSum(link_s)
+            state_s = pulp.lpSum(state_constant_s(P, o) * y for o, y in y_state)
+            self.prob += (compute + pulp.lpSum(recompute_s) + pulp.lpSum(exposed) + state_s
+                          + P.transfer_penalty * pulp.lpSum(link_s))
 
     def decisions(self) -> Decisions:
         out: Decisions = []
@@ -144,6 +155,11 @@ class _Model:
                 layer[c] = d
             out.append(layer)
         return out
+
+    def state_choice(self) -> Optional[str]:
+        if not self.state:
+            return None
+        return max(self.state, key=lambda name: pulp.value(self.state[name]) or 0)
 
 
 @contextlib.contextmanager
@@ -178,12 +194,13 @@ def _solve(model: _Model, solver: Optional[str], time_limit: float, gap: float) 
         status = pulp.LpStatus[model.prob.status]
         has_solution = model.prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
         if status == "Infeasible":
-            return Solution(None, "infeasible", name, elapsed, None, None)
+            return Solution(None, None, "infeasible", name, elapsed, None, None)
         if not has_solution:
             last_error = f"{name}: {status}"
             continue
         state = "optimal" if model.prob.sol_status == pulp.LpSolutionOptimal else "feasible"
-        return Solution(model.decisions(), state, name, elapsed, _gap(model), pulp.value(model.prob.objective))
+        return Solution(model.decisions(), model.state_choice(), state, name, elapsed, _gap(model),
+                        pulp.value(model.prob.objective))
     raise SolverError(last_error)
 
 
@@ -200,10 +217,16 @@ def solve_schedule(problem: Problem, solver: Optional[str] = None, time_limit: f
     return _solve(_Model(problem), solver, time_limit, gap)
 
 
+class TiersTooSmall(SolverError):
+    """No plan fits whatever the GPU budget: the tiers cannot hold what must leave the GPU."""
+
+
 def min_gpu_budget(problem: Problem, solver: Optional[str] = None, time_limit: float = 20.0, gap: float = 0.001) -> float:
-    """The smallest GPU budget (bytes) any plan fits in, with the tiers as they are."""
+    """The smallest GPU budget (bytes) a plan fits in, with the tiers as they are: the smallest peak plus the
+    margin the schedule MILP keeps under its budget, so solving at this budget succeeds."""
     model = _Model(problem, minimise_peak=True)
     solution = _solve(model, solver, time_limit, gap)
     if solution.decisions is None:
-        raise SolverError(f"no plan fits even an unlimited GPU ({solution.status})")
-    return pulp.value(model.peak) * GB
+        raise TiersTooSmall(f"no plan fits even an unlimited GPU ({solution.status}): the tiers cannot hold "
+                            "the optimizer state and weights placed there")
+    return pulp.value(model.peak) * GB + MARGIN_BYTES

@@ -17,21 +17,29 @@ import yaml
 
 from .arena import plan_arena
 from .evaluate import GPU, RECOMPUTE, Decisions, Evaluation, evaluate
-from .milp import SolverError, min_gpu_budget, solve_schedule
-from .problem import CLASSES, Problem, Tier
+from .milp import SolverError, TiersTooSmall, min_gpu_budget, solve_schedule
+from .problem import CLASSES, Problem, StateOption, Tier
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 class PlanInfeasible(Exception):
-    """No plan fits the budget; says by how much it is short."""
+    """No plan fits: the GPU budget is short (by `missing_bytes`), or the tiers cannot hold the state."""
 
-    def __init__(self, budget_bytes: float, min_budget_bytes: float):
+    def __init__(self, budget_bytes: float, min_budget_bytes: Optional[float], reason: Optional[str] = None):
         self.budget_bytes, self.min_budget_bytes = budget_bytes, min_budget_bytes
-        self.missing_bytes = min_budget_bytes - budget_bytes
+        if reason is not None or min_budget_bytes is None:
+            self.missing_bytes = None
+            super().__init__(f"no plan fits: {reason}")
+            return
+        # Never a negative shortfall: when the smallest budget found is not above the given one (the search's
+        # own tolerance), the shortfall is the rounding step and the suggestion is just above the budget.
+        self.min_budget_bytes = max(min_budget_bytes, budget_bytes + 1e7)
+        self.missing_bytes = self.min_budget_bytes - budget_bytes
         super().__init__(
             f"no plan fits a GPU budget of {budget_bytes / 1e9:.2f} GB: {self.missing_bytes / 1e9:.2f} GB missing; "
-            f"the smallest feasible budget is {min_budget_bytes / 1e9:.2f} GB (memory.budget_gb={_round_up_gb(min_budget_bytes)})"
+            f"the smallest feasible budget is {self.min_budget_bytes / 1e9:.2f} GB "
+            f"(memory.budget_gb={_round_up_gb(self.min_budget_bytes)})"
         )
 
 
@@ -47,12 +55,30 @@ class Plan:
     solver: dict[str, Any]
     binding: list[str]
     arena: Optional[dict[str, Any]] = None
+    state: Optional[str] = None  # the StateOption chosen: where optimizer state and weights live
     version: int = PLAN_VERSION
+
+    @property
+    def state_option(self) -> Optional[StateOption]:
+        return self.problem.state(self.state)
+
+    @property
+    def optimizer_tier(self) -> str:
+        return self.state_option.optimizer if self.state_option else "gpu"
+
+    @property
+    def params_tier(self) -> str:
+        return self.state_option.params if self.state_option else "gpu"
+
+    def evaluation(self) -> Evaluation:
+        arena = self.arena["size_bytes"] if self.arena else None
+        return evaluate(self.problem, self.layers, self.state, arena_bytes=arena)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "inputs": problem_to_dict(self.problem),
+            "state": self.state,
             "predicted": self.predicted,
             "solver": self.solver,
             "binding": self.binding,
@@ -67,7 +93,8 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version {d.get('version')!r} is not supported (this longtune reads version {PLAN_VERSION})")
-        return cls(problem_from_dict(d["inputs"]), d["layers"], d["predicted"], d["solver"], d["binding"], d.get("arena"))
+        return cls(problem_from_dict(d["inputs"]), d["layers"], d["predicted"], d["solver"], d["binding"], d.get("arena"),
+                   d.get("state"))
 
     @classmethod
     def from_yaml(cls, text: str) -> "Plan":
@@ -84,6 +111,7 @@ def problem_from_dict(d: dict[str, Any]) -> Problem:
     d = dict(d)
     d["tiers"] = tuple(Tier(**t) for t in d["tiers"])
     d["all_or_nothing"] = tuple(d["all_or_nothing"])
+    d["state_options"] = tuple(StateOption(**o) for o in d.get("state_options", ()))
     return Problem(**d)
 
 
@@ -156,16 +184,31 @@ def _fold_names(names: list[str]) -> str:
     return " and ".join(parts)
 
 
-def predicted(problem: Problem, ev: Evaluation) -> dict[str, Any]:
+def predicted(problem: Problem, ev: Evaluation, state: Optional[str]) -> dict[str, Any]:
+    option = problem.state(state)
     return {
         "step_time_s": ev.step_time_s,
         "compute_s": ev.compute_s,
         "recompute_s": ev.recompute_s,
         "exposed_transfer_s": ev.exposed_transfer_s,
+        "state_s": ev.state_s,
         "peak_bytes": {"gpu": ev.gpu_peak_bytes, **ev.tier_bytes},
-        "gpu_fixed_bytes": problem.fixed_total,
+        "gpu_fixed_bytes": problem.fixed_total + (option.gpu_total if option else 0.0),
+        "arena_bytes": ev.arena_bytes,
+        "activation_peak_bytes": ev.activation_peak_bytes,  # saved activations on the device, at the worst position
         "tokens_per_s": problem.meta.get("tokens", 0) / ev.step_time_s if ev.step_time_s else None,
     }
+
+
+def _infeasible(problem: Problem, solver: Optional[str], time_limit: float) -> PlanInfeasible:
+    try:
+        return PlanInfeasible(problem.budget_bytes, min_gpu_budget(problem, solver, time_limit))
+    except TiersTooSmall:
+        caps = ", ".join(f"{t.name} {t.capacity_bytes / 1e9:.1f} GB" for t in problem.tiers) or "no tier off the GPU"
+        needs = [f"{o.name} needs " + ", ".join(f"{v / 1e9:.1f} GB on {k}" for k, v in o.tier_bytes.items())
+                 for o in problem.state_options if o.tier_bytes]
+        return PlanInfeasible(problem.budget_bytes, None, f"{'; '.join(needs) or 'the state'}: the tiers hold {caps} "
+                                                          "(raise memory.tiers.<tier>_gb, or move state to another tier)")
 
 
 def make_plan(
@@ -175,37 +218,57 @@ def make_plan(
     gap: float = 0.01,
     with_arena: bool = True,
 ) -> Plan:
-    """Solve the schedule MILP; verify the answer independently; fall back to MEMO's rule if the
-    solver gives nothing usable. Raises PlanInfeasible with the missing bytes."""
+    """Solve the schedule MILP; verify the answer independently (with the packed arena's real size); fall back
+    to MEMO's rule if the solver gives nothing usable. Raises PlanInfeasible with the missing bytes."""
     start = time.perf_counter()
     note = None
-    try:
-        solution = solve_schedule(problem, solver, time_limit, gap)
-    except SolverError as e:
-        solution, note = None, str(e)
-    if solution is not None and solution.status == "infeasible":
-        raise PlanInfeasible(problem.budget_bytes, min_gpu_budget(problem, solver, time_limit))
-    decisions, info = None, {}
-    if solution is not None:
-        ev = evaluate(problem, solution.decisions)
-        if ev.feasible:
-            decisions = solution.decisions
-            info = {"name": solution.solver, "status": solution.status, "solve_s": solution.solve_s, "gap": solution.gap}
-        else:
-            note = f"solver answer failed verification: {'; '.join(ev.violations)}"
-    if decisions is None:
-        decisions = fallback_decisions(problem)
-        ev = evaluate(problem, decisions)
-        if not ev.feasible:
-            raise PlanInfeasible(problem.budget_bytes, min_gpu_budget(problem, solver, time_limit))
-        info = {"name": "fallback (MEMO rule)", "status": "feasible", "solve_s": time.perf_counter() - start, "gap": None}
+    target = problem
+    for _ in range(3):  # the packed arena can come out above its lower bound: re-solve below the budget by that much
+        try:
+            solution = solve_schedule(target, solver, time_limit, gap)
+        except SolverError as e:
+            solution, note = None, str(e)
+        if solution is not None and solution.status == "infeasible":
+            raise _infeasible(problem, solver, time_limit)
+        decisions, state, info, arena = None, None, {}, None
+        if solution is not None:
+            ev = evaluate(problem, solution.decisions, solution.state)
+            if ev.feasible:
+                decisions, state = solution.decisions, solution.state
+                info = {"name": solution.solver, "status": solution.status, "solve_s": solution.solve_s, "gap": solution.gap}
+            else:
+                note = f"solver answer failed verification: {'; '.join(ev.violations)}"
+        if decisions is None:
+            decisions, state, ev = _fallback(problem)
+            if decisions is None:
+                raise _infeasible(problem, solver, time_limit)
+            info = {"name": "fallback (MEMO rule)", "status": "feasible", "solve_s": time.perf_counter() - start, "gap": None}
+        if not with_arena:
+            break
+        arena = _arena_summary(problem, decisions)
+        ev = evaluate(problem, decisions, state, arena_bytes=arena["size_bytes"])
+        excess = ev.gpu_peak_bytes - problem.budget_bytes
+        if excess <= 0:
+            break
+        target = target.with_budget(target.budget_bytes - excess)
+    else:
+        raise _infeasible(problem, solver, time_limit)
     if note:
         info["note"] = note
-    plan = Plan(problem, decisions, predicted(problem, ev), info, binding_constraints(problem, ev))
-    if with_arena:
-        plan.arena = _arena_summary(problem, decisions)
+    plan = Plan(problem, decisions, predicted(problem, ev, state), info, binding_constraints(problem, ev), arena, state)
     plan.solver["total_s"] = time.perf_counter() - start
     return plan
+
+
+def _fallback(problem: Problem):
+    """MEMO's rule with the first placement of the state that passes; (None, None, None) if none does."""
+    decisions = fallback_decisions(problem)
+    for option in problem.state_options or (None,):
+        name = option.name if option else None
+        ev = evaluate(problem, decisions, name)
+        if ev.feasible:
+            return decisions, name, ev
+    return None, None, None
 
 
 def _arena_summary(problem: Problem, decisions: Decisions) -> dict[str, Any]:
@@ -214,4 +277,36 @@ def _arena_summary(problem: Problem, decisions: Decisions) -> dict[str, Any]:
             "method": result.method, "solve_s": result.solve_s, "offsets": result.offsets}
 
 
+# --- a plan given as a file ------------------------------------------------------------------
 
+
+def mismatches(plan_problem: Problem, expected: Problem) -> list[str]:
+    """How a plan's inputs differ from the problem this run would solve (empty: the plan fits this run)."""
+    out = []
+    a, b = plan_problem, expected
+
+    def differ(x: float, y: float) -> bool:
+        return abs(x - y) > 1e-6 * max(abs(x), abs(y), 1.0)
+
+    if a.num_layers != b.num_layers:
+        out.append(f"{a.num_layers} layers, this model has {b.num_layers}")
+    ta, tb = a.meta.get("tokens"), b.meta.get("tokens")
+    if ta != tb:
+        out.append(f"{ta} tokens per micro-batch, this run has {tb}")
+    if a.chunks != b.chunks:
+        out.append(f"{a.chunks} chunks, memory.plan_chunks is {b.chunks}")
+    if not out and any(differ(a.chunk_bytes[c], b.chunk_bytes[c]) for c in CLASSES):
+        sizes = ", ".join(f"{c} {a.chunk_bytes[c]:.0f} vs {b.chunk_bytes[c]:.0f}" for c in CLASSES)
+        out.append(f"activation sizes per chunk differ (another model, dtype or kernels: {sizes} bytes)")
+    if differ(a.budget_bytes, b.budget_bytes):
+        out.append(f"a GPU budget of {a.budget_bytes / 1e9:.2f} GB, this run's is {b.budget_bytes / 1e9:.2f} GB")
+    caps_a = {t.name: t.capacity_bytes for t in a.tiers}
+    caps_b = {t.name: t.capacity_bytes for t in b.tiers}
+    for name in sorted(set(caps_a) | set(caps_b)):
+        if name not in caps_b:
+            out.append(f"a {name} tier this machine does not have")
+        elif name in caps_a and caps_a[name] > caps_b[name] * (1 + 1e-6):
+            out.append(f"{caps_a[name] / 1e9:.1f} GB of {name}, this machine offers {caps_b[name] / 1e9:.1f} GB")
+    if a.prefetch_depth != b.prefetch_depth:
+        out.append(f"prefetch depth {a.prefetch_depth}, memory.prefetch_depth is {b.prefetch_depth}")
+    return out

@@ -29,6 +29,26 @@ class Tier:
     from_gpu_bps: float
 
 
+TIER_NAMES = ("host", "cxl", "nvme")  # what the runtime can hold activations and state in
+
+
+class ProfileError(ValueError):
+    """A machine profile that cannot be used; the message names the key."""
+
+
+def _number(d: dict, key: str, where: str, *, positive: bool = True, default=None, at_most=None) -> float:
+    value = d.get(key, default)
+    if value is None:
+        raise ProfileError(f"{where}.{key} is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ProfileError(f"{where}.{key} must be a number, got {value!r}")
+    if (value <= 0) if positive else (value < 0):
+        raise ProfileError(f"{where}.{key} must be {'> 0' if positive else '>= 0'}, got {value}")
+    if at_most is not None and value > at_most:
+        raise ProfileError(f"{where}.{key} must be <= {at_most}, got {value}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Machine:
     name: str
@@ -37,17 +57,42 @@ class Machine:
     matmul_efficiency: float
     attention_efficiency: float
     tiers: tuple[Tier, ...]
+    hbm_bps: float = 3.0e12  # device memory bandwidth (the GPU AdamW step streams weights, grads, moments)
+    cpu_adam_params_per_s: float = 1.5e9  # host AdamW throughput (bench/cpu_adam.py: 100M params in 0.067 s, 2 cores)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Machine":
-        gpu = d["gpu"]
-        tiers = tuple(
-            Tier(name, t["capacity_gb"] * GB, t["to_gpu_gbps"] * GB, t["from_gpu_gbps"] * GB)
-            for name, t in (d.get("tiers") or {}).items()
-            if t["capacity_gb"] > 0
+        """A profile as `longtune probe` writes it; every number is checked (ProfileError names the key)."""
+        if not isinstance(d, dict):
+            raise ProfileError(f"a machine profile is a mapping, got {type(d).__name__}")
+        gpu = d.get("gpu")
+        if not isinstance(gpu, dict):
+            raise ProfileError("gpu: missing (memory_gb, bf16_tflops, matmul_efficiency, attention_efficiency)")
+        raw_tiers = d.get("tiers") or {}
+        if not isinstance(raw_tiers, dict):
+            raise ProfileError(f"tiers must be a mapping of {', '.join(TIER_NAMES)}, got {type(raw_tiers).__name__}")
+        tiers = []
+        for name, t in raw_tiers.items():
+            if name not in TIER_NAMES:
+                raise ProfileError(f"tiers.{name}: unknown tier; expected {', '.join(TIER_NAMES)}")
+            if not isinstance(t, dict):
+                raise ProfileError(f"tiers.{name} must be a mapping (capacity_gb, to_gpu_gbps, from_gpu_gbps)")
+            where = f"tiers.{name}"
+            cap = _number(t, "capacity_gb", where, positive=False)
+            to_gpu, from_gpu = _number(t, "to_gpu_gbps", where), _number(t, "from_gpu_gbps", where)
+            if cap > 0:
+                tiers.append(Tier(name, cap * GB, to_gpu * GB, from_gpu * GB))
+        host = raw_tiers.get("host") if isinstance(raw_tiers.get("host"), dict) else {}
+        return cls(
+            str(d.get("name", "unnamed")),
+            _number(gpu, "memory_gb", "gpu") * GB,
+            _number(gpu, "bf16_tflops", "gpu") * 1e12,
+            _number(gpu, "matmul_efficiency", "gpu", at_most=1.0),
+            _number(gpu, "attention_efficiency", "gpu", at_most=1.0),
+            tuple(tiers),
+            _number(gpu, "hbm_gbps", "gpu", default=3000.0) * GB,
+            _number(host, "cpu_adam_gparams_per_s", "tiers.host", default=1.5) * 1e9,
         )
-        return cls(d["name"], gpu["memory_gb"] * GB, gpu["bf16_tflops"] * 1e12,
-                   gpu["matmul_efficiency"], gpu["attention_efficiency"], tiers)
 
     @classmethod
     def load(cls, name_or_path: str) -> "Machine":
@@ -58,12 +103,59 @@ class Machine:
             if not bundled.is_file():
                 raise FileNotFoundError(f"machine profile {name_or_path} not found; bundled: {', '.join(bundled_machines())}")
             path = Path(str(bundled))
-        return cls.from_dict(yaml.safe_load(path.read_text()))
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ProfileError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProfileError(f"cannot read {path}: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except ProfileError as e:
+            raise ProfileError(f"{path}: {e}") from None
+
+    def with_capacities(self, gpu_bytes: Optional[float] = None, **tier_bytes: Optional[float]) -> "Machine":
+        """The same machine with what a run may use of each tier (None: the profile's figure). A tier given a
+        capacity but absent from the profile gets the host's bandwidth (cxl) or is left out (nvme)."""
+        tiers = {t.name: t for t in self.tiers}
+        for name, cap in tier_bytes.items():
+            if cap is None:
+                continue
+            if name in tiers:
+                tiers[name] = replace(tiers[name], capacity_bytes=float(cap))
+            elif name == "cxl" and "host" in tiers and cap > 0:
+                tiers[name] = replace(tiers["host"], name="cxl", capacity_bytes=float(cap))
+        kept = tuple(t for t in tiers.values() if t.capacity_bytes > 0)
+        return replace(self, gpu_bytes=self.gpu_bytes if gpu_bytes is None else float(gpu_bytes), tiers=kept)
 
 
 def bundled_machines() -> list[str]:
     folder = resources.files("longtune.planner") / "machines"
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@dataclass(frozen=True)
+class StateOption:
+    """Where the optimizer state and the decoder weights live, what that holds on the GPU and in each tier, and
+    what it costs: link time per layer (weights in during the forward and again in backward, gradients out in
+    backward) and time the step cannot hide (the CPU AdamW tail, NVMe state traffic)."""
+
+    optimizer: str  # gpu | cpu | nvme
+    params: str  # gpu | cpu | nvme
+    gpu_bytes: dict[str, float]  # weights, grads, optimizer
+    tier_bytes: dict[str, float]  # host / nvme
+    exposed_s: float = 0.0
+    fwd_h2d_s: float = 0.0
+    bwd_h2d_s: float = 0.0
+    bwd_d2h_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"optimizer={self.optimizer} params={self.params}"
+
+    @property
+    def gpu_total(self) -> float:
+        return sum(self.gpu_bytes.values())
 
 
 @dataclass(frozen=True)
@@ -82,11 +174,13 @@ class Problem:
     layer_fwd_s: float
     layer_bwd_s: float
     head_s: float  # the LM head and loss, forward + backward: the first prefetch hides behind it
-    fixed_bytes: dict[str, float]  # weights, grads, optimizer state on the GPU, ...
-    layer_workspace_bytes: float  # transient of one layer's forward/backward (activation grads)
-    head_bytes: float  # logits / loss workspace
+    fixed_bytes: dict[str, float]  # on the GPU whatever the plan: RoPE tables, ...
+    layer_workspace_bytes: float  # transient of one layer's forward/backward in the runtime
+    head_bytes: float  # final norm's saved tensors + logits / loss workspace
     budget_bytes: float
     tiers: tuple[Tier, ...]
+    state_options: tuple[StateOption, ...] = ()  # the MILP picks one; empty: nothing of the state is planned
+    prefetch_depth: int = 1  # layers prefetched ahead in backward
     # Each second of link time (hidden or not) adds this fraction of a second to the objective,
     # so ties go to keeping over moving, and to the faster tier over the slower one.
     transfer_penalty: float = 1e-6
@@ -98,6 +192,17 @@ class Problem:
 
     def with_budget(self, budget_bytes: float) -> "Problem":
         return replace(self, budget_bytes=budget_bytes)
+
+    def state(self, name: Optional[str]) -> Optional[StateOption]:
+        """The state option called `name`; None picks the only one (or none when there is none)."""
+        if name is None:
+            if len(self.state_options) > 1:
+                raise ValueError(f"several state options ({', '.join(o.name for o in self.state_options)}): name one")
+            return self.state_options[0] if self.state_options else None
+        for o in self.state_options:
+            if o.name == name:
+                return o
+        raise ValueError(f"no state option {name!r}; the problem has {', '.join(o.name for o in self.state_options)}")
 
 
 @dataclass(frozen=True)
@@ -132,12 +237,107 @@ class ModelShape:
 
     @property
     def layer_params(self) -> int:
-        return self.pre_matmul_params + self.post_matmul_params + 2 * self.layer.hidden
+        norms = 2 * self.layer.hidden + (2 * self.layer.head_dim if self.layer.qk_norm else 0)
+        return self.pre_matmul_params + self.post_matmul_params + norms
 
     @property
     def params(self) -> int:
         embeddings = self.vocab * self.layer.hidden * (1 if self.tied_embeddings else 2)
         return self.num_layers * self.layer_params + embeddings + self.layer.hidden
+
+
+PLACES = ("gpu", "cpu", "nvme")
+# Host bytes per parameter with the optimizer off the GPU: fp32 master, two moments, the fp32 gradient sum;
+# on NVMe the master and moments go to the drive and the gradient sum stays on the host.
+HOST_OPTIMIZER_BYTES, NVME_OPTIMIZER_BYTES, NVME_HOST_OPTIMIZER_BYTES = 16, 12, 4
+
+
+def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optimizer: str = "auto",
+                  params: str = "auto") -> tuple[StateOption, ...]:
+    """Every placement of optimizer state and weights the config allows (`auto` lets the MILP choose), with
+    its GPU and tier bytes and its time costs. Weights off the GPU need the optimizer off it too."""
+    wb, p, layer_p, L = shape.layer.dtype_bytes, shape.params, shape.layer_params, shape.num_layers
+    other_p = p - L * layer_p  # embeddings, LM head, final norm: always on the GPU
+    tiers = {t.name: t for t in machine.tiers}
+    host_link = tiers.get("host")
+    out = []
+    for opt in (PLACES if optimizer == "auto" else (optimizer,)):
+        for par in (PLACES if params == "auto" else (params,)):
+            if par != "gpu" and opt == "gpu":
+                continue
+            if "nvme" in (opt, par) and "nvme" not in tiers:
+                continue
+            if "cpu" in (opt, par) and host_link is None:
+                continue
+            gpu = {
+                # Streamed weights: two layers resident (in use + prefetched), ZeRO-Infinity style.
+                "weights": (p if par == "gpu" else other_p + 2 * layer_p) * wb,
+                # Off the GPU, each layer's gradients leave as soon as they are complete (Fuyou).
+                "grads": (p if opt == "gpu" else other_p + 2 * layer_p) * wb,
+                "optimizer": 2 * wb * p if opt == "gpu" else 0.0,  # torch AdamW: two moments in the weights' dtype
+            }
+            host = {"cpu": HOST_OPTIMIZER_BYTES, "nvme": NVME_HOST_OPTIMIZER_BYTES}.get(opt, 0) * p
+            nvme = NVME_OPTIMIZER_BYTES * p if opt == "nvme" else 0.0
+            weights = L * layer_p * wb
+            host += weights if par == "cpu" else 0.0
+            nvme += weights if par == "nvme" else 0.0
+            tier_bytes = {k: v for k, v in (("host", host), ("nvme", nvme)) if v}
+            exposed = fwd = bwd_in = bwd_out = 0.0
+            if opt == "gpu":
+                exposed = 4 * wb * p * 2 / machine.hbm_bps  # read and write weights, grads, two moments
+            else:
+                cpu_step = p / machine.cpu_adam_params_per_s
+                # Clipping needs every gradient first, so the updates run after backward, layer 0 first; each
+                # layer's next forward waits for its own: the first layer's step is exposed, the rest overlaps.
+                exposed = cpu_step / L + max(0.0, cpu_step - L * layer_fwd_s)
+                bwd_out = layer_p * wb / host_link.from_gpu_bps
+                if par == "gpu":
+                    fwd = layer_p * wb / host_link.to_gpu_bps  # updated weights back before the layer's forward
+                if opt == "nvme":
+                    drive = tiers["nvme"]
+                    io = NVME_OPTIMIZER_BYTES * p * (1 / drive.to_gpu_bps + 1 / drive.from_gpu_bps)
+                    exposed += max(0.0, io - L * layer_fwd_s)
+            if par != "gpu":
+                link = tiers["host" if par == "cpu" else "nvme"]
+                fwd = bwd_in = layer_p * wb / link.to_gpu_bps  # fetched for the forward, again for backward
+            out.append(StateOption(opt, par, gpu, tier_bytes, exposed, fwd, bwd_in, bwd_out))
+    if not out:
+        raise ValueError(f"no placement of memory.optimizer={optimizer} memory.params={params} is possible on a machine "
+                         f"with tiers {', '.join(tiers) or 'none'}")
+    return tuple(out)
+
+
+def head_bytes(shape: ModelShape, tokens: int, kernels: frozenset[str] = frozenset(),
+               loss_chunk_tokens: Optional[int] = None) -> float:
+    """GPU bytes of the LM head's step: the final norm's saved tensors, the loss's logits workspace and, for the
+    fused loss, the gradients it computes during the forward (hidden states and the head's weight)."""
+    h, v, wb = shape.layer.hidden, shape.vocab, shape.layer.dtype_bytes
+    # final norm, as the layer's post norm: its input (stored once), rstd, normed (stock only), output
+    norm = tokens * (wb * h + 4 + (0 if "rmsnorm" in kernels else wb * h) + wb * h)
+    if loss_chunk_tokens:  # logits of one chunk (fp32 and the model dtype), grad_hidden, grad_weight (fp32 + dtype)
+        loss = min(loss_chunk_tokens, tokens) * v * (4 + wb) + tokens * h * wb + v * h * (4 + wb)
+    else:  # full logits in the model dtype, their fp32 copy and the fp32 softmax grad
+        loss = tokens * v * (wb + 8)
+    return norm + loss
+
+
+def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str, float]) -> float:
+    """Bytes the runtime holds while one layer runs, beyond the saved activations: the larger of
+
+    forward:  the layer input and output, the q/k/v buffers of all tokens, the attention output, the input
+              chunk copies, one chunk's transients;
+    backward: the output gradient and the input gradient, K and V of all tokens and their gradients (fp32 when
+              the model is bf16/fp16), one chunk's transients, the parameter gradients summed in fp32 and cast.
+    """
+    L = shape.layer
+    wb, h, q, kv = L.dtype_bytes, L.hidden, shape.q_dim, shape.kv_dim
+    acc = 4 if wb < 4 else wb
+    chunk = tokens / chunks
+    transient = chunk * (saved["pre"] + saved["post"])  # a chunk's graph and its gradients, about its saved size
+    forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
+    grads = shape.layer_params * (4 + (wb if wb < 4 else 0))
+    backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + transient + grads
+    return max(forward, backward)
 
 
 def build_problem(
@@ -146,13 +346,15 @@ def build_problem(
     machine: Machine,
     budget_bytes: Optional[float] = None,
     chunks: int = 16,
-    optimizer_on_gpu: bool = True,
-    params_on_gpu: bool = True,
-    optimizer_bytes_per_param: float = 8,
+    optimizer: str = "gpu",
+    params: str = "gpu",
     loss_chunk_tokens: Optional[int] = None,
+    kernels: frozenset[str] = frozenset(),
+    prefetch_depth: int = 1,
 ) -> Problem:
-    """The cost model: FLOPs over achieved throughput, bytes from the activation inventory."""
-    saved = class_bytes_per_token(shape.layer)
+    """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory."""
+    kernels = frozenset(kernels)
+    saved = class_bytes_per_token(shape.layer, kernels)
     if chunks < 1 or tokens < chunks:
         raise ValueError(f"chunks must be in 1..tokens, got {chunks} for {tokens} tokens")
     mm = machine.bf16_flops * machine.matmul_efficiency
@@ -163,41 +365,26 @@ def build_problem(
     post_fwd_s = 2 * tokens * shape.post_matmul_params / mm
     layer_fwd_s = pre_fwd_s + attn_fwd_s + post_fwd_s
     layer_bwd_s = 2 * (pre_fwd_s + post_fwd_s) + 2.5 * attn_fwd_s  # flash backward ~2.5x its forward
-    h, wb = shape.layer.hidden, shape.layer.dtype_bytes
-    head_s = 3 * 2 * tokens * h * shape.vocab / mm
-    p, layer_p = shape.params, shape.layer_params
-    other_p = p - shape.num_layers * layer_p  # embeddings, LM head, final norm
-    # Streamed parameters: two layers resident (in use + prefetched), ZeRO-Infinity style.
-    weights_p = p if params_on_gpu else other_p + 2 * layer_p
-    # With the optimizer off the GPU, each layer's grads leave as soon as they are complete (Fuyou).
-    grads_p = p if optimizer_on_gpu else other_p + 2 * layer_p
-    fixed = {
-        "weights": weights_p * wb,
-        "grads": grads_p * wb,
-        "optimizer": p * optimizer_bytes_per_param if optimizer_on_gpu else 0.0,
-        "rope": saved["shared"] * tokens,
-    }
-    if loss_chunk_tokens:  # chunked loss: logits of one chunk (model dtype + fp32) and an fp32 grad_weight
-        head_bytes = min(loss_chunk_tokens, tokens) * shape.vocab * (wb + 8) + shape.vocab * h * 4
-    else:  # full logits in the model dtype, their fp32 copy and the fp32 softmax grad
-        head_bytes = tokens * shape.vocab * (wb + 8)
+    head_s = 3 * 2 * tokens * shape.layer.hidden * shape.vocab / mm
     chunk = tokens / chunks
     return Problem(
         num_layers=shape.num_layers,
         chunks=chunks,
         chunk_bytes={c: saved[c] * chunk for c in CLASSES},
-        recompute_s={"pre": pre_fwd_s / chunks, "post": post_fwd_s / chunks},
+        # A dropped pre chunk is recomputed twice: its keys and values (no q) for the attention backward of every
+        # token, then whole with its graph for its own backward (offload/activations.py).
+        recompute_s={"pre": pre_fwd_s * (1 + 2 * shape.kv_dim / (shape.q_dim + 2 * shape.kv_dim)) / chunks,
+                     "post": post_fwd_s / chunks},
         all_or_nothing=("attn",),
         layer_fwd_s=layer_fwd_s,
         layer_bwd_s=layer_bwd_s,
         head_s=head_s,
-        fixed_bytes=fixed,
-        # Backward runs the token-wise parts chunk by chunk: it holds the grads of the layer's output
-        # and input ([s, h] each), two [chunk, I] MLP grads, and K/V of all tokens for the attention backward.
-        layer_workspace_bytes=(tokens * 2 * h + 2 * chunk * shape.layer.intermediate + tokens * 2 * shape.kv_dim) * wb,
-        head_bytes=head_bytes,
+        fixed_bytes={"rope": saved["shared"] * tokens},
+        layer_workspace_bytes=layer_workspace(shape, tokens, chunks, saved),
+        head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
-        meta={"tokens": tokens, "machine": machine.name, "params": p},
+        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params),
+        prefetch_depth=prefetch_depth,
+        meta={"tokens": tokens, "machine": machine.name, "params": shape.params, "kernels": sorted(kernels)},
     )
-

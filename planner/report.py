@@ -42,14 +42,20 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     lines.append(
         f"predicted step {pred['step_time_s']:.3f} s = compute {pred['compute_s']:.3f} + recompute {pred['recompute_s']:.3f} "
-        f"+ exposed transfer {pred['exposed_transfer_s']:.3f}"
+        f"+ exposed transfer {pred['exposed_transfer_s']:.3f}" + (f" + state {pred['state_s']:.3f}" if pred.get("state_s") else "")
         + (f"  ({pred['tokens_per_s']:,.0f} tokens/s)" if pred.get("tokens_per_s") else "")
     )
     peaks = pred["peak_bytes"]
     lines.append(
-        f"peak memory: gpu {peaks['gpu'] / 1e9:.2f} GB (fixed {pred['gpu_fixed_bytes'] / 1e9:.2f} GB)"
+        f"peak memory: gpu {peaks['gpu'] / 1e9:.2f} GB (fixed {pred['gpu_fixed_bytes'] / 1e9:.2f} GB, saved activations "
+        f"{pred.get('activation_peak_bytes', 0) / 1e9:.2f} GB)"
         + "".join(f" | {k} {v / 1e9:.2f} GB" for k, v in peaks.items() if k != "gpu")
     )
+    option = plan.state_option
+    if option is not None:
+        where = {"gpu": "the GPU", "cpu": "host RAM", "nvme": "NVMe"}
+        lines.append(f"optimizer state on {where[option.optimizer]}, decoder weights on {where[option.params]}"
+                     + (f" (+{pred['state_s']:.3f} s a step)" if pred.get("state_s") else ""))
     lines.append("binding: " + ("; ".join(plan.binding) if plan.binding else "nothing (the budget has room to spare)"))
     s = plan.solver
     gap = f", gap {s['gap']:.2%}" if s.get("gap") is not None else ""
@@ -57,7 +63,7 @@ def format_plan(plan: Plan) -> str:
     if plan.arena:
         a = plan.arena
         lines.append(
-            f"buffer arena: {a['size_bytes'] / 1e9:.3f} GB for the runtime's staging/prefetch/recompute buffers "
+            f"buffer arena: {a['size_bytes'] / 1e9:.3f} GB for the runtime's staging/prefetch buffers "
             f"(lower bound {a['lower_bound_bytes'] / 1e9:.3f} GB, {a['method']})"
         )
     return "\n".join(lines)

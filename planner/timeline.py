@@ -1,0 +1,118 @@
+"""What is alive on the GPU when, written once.
+
+The MILP's memory rows (milp.py), the plan evaluator (evaluate.py), the arena's buffer lifetimes (arena.py)
+and the runtime's expected residency (what offload/ measures against) all come from these functions. They
+take per-layer quantities that may be numbers or PuLP expressions alike (only + and * by numbers are used).
+
+Time steps of one micro-batch, for layers 0..L-1: forward of layer l is step l, the LM head is step L, the
+backward of layer j is step 2L - j. With prefetch depth d:
+
+  staging.<l>   layer l's offloaded bytes on their way out: written during forward l, drained during
+                forward l+1 (the head, for the last layer)                     alive [l, l+1]
+  prefetch.<l>  layer l's offloaded bytes coming back: requested when the backward of layer l+d starts (at
+                the head for the last d layers), used by the backward of l    alive [max(L, 2L-l-d), 2L-l]
+  kept          a layer's kept chunks: from its forward to the end of its backward
+  recompute     one recomputed chunk at a time, inside a layer's backward
+
+Memory at a position: what every plan holds (`fixed`: weights, gradients and optimizer state where they
+live, RoPE tables), the position's workspace (the head's, or one layer's), the kept chunks of the layers not
+yet back-propagated, the arena (staging and prefetch buffers are views into one block held for the whole
+step, so every row counts it whole), and the recompute chunk. The forward positions are implied by the
+backward ones (fewer kept chunks, the same or a smaller workspace).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .problem import Problem
+
+
+def positions(num_layers: int) -> list[str]:
+    """The positions of the memory rows, in step order: the head, then the backward of L-1 down to 0."""
+    return ["head"] + [f"backward {j}" for j in reversed(range(num_layers))]
+
+
+def staging_lifetime(l: int, num_layers: int) -> tuple[int, int]:
+    return l, l + 1
+
+
+def prefetch_lifetime(l: int, num_layers: int, depth: int) -> tuple[int, int]:
+    L = num_layers
+    return max(L, 2 * L - l - depth), 2 * L - l
+
+
+def _total(xs):
+    total = 0
+    for x in xs:
+        total = total + x
+    return total
+
+
+def arena_live(problem: Problem, off: Sequence) -> list:
+    """Bytes of staging + prefetch buffers alive at every time step (the arena must hold the largest)."""
+    L, d = problem.num_layers, max(1, problem.prefetch_depth)
+    terms: list[list] = [[] for _ in range(2 * L + 1)]
+    for l in range(L):
+        for start, end in (staging_lifetime(l, L), prefetch_lifetime(l, L, d)):
+            for t in range(start, end + 1):
+                terms[t].append(off[l])
+    return [_total(x) for x in terms]
+
+
+def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recompute) -> dict[str, dict]:
+    """Saved-activation bytes on the device per position and kind (kept / staging / prefetch / recompute): the
+    runtime's expected residency, compared kind by kind with what it measures."""
+    L, d = problem.num_layers, max(1, problem.prefetch_depth)
+    prefetch: list[list] = [[] for _ in range(2 * L + 1)]
+    for l in range(L):
+        start, end = prefetch_lifetime(l, L, d)
+        for t in range(start, end + 1):
+            prefetch[t].append(off[l])
+    out = {"head": {"kept": _total(kept), "staging": off[L - 1], "prefetch": _total(prefetch[L]), "recompute": 0}}
+    prefix = 0
+    prefixes = []
+    for l in range(L):
+        prefix = prefix + kept[l]
+        prefixes.append(prefix)
+    for j in reversed(range(L)):
+        out[f"backward {j}"] = {"kept": prefixes[j], "staging": 0, "prefetch": _total(prefetch[2 * L - j]),
+                                "recompute": recompute}
+    return out
+
+
+def gpu_rows(problem: Problem, kept: Sequence, recompute, arena, state_bytes, unit: float = 1.0) -> list:
+    """Total GPU memory at each of `positions()`: fixed + state + workspace + kept + arena (whole) + recompute.
+
+    The per-layer arguments are in the caller's unit; the problem's own byte figures are multiplied by `unit`."""
+    L = problem.num_layers
+    fixed = problem.fixed_total * unit + state_bytes
+    rows = [fixed + problem.head_bytes * unit + _total(kept) + arena]
+    prefix = 0
+    prefixes = []
+    for l in range(L):
+        prefix = prefix + kept[l]
+        prefixes.append(prefix)
+    for j in reversed(range(L)):
+        rows.append(fixed + problem.layer_workspace_bytes * unit + prefixes[j] + arena + recompute)
+    return rows
+
+
+def prefetch_window_s(problem: Problem, j: int, recompute_s: Sequence[float]) -> float:
+    """Compute time the prefetch of layer j hides behind: the backward of the layers between its request and
+    its use (with their recompute), and the head when it is requested at the end of the forward."""
+    L, d = problem.num_layers, max(1, problem.prefetch_depth)
+    window = sum(problem.layer_bwd_s + recompute_s[l] for l in range(j + 1, min(j + d, L - 1) + 1))
+    if j + d >= L:
+        window += problem.head_s
+    return window
+
+
+def state_constant_s(problem: Problem, option) -> float:
+    """Step time an optimizer/weights placement adds whatever the activations do: its own exposed time, the
+    weights' forward fetch and the gradients' backward copy beyond their layer's compute."""
+    if option is None:
+        return 0.0
+    L = problem.num_layers
+    return (option.exposed_s + L * max(0.0, option.fwd_h2d_s - problem.layer_fwd_s)
+            + L * max(0.0, option.bwd_d2h_s - problem.layer_bwd_s))

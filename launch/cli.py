@@ -124,16 +124,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def run_plan(args: argparse.Namespace) -> int:
     import json
 
+    from longtune.planner.plan import PlanInfeasible
+    from longtune.planner.report import format_plan
     from longtune.trainer.config import load_config
-    from longtune.trainer.planning import PlanInfeasible, describe, plan_for
+    from longtune.trainer.memory import load_machine, plan_memory, profile_capacities
 
     cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
-    try:
-        plan = plan_for(cfg, args.machine)
+    machine = load_machine(args.machine or cfg.memory.machine)
+    try:  # `longtune plan` always plans the activations: that is what it is for
+        plan = plan_memory(cfg, profile_capacities(cfg, machine), machine, activations=True)
     except PlanInfeasible as e:
         if args.json:
             print(json.dumps({"feasible": False, "budget_bytes": e.budget_bytes, "min_budget_bytes": e.min_budget_bytes,
-                              "missing_bytes": e.missing_bytes}))
+                              "missing_bytes": e.missing_bytes, "reason": str(e)}))
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INFEASIBLE
     out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "plan.yaml"
@@ -142,7 +145,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"feasible": True, "plan_file": str(out), **plan.to_dict()}))
     else:
-        print(describe(plan))
+        print(format_plan(plan))
         print(f"plan written to {out}")
     return EXIT_OK
 

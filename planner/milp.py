@@ -4,7 +4,7 @@ Variables: for each layer l, class c and place p (GPU, recompute, each tier), th
 n[l,c,p] in 0..G (a class that must go whole to one place gets binaries instead); one binary per placement
 of optimizer state and weights (Problem.state_options); the arena size A; the recompute chunk's size.
 Constraints and objective are evaluate.py's, built from the same description of what is alive when
-(timeline.py): the GPU memory row of the head and of every backward position (kept MARGIN_BYTES under the
+(timeline.py): the GPU memory row of the head and of every backward position (kept margin_bytes() under the
 budget, so the evaluator never sees the solver's tolerances), A above the live staging/prefetch bytes of
 every time step, D2H of layer l behind its forward and H2D behind its prefetch window (slack = exposed
 time), and tier capacities shared with the state. Bytes enter in GB to keep the numbers tame.
@@ -21,7 +21,7 @@ from typing import Optional
 
 import pulp
 
-from .evaluate import GPU, MARGIN_BYTES, RECOMPUTE, Decisions, places
+from .evaluate import GPU, RECOMPUTE, Decisions, margin_bytes, places
 from .problem import CLASSES, Problem
 from .timeline import arena_live, gpu_rows, prefetch_window_s, state_constant_s
 
@@ -91,7 +91,7 @@ class _Model:
         # One recomputed chunk is alive at a time; its size is the largest recomputed class's chunk. An
         # indicator per class keeps the LP relaxation tight.
         recompute = pulp.LpVariable("recompute_gb", 0)
-        for c in P.recompute_s:
+        for c in (P.recompute_s if RECOMPUTE in place_list else ()):
             used = pulp.LpVariable(f"recomputes_{c}", cat="Binary")
             for l in range(L):
                 self.prob += self.n[l, c, RECOMPUTE] <= G * used
@@ -107,12 +107,13 @@ class _Model:
                 self.prob += r <= self.peak
             self.prob += self.peak
         else:
-            limit = (P.budget_bytes - MARGIN_BYTES) / GB
+            limit = (P.budget_bytes - margin_bytes(P.budget_bytes)) / GB
             for i, r in enumerate(self.rows):
                 self.prob += r <= limit, f"gpu_row_{i}"
 
         recompute_s = [
-            pulp.lpSum(P.recompute_s[c] * self.n[l, c, RECOMPUTE] for c in P.recompute_s) for l in range(L)
+            pulp.lpSum(P.recompute_s[c] * self.n[l, c, RECOMPUTE] for c in P.recompute_s if (l, c, RECOMPUTE) in self.n)
+            for l in range(L)
         ]
         bwd_h2d = pulp.lpSum(o.bwd_h2d_s * y for o, y in y_state)
         exposed, link_s = [], []
@@ -120,7 +121,7 @@ class _Model:
             def link(direction: str, layer: int = l) -> pulp.LpAffineExpression:
                 return pulp.lpSum(
                     B[c] * GB / getattr(tiers[p], direction) * self.n[layer, c, p]
-                    for c in CLASSES for p in tiers
+                    for c in CLASSES for p in tiers if (layer, c, p) in self.n
                 )
             d2h = pulp.LpVariable(f"exposed_d2h_{l}", 0)
             h2d = pulp.LpVariable(f"exposed_h2d_{l}", 0)
@@ -132,7 +133,8 @@ class _Model:
             exposed += [d2h, h2d]
         for name, tier in tiers.items():
             state_on_tier = pulp.lpSum(o.tier_bytes.get(name, 0.0) / GB * y for o, y in y_state)
-            self.prob += (pulp.lpSum(B[c] * self.n[l, c, name] for l in range(L) for c in CLASSES) + state_on_tier
+            self.prob += (pulp.lpSum(B[c] * self.n[l, c, name] for l in range(L) for c in CLASSES if (l, c, name) in self.n)
+                          + state_on_tier
                           <= tier.capacity_bytes / GB)
         if not minimise_peak:
             # The whole predicted step time, constant compute included, so the gap is relative to it.
@@ -229,4 +231,6 @@ def min_gpu_budget(problem: Problem, solver: Optional[str] = None, time_limit: f
     if solution.decisions is None:
         raise TiersTooSmall(f"no plan fits even an unlimited GPU ({solution.status}): the tiers cannot hold "
                             "the optimizer state and weights placed there")
-    return pulp.value(model.peak) * GB + MARGIN_BYTES
+    peak = pulp.value(model.peak) * GB
+    # the budget b with b - margin_bytes(b) = peak, so solving at it succeeds
+    return (peak + (1 << 20)) / (1 - 1e-5) + 1.0

@@ -131,12 +131,12 @@ def fallback_decisions(problem: Problem) -> Decisions:
     """MEMO's rule as a safe default: offload the layer input and attention output to the
     largest tier, recompute every recomputable class, keep what cannot go anywhere else."""
     G = problem.chunks
-    tier = max(problem.tiers, key=lambda t: t.capacity_bytes).name if problem.tiers else None
+    tier = max(problem.tiers, key=lambda t: t.capacity_bytes).name if problem.tiers and problem.offload_activations else None
     layers = []
     for _ in range(problem.num_layers):
         layer = {}
         for c in CLASSES:
-            if c in problem.recompute_s:
+            if c in problem.recompute_s and problem.offload_activations:
                 layer[c] = {RECOMPUTE: G}
             else:
                 layer[c] = {tier or GPU: G}
@@ -204,11 +204,24 @@ def _infeasible(problem: Problem, solver: Optional[str], time_limit: float) -> P
     try:
         return PlanInfeasible(problem.budget_bytes, min_gpu_budget(problem, solver, time_limit))
     except TiersTooSmall:
-        caps = ", ".join(f"{t.name} {t.capacity_bytes / 1e9:.1f} GB" for t in problem.tiers) or "no tier off the GPU"
-        needs = [f"{o.name} needs " + ", ".join(f"{v / 1e9:.1f} GB on {k}" for k, v in o.tier_bytes.items())
-                 for o in problem.state_options if o.tier_bytes]
-        return PlanInfeasible(problem.budget_bytes, None, f"{'; '.join(needs) or 'the state'}: the tiers hold {caps} "
-                                                          "(raise memory.tiers.<tier>_gb, or move state to another tier)")
+        return PlanInfeasible(problem.budget_bytes, None, _state_shortfall(problem))
+
+
+def _state_shortfall(problem: Problem) -> str:
+    """Why no placement of the state fits the tiers, for the placement that misses by the least."""
+    caps = {t.name: t.capacity_bytes for t in problem.tiers}
+
+    def missing(o: StateOption) -> list[tuple[str, float, float]]:
+        return [(k, v, caps.get(k, 0.0)) for k, v in o.tier_bytes.items() if v > caps.get(k, 0.0)]
+
+    best = min(problem.state_options, key=lambda o: sum(v - c for _, v, c in missing(o)), default=None)
+    if best is None or not missing(best):
+        return "the tiers cannot hold what must leave the GPU"
+    tier, need, have = missing(best)[0]
+    other = "nvme" if tier == "host" else "host"
+    return (f"memory.optimizer={best.optimizer} memory.params={best.params} needs {need / 1e9:.1f} GB on the {tier} "
+            f"tier, which holds {have / 1e9:.1f} GB: {(need - have) / 1e9:.1f} GB missing "
+            f"(raise memory.tiers.{tier}_gb, or move state to {other})")
 
 
 def make_plan(

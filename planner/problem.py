@@ -181,6 +181,7 @@ class Problem:
     tiers: tuple[Tier, ...]
     state_options: tuple[StateOption, ...] = ()  # the MILP picks one; empty: nothing of the state is planned
     prefetch_depth: int = 1  # layers prefetched ahead in backward
+    offload_activations: bool = True  # False: autograd keeps every activation (no activation runtime)
     # Each second of link time (hidden or not) adds this fraction of a second to the objective,
     # so ties go to keeping over moving, and to the faster tier over the slower one.
     transfer_penalty: float = 1e-6
@@ -351,6 +352,7 @@ def build_problem(
     loss_chunk_tokens: Optional[int] = None,
     kernels: frozenset[str] = frozenset(),
     prefetch_depth: int = 1,
+    offload_activations: bool = True,
 ) -> Problem:
     """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory."""
     kernels = frozenset(kernels)
@@ -386,5 +388,6 @@ def build_problem(
         tiers=machine.tiers,
         state_options=state_options(shape, machine, layer_fwd_s, optimizer, params),
         prefetch_depth=prefetch_depth,
+        offload_activations=offload_activations,
         meta={"tokens": tokens, "machine": machine.name, "params": shape.params, "kernels": sorted(kernels)},
     )

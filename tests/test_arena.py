@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pulp
 import pytest
 
 from longtune.planner.arena import (
+    REGION_SLACK_BYTES,
     ArenaResult,
     Buffer,
     _bilevel,
@@ -17,11 +19,13 @@ from longtune.planner.arena import (
     _top,
     best_fit,
     check_no_overlap,
+    layer_region_bytes,
     plan_arena,
     runtime_buffers,
     solve_arena,
 )
 from longtune.planner.problem import CLASSES, Machine, ModelShape, build_problem
+from longtune.planner.timeline import arena_live
 
 SOLVERS = [s for s in ("HiGHS", "PULP_CBC_CMD") if s in pulp.listSolvers(onlyAvailable=True)]
 
@@ -181,21 +185,24 @@ def layer(**classes) -> dict:
 def test_runtime_buffers_names_sizes_lifetimes():
     P = tiny_problem(4)
     B = P.chunk_bytes
-    assert all(float(B[c]).is_integer() for c in CLASSES)  # the expected sizes below are exact
     decisions = [
         layer(),  # all kept: no staging, no prefetch
         layer(post={"host": 2}, attn={"nvme": 4}),
         layer(pre={"recompute": 4}, post={"recompute": 1}, input={"host": 1}),
         layer(input={"host": 3, "nvme": 1}),  # the last layer
     ]
-    off = {1: 2 * B["post"] + 4 * B["attn"], 2: B["input"], 3: 4 * B["input"]}
+    # Each tier's region of a layer: its bytes plus the runtime's per-chunk alignment slack, in 512-byte units.
+    regions = {l: layer_region_bytes(P, d) for l, d in enumerate(decisions)}
+    assert regions[0] == {}
+    assert regions[1]["host"] >= 2 * B["post"] and regions[1]["nvme"] >= 4 * B["attn"]
+    assert all(0 <= size - raw < 512 + chunks * REGION_SLACK_BYTES and size % 512 == 0
+               for size, raw, chunks in [(regions[1]["host"], 2 * B["post"], 2), (regions[3]["nvme"], B["input"], 1)])
+    off = {l: sum(r.values()) for l, r in regions.items() if r}
     L = 4
     expected = {}
     for l, size in off.items():
         expected[f"staging.{l}"] = (int(size), l, l + 1)
         expected[f"prefetch.{l}"] = (int(size), 2 * L - l - 1, 2 * L - l)
-    expected["recompute.pre"] = (int(B["pre"]), L + 1, 2 * L)
-    expected["recompute.post"] = (int(B["post"]), L + 1, 2 * L)
     buffers = runtime_buffers(P, decisions)
     assert {b.name: (b.size, b.start, b.end) for b in buffers} == expected
     # spelled out for the last layer: staging in its forward (3) and the head (4); prefetch from the head (4) to
@@ -204,18 +211,23 @@ def test_runtime_buffers_names_sizes_lifetimes():
     assert (by_name["staging.3"].start, by_name["staging.3"].end) == (3, 4)
     assert (by_name["prefetch.3"].start, by_name["prefetch.3"].end) == (4, 5)
     assert (by_name["prefetch.1"].start, by_name["prefetch.1"].end) == (6, 7)
-    # alive in the backward of j (time 2L - j): offloaded(j) + offloaded(j - 1) + one chunk per recomputed class,
-    # as evaluate.py's GPU rows count them
-    rc = B["pre"] + B["post"]
-    for j in range(L):
-        t = 2 * L - j
-        alive = sum(b.size for b in buffers if b.start <= t <= b.end)
-        assert alive == off.get(j, 0) + off.get(j - 1, 0) + rc, j
+    # alive at every time step: what timeline.arena_live (the MILP's arena rows) counts
+    live = arena_live(P, [off.get(l, 0) for l in range(L)])
+    for t in range(2 * L + 1):
+        assert sum(b.size for b in buffers if b.start <= t <= b.end) == live[t], t
 
     result = plan_arena(P, decisions, time_limit=5.0)
     check_no_overlap(buffers, result.offsets)
     assert set(result.offsets) == set(expected)
-    assert result.lower_bound == peak(buffers) <= result.size
+    assert result.lower_bound == peak(buffers) == max(live) <= result.size
+
+
+def test_deeper_prefetch_starts_earlier():
+    P = replace(tiny_problem(4), prefetch_depth=2)
+    decisions = [layer(input={"host": 4}) for _ in range(4)]
+    by_name = {b.name: b for b in runtime_buffers(P, decisions)}
+    # layer 1 comes back from the backward of layer 3 (time 5), not of layer 2; the last two at the head (4)
+    assert [(by_name[f"prefetch.{l}"].start, by_name[f"prefetch.{l}"].end) for l in range(4)] == [(6, 8), (5, 7), (4, 6), (4, 5)]
 
 
 def test_no_offload_no_buffers():

@@ -34,7 +34,7 @@ def by_part(tensors) -> dict[str, float]:
 def test_analytic_matches_measured(model_type, dtype):
     cfg = tiny(model_type)
     measured = measure_layer(cfg, dtype, seq_len=32)
-    analytic = class_bytes_per_token(LayerShape.from_hf_config(cfg, dtype))
+    analytic = class_bytes_per_token(LayerShape.from_hf_config(cfg, dtype), runtime=False)
     got = by_part(measured)
 
     assert set(got) <= {*PARTS, "shared"}, got  # every saved storage was attributed to a known producer
@@ -50,9 +50,10 @@ def test_analytic_matches_measured(model_type, dtype):
 
 
 def test_llama3_8b_bf16():
+    """What plain transformers saves (the reference the runtime improves on)."""
     h, inter = 4096, 14336
     shape = LayerShape(hidden=h, intermediate=inter, num_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
-    c = class_bytes_per_token(shape)
+    c = class_bytes_per_token(shape, runtime=False)
     total = sum(c[p] for p in PARTS)
     print(f"\nLlama-3-8B bf16 bytes/token/layer: {c} total={total:.0f} = {total / h:.2f}*h")
     kv = 8 * 128
@@ -78,3 +79,19 @@ def test_from_hf_config():
 def test_inventory_imports_no_torch():
     code = "import longtune.planner.inventory, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runtime_saves_less_than_plain_transformers_in_bf16():
+    """The runtime keeps each norm's input once in bf16 (not its fp32 upcast), and the layer input as it is."""
+    h, inter, kv = 4096, 14336, 8 * 128
+    shape = LayerShape(hidden=h, intermediate=inter, num_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+    plain, runtime = class_bytes_per_token(shape, runtime=False), class_bytes_per_token(shape)
+    assert runtime["input"] == 2 * h  # the input itself, bf16
+    assert runtime["pre"] == plain["pre"] == 4 + 2 * 2 * h + 2 * (h + 2 * kv)  # the input norm's upcast is the input
+    assert runtime["post"] == plain["post"] - 2 * h  # the residual kept in bf16, not its fp32 upcast
+    total = lambda c: sum(c[p] for p in PARTS)  # noqa: E731
+    assert total(plain) - total(runtime) == 4 * h
+    # with the RMSNorm and SwiGLU kernels: no normed copies, three MLP tensors instead of four
+    fused = class_bytes_per_token(shape, frozenset({"rmsnorm", "swiglu"}))
+    assert runtime["post"] - fused["post"] == 2 * h + 2 * inter
+    assert runtime["pre"] - fused["pre"] == 2 * h

@@ -95,23 +95,26 @@ def test_resume_moves_optimizer_state_between_tiers(tmp_path, offload_config):
 
 
 def test_streamer_keeps_few_layers_on_the_device(tiny_config):
+    from longtune.offload.dispatch import SavedTensorDispatcher, _ParamHandle
     from longtune.offload.params import ParamStreamer
 
     cfg = copy.deepcopy(tiny_config)
     cfg["model"]["config"]["num_hidden_layers"] = 6
     model = build_model(validate(cfg).model)
     streamer = ParamStreamer(model, torch.device("cpu"))
+    dispatcher = SavedTensorDispatcher()  # the memory runtime's one saved-tensor hook, the streamer plugged in
+    dispatcher.params = streamer
     resident, packed = [], []
-    pack = streamer._pack
-    streamer._pack = lambda t: packed.append(pack(t)) or packed[-1]
+    pack = dispatcher._pack
+    dispatcher._pack = lambda t: packed.append(pack(t)) or packed[-1]
     for layer in streamer.layers:
         layer.module.register_forward_hook(lambda *a: resident.append(len(streamer._resident)))
     ids = torch.randint(0, 1000, (1, 16))
-    with streamer.saving():
+    with dispatcher.hooks():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     assert max(resident) <= 2  # the layer in use and the one prefetched
-    assert any(isinstance(p, tuple) for p in packed)  # saved weight views went out as handles
+    assert any(isinstance(p, _ParamHandle) for p in packed)  # saved weight views went out as handles
     assert len(streamer._resident) == 0  # every layer freed once its gradients were in
     # Each layer once for forward and once for backward, except the last, which backward starts with.
     layer_bytes = sum(streamer._nbytes.values())
@@ -187,8 +190,10 @@ def test_smollm2_ten_steps_offloaded_equal_in_memory(tmp_path):
 
 def test_cxl_machine_puts_optimizer_state_local_and_weights_on_cxl(tmp_path, offload_config, monkeypatch):
     """The trainer's pools follow the CXL-aware policy on a (fake sysfs) machine with a CXL node."""
+    from types import SimpleNamespace
+
     import longtune.offload.numa as numa
-    from longtune.trainer.offloading import _numa_placement
+    from longtune.trainer.memory import _numa_placement
 
     root = tmp_path / "node"
     for node, cpus, gib in ((0, "0-15", 64), (1, "", 256)):
@@ -203,12 +208,14 @@ def test_cxl_machine_puts_optimizer_state_local_and_weights_on_cxl(tmp_path, off
     real = numa.read_nodes
     monkeypatch.setattr(numa, "read_nodes", lambda: real(root))
     cfg = validate({**offload_config, "memory": {"optimizer": "cpu", "params": "cpu", "tiers": {"host_gb": 100}}})
-    notes = []
-    optimizer, weights = _numa_placement(cfg, 5_000_000_000, 2, "cpu", notes)  # 80 GB of fp32 state, 10 GB of bf16 weights
+    plan = SimpleNamespace(optimizer_tier="cpu", params_tier="cpu", problem=SimpleNamespace(offload_activations=True))
+    # 80 GB of fp32 state, 10 GB of bf16 weights
+    optimizer, weights, activations, notes = _numa_placement(cfg, plan, 5_000_000_000, 2)
     assert optimizer == {"numa_nodes": [0], "interleave": False}
     assert weights == {"numa_nodes": [1], "interleave": False}
+    assert activations == {"host": {"numa_nodes": [0]}, "cxl": {"numa_nodes": [1], "interleave": False}}
     assert any("weights pool on NUMA nodes [1]" in n for n in notes)
-    optimizer, _ = _numa_placement(cfg, 10_000_000_000, 2, "cpu", notes)  # 160 GB of state straddles 100 GB
+    optimizer, *_ = _numa_placement(cfg, plan, 10_000_000_000, 2)  # 160 GB of state straddles 100 GB
     assert optimizer == {"numa_nodes": [0, 1], "interleave": True}
 
 

@@ -12,7 +12,7 @@ import difflib
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -111,13 +111,16 @@ class TiersConfig(_Section):
 class MemoryConfig(_Section):
     """What the planner spends (`longtune plan`) and where optimizer state and weights live."""
 
-    budget_gb: Optional[float] = Field(None, gt=0)  # GPU memory to spend; null: the machine's whole GPU
+    # GPU memory the plan spends on activations, state and workspace; set, it turns the activation runtime on.
+    # null: activations stay with autograd (the plan only places state); auto: the free device memory less 5%.
+    budget_gb: Optional[Union[Literal["auto"], float]] = None
     gradient_checkpointing: bool = False
     plan: str = "auto"  # auto: solve for this config | a plan.yaml to use as it is
     machine: str = "h100-pcie5"  # machine profile: bundled name, a YAML file from `longtune probe`
     plan_chunks: int = Field(16, ge=1, le=64)  # token chunks per activation class
     plan_time_limit_s: float = Field(10.0, gt=0)
     plan_gap: float = Field(0.01, ge=0, lt=1)
+    prefetch_depth: int = Field(1, ge=1, le=4)  # layers whose offloaded activations come back ahead of backward
     # fp32 master weights + Adam moments: on the GPU (torch AdamW), host RAM or NVMe (stepped on the CPU
     # during backward); decoder-layer weights: on the GPU, or streamed one layer ahead from host or NVMe.
     # auto: the GPU while it holds them with room for activations, else host, else NVMe.
@@ -134,8 +137,18 @@ class MemoryConfig(_Section):
     def _auto_tiers(cls, value):
         return {} if value == "auto" else value
 
+    @field_validator("budget_gb")
+    @classmethod
+    def _positive_budget(cls, value):
+        if value is not None and value != "auto" and value <= 0:
+            raise ValueError("must be > 0 (GB), auto, or null")
+        return value
+
     @model_validator(mode="after")
     def _tiers_fit(self) -> "MemoryConfig":
+        if self.gradient_checkpointing and (self.budget_gb is not None or self.plan != "auto"):
+            raise ValueError("memory.gradient_checkpointing and a memory plan (memory.budget_gb / memory.plan) both decide "
+                             "what is recomputed: the plan recomputes by itself; drop gradient_checkpointing")
         if self.params not in ("gpu", "auto") and self.optimizer == "gpu":
             raise ValueError(f"memory.params={self.params} needs the optimizer off the GPU too: set memory.optimizer to cpu, nvme or auto")
         if "nvme" in (self.optimizer, self.params) and not self.nvme_path:

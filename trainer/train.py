@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from longtune.planner.plan import PlanInfeasible
+
 from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, check_data_config, passkey_accuracy
+from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
-from .offloading import Offload, build_offload, early_placement
 from .model import build_model, build_tokenizer, check_model_config, count_parameters
 
 
@@ -78,19 +80,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    # No weight decay on norms and biases (1-D tensors), as is standard.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    # The fused kernel (CUDA and CPU) is torch's fastest AdamW, and the one the offloaded optimizer
-    # runs on the host: the same update rule bit for bit, so moving state off the GPU changes nothing.
-    fused = all(p.device.type in ("cuda", "cpu") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused or None)
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
     from transformers import get_scheduler
 
@@ -114,17 +103,14 @@ def check(cfg: Config) -> Path:
     return prepare_output_dir(cfg.run.output_dir)
 
 
-def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast, offload: Optional[Offload] = None) -> torch.Tensor:
+def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step; returns the step's mean loss per target token."""
     # Normalise by the label count of the whole step, so accumulation equals one big batch.
     n_targets = max(sum(b.loss_tokens for b in batches), 1)
     loss = torch.zeros((), device=device)
-    if offload is not None and offload.optimizer is not None:
-        offload.optimizer.expect_backwards(len(batches))
-    saving = offload.saving if offload is not None else contextlib.nullcontext
     for batch in batches:
         batch = batch.to(device)
-        with autocast(), saving():
+        with autocast():
             out = model(
                 input_ids=batch.input_ids,
                 position_ids=batch.position_ids,
@@ -141,7 +127,10 @@ def train(cfg: Config) -> RunResult:
     output_dir = check(cfg)
     resume_from = resolve_resume(cfg, output_dir)
     device = pick_device()
-    placement = early_placement(cfg, device)
+    try:  # before the model is built: a plan that cannot fit stops here, in seconds
+        plan = plan_memory(cfg, live_capacities(cfg, device))
+    except PlanInfeasible as e:
+        raise infeasible_error(e) from None
     seed_everything(cfg.train.seed)
     config_yaml = dump_config(cfg)
     (output_dir / "config.resolved.yaml").write_text(config_yaml)
@@ -150,7 +139,7 @@ def train(cfg: Config) -> RunResult:
     tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR if resume_from else None)
     if resume_from is None:
         tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
-    model = build_model(cfg.model, checkpoint=resume_from)  # on the host: build_offload places it
+    model = build_model(cfg.model, checkpoint=resume_from)  # on the host: the runtime places it
     n_params = count_parameters(model)  # before streamed weights leave the model
     kernels = cfg.model.kernels
     if kernels.rmsnorm or kernels.rope or kernels.swiglu or kernels.fused_ce:
@@ -165,22 +154,32 @@ def train(cfg: Config) -> RunResult:
     if isinstance(train_source, PasskeyTask) and cfg.data.passkey.eval_samples:
         eval_task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")
     loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed)
-    offload = build_offload(cfg, model, device, n_params, placement)
-    for note in offload.notes:
+    runtime = build_runtime(cfg, model, plan, device)
+    if activations_planned(cfg):
+        (output_dir / "plan.yaml").write_text(plan.to_yaml())
+        print(describe_plan(plan))
+        print(f"plan written to {output_dir / 'plan.yaml'}")
+    for note in runtime.notes:
         print(note)
     try:
-        return _train(cfg, output_dir, resume_from, device, model, n_params, offload, loader, eval_task, config_yaml)
+        return _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml)
     finally:
-        offload.close()
+        runtime.close()
 
 
-def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loader, eval_task, config_yaml) -> RunResult:
-    optimizer = offload.optimizer or build_optimizer(model, cfg)
+def describe_plan(plan) -> str:
+    from longtune.planner.report import format_plan
+
+    return format_plan(plan)
+
+
+def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml) -> RunResult:
+    optimizer = runtime.optimizer
     scheduler = build_scheduler(optimizer, cfg)
 
     state = ckpt.TrainState()
     if resume_from is not None:
-        with offload.materialized():
+        with runtime.materialized():
             state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
         loader.load_state_dict(state.data)
         print(f"resumed from {resume_from} at step {state.step} ({state.tokens_seen:,} tokens seen)")
@@ -196,12 +195,11 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loade
         f"{tokens_per_step:,} tokens/step | steps {state.step + 1}..{t.max_steps} | run folder {output_dir}"
     )
     logger = MetricsLogger(output_dir, cfg.log.sinks, t.max_steps, state.step)
-    params = [p for p in model.parameters() if p.requires_grad]
     last_loss, eval_metrics, saved_step = None, {}, state.step
 
     def save(state: ckpt.TrainState) -> None:
         state_dict = optimizer.state_dict()  # an offloaded optimizer finishes its updates first
-        with offload.materialized():
+        with runtime.materialized():
             ckpt.save_checkpoint(output_dir, state, model, _Saved(state_dict), scheduler, config_yaml, cfg.checkpoint.keep_last)
 
     def evaluate() -> dict[str, float]:
@@ -215,16 +213,14 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loade
         if state.step == 0:
             evaluate()  # the starting point, so the run shows what training changed
         for step in range(state.step + 1, t.max_steps + 1):
-            start, before = time.perf_counter(), offload.traffic()
-            loss = forward_backward(model, [next(loader) for _ in range(t.grad_accum_steps)], device, autocast, offload)
+            start, before = time.perf_counter(), runtime.traffic()
+            batches = [next(loader) for _ in range(t.grad_accum_steps)]
+            with runtime.step(len(batches)):
+                loss = forward_backward(model, batches, device, autocast)
             lr = scheduler.get_last_lr()[0]
-            if offload.optimizer is not None:  # clips, and runs what backward left of the per-layer steps
-                grad_norm = offload.optimizer.clip_and_step()
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or math.inf)
-                optimizer.step()
+            grad_norm = runtime.clip_and_step()  # an offloaded optimizer's layer updates may still be running
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            runtime.zero_grad()
             state.step, state.tokens_seen, state.data = step, state.tokens_seen + tokens_per_step, loader.state_dict()
             last_loss = float(loss)
             if not math.isfinite(last_loss):
@@ -232,7 +228,7 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loade
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
-            moved = offload.traffic()
+            moved = runtime.traffic()
             logger.advance()
             if step % cfg.log.every_n_steps == 0 or step == t.max_steps:
                 logger.log(step, {
@@ -246,7 +242,8 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, offload, loade
                     "mfu": flops_per_token * tokens_per_step / elapsed / peak if peak else None,
                     **gpu_memory_gb(device),
                     **host_memory_gb(),
-                    **{k: v - before[k] for k, v in moved.items()},  # this step's share
+                    **{k: v - before.get(k, 0.0) for k, v in moved.items()},  # this step's share
+                    **runtime.memory_metrics(),
                 })
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
                 save(state)

@@ -1,0 +1,241 @@
+"""Config -> memory plan -> runtime: the one way from a config to where every byte lives.
+
+    caps = live_capacities(cfg, device)          # longtune train: what this machine has free now
+    caps = profile_capacities(cfg, machine)      # longtune plan: what the machine profile says
+    plan = plan_memory(cfg, caps)                # the MILP decides activations, optimizer state and weights
+    runtime = build_runtime(cfg, model, plan, device)
+
+`longtune plan` and `longtune train` both go through `plan_memory`; `auto` placements are decided once, by
+the solver. Activations are planned when `memory.budget_gb` or `memory.plan` is set; otherwise autograd
+keeps them all and the plan only places the state (with every activation counted on the GPU).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+from longtune.planner.plan import Plan, PlanInfeasible, make_plan, mismatches
+from longtune.planner.problem import Machine, ModelShape, ProfileError, build_problem
+
+from .config import Config, ConfigError
+from .model import build_config
+
+GB = 1e9
+# memory.budget_gb=auto on a GPU: the free device memory less this share (at least AUTO_MARGIN_MIN_GB) for
+# the CUDA context, the allocator's rounding and fragmentation, and what the plan does not model.
+AUTO_MARGIN_SHARE, AUTO_MARGIN_MIN_GB = 0.05, 1.0
+
+
+@dataclass
+class Capacities:
+    """Bytes a run may use: the GPU budget, and each tier off it (None: the machine profile's figure)."""
+
+    gpu: float
+    host: Optional[float] = None
+    cxl: Optional[float] = None
+    nvme: Optional[float] = None
+
+
+def hf_config_dict(cfg: Config) -> dict:
+    """The transformers config as a dict, transformers' defaults filled in; reads no weights."""
+    return build_config(cfg.model).to_dict()
+
+
+def load_machine(name_or_path: str) -> Machine:
+    try:
+        return Machine.load(name_or_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"memory.machine: {e}") from None
+    except ProfileError as e:
+        raise ConfigError(f"memory.machine: {e}") from None
+
+
+def activations_planned(cfg: Config) -> bool:
+    return cfg.memory.budget_gb is not None or cfg.memory.plan != "auto"
+
+
+def profile_capacities(cfg: Config, machine: Machine) -> Capacities:
+    """What `longtune plan` spends: memory.budget_gb (else the profile's GPU), memory.tiers over the profile."""
+    t, budget = cfg.memory.tiers, cfg.memory.budget_gb
+    gpu = budget * GB if isinstance(budget, (int, float)) else machine.gpu_bytes
+    return Capacities(gpu, *(None if x is None else x * GB for x in (t.host_gb, t.cxl_gb, t.nvme_gb)))
+
+
+def live_capacities(cfg: Config, device) -> Capacities:
+    """What `longtune train` may spend on this machine now: memory.budget_gb (auto: the free device memory less
+    the margin), memory.tiers where set, else what is free (host RAM, CXL nodes, the disk under nvme_path)."""
+    import torch
+
+    t, budget = cfg.memory.tiers, cfg.memory.budget_gb
+    if device.type == "cuda":
+        free = float(torch.cuda.mem_get_info(device)[0])
+    else:  # the CPU is the device: its memory is the "GPU" budget
+        free = float(psutil.virtual_memory().available)
+    if budget == "auto":
+        gpu = free - max(AUTO_MARGIN_SHARE * free, AUTO_MARGIN_MIN_GB * GB)
+    else:
+        gpu = budget * GB if budget is not None else free
+    host = t.host_gb * GB if t.host_gb is not None else float(psutil.virtual_memory().available)
+    cxl = t.cxl_gb * GB if t.cxl_gb is not None else _cxl_free()
+    nvme = 0.0
+    if cfg.memory.nvme_path:
+        nvme = t.nvme_gb * GB if t.nvme_gb is not None else float(shutil.disk_usage(_existing_parent(cfg.memory.nvme_path)).free)
+    return Capacities(gpu, host, cxl, nvme)
+
+
+def _cxl_free() -> float:
+    from longtune.offload.numa import cxl_nodes, read_nodes
+
+    try:
+        return float(sum(n.free_bytes for n in cxl_nodes(read_nodes())))
+    except OSError:
+        return 0.0
+
+
+def _existing_parent(path: str) -> Path:
+    p = Path(path).expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None):
+    """The planner's Problem for this config on `machine` with `caps`."""
+    mem = cfg.memory
+    try:
+        shape = ModelShape.from_hf_config(hf_config_dict(cfg), cfg.model.dtype)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model: the planner cannot size this model: {e}") from None
+    tokens = cfg.data.seq_len * cfg.train.micro_batch_size
+    if mem.plan_chunks > cfg.data.seq_len:
+        raise ConfigError(f"memory.plan_chunks={mem.plan_chunks} is more than the {cfg.data.seq_len} tokens of a sequence")
+    k = cfg.model.kernels
+    kernels = frozenset(name for name, on in (("rmsnorm", k.rmsnorm), ("rope", k.rope), ("swiglu", k.swiglu)) if on)
+    machine = machine.with_capacities(caps.gpu, host=caps.host, cxl=caps.cxl, nvme=caps.nvme)
+    try:
+        return build_problem(
+            shape, tokens, machine, budget_bytes=caps.gpu, chunks=mem.plan_chunks, optimizer=mem.optimizer,
+            params=mem.params, loss_chunk_tokens=_ce_chunk_tokens(cfg, shape, tokens) if k.fused_ce else None,
+            kernels=kernels, prefetch_depth=mem.prefetch_depth,
+            offload_activations=activations_planned(cfg) if activations is None else activations)
+    except ValueError as e:
+        raise ConfigError(f"memory: {e}") from None
+
+
+def _ce_chunk_tokens(cfg: Config, shape: ModelShape, tokens: int) -> int:
+    """The chunk the fused loss will use, so the plan counts the head workspace it really needs."""
+    from longtune.kernels.fused_ce import default_chunk_size
+
+    return cfg.model.kernels.ce_chunk_tokens or default_chunk_size(tokens, shape.layer.hidden, shape.vocab)
+
+
+def plan_memory(cfg: Config, caps: Capacities, machine: Optional[Machine] = None,
+                activations: Optional[bool] = None) -> Plan:
+    """The plan of this run: memory.plan's file (checked against this config and machine) or a solved one.
+
+    Raises PlanInfeasible when nothing fits, ConfigError for a plan file that does not fit this run."""
+    machine = machine or load_machine(cfg.memory.machine)
+    problem = planning_problem(cfg, machine, caps, activations)
+    mem = cfg.memory
+    if mem.plan != "auto":
+        plan = read_plan(mem.plan)
+        wrong = mismatches(plan.problem, problem)
+        if wrong:
+            raise ConfigError(f"memory.plan: {mem.plan} was made for another run: it has {'; '.join(wrong)} "
+                              "(solve a new one with `longtune plan`, or memory.plan=auto)")
+        return plan
+    return make_plan(problem, time_limit=mem.plan_time_limit_s, gap=mem.plan_gap)
+
+
+def read_plan(path: str) -> Plan:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"memory.plan: {path} does not exist")
+    try:
+        return Plan.from_yaml(p.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"memory.plan: {path} is not a longtune plan: {e}") from None
+
+
+def infeasible_error(e: PlanInfeasible) -> ConfigError:
+    """A plan that does not fit, as the one-line config error `longtune train` exits 2 with."""
+    return ConfigError(str(e))
+
+
+# --- the runtime -------------------------------------------------------------------------------
+
+
+def build_runtime(cfg: Config, model, plan: Plan, device):
+    """The MemoryRuntime that carries out `plan` for this config; the model is moved where the plan says."""
+    from longtune.offload.nvme import NvmeError
+    from longtune.offload.runtime import MemoryRuntime, RuntimeOptions
+
+    t, o, mem = cfg.train, cfg.optim, cfg.memory
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    weight_bytes = next(model.parameters()).element_size()
+    numa_optimizer, numa_weights, numa_tiers, notes = _numa_placement(cfg, plan, n_params, weight_bytes)
+    options = RuntimeOptions(
+        device=device, lr=t.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+        clip_grad_norm=t.clip_grad_norm, activations=plan.problem.offload_activations,
+        prefetch_depth=mem.prefetch_depth, nvme_path=mem.nvme_path, nvme_checksum=mem.nvme_checksum,
+        nvme_backend=mem.nvme_backend, cpu_adam=mem.cpu_adam, numa_optimizer=numa_optimizer,
+        numa_weights=numa_weights, numa_activations=numa_tiers)
+    if "nvme" in _tiers_used(plan) and not mem.nvme_path:
+        raise ConfigError("the plan puts data on nvme: set memory.nvme_path to a folder on the NVMe drive")
+    try:
+        runtime = MemoryRuntime(model, plan, options)
+    except NvmeError as e:
+        raise ConfigError(f"memory.nvme_path: {e}") from None
+    runtime.notes[:0] = notes
+    return runtime
+
+
+def _tiers_used(plan: Plan) -> set[str]:
+    used = {plan.optimizer_tier, plan.params_tier}
+    if plan.problem.offload_activations:
+        used |= {p for layer in plan.layers for d in layer.values() for p in d}
+    return used
+
+
+def _numa_placement(cfg: Config, plan: Plan, n_params: int, weight_bytes: int):
+    """NUMA binding of the host pools, by the CXL-aware policy (Liaw & Chen): fp32 optimizer state prefers
+    local DRAM; the weights (model dtype) and activations may go to CXL; a pool that straddles the local budget
+    is interleaved over local + CXL nodes. With no CXL node everything is bound to the local node (a real
+    mbind) and a cxl tier is emulated there."""
+    # numa is looked up at call time, so a test can stand a fake sysfs tree in for read_nodes.
+    from longtune.offload.numa import cxl_nodes, local_nodes, read_nodes
+    from longtune.offload.placement import PlacementRequest, TensorKind, place
+    from longtune.planner.problem import HOST_OPTIMIZER_BYTES
+
+    notes: list[str] = []
+    try:
+        nodes = read_nodes()
+    except OSError:
+        return {}, {}, {}, notes
+    local, cxl = local_nodes(nodes), cxl_nodes(nodes)
+    if not local:
+        return {}, {}, {}, notes
+    bind_local = {"numa_nodes": [local[0].id]}
+    if not cxl:
+        if {plan.optimizer_tier, plan.params_tier} & {"cpu", "nvme"} or plan.problem.offload_activations:
+            notes.append(f"host tier bound to NUMA node {local[0].id}; no CXL node: the cxl tier is emulated on node {local[0].id}")
+        return bind_local, bind_local, {"host": bind_local, "cxl": bind_local}, notes
+    budget = cfg.memory.tiers.host_gb * GB if cfg.memory.tiers.host_gb is not None else sum(n.free_bytes for n in local)
+    requests = [PlacementRequest("optimizer", HOST_OPTIMIZER_BYTES * n_params, TensorKind.FP32_MOMENTUM)]
+    if plan.params_tier == "cpu":
+        requests.append(PlacementRequest("weights", weight_bytes * n_params, TensorKind.BF16_WEIGHT))
+    try:
+        placements = place(requests, nodes, int(budget))
+    except ValueError as e:
+        raise ConfigError(f"memory.tiers: {e}") from None
+    for p in placements:
+        notes.append(f"{p.name} pool on NUMA nodes {list(p.nodes)}{' interleaved' if p.interleave else ''} "
+                     f"({p.local_bytes / GB:.1f} GB local, {p.cxl_bytes / GB:.1f} GB CXL)")
+    kwargs = [{"numa_nodes": list(p.nodes), "interleave": p.interleave} for p in placements]
+    striped = {"numa_nodes": [n.id for n in cxl], "interleave": len(cxl) > 1}
+    return kwargs[0], (kwargs[1] if len(kwargs) > 1 else {}), {"host": bind_local, "cxl": striped}, notes

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from .arena import plan_arena
-from .evaluate import GPU, RECOMPUTE, Decisions, Evaluation, evaluate
+from .evaluate import GPU, RECOMPUTE, Decisions, Evaluation, check_shape, evaluate
 from .milp import SolverError, TiersTooSmall, min_gpu_budget, solve_schedule
 from .problem import CLASSES, Problem, StateOption, Tier
 
@@ -271,6 +271,19 @@ def make_plan(
     plan = Plan(problem, decisions, predicted(problem, ev, state), info, binding_constraints(problem, ev), arena, state)
     plan.solver["total_s"] = time.perf_counter() - start
     return plan
+
+
+def plan_of(problem: Problem, decisions: Decisions, state: Optional[str] = None, how: str = "given") -> Plan:
+    """A Plan for decisions made elsewhere (by hand, a test, another tool): checked, costed, its arena packed."""
+    errors = check_shape(problem, decisions)
+    if errors:
+        raise ValueError("; ".join(errors))
+    state = state if state is not None else (problem.state(None).name if problem.state_options else None)
+    arena = _arena_summary(problem, decisions)
+    ev = evaluate(problem, decisions, state, arena_bytes=arena["size_bytes"])
+    return Plan(problem, decisions, predicted(problem, ev, state), {"name": how, "status": "given", "solve_s": 0.0,
+                                                                        "gap": None}, binding_constraints(problem, ev),
+                arena, state)
 
 
 def _fallback(problem: Problem):

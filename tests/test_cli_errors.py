@@ -81,6 +81,11 @@ def run_folder(path: Path, cfg: dict, steps: dict[int, bool] | None = None) -> P
     pytest.param(["train..lr=1"], ["override key 'train..lr' has an empty part"], id="empty-key-part"),
     pytest.param(["=3"], ["override '=3'", "key.sub=value"], id="empty-key"),
     pytest.param(["data.kind=jsonl"], ["data.kind=jsonl needs data.path"], id="file-data-without-path"),
+    pytest.param(["memory.budget_gb=-3"], ["memory.budget_gb", "must be > 0 (GB), auto, or null"], id="negative-budget"),
+    pytest.param(["memory.budget_gb=lots"], ["memory.budget_gb", "got 'lots'"], id="budget-not-a-number"),
+    pytest.param(["memory.budget_gb=2", "memory.gradient_checkpointing=true"],
+                 ["memory.gradient_checkpointing and a memory plan", "drop gradient_checkpointing"], id="plan-and-checkpointing"),
+    pytest.param(["memory.prefetch_depth=0"], ["memory.prefetch_depth", "expected a number >= 1"], id="prefetch-depth"),
 ])
 def test_bad_override(capsys, cfg_path, overrides, expected):
     message = cli_error(capsys, "train", cfg_path, *overrides)
@@ -357,14 +362,14 @@ def test_process_help():
 
 def test_print_config_applies_typed_overrides(capsys, cfg_path):
     rc = main(["train", str(cfg_path), "train.max_steps=7", "train.lr=1e-4", "data.packing=false",
-               "memory.gradient_checkpointing=true", "memory.budget_gb=2.5", "train.clip_grad_norm=null",
+               "memory.prefetch_depth=2", "memory.budget_gb=2.5", "train.clip_grad_norm=null",
                "log.sinks=[console,jsonl]", "optim.betas=[0.9,0.99]", "--print-config"])
     out, err = capsys.readouterr()
     assert rc == 0 and err == ""
     cfg = yaml.safe_load(out)
     assert cfg["train"]["max_steps"] == 7 and type(cfg["train"]["max_steps"]) is int
     assert cfg["train"]["lr"] == 0.0001 and type(cfg["train"]["lr"]) is float
-    assert cfg["data"]["packing"] is False and cfg["memory"]["gradient_checkpointing"] is True
+    assert cfg["data"]["packing"] is False and cfg["memory"]["prefetch_depth"] == 2
     assert cfg["memory"]["budget_gb"] == 2.5
     assert cfg["train"]["clip_grad_norm"] is None
     assert cfg["log"]["sinks"] == ["console", "jsonl"]

@@ -206,14 +206,15 @@ class ActivationRuntime:
             out, lse = attention_forward(qbuf.transpose(1, 2), kbuf.transpose(1, 2), vbuf.transpose(1, 2), st.docs,
                                          split.scale)
             del qbuf, kbuf, vbuf
+            flat = _chunk_major(out, st.bounds)
+            del out
             with d.scope(l, "attn", places["attn"][0]):
-                st.out, st.lse = d.stash_tensor(out), d.stash_tensor(lse)
-            aliases.append(out.untyped_storage().data_ptr())
+                st.out, st.lse = d.stash_tensor(flat), d.stash_tensor(lse)
+            aliases.append(flat.untyped_storage().data_ptr())
             d.aliases[aliases[-1]] = st.out.stored
             y = x.new_empty(b, s, h)
-            tokens = out.transpose(1, 2)  # [b, s, nq, d]: the kernel's own buffer
             for i, (a, e) in enumerate(st.bounds):
-                attn_i = tokens[:, a:e].reshape(b, e - a, nq * hd)
+                attn_i = _attn_chunk(flat, st.bounds[i], b, nq, hd).view(b, e - a, nq * hd)
                 place = places["post"][i]
                 if place == RECOMPUTE:
                     with torch.no_grad():
@@ -305,8 +306,7 @@ class ActivationRuntime:
                 dk = torch.zeros(b, nkv, s, hd, dtype=acc, device=dy.device)
                 dv = torch.zeros_like(dk)
                 dx = torch.empty_like(dy)
-                out, lse = st.out.tensor(), st.lse.tensor()
-                tokens = out.transpose(1, 2)
+                flat, lse = st.out.tensor(), st.lse.tensor()
                 for i in reversed(range(len(st.bounds))):
                     a, e = st.bounds[i]
                     cos_i, sin_i = st.cos[:, a:e], st.sin[:, a:e]
@@ -314,7 +314,7 @@ class ActivationRuntime:
                     graph, scope = st.post[i], None
                     if graph is None:
                         xl = st.inputs[i].tensor().detach().requires_grad_()
-                        al = tokens[:, a:e].reshape(b, e - a, nq * hd).detach().requires_grad_()
+                        al = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd).detach().requires_grad_()
                         with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
                             outs, ins = [split.post(xl, al)], [xl, al]
                     else:
@@ -337,7 +337,8 @@ class ActivationRuntime:
                         q = graph.refs[0].tensor()
                         outs, ins = graph.outs, graph.ins
                     dout = dattn.view(b, e - a, nq, hd).transpose(1, 2)
-                    dq = attention_backward_chunk(dout, q, K, V, out[:, :, a:e], lse[:, :, a:e], st.docs, a, e,
+                    out_i = _attn_chunk(flat, (a, e), b, nq, hd).transpose(1, 2)
+                    dq = attention_backward_chunk(dout, q, K, V, out_i, lse[:, :, a:e], st.docs, a, e,
                                                   split.scale, dk, dv)
                     del q, dout, dattn
                     grads = torch.autograd.grad(outs, ins + param_edges, [dq, dk[:, :, a:e].to(dy.dtype),
@@ -374,6 +375,26 @@ class ActivationRuntime:
                 k, v = graph.refs[1].tensor(), graph.refs[2].tensor()
             kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)
         return kbuf.transpose(1, 2), vbuf.transpose(1, 2)
+
+
+def _chunk_major(out: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """The attention output [b, nq, s, d] (a view of a [b, s, nq, d] buffer) as one flat buffer in which each
+    token chunk's [b, t, nq, d] is contiguous, so o_proj reads a chunk without copying it (and the copy would be
+    saved). One row: the kernel's own buffer already is that; several rows: one copy."""
+    b, nq, s, d = out.shape
+    tokens = out.transpose(1, 2)
+    if b == 1 and tokens.is_contiguous():
+        return tokens.reshape(-1)
+    flat = out.new_empty(b * s * nq * d)
+    for a, e in bounds:
+        flat[b * a * nq * d: b * e * nq * d].view(b, e - a, nq, d).copy_(tokens[:, a:e])
+    return flat
+
+
+def _attn_chunk(flat: torch.Tensor, bound: tuple[int, int], b: int, nq: int, d: int) -> torch.Tensor:
+    """Chunk [a, e) of the attention output, [b, e - a, nq, d], from `_chunk_major`'s buffer."""
+    a, e = bound
+    return flat[b * a * nq * d: b * e * nq * d].view(b, e - a, nq, d)
 
 
 def _accumulate(sums: list, grads) -> None:

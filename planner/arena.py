@@ -38,7 +38,7 @@ import pulp
 
 from .evaluate import GPU, RECOMPUTE, Decisions
 from .problem import Problem
-from .timeline import prefetch_lifetime, staging_lifetime
+from .timeline import REGION_SLACK_BYTES, prefetch_lifetime, staging_lifetime
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,6 @@ def runtime_buffers(problem: Problem, decisions: Decisions) -> list[Buffer]:
             out.append(Buffer(f"staging.{l}", size, *staging_lifetime(l, L)))
             prefetch.append(Buffer(f"prefetch.{l}", size, *prefetch_lifetime(l, L, depth)))
     return out + prefetch
-
-
-REGION_SLACK_BYTES = 1024  # per offloaded chunk: the runtime aligns each stored storage (a dozen a chunk) to 64 bytes
 
 
 def layer_region_bytes(problem: Problem, layer: dict[str, dict[str, int]]) -> dict[str, int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .problem import CLASSES, Problem
-from .timeline import activation_residency, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
+from .timeline import ARENA_CHUNK_OVERHEAD, activation_residency, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
 
 GPU, RECOMPUTE = "gpu", "recompute"
 # decisions[l][class][place] = number of chunks; place is "gpu", "recompute" or a tier name.
@@ -81,12 +81,14 @@ def check_shape(problem: Problem, decisions: Decisions) -> list[str]:
     return errors
 
 
-def layer_bytes(problem: Problem, decisions: Decisions) -> tuple[list[float], list[float], float]:
-    """(kept bytes per layer, offloaded bytes per layer, the recompute chunk's bytes)."""
+def layer_bytes(problem: Problem, decisions: Decisions, overhead: float = 0.0) -> tuple[list[float], list[float], float]:
+    """(kept bytes per layer, offloaded bytes per layer, the recompute chunk's bytes); `overhead` per offloaded
+    chunk (timeline.ARENA_CHUNK_OVERHEAD: the offloaded bytes as the arena holds them)."""
     B = problem.chunk_bytes
     tiers = {t.name for t in problem.tiers}
     kept = [sum(B[c] * d.get(GPU, 0) for c, d in layer.items()) for layer in decisions]
-    off = [sum(B[c] * n for c, d in layer.items() for p, n in d.items() if p in tiers) for layer in decisions]
+    off = [sum((B[c] + overhead) * n for c, d in layer.items() for p, n in d.items() if p in tiers)
+           for layer in decisions]
     recompute = max((B[c] for c in CLASSES if any(layer[c].get(RECOMPUTE, 0) for layer in decisions)), default=0.0)
     return kept, off, recompute
 
@@ -111,7 +113,7 @@ def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None
     option = problem.state(state)
     B, L = problem.chunk_bytes, problem.num_layers
     kept, off, recompute = layer_bytes(problem, decisions)
-    live = arena_live(problem, off)
+    live = arena_live(problem, layer_bytes(problem, decisions, ARENA_CHUNK_OVERHEAD)[1])
     arena = max(live) if arena_bytes is None else arena_bytes
     rows = gpu_rows(problem, kept, recompute, arena, option.gpu_total if option else 0.0)
 
@@ -162,6 +164,7 @@ def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None
         tier_bytes=tier_bytes,
         exposed_d2h_s=d2h,
         exposed_h2d_s=h2d,
-        residency=activation_residency(problem, kept, off, recompute),
+        residency=activation_residency(problem, kept, off, [
+            max((B[c] for c, d in layer.items() if d.get(RECOMPUTE, 0)), default=0.0) for layer in decisions]),
         violations=violations,
     )

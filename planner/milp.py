@@ -23,7 +23,7 @@ import pulp
 
 from .evaluate import GPU, RECOMPUTE, Decisions, margin_bytes, places
 from .problem import CLASSES, Problem
-from .timeline import arena_live, gpu_rows, prefetch_window_s, state_constant_s
+from .timeline import ARENA_CHUNK_OVERHEAD, arena_live, gpu_rows, prefetch_window_s, state_constant_s
 
 GB = 1e9
 
@@ -87,7 +87,9 @@ class _Model:
             return pulp.lpSum(B[c] * v for (ll, c, p), v in self.n.items() if ll == l and pred(p))
 
         kept = [bytes_where(l, lambda p: p == GPU) for l in range(L)]
-        off = [bytes_where(l, lambda p: p in tiers) for l in range(L)]
+        # offloaded bytes as the arena holds them: each chunk with its region's alignment slack
+        off = [pulp.lpSum((B[c] + ARENA_CHUNK_OVERHEAD / GB) * v for (ll, c, p), v in self.n.items() if ll == l and p in tiers)
+               for l in range(L)]
         # One recomputed chunk is alive at a time; its size is the largest recomputed class's chunk. An
         # indicator per class keeps the LP relaxation tight.
         recompute = pulp.LpVariable("recompute_gb", 0)

@@ -27,6 +27,12 @@ from typing import Sequence
 
 from .problem import Problem
 
+# The runtime aligns each stored storage (a dozen a chunk) to 64 bytes: a layer's region for a tier holds its
+# chunks' bytes plus this slack per chunk, rounded up to 512 bytes (arena.layer_region_bytes). The arena rows
+# count each offloaded chunk with REGION_SLACK_BYTES + 512 more, an upper bound of what the regions take.
+REGION_SLACK_BYTES = 1024
+ARENA_CHUNK_OVERHEAD = REGION_SLACK_BYTES + 512
+
 
 def positions(num_layers: int) -> list[str]:
     """The positions of the memory rows, in step order: the head, then the backward of L-1 down to 0."""
@@ -60,9 +66,10 @@ def arena_live(problem: Problem, off: Sequence) -> list:
     return [_total(x) for x in terms]
 
 
-def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recompute) -> dict[str, dict]:
+def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recompute: Sequence) -> dict[str, dict]:
     """Saved-activation bytes on the device per position and kind (kept / staging / prefetch / recompute): the
-    runtime's expected residency, compared kind by kind with what it measures."""
+    runtime's expected residency, compared kind by kind with what it measures. `recompute[j]` is the largest
+    chunk layer j recomputes (the memory rows reserve the step's largest in every row instead: a tighter LP)."""
     L, d = problem.num_layers, max(1, problem.prefetch_depth)
     prefetch: list[list] = [[] for _ in range(2 * L + 1)]
     for l in range(L):
@@ -77,7 +84,7 @@ def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recomp
         prefixes.append(prefix)
     for j in reversed(range(L)):
         out[f"backward {j}"] = {"kept": prefixes[j], "staging": 0, "prefetch": _total(prefetch[2 * L - j]),
-                                "recompute": recompute}
+                                "recompute": recompute[j]}
     return out
 
 

@@ -1,0 +1,248 @@
+"""The activation runtime carries out a plan inside autograd and changes nothing but memory.
+
+Every plan (keep, offload to host or NVMe, recompute; each class, token splits of 0, 1/4, 1/2 and all of the
+chunks; mixed plans from the solver) gives the plain transformers model's loss and every parameter gradient
+(fp32 on the CPU: max abs difference <= 1e-6 x the gradient's norm), with one document per row and with
+packed documents; what the runtime stashes per class equals the planner's inventory byte for byte; its
+measured residency equals the plan's prediction; a slow tier is hidden by prefetch when the depth allows.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from longtune.offload.runtime import MemoryRuntime, RuntimeOptions
+from longtune.planner.inventory import LayerShape, class_bytes_per_token
+from longtune.planner.evaluate import margin_bytes
+from longtune.planner.milp import min_gpu_budget
+from longtune.planner.plan import make_plan, plan_of
+from longtune.planner.problem import CLASSES, Machine, ModelShape, Tier, build_problem
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+G = 4  # chunks per class
+SEQ = 48
+
+
+def tiny(model_type: str, layers: int = 2) -> dict:
+    cfg = {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512,
+           "tie_word_embeddings": False}
+    if model_type == "qwen3":
+        cfg["head_dim"] = 16  # != hidden / heads
+    return cfg
+
+
+def build(cfg: dict, dtype=torch.float32):
+    c = dict(cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c), attn_implementation="sdpa",
+                                             dtype=dtype)
+    model.config.use_cache = False
+    return model.train()
+
+
+def machine(link_gbps: float = 10.0) -> Machine:
+    return Machine("test", 1e12, 1e12, 0.5, 0.5, (Tier("host", 1e12, link_gbps * 1e9, link_gbps * 1e9),
+                                                   Tier("nvme", 1e12, link_gbps * 5e8, link_gbps * 5e8)))
+
+
+def problem(cfg: dict, tokens: int = SEQ, dtype: str = "float32", depth: int = 1, budget: float = 1e12, **kw):
+    shape = ModelShape.from_hf_config(cfg, dtype)
+    return build_problem(shape, tokens, kw.pop("machine", None) or machine(), budget, chunks=G, prefetch_depth=depth, **kw)
+
+
+def uniform(layers: int, **classes) -> list[dict]:
+    """Every layer the same; a class not named stays on the GPU."""
+    return [{c: dict(classes.get(c, {"gpu": G})) for c in CLASSES} for _ in range(layers)]
+
+
+def grads_of(model, ids, position_ids=None, labels=None):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, position_ids=position_ids, labels=ids if labels is None else labels, use_cache=False)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_plan(model, plan, ids, tmp_path, position_ids=None, depth: int = 1, delay: float = 0.0):
+    runtime = MemoryRuntime(model, plan, RuntimeOptions(torch.device("cpu"), activations=True, prefetch_depth=depth,
+                                                        nvme_path=str(tmp_path / "nvme"), copy_delay_s=delay))
+    try:
+        with runtime.step(1):
+            got = grads_of(model, ids, position_ids)
+        return got, runtime
+    finally:
+        runtime.close()
+
+
+def assert_same(ref, got, rel: float = 1e-6):
+    assert torch.allclose(got[0], ref[0], rtol=1e-6, atol=0), (got[0], ref[0])
+    assert ref[1].keys() == got[1].keys()
+    for name, g in ref[1].items():
+        err = (got[1][name] - g).abs().max().item()
+        assert err <= rel * g.norm().item(), (name, err, g.norm().item())
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Each family's tiny model and its plain gradients (one document, and packed documents)."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (1, SEQ))
+    packed_pos = torch.cat([torch.arange(n) for n in (5, 17, 1, 25)]).unsqueeze(0)  # documents cross chunk edges
+    out = {}
+    for family in FAMILIES:
+        model = build(tiny(family))
+        out[family] = (model, ids, grads_of(model, ids), packed_pos, grads_of(model, ids, packed_pos))
+    return out
+
+
+def class_plans():
+    """(class, place, chunks there) for each class, place and token split."""
+    for cls in CLASSES:
+        places = ["host", "nvme"] + (["recompute"] if cls in ("pre", "post") else [])
+        splits = [G] if cls == "attn" else [1, 2, G]  # 0 of the chunks is the all-kept plan
+        for place in places:
+            for n in splits:
+                yield cls, place, n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_class_place_and_token_split_is_exact(family, models, tmp_path):
+    model, ids, ref, _, _ = models[family]
+    P = problem(tiny(family))
+    cases = [(None, "gpu", 0), *class_plans()]
+    for cls, place, n in cases:
+        counts = {} if cls is None else {cls: {place: n, **({"gpu": G - n} if n < G else {})}}
+        plan = plan_of(P, uniform(2, **counts))
+        got, runtime = run_plan(model, plan, ids, tmp_path)
+        assert_same(ref, got)
+        assert runtime.dispatcher.stash.unplanned_bytes == 0, (cls, place, n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents_are_exact(family, models, tmp_path):
+    """Attention never crosses a document: per-document calls of the core, equal to transformers' masked sdpa."""
+    model, ids, _, pos, ref = models[family]
+    P = problem(tiny(family))
+    plan = plan_of(P, [uniform(1, input={"host": G}, pre={"recompute": 2, "gpu": 2}, attn={"nvme": G},
+                               post={"recompute": 1, "host": 3})[0],
+                       uniform(1, pre={"host": G}, post={"recompute": G})[0]])
+    got, _ = run_plan(model, plan, ids, tmp_path, pos)
+    assert_same(ref, got)
+
+
+def test_solver_plans_at_several_budgets_are_exact_and_measured_as_predicted(tmp_path):
+    """Mixed plans straight from the solver (slow link: every kind of decision pays somewhere), 4 layers, batch 2:
+    exact, and the runtime's measured device residency equals the plan's prediction at every position."""
+    cfg = tiny("llama", layers=4)
+    model = build(cfg)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 256, (2, SEQ))
+    ref = grads_of(model, ids)
+    slow = machine(link_gbps=1e-6)  # so slow that offloading competes with recomputing
+    base = problem(cfg, tokens=2 * SEQ, machine=slow)
+    keep_all = plan_of(base, uniform(4)).predicted["peak_bytes"]["gpu"]
+    keep_all += margin_bytes(keep_all) * 1.01  # the budget that keeps everything: the solver keeps a margin below it
+    low = min_gpu_budget(base, gap=0)
+    seen = set()
+    for frac in (0.0, 0.3, 0.6, 1.0):
+        plan = make_plan(base.with_budget(low + frac * (keep_all - low)), gap=0)
+        seen |= {p for layer in plan.layers for d in layer.values() for p in d}
+        got, runtime = run_plan(model, plan, ids, tmp_path)
+        assert_same(ref, got)
+        r = runtime.dispatcher.residency
+        expected = plan.evaluation().residency
+        for position, kinds in expected.items():
+            assert r.phase_peaks.get(position, 0) == pytest.approx(sum(kinds.values()), abs=64 * G * 8), position
+        assert r.device_peak <= plan.predicted["activation_peak_bytes"] + 64 * G * 8
+    assert {"gpu", "recompute", "host"} <= seen  # the budgets spanned real trade-offs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_stashes_the_planners_inventory_byte_for_byte(family, dtype, tmp_path):
+    cfg = tiny(family)
+    model = build(cfg, getattr(torch, dtype))
+    ids = torch.randint(0, 256, (1, 64))
+    P = problem(cfg, tokens=64, dtype=dtype)
+    _, runtime = run_plan(model, plan_of(P, uniform(2)), ids, tmp_path)
+    per_token = class_bytes_per_token(LayerShape.from_hf_config(cfg, dtype))
+    for l in range(2):
+        for cls in CLASSES:
+            assert runtime.dispatcher.class_bytes[l, cls] == per_token[cls] * 64, (l, cls)
+
+
+@pytest.mark.parametrize("kernels", [("rmsnorm",), ("swiglu",), ("rmsnorm", "rope", "swiglu")])
+def test_inventory_with_kernels(kernels, tmp_path):
+    """With longtune's kernels patched in, the runtime saves what the kernels save, as the planner counts."""
+    from longtune.kernels.patch import apply_kernels
+
+    cfg = tiny("qwen3")
+    model = build(cfg)
+    apply_kernels(model, **{k: k in kernels for k in ("rmsnorm", "rope", "swiglu")}, fused_ce=False)
+    ids = torch.randint(0, 256, (1, 32))
+    plain = grads_of(model, ids)
+    P = problem(cfg, tokens=32, kernels=frozenset(kernels))
+    got, runtime = run_plan(model, plan_of(P, uniform(2, pre={"recompute": 2, "host": 2}, post={"host": G})), ids, tmp_path)
+    assert_same(plain, got, rel=1e-5)
+    full = class_bytes_per_token(LayerShape.from_hf_config(cfg, "float32"), frozenset(kernels))
+    assert runtime.dispatcher.class_bytes[0, "post"] == full["post"] * 32
+    assert runtime.dispatcher.class_bytes[0, "input"] == full["input"] * 32
+
+
+def test_bf16_plans_match_plain_bf16(tmp_path):
+    """bf16: the same plans give the plain bf16 model's loss, and gradients to bf16 rounding."""
+    cfg = tiny("llama")
+    model = build(cfg, torch.bfloat16)
+    ids = torch.randint(0, 256, (1, SEQ))
+    ref = grads_of(model, ids)
+    P = problem(cfg, dtype="bfloat16")
+    got, _ = run_plan(model, plan_of(P, uniform(2, input={"host": G}, pre={"recompute": 2, "nvme": 2},
+                                              attn={"host": G}, post={"recompute": 3, "gpu": 1})), ids, tmp_path)
+    assert torch.equal(got[0], ref[0])
+    for name, g in ref[1].items():
+        assert (got[1][name].float() - g.float()).abs().max() <= 2 ** -7 * g.float().norm(), name
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    from longtune.offload.layer_split import UnsupportedModel, check_supported
+
+    with pytest.raises(UnsupportedModel, match="llama, mistral, qwen2, qwen3"):
+        check_supported(AutoConfig.for_model("gpt2"), 64)
+    mistral = AutoConfig.for_model("mistral", sliding_window=32)
+    with pytest.raises(UnsupportedModel, match="sliding-window attention"):
+        check_supported(mistral, 64)
+
+
+def test_a_slow_tier_is_hidden_when_prefetch_depth_allows(tmp_path):
+    """Every copy takes `delay` on the host-to-device mover. The backward of a layer (made slow on purpose) hides
+    its prefetch of the layer below: compute never waits on it. With no compute to hide behind (a fast layer),
+    the wait is measured, about `delay` per layer."""
+    cfg = tiny("llama", layers=4)
+    model = build(cfg)
+    ids = torch.randint(0, 256, (1, SEQ))
+    plan = plan_of(problem(cfg), uniform(4, input={"host": G}, attn={"host": G}))
+    delay = 0.15
+    slow_backward = [0.0]
+
+    def slow(module, grad_in, grad_out):  # the layer's backward takes longer than one copy
+        time.sleep(slow_backward[0])
+
+    hooks = [layer.register_full_backward_hook(slow) for layer in model.model.layers]
+    try:
+        waits = {}
+        for name, pause in (("hidden", 2 * delay), ("exposed", 0.0)):
+            slow_backward[0] = pause
+            _, runtime = run_plan(model, plan, ids, tmp_path, delay=delay)
+            waits[name] = runtime.h2d.stall_s()
+    finally:
+        for h in hooks:
+            h.remove()
+    # Hidden: only the first prefetch (issued at the end of the forward, behind a head much faster than a copy)
+    # can be waited on. Exposed: each layer's prefetch lands after its backward is ready to start.
+    assert waits["hidden"] < 1.5 * delay, waits
+    assert waits["exposed"] > 2.5 * delay, waits

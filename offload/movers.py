@@ -54,8 +54,9 @@ class Mover:
                     self.stream.wait_event(after.event)
                 dst.copy_(src, non_blocking=True)
                 # The caching allocator must not hand these blocks to compute before the copy has read/written them.
-                src.record_stream(self.stream)
-                dst.record_stream(self.stream)
+                for t in (src, dst):
+                    if t.is_cuda:
+                        t.record_stream(self.stream)
                 return Ticket(event=self.stream.record_event())
         previous = after.future if after is not None else None
 

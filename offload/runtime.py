@@ -202,8 +202,9 @@ class MemoryRuntime:
         out["recompute_s"] = self.activations.take_recompute_s()
         if self.dispatcher.stash.unplanned_bytes:
             out["mem_unplanned_gb"] = self.dispatcher.stash.unplanned_bytes / GB
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # everything on the device, the plan's rows against the allocator's peak
             out["mem_plan_gpu_total_gb"] = pred["peak_bytes"]["gpu"] / GB
+            out["mem_measured_gpu_total_gb"] = torch.cuda.max_memory_allocated(self.device) / GB
         r.reset_peaks()
         return out
 

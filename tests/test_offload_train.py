@@ -13,11 +13,12 @@ import os
 
 import pytest
 import torch
-from conftest import SMOLLM2_GGUF, read_metrics, run_cli, train_losses, write_yaml
+from conftest import SMOLLM2_GGUF, plan_budget_gb, read_metrics, run_cli, train_losses, write_yaml
 from safetensors.torch import load_file
 
 from longtune.offload.cpu_adam import deepspeed_cpu_adam_built as cpu_adam_built
 from longtune.offload.nvme import NvmeError, aio_is_built
+from longtune.planner.plan import Plan
 from longtune.trainer.checkpoint import latest_complete, load_checkpoint
 from longtune.trainer.config import ConfigError, validate
 from longtune.trainer.model import build_model
@@ -186,6 +187,16 @@ def test_smollm2_ten_steps_offloaded_equal_in_memory(tmp_path):
     assert len(plain[0]) == 10
     for placement in ("optimizer on host", "optimizer on nvme", "weights streamed from host"):
         _assert_same(_run(cfg, tmp_path, placement.replace(" ", "-"), PLACEMENTS[placement]), plain)
+    # A tight activation plan (offload + recompute, beside the optimizer on the host): the plain run's losses to
+    # fp32 rounding (the weight gradients are summed chunk by chunk, so not bit for bit).
+    memory = {**PLACEMENTS["optimizer on host"], "plan_chunks": 4}
+    budget = plan_budget_gb({**cfg, "memory": memory}, 0.15)
+    planned = _run(cfg, tmp_path, "planned", {**memory, "budget_gb": budget})
+    places = {p for layer in Plan.from_yaml((tmp_path / "planned" / "plan.yaml").read_text()).layers
+              for d in layer.values() for p in d}
+    assert {"host", "recompute"} <= places
+    for step, loss in plain[0].items():
+        assert planned[0][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
 
 
 def test_cxl_machine_puts_optimizer_state_local_and_weights_on_cxl(tmp_path, offload_config, monkeypatch):

@@ -190,3 +190,55 @@ def test_memory_plan_file_is_used_as_it_is(tmp_path):
     broken.write_text("version: 99\n")
     bad = run_cli("plan", "configs/llama3-8b-128k.yaml", f"memory.plan={broken}")
     assert bad.returncode == 2 and "is not a longtune plan" in bad.stderr
+
+
+def test_a_budget_bytes_under_an_exact_fit_never_gives_a_negative_shortfall():
+    """Solver and evaluator agree on the budget: at the smallest budget the plan passes the evaluator, and a few
+    hundred bytes under it the answer is a clear shortfall, never a negative one (nor a silent fallback)."""
+    base = small_problem(4, 4)
+    low = min_gpu_budget(base, gap=0)
+    plan = make_plan(base.with_budget(low), gap=0, with_arena=False)
+    assert plan.solver["name"] == "HiGHS" and evaluate(base.with_budget(low), plan.layers).feasible
+    with pytest.raises(PlanInfeasible) as info:
+        make_plan(base.with_budget(low - 300), gap=0, with_arena=False)
+    assert info.value.missing_bytes > 0 and "-" not in str(info.value).split("GB missing")[0]
+
+
+@pytest.mark.parametrize("tier, expected", [
+    ("{capacity_gb: 100, to_gpu_gbps: 0, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps must be > 0, got 0"),
+    ("{capacity_gb: 100, to_gpu_gbps: -5, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps must be > 0, got -5"),
+    ("{capacity_gb: lots, to_gpu_gbps: 5, from_gpu_gbps: 50}", "tiers.host.capacity_gb must be a number, got 'lots'"),
+    ("{capacity_gb: 100, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps is missing"),
+])
+def test_machine_profiles_are_checked_on_load(tmp_path, tier, expected):
+    profile = tmp_path / "m.yaml"
+    profile.write_text(f"name: bad\ngpu: {{memory_gb: 80, bf16_tflops: 989, matmul_efficiency: 0.6, "
+                       f"attention_efficiency: 0.5}}\ntiers:\n  host: {tier}\n")
+    result = run_cli("plan", "configs/llama3-8b-128k.yaml", "--machine", profile, "--out", tmp_path / "p.yaml")
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plan_counts_state_in_the_host_tier_and_honours_host_gb(tmp_path):
+    """Optimizer state on the host takes host capacity, and memory.tiers.host_gb caps it: `longtune plan` says
+    what `longtune train` says (exit 3 here: no plan fits)."""
+    result = run_cli("plan", "configs/llama3-8b-128k.yaml", "memory.tiers.host_gb=64", "--out", tmp_path / "p.yaml")
+    assert result.returncode == 3, result.stderr
+    assert "needs 128.5 GB on the host tier, which holds 64.0 GB: 64.5 GB missing" in result.stderr
+    fits = run_cli("plan", "configs/llama3-8b-128k.yaml", "memory.tiers.host_gb=300", "--json", "--out", tmp_path / "q.yaml")
+    assert fits.returncode == 0, fits.stderr
+    out = json.loads(fits.stdout)
+    assert out["predicted"]["peak_bytes"]["host"] <= 300e9
+    assert out["predicted"]["peak_bytes"]["host"] >= 128.5e9  # the state is in it, beside any activations
+
+
+def test_a_plan_made_for_another_run_is_refused(tmp_path):
+    made = run_cli("plan", "configs/llama3-8b-128k.yaml", "--out", tmp_path / "plan.yaml")
+    assert made.returncode == 0, made.stderr
+    for override, fragment in (("data.seq_len=65536", "131072 tokens per micro-batch, this run has 65536"),
+                               ("memory.budget_gb=60", "a GPU budget of 70.00 GB, this run's is 60.00 GB"),
+                               ("model.config.num_hidden_layers=16", "32 layers, this model has 16")):
+        bad = run_cli("plan", "configs/llama3-8b-128k.yaml", f"memory.plan={tmp_path / 'plan.yaml'}", override,
+                      "--out", tmp_path / "other.yaml")
+        assert bad.returncode == 2, (override, bad.stderr)
+        assert "was made for another run" in bad.stderr and fragment in bad.stderr, bad.stderr

@@ -48,6 +48,28 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """The real SmolLM2-135M-Instruct, dequantised from its GGUF once and saved as a transformers folder: each run
+    then loads it in about a second instead of ~30 s of GGUF parsing (GGUF loading has its own tests)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from longtune.trainer.config import ModelConfig
+    from longtune.trainer.model import build_model
+
+    out = tmp_path_factory.mktemp("smollm2")
+    model = build_model(ModelConfig(path=SMOLLM2_GGUF))
+    # As a checkpoint writes it (save_pretrained refuses a model loaded from GGUF): the weights, the config.
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    save_file(state, str(out / "model.safetensors"))
+    model.config.to_json_file(out / "config.json")
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tokenizer_dir) -> dict:
     """A complete config (as a dict) for a fast run of a tiny Llama on the passkey task."""

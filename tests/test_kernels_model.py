@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import SMOLLM2_GGUF, tiny_model_config
+from conftest import tiny_model_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from longtune.kernels import backend
@@ -61,14 +61,14 @@ def test_tiny_models_with_every_kernel_match_transformers(model_type):
     _assert_same_training_signal(plain, patched, ids, labels, num_items_in_batch=50)
 
 
-def test_smollm2_with_every_kernel_is_as_exact_as_plain_fp32():
+def test_smollm2_with_every_kernel_is_as_exact_as_plain_fp32(smollm2_dir):
     """30 real layers: both runs are measured against float64. The kernels sum in other orders, so
     they may differ from plain fp32 by rounding; they must stay as close to the exact gradients as
     plain fp32 is (within a factor), and the loss must agree to fp32 precision."""
     from longtune.trainer.config import ModelConfig
     from longtune.trainer.model import build_model
 
-    plain = build_model(ModelConfig(path=SMOLLM2_GGUF))
+    plain = build_model(ModelConfig(path=str(smollm2_dir)))  # the GGUF's weights, saved once per session
     patched = copy.deepcopy(plain)
     apply_kernels(patched)
     exact = copy.deepcopy(plain).double()

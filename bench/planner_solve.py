@@ -50,8 +50,8 @@ def main() -> None:
     for arch, dims in ARCHS.items():
         shape = ModelShape.from_hf_config({"model_type": "llama", "vocab_size": 128256, **dims}, "bfloat16")
         for tokens in TOKENS:
-            problem = build_problem(shape, tokens, machine, args.budget_gb * 1e9, chunks=args.chunks, optimizer_on_gpu=False,
-                                    params_on_gpu=arch == "8B", loss_chunk_tokens=8192)
+            problem = build_problem(shape, tokens, machine, args.budget_gb * 1e9, chunks=args.chunks, optimizer="cpu",
+                                    params="gpu" if arch == "8B" else "cpu", loss_chunk_tokens=8192)
             for solver in args.solvers.split(","):
                 start = time.perf_counter()
                 try:
@@ -64,7 +64,7 @@ def main() -> None:
                 if solution is None:
                     pass
                 elif solution.decisions:
-                    ev = evaluate(problem, solution.decisions)
+                    ev = evaluate(problem, solution.decisions, solution.state)
                     arena = plan_arena(problem, solution.decisions)
                     row.update(step_time_s=ev.step_time_s, gpu_peak_bytes=ev.gpu_peak_bytes, tier_bytes=ev.tier_bytes,
                                arena_s=arena.solve_s, arena_gap=arena.gap, arena_method=arena.method)

@@ -55,6 +55,15 @@ def _total(xs):
     return total
 
 
+def _prefix_sums(xs: Sequence) -> list:
+    """[x0, x0 + x1, ...]: a layer's row counts the kept chunks of the layers at and below it."""
+    out, total = [], 0
+    for x in xs:
+        total = total + x
+        out.append(total)
+    return out
+
+
 def arena_live(problem: Problem, off: Sequence) -> list:
     """Bytes of staging + prefetch buffers alive at every time step (the arena must hold the largest)."""
     L, d = problem.num_layers, max(1, problem.prefetch_depth)
@@ -77,11 +86,7 @@ def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recomp
         for t in range(start, end + 1):
             prefetch[t].append(off[l])
     out = {"head": {"kept": _total(kept), "staging": off[L - 1], "prefetch": _total(prefetch[L]), "recompute": 0}}
-    prefix = 0
-    prefixes = []
-    for l in range(L):
-        prefix = prefix + kept[l]
-        prefixes.append(prefix)
+    prefixes = _prefix_sums(kept)
     for j in reversed(range(L)):
         out[f"backward {j}"] = {"kept": prefixes[j], "staging": 0, "prefetch": _total(prefetch[2 * L - j]),
                                 "recompute": recompute[j]}
@@ -95,11 +100,7 @@ def gpu_rows(problem: Problem, kept: Sequence, recompute, arena, state_bytes, un
     L = problem.num_layers
     fixed = problem.fixed_total * unit + state_bytes
     rows = [fixed + problem.head_bytes * unit + _total(kept) + arena]
-    prefix = 0
-    prefixes = []
-    for l in range(L):
-        prefix = prefix + kept[l]
-        prefixes.append(prefix)
+    prefixes = _prefix_sums(kept)
     for j in reversed(range(L)):
         rows.append(fixed + problem.layer_workspace_bytes * unit + prefixes[j] + arena + recompute)
     return rows

@@ -57,6 +57,7 @@ class Plan:
     arena: Optional[dict[str, Any]] = None
     state: Optional[str] = None  # the StateOption chosen: where optimizer state and weights live
     version: int = PLAN_VERSION
+    warnings: list[str] = dataclasses.field(default_factory=list)  # for the user; not part of the plan file
 
     @property
     def state_option(self) -> Optional[StateOption]:

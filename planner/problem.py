@@ -353,10 +353,23 @@ def build_problem(
     kernels: frozenset[str] = frozenset(),
     prefetch_depth: int = 1,
     offload_activations: bool = True,
+    checkpointed: bool = False,
+    count_activations: bool = True,
 ) -> Problem:
-    """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory."""
+    """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory.
+
+    Without the activation runtime (offload_activations=False) autograd keeps the activations: all of them, or with
+    `checkpointed` (transformers' gradient checkpointing) each layer's input and one layer recomputed at a time;
+    count_activations=False leaves them out of the rows altogether (placing the state when they cannot fit)."""
     kernels = frozenset(kernels)
     saved = class_bytes_per_token(shape.layer, kernels)
+    extra_workspace = 0.0
+    if not offload_activations and checkpointed:  # the checkpoint is the layer input in the model dtype
+        extra_workspace = sum(saved[c] for c in CLASSES) * tokens  # the one layer being recomputed
+        saved = {**dict.fromkeys(CLASSES, 0.0), "input": float(shape.layer.hidden * shape.layer.dtype_bytes),
+                 "shared": saved["shared"]}
+    if not count_activations:
+        saved = {**dict.fromkeys(CLASSES, 0.0), "shared": saved["shared"]}
     if chunks < 1 or tokens < chunks:
         raise ValueError(f"chunks must be in 1..tokens, got {chunks} for {tokens} tokens")
     mm = machine.bf16_flops * machine.matmul_efficiency
@@ -382,7 +395,7 @@ def build_problem(
         layer_bwd_s=layer_bwd_s,
         head_s=head_s,
         fixed_bytes={"rope": saved["shared"] * tokens},
-        layer_workspace_bytes=layer_workspace(shape, tokens, chunks, saved),
+        layer_workspace_bytes=layer_workspace(shape, tokens, chunks, saved) + extra_workspace,
         head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,

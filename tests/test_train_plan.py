@@ -94,3 +94,16 @@ def test_cli_writes_the_plan_and_prints_it(config, tmp_path):
     too_small = run_cli("train", tmp_path / "c.yaml", "memory.budget_gb=0.001", f"run.output_dir={tmp_path / 'small'}")
     assert too_small.returncode == 2
     assert "no plan fits a GPU budget of 0.00 GB" in too_small.stderr and "GB missing" in too_small.stderr
+
+
+def test_activations_that_autograd_keeps_are_a_warning_not_a_refusal(config):
+    """Without memory.budget_gb the plan only places the state; activations that would not fit the device are
+    for the user to hear about (with the fix), not a reason to refuse the run."""
+    from longtune.trainer.memory import Capacities, plan_memory
+
+    cfg = validate({**config, "memory": {"plan_chunks": 4}})
+    fits = plan_memory(cfg, Capacities(gpu=100e9, host=64e9))
+    assert fits.warnings == [] and not fits.problem.offload_activations
+    tight = plan_memory(cfg, Capacities(gpu=0.12e9, host=64e9))  # the state fits, all activations would not
+    assert len(tight.warnings) == 1 and "set memory.budget_gb=auto" in tight.warnings[0]
+    assert tight.optimizer_tier == "gpu"

@@ -104,7 +104,8 @@ def _existing_parent(path: str) -> Path:
     return p
 
 
-def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None):
+def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None,
+                     count_activations: bool = True):
     """The planner's Problem for this config on `machine` with `caps`."""
     mem = cfg.memory
     try:
@@ -122,7 +123,8 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
             shape, tokens, machine, budget_bytes=caps.gpu, chunks=mem.plan_chunks, optimizer=mem.optimizer,
             params=mem.params, loss_chunk_tokens=_ce_chunk_tokens(cfg, shape, tokens) if k.fused_ce else None,
             kernels=kernels, prefetch_depth=mem.prefetch_depth,
-            offload_activations=activations_planned(cfg) if activations is None else activations)
+            offload_activations=activations_planned(cfg) if activations is None else activations,
+            checkpointed=mem.gradient_checkpointing, count_activations=count_activations)
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
 
@@ -149,7 +151,30 @@ def plan_memory(cfg: Config, caps: Capacities, machine: Optional[Machine] = None
             raise ConfigError(f"memory.plan: {mem.plan} was made for another run: it has {'; '.join(wrong)} "
                               "(solve a new one with `longtune plan`, or memory.plan=auto)")
         return plan
-    return make_plan(problem, time_limit=mem.plan_time_limit_s, gap=mem.plan_gap)
+    solve = lambda p: make_plan(p, time_limit=mem.plan_time_limit_s, gap=mem.plan_gap)  # noqa: E731
+    try:
+        return solve(problem)
+    except PlanInfeasible as e:
+        if problem.offload_activations or e.missing_bytes is None:
+            raise  # a budget the user set, or tiers that cannot hold the state: refuse, with the shortfall
+        # Autograd keeps the activations and the device looks too small: the user should hear it, but the
+        # estimate is an upper bound and the GPU budget is not theirs to keep here, so the run goes on, with the
+        # state placed as if the activations took nothing (and, if even that does not fit, at the smallest budget).
+        warning = (f"with every activation kept by autograd the step needs about {e.min_budget_bytes / GB:.1f} GB on "
+                   f"the device, which has {caps.gpu / GB:.1f} GB: set memory.budget_gb=auto to plan them "
+                   "(offload and recompute)")
+        try:
+            plan = solve(planning_problem(cfg, machine, caps, False, count_activations=False))
+        except PlanInfeasible as e2:
+            if e2.missing_bytes is None:
+                raise
+            bigger = Capacities(e2.min_budget_bytes, caps.host, caps.cxl, caps.nvme)
+            plan = solve(planning_problem(cfg, machine, bigger, False, count_activations=False))
+            warning = (f"the weights, gradients, optimizer state and loss alone need about {e2.min_budget_bytes / GB:.1f} "
+                       f"GB on the device, which has {caps.gpu / GB:.1f} GB: move state off it (memory.optimizer, "
+                       "memory.params) or set memory.budget_gb=auto")
+        plan.warnings.append(warning)
+        return plan
 
 
 def read_plan(path: str) -> Plan:

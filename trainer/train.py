@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -161,6 +162,8 @@ def train(cfg: Config) -> RunResult:
         print(f"plan written to {output_dir / 'plan.yaml'}")
     for note in runtime.notes:
         print(note)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         return _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml)
     finally:

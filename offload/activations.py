@@ -72,8 +72,9 @@ class _LayerState:
     inputs: list = field(default_factory=list)  # SavedRef per chunk
     pre: list = field(default_factory=list)  # _Graph or None (recompute) per chunk
     post: list = field(default_factory=list)
-    out: object = None  # SavedRef of the attention output [b, nq, s, d]
+    out: object = None  # SavedRef of the attention output, chunk-major (see _chunk_major)
     lse: object = None
+    rope: set = field(default_factory=set)  # storages of cos/sin, kept as they are until the last backward
 
 
 class _LayerFunction(torch.autograd.Function):
@@ -115,8 +116,6 @@ class ActivationRuntime:
         self.base.forward = self._base_forward(self.base.forward)
         for i, layer in enumerate(self.layers):
             layer.forward = self._layer_forward(i, layer.forward)
-        arena = getattr(stash, "arena", None)
-        self._arena_ptr = arena.untyped_storage().data_ptr() if arena is not None and arena.numel() else None
 
     def close(self) -> None:
         for module, forward in self._originals:
@@ -137,6 +136,7 @@ class ActivationRuntime:
                                  "at each document) instead")
             hidden = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             b, s = hidden.shape[:2]
+            check_supported(base.config, s)
             if position_ids is None:
                 position_ids = torch.arange(s, device=hidden.device).unsqueeze(0)
             cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
@@ -243,8 +243,7 @@ class ActivationRuntime:
         return st, y
 
     def _drained(self, l: int) -> None:
-        for region in self.stash.regions[l].values():
-            self.stash.d2h.finish(region.d2h)
+        self.stash.drain(l)
         self.dispatcher.drained(l)
 
     def _prefetch(self, l: int) -> None:

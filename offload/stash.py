@@ -139,8 +139,7 @@ class ActivationStash:
     def begin_forward(self, l: int) -> None:
         """Before layer l's first stash: its staging buffer and NVMe ring slot must be free."""
         if l >= 2:  # staging.<l-2> (the same bytes, maybe) drained during forward l-1
-            for region in self.regions[l - 2].values():
-                self.d2h.finish(region.d2h)
+            self.drain(l - 2)
         for region in self.regions[l].values():
             region.used = region.flushed = 0
             region.items = []
@@ -191,6 +190,11 @@ class ActivationStash:
                 self.nvme_written += n
 
             region.nvme_write = self._ring_busy[slot] = self._io.submit(write)
+
+    def drain(self, l: int) -> None:
+        """Block until layer l's staging buffer has been copied to its tiers (its lifetime ends)."""
+        for region in self.regions[l].values():
+            self.d2h.finish(region.d2h)
 
     # --- backward ---------------------------------------------------------------------------------
     def prefetch(self, l: int) -> None:

@@ -226,7 +226,7 @@ def test_a_slow_tier_is_hidden_when_prefetch_depth_allows(tmp_path):
     model = build(cfg)
     ids = torch.randint(0, 256, (1, SEQ))
     plan = plan_of(problem(cfg), uniform(4, input={"host": G}, attn={"host": G}))
-    delay = 0.15
+    delay = 0.4  # well above a tiny layer's own backward, even on a loaded machine
     slow_backward = [0.0]
 
     def slow(module, grad_in, grad_out):  # the layer's backward takes longer than one copy
@@ -245,4 +245,4 @@ def test_a_slow_tier_is_hidden_when_prefetch_depth_allows(tmp_path):
     # Hidden: only the first prefetch (issued at the end of the forward, behind a head much faster than a copy)
     # can be waited on. Exposed: each layer's prefetch lands after its backward is ready to start.
     assert waits["hidden"] < 1.5 * delay, waits
-    assert waits["exposed"] > 2.5 * delay, waits
+    assert waits["exposed"] > 2 * delay, waits

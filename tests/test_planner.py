@@ -204,41 +204,51 @@ def test_a_budget_bytes_under_an_exact_fit_never_gives_a_negative_shortfall():
     assert info.value.missing_bytes > 0 and "-" not in str(info.value).split("GB missing")[0]
 
 
+def plan_cli(capsys, *args) -> tuple[int, str, str]:
+    """`longtune plan ARGS` in this process (the CLI's own tests cover the subprocess path)."""
+    from longtune.launch.cli import main
+
+    code = main(["plan", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("tier, expected", [
     ("{capacity_gb: 100, to_gpu_gbps: 0, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps must be > 0, got 0"),
     ("{capacity_gb: 100, to_gpu_gbps: -5, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps must be > 0, got -5"),
     ("{capacity_gb: lots, to_gpu_gbps: 5, from_gpu_gbps: 50}", "tiers.host.capacity_gb must be a number, got 'lots'"),
     ("{capacity_gb: 100, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps is missing"),
 ])
-def test_machine_profiles_are_checked_on_load(tmp_path, tier, expected):
+def test_machine_profiles_are_checked_on_load(tmp_path, capsys, tier, expected):
     profile = tmp_path / "m.yaml"
     profile.write_text(f"name: bad\ngpu: {{memory_gb: 80, bf16_tflops: 989, matmul_efficiency: 0.6, "
                        f"attention_efficiency: 0.5}}\ntiers:\n  host: {tier}\n")
-    result = run_cli("plan", "configs/llama3-8b-128k.yaml", "--machine", profile, "--out", tmp_path / "p.yaml")
-    assert result.returncode == 2, result.stderr
-    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    code, _, err = plan_cli(capsys, "configs/llama3-8b-128k.yaml", "--machine", profile, "--out", tmp_path / "p.yaml")
+    assert code == 2, err
+    assert expected in err and len(err.strip().splitlines()) == 1
 
 
-def test_plan_counts_state_in_the_host_tier_and_honours_host_gb(tmp_path):
+def test_plan_counts_state_in_the_host_tier_and_honours_host_gb(tmp_path, capsys):
     """Optimizer state on the host takes host capacity, and memory.tiers.host_gb caps it: `longtune plan` says
     what `longtune train` says (exit 3 here: no plan fits)."""
-    result = run_cli("plan", "configs/llama3-8b-128k.yaml", "memory.tiers.host_gb=64", "--out", tmp_path / "p.yaml")
-    assert result.returncode == 3, result.stderr
-    assert "needs 128.5 GB on the host tier, which holds 64.0 GB: 64.5 GB missing" in result.stderr
-    fits = run_cli("plan", "configs/llama3-8b-128k.yaml", "memory.tiers.host_gb=300", "--json", "--out", tmp_path / "q.yaml")
-    assert fits.returncode == 0, fits.stderr
-    out = json.loads(fits.stdout)
+    code, _, err = plan_cli(capsys, "configs/llama3-8b-128k.yaml", "memory.tiers.host_gb=64", "--out", tmp_path / "p.yaml")
+    assert code == 3, err
+    assert "needs 128.5 GB on the host tier, which holds 64.0 GB: 64.5 GB missing" in err
+    code, out, err = plan_cli(capsys, "configs/llama3-8b-128k.yaml", "memory.tiers.host_gb=300", "--json",
+                              "--out", tmp_path / "q.yaml")
+    assert code == 0, err
+    out = json.loads(out)
     assert out["predicted"]["peak_bytes"]["host"] <= 300e9
     assert out["predicted"]["peak_bytes"]["host"] >= 128.5e9  # the state is in it, beside any activations
 
 
-def test_a_plan_made_for_another_run_is_refused(tmp_path):
-    made = run_cli("plan", "configs/llama3-8b-128k.yaml", "--out", tmp_path / "plan.yaml")
-    assert made.returncode == 0, made.stderr
+def test_a_plan_made_for_another_run_is_refused(tmp_path, capsys):
+    code, _, err = plan_cli(capsys, "configs/llama3-8b-128k.yaml", "--out", tmp_path / "plan.yaml")
+    assert code == 0, err
     for override, fragment in (("data.seq_len=65536", "131072 tokens per micro-batch, this run has 65536"),
                                ("memory.budget_gb=60", "a GPU budget of 70.00 GB, this run's is 60.00 GB"),
                                ("model.config.num_hidden_layers=16", "32 layers, this model has 16")):
-        bad = run_cli("plan", "configs/llama3-8b-128k.yaml", f"memory.plan={tmp_path / 'plan.yaml'}", override,
-                      "--out", tmp_path / "other.yaml")
-        assert bad.returncode == 2, (override, bad.stderr)
-        assert "was made for another run" in bad.stderr and fragment in bad.stderr, bad.stderr
+        code, _, err = plan_cli(capsys, "configs/llama3-8b-128k.yaml", f"memory.plan={tmp_path / 'plan.yaml'}", override,
+                                "--out", tmp_path / "other.yaml")
+        assert code == 2, (override, err)
+        assert "was made for another run" in err and fragment in err, err

@@ -41,7 +41,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                  clip_grad_norm: Optional[float] = None, tier: str = "cpu", nvme_store=None,
                  cpu_adam: Optional[CpuAdamW] = None, numa_nodes=None, interleave: bool = False,
                  weight_writers: Optional[dict[int, WeightWriter]] = None, device: Optional[torch.device] = None,
-                 copy_stream=None):
+                 copy_stream=None, module_hooks: bool = True):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"optimizer tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -76,7 +76,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._hooks = []
         self._build_state(numa_nodes, interleave)
         self._begin(1)
-        self._install_hooks()
+        self._install_hooks(module_hooks)
 
     # --- state -----------------------------------------------------------------------------
     def _build_state(self, numa_nodes, interleave) -> None:
@@ -132,11 +132,14 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.wait_s += time.perf_counter() - start
         self._begin(micro_batches)
 
-    def _install_hooks(self) -> None:
+    def _install_hooks(self, module_hooks: bool) -> None:
+        """Gradient hooks always; the forward gates too unless the memory runtime owns the module hooks."""
         for g in self.groups:
             for i, p in enumerate(g.params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(g, i)))
-            self._hooks.append(g.module.register_forward_pre_hook(self._gate(g)))
+            if module_hooks:
+                gate = lambda module, args, index=g.index: self.before_forward(index)  # noqa: E731
+                self._hooks.append(g.module.register_forward_pre_hook(gate))
 
     def _grad_hook(self, g: ParamGroup, i: int):
         def hook(p: nn.Parameter) -> None:
@@ -255,12 +258,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
             for p, m in zip(g.params, masters):
                 p.data.copy_(m)
 
-    def _gate(self, g: ParamGroup):
-        def hook(module, args):
-            start = time.perf_counter()
-            self.wait_group(g.index)
-            self.wait_s += time.perf_counter() - start
-        return hook
+    def before_forward(self, index: int) -> None:
+        """Group `index`'s forward is about to run: its update must have landed."""
+        start = time.perf_counter()
+        self.wait_group(index)
+        self.wait_s += time.perf_counter() - start
 
     def wait_group(self, index: int) -> None:
         """Block until the update of group `index` has landed (raises what the worker raised)."""

@@ -40,7 +40,7 @@ def _in_backward() -> bool:
 
 class ParamStreamer:
     def __init__(self, model: nn.Module, device: torch.device, *, tier: str = "cpu", nvme_store=None,
-                 numa_nodes=None, interleave: bool = False, copy_stream=None):
+                 numa_nodes=None, interleave: bool = False, copy_stream=None, module_hooks: bool = True):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"parameter tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -90,8 +90,9 @@ class ParamStreamer:
         self.wait_s = 0.0  # the training thread blocked on a fetch: transfer time not hidden behind compute
         self._hooks = []
         for g in self.layers:
-            self._hooks.append(g.module.register_forward_pre_hook(self._pre_hook(g)))
-            self._hooks.append(g.module.register_forward_hook(self._post_hook(g)))
+            if module_hooks:  # else the memory runtime's per-layer hooks call before/after_forward
+                self._hooks.append(g.module.register_forward_pre_hook(lambda m, a, i=g.index: self.before_forward(i)))
+                self._hooks.append(g.module.register_forward_hook(lambda m, a, out, i=g.index: self.after_forward(i, out)))
             for p in g.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(g)))
 
@@ -179,27 +180,25 @@ class ParamStreamer:
         for p in self._by_index[index].params:
             p.data = self._placeholder(p)
 
-    def _pre_hook(self, g: ParamGroup):
-        def hook(module, args):
-            backward = _in_backward()  # recomputation under gradient checkpointing
-            self.ensure(g.index)
-            self.prefetch(g.index - 1 if backward else g.index + 1)
-        return hook
+    def before_forward(self, index: int) -> None:
+        """Layer `index` is about to run: its weights on the device, the next layer's on their way."""
+        backward = _in_backward()  # recomputation under gradient checkpointing
+        self.ensure(index)
+        self.prefetch(index - 1 if backward else index + 1)
 
-    def _post_hook(self, g: ParamGroup):
-        def hook(module, args, output):
-            if _in_backward():
-                return  # recomputed for backward: freed once its gradients are in
-            out = output if isinstance(output, torch.Tensor) else next((o for o in output if isinstance(o, torch.Tensor)), None)
-            if out is not None and out.requires_grad:
-                # The gradient of the layer's output arrives just before the layer's backward (and before
-                # gradient checkpointing recomputes it, which calls forward with no hooks): fetch it then.
-                out.register_hook(self._backward_prefetch(g.index))
-            if g.index == self._last and torch.is_grad_enabled():
-                self._grads_left = {h.index: len(h.params) for h in self.layers}
-                return  # backward starts with the last layer
-            self.release(g.index)
-        return hook
+    def after_forward(self, index: int, output) -> None:
+        """Layer `index` ran: free its weights, unless backward starts with it or this was a recomputation."""
+        if _in_backward():
+            return  # recomputed for backward: freed once its gradients are in
+        out = output if isinstance(output, torch.Tensor) else next((o for o in output if isinstance(o, torch.Tensor)), None)
+        if out is not None and out.requires_grad:
+            # The gradient of the layer's output arrives just before the layer's backward (and before
+            # gradient checkpointing recomputes it, which calls forward with no hooks): fetch it then.
+            out.register_hook(self._backward_prefetch(index))
+        if index == self._last and torch.is_grad_enabled():
+            self._grads_left = {h.index: len(h.params) for h in self.layers}
+            return  # backward starts with the last layer
+        self.release(index)
 
     def _backward_prefetch(self, index: int):
         def hook(grad):

@@ -112,14 +112,34 @@ class MemoryRuntime:
         self.optimizer = OffloadedAdamW(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                         clip_grad_norm=o.clip_grad_norm, tier=opt_tier, nvme_store=self.store,
                                         cpu_adam=cpu_adam, device=self.device, copy_stream=self.d2h.stream,
-                                        **o.numa_optimizer)
+                                        module_hooks=False, **o.numa_optimizer)
         if params_tier != "gpu":
             self.streamer = ParamStreamer(model, self.device, tier=params_tier, nvme_store=self.store,
-                                          copy_stream=self.h2d.stream, **o.numa_weights)
+                                          copy_stream=self.h2d.stream, module_hooks=False, **o.numa_weights)
             self.optimizer.set_weight_writers(self.streamer.writers())
             self.streamer.wait_update = self.optimizer.wait_group
+        self._install_module_hooks()
         self.notes.append(f"optimizer on {opt_tier} ({cpu_adam.backend_name} AdamW, stepped per layer during backward)"
                           + (f"; decoder weights streamed from {params_tier}" if params_tier != "gpu" else ""))
+
+    def _install_module_hooks(self) -> None:
+        """One forward pre-hook and one forward hook per parameter group (the decoder layers, and the model for the
+        rest), calling the parts in a fixed order: the optimizer's gate (the group's update has landed), then the
+        weight streamer (fetch this layer, prefetch the next); after the layer, the streamer frees it."""
+        from .groups import param_groups
+
+        opt, streamer = self.optimizer, self.streamer
+        self._hooks = []
+        for g in param_groups(self.model):
+            def before(module, args, index=g.index):
+                opt.before_forward(index)
+                if streamer is not None and index > 0:
+                    streamer.before_forward(index)
+
+            self._hooks.append(g.module.register_forward_pre_hook(before))
+            if streamer is not None and g.index > 0:
+                self._hooks.append(g.module.register_forward_hook(
+                    lambda module, args, out, index=g.index: streamer.after_forward(index, out)))
 
     def _start_activations(self) -> None:
         from longtune.planner.arena import layer_region_bytes
@@ -217,6 +237,8 @@ class MemoryRuntime:
         if self._closed:
             return
         self._closed = True
+        for h in getattr(self, "_hooks", []):
+            h.remove()
         errors = []
         parts = [self.activations, self.dispatcher.stash, self.optimizer if hasattr(self.optimizer, "close") else None,
                  self.streamer, self.store, self.d2h, self.h2d, *getattr(self, "_pools", {}).values()]

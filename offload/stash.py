@@ -225,12 +225,12 @@ class ActivationStash:
         def read():
             if region.nvme_write is not None:
                 region.nvme_write.result()
-            region.host = self._ring[slot]
             self.store.read(self._key(l), region.host[:n])
             self.nvme_read += n
 
         if self._ring_busy[slot] is not None and not self._ring_busy[slot].done():
             self._ring_busy[slot].result()
+        region.host = self._ring[slot]  # before the prefetch that reads it is enqueued
         future = self._io.submit(read)
         self._ring_busy[slot] = future
         return future

@@ -6,8 +6,9 @@
 Prints one row per (architecture, tokens, solver): an infeasible row shows in the
 GPU column the smallest budget that would fit ("needs"). Writes the rows, with the
 machine, date, commit and command, to bench/results/planner_solve-<date>.json.
-Budget: memory.budget_gb=70 on the bundled h100-pcie5 profile; optimizer state on
-the host, parameters streamed from the host for 70B and 405B, loss chunked by 8192.
+Budget: memory.budget_gb=70 on the bundled h100-pcie5 profile; for 8B the optimizer state
+on the host, for 70B and 405B the solver places state and weights (their Adam state does not
+fit the profile's 768 GB of host RAM); loss chunked by 8192.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def main() -> None:
     for arch, dims in ARCHS.items():
         shape = ModelShape.from_hf_config({"model_type": "llama", "vocab_size": 128256, **dims}, "bfloat16")
         for tokens in TOKENS:
-            problem = build_problem(shape, tokens, machine, args.budget_gb * 1e9, chunks=args.chunks, optimizer="cpu",
-                                    params="gpu" if arch == "8B" else "cpu", loss_chunk_tokens=8192)
+            state = {"optimizer": "cpu", "params": "gpu"} if arch == "8B" else {"optimizer": "auto", "params": "auto"}
+            problem = build_problem(shape, tokens, machine, args.budget_gb * 1e9, chunks=args.chunks,
+                                    loss_chunk_tokens=8192, **state)
             for solver in args.solvers.split(","):
                 start = time.perf_counter()
                 try:
@@ -67,9 +69,12 @@ def main() -> None:
                     ev = evaluate(problem, solution.decisions, solution.state)
                     arena = plan_arena(problem, solution.decisions)
                     row.update(step_time_s=ev.step_time_s, gpu_peak_bytes=ev.gpu_peak_bytes, tier_bytes=ev.tier_bytes,
-                               arena_s=arena.solve_s, arena_gap=arena.gap, arena_method=arena.method)
+                               arena_s=arena.solve_s, arena_gap=arena.gap, arena_method=arena.method, state=solution.state)
                 else:
-                    row["min_budget_bytes"] = min_gpu_budget(problem, solver, args.time_limit)
+                    try:
+                        row["min_budget_bytes"] = min_gpu_budget(problem, solver, args.time_limit)
+                    except SolverError as e:  # TiersTooSmall: no GPU budget would do
+                        row["status"], row["reason"] = "tiers", str(e)
                 rows.append(row)
                 tiers = row.get("tier_bytes", {})
                 gap = f"{row['gap']:.2%}" if row["gap"] is not None else "-"

@@ -163,7 +163,8 @@ class MemoryRuntime:
         self.activations = ActivationRuntime(self.model, plan_places(plan.layers), self.dispatcher, stash,
                                              o.prefetch_depth)
         off = sum(sum(r.values()) for r in layout)
-        self.notes.append(f"activations: the plan's decisions run per layer and chunk ({plan.problem.chunks} chunks); "
+        chunks = plan.problem.chunks
+        self.notes.append(f"activations: the plan's decisions run per layer and chunk ({chunks} chunk{'s' if chunks > 1 else ''}); "
                           f"arena {block.numel() / GB:.3f} GB on the device, {off / GB:.3f} GB off it")
 
     # --- the step ----------------------------------------------------------------------------------

@@ -257,6 +257,8 @@ def make_plan(
             if decisions is None:
                 raise _infeasible(problem, solver, time_limit)
             info = {"name": "fallback (MEMO rule)", "status": "feasible", "solve_s": time.perf_counter() - start, "gap": None}
+        decisions = _polish(problem, decisions, state)
+        ev = evaluate(problem, decisions, state)
         if not with_arena:
             break
         arena = _arena_summary(problem, decisions)
@@ -285,6 +287,24 @@ def plan_of(problem: Problem, decisions: Decisions, state: Optional[str] = None,
     return Plan(problem, decisions, predicted(problem, ev, state), {"name": how, "status": "given", "solve_s": 0.0,
                                                                         "gap": None}, binding_constraints(problem, ev),
                 arena, state)
+
+
+def _polish(problem: Problem, decisions: Decisions, state: Optional[str]) -> Decisions:
+    """Keep on the GPU what the solver moved for nothing. Inside its gap (1% by default) the solver may return
+    chunks offloaded or recomputed where keeping them fits as well and costs no more; layer by layer, from the
+    last, a layer's chunks all go back to the GPU when the plan stays feasible and no slower."""
+    best = evaluate(problem, decisions, state)
+    G = problem.chunks
+    decisions = [dict(layer) for layer in decisions]
+    for l in reversed(range(problem.num_layers)):
+        kept = {c: {GPU: G} for c in CLASSES}
+        if decisions[l] == kept:
+            continue
+        trial = decisions[:l] + [kept] + decisions[l + 1:]
+        ev = evaluate(problem, trial, state)
+        if ev.feasible and ev.objective <= best.objective:
+            decisions, best = trial, ev
+    return decisions
 
 
 def _fallback(problem: Problem):

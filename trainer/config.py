@@ -117,7 +117,9 @@ class MemoryConfig(_Section):
     gradient_checkpointing: bool = False
     plan: str = "auto"  # auto: solve for this config | a plan.yaml to use as it is
     machine: str = "h100-pcie5"  # machine profile: bundled name, a YAML file from `longtune probe`
-    plan_chunks: int = Field(16, ge=1, le=64)  # token chunks per activation class
+    # Token chunks per activation class. auto: one per 512 tokens of a sequence, 1 to 16 (a chunk much shorter
+    # than that costs more in per-chunk overhead than its finer split saves).
+    plan_chunks: Union[Literal["auto"], int] = "auto"
     plan_time_limit_s: float = Field(10.0, gt=0)
     plan_gap: float = Field(0.01, ge=0, lt=1)
     prefetch_depth: int = Field(1, ge=1, le=4)  # layers whose offloaded activations come back ahead of backward
@@ -136,6 +138,13 @@ class MemoryConfig(_Section):
     @classmethod
     def _auto_tiers(cls, value):
         return {} if value == "auto" else value
+
+    @field_validator("plan_chunks")
+    @classmethod
+    def _chunk_count(cls, value):
+        if value != "auto" and not 1 <= value <= 64:
+            raise ValueError("must be auto or 1..64")
+        return value
 
     @field_validator("budget_gb")
     @classmethod

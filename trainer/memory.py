@@ -113,20 +113,31 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
     except (KeyError, ValueError) as e:
         raise ConfigError(f"model: the planner cannot size this model: {e}") from None
     tokens = cfg.data.seq_len * cfg.train.micro_batch_size
-    if mem.plan_chunks > cfg.data.seq_len:
-        raise ConfigError(f"memory.plan_chunks={mem.plan_chunks} is more than the {cfg.data.seq_len} tokens of a sequence")
+    chunks = plan_chunks(cfg)
+    if chunks > cfg.data.seq_len:
+        raise ConfigError(f"memory.plan_chunks={chunks} is more than the {cfg.data.seq_len} tokens of a sequence")
     k = cfg.model.kernels
     kernels = frozenset(name for name, on in (("rmsnorm", k.rmsnorm), ("rope", k.rope), ("swiglu", k.swiglu)) if on)
     machine = machine.with_capacities(caps.gpu, host=caps.host, cxl=caps.cxl, nvme=caps.nvme)
     try:
         return build_problem(
-            shape, tokens, machine, budget_bytes=caps.gpu, chunks=mem.plan_chunks, optimizer=mem.optimizer,
+            shape, tokens, machine, budget_bytes=caps.gpu, chunks=chunks, optimizer=mem.optimizer,
             params=mem.params, loss_chunk_tokens=_ce_chunk_tokens(cfg, shape, tokens) if k.fused_ce else None,
             kernels=kernels, prefetch_depth=mem.prefetch_depth,
             offload_activations=activations_planned(cfg) if activations is None else activations,
             checkpointed=mem.gradient_checkpointing, count_activations=count_activations)
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
+
+
+CHUNK_TOKENS, MAX_CHUNKS = 512, 16
+
+
+def plan_chunks(cfg: Config) -> int:
+    """memory.plan_chunks, `auto` resolved: a chunk per 512 tokens of a sequence, 1 to 16."""
+    if cfg.memory.plan_chunks != "auto":
+        return cfg.memory.plan_chunks
+    return max(1, min(MAX_CHUNKS, cfg.data.seq_len // CHUNK_TOKENS))
 
 
 def _ce_chunk_tokens(cfg: Config, shape: ModelShape, tokens: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from .arena import plan_arena
-from .evaluate import GPU, RECOMPUTE, Decisions, Evaluation, check_shape, evaluate
+from .evaluate import GPU, RECOMPUTE, Decisions, Evaluation, check_shape, evaluate, margin_bytes
 from .milp import SolverError, TiersTooSmall, min_gpu_budget, solve_schedule
 from .problem import CLASSES, Problem, StateOption, Tier
 
@@ -248,7 +248,7 @@ def make_plan(
         if solution is not None:
             ev = evaluate(problem, solution.decisions, solution.state)
             if ev.feasible:
-                decisions, state = solution.decisions, solution.state
+                decisions, state = _polish(problem, solution.decisions, solution.state), solution.state
                 info = {"name": solution.solver, "status": solution.status, "solve_s": solution.solve_s, "gap": solution.gap}
             else:
                 note = f"solver answer failed verification: {'; '.join(ev.violations)}"
@@ -257,7 +257,6 @@ def make_plan(
             if decisions is None:
                 raise _infeasible(problem, solver, time_limit)
             info = {"name": "fallback (MEMO rule)", "status": "feasible", "solve_s": time.perf_counter() - start, "gap": None}
-        decisions = _polish(problem, decisions, state)
         ev = evaluate(problem, decisions, state)
         if not with_arena:
             break
@@ -295,6 +294,7 @@ def _polish(problem: Problem, decisions: Decisions, state: Optional[str]) -> Dec
     last, a layer's chunks all go back to the GPU when the plan stays feasible and no slower."""
     best = evaluate(problem, decisions, state)
     G = problem.chunks
+    limit = problem.budget_bytes - margin_bytes(problem.budget_bytes)  # the solver's own rule
     decisions = [dict(layer) for layer in decisions]
     for l in reversed(range(problem.num_layers)):
         kept = {c: {GPU: G} for c in CLASSES}
@@ -302,7 +302,7 @@ def _polish(problem: Problem, decisions: Decisions, state: Optional[str]) -> Dec
             continue
         trial = decisions[:l] + [kept] + decisions[l + 1:]
         ev = evaluate(problem, trial, state)
-        if ev.feasible and ev.objective <= best.objective:
+        if ev.feasible and ev.gpu_peak_bytes <= limit and ev.objective <= best.objective:
             decisions, best = trial, ev
     return decisions
 

@@ -172,6 +172,7 @@ class ActivationRuntime:
             raise ValueError(f"the plan cuts {s} tokens into {chunks} chunks")
         device_type = x.device.type
         autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        d.half_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else (autocast[1] if autocast[0] else None)
         st = _LayerState(l, chunk_bounds(s, chunks), self._step["docs"], cos, sin, autocast, (b, s, h))
         st.rope = self._step["rope"]
         nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim

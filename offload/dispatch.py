@@ -87,6 +87,7 @@ class SavedTensorDispatcher:
         self.passthrough: set[int] = set()
         self.aliases: dict[int, object] = {}  # storage address -> Stored
         self.params = None  # the weight streamer (pack_param / unpack_param), when weights are streamed
+        self.half_dtype: Optional[torch.dtype] = None  # the activations' bf16/fp16 dtype, if any (see _upcast_source)
         self._scope: Optional[_Scope] = None
         self.kept_by_layer: dict[int, int] = defaultdict(int)
         self.class_bytes: dict[tuple[int, str], int] = defaultdict(int)  # (layer, class) -> bytes stashed, this step
@@ -184,7 +185,7 @@ class SavedTensorDispatcher:
         seen = scope.seen.get(ptr)
         if isinstance(seen, _Upcast):
             return seen
-        source = _upcast_source(t)
+        source = _upcast_source(t, self.half_dtype)
         if source is None:
             return None
         if isinstance(source, torch.Tensor):  # a leaf: the layer input chunk, stashed already
@@ -211,8 +212,12 @@ class SavedTensorDispatcher:
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _upcast_source(t: torch.Tensor):
-    """For an fp32 tensor made by casting a bf16/fp16 one: that leaf tensor, or the dtype it was cast from."""
+def _upcast_source(t: torch.Tensor, half_dtype: Optional[torch.dtype] = None):
+    """For an fp32 tensor made by casting a bf16/fp16 one: that leaf tensor, or the dtype it was cast from.
+
+    The dtype comes from the producing node's metadata (`_input_metadata`, not a public API); where a torch
+    lacks it, from `half_dtype` (the model's or autocast's half dtype): an fp32 ToCopy output in these graphs
+    can only come from the activations' half dtype (`.to(float32)` of an fp32 tensor makes no node)."""
     fn = t.grad_fn
     if fn is None or t.dtype != torch.float32 or type(fn).__name__ != "ToCopyBackward0":
         return None
@@ -222,8 +227,11 @@ def _upcast_source(t: torch.Tensor):
     leaf = getattr(node, "variable", None)  # AccumulateGrad: the cast read a leaf
     if leaf is not None:
         return leaf if leaf.dtype in _HALF else None
-    meta = getattr(node, "_input_metadata", None)  # what the producing op returned (its dtype)
-    dtype = meta[output_nr].dtype if meta is not None and output_nr < len(meta) else None
+    try:
+        meta = node._input_metadata  # what the producing op returned (its dtype)
+        dtype = meta[output_nr].dtype if output_nr < len(meta) else None
+    except (AttributeError, RuntimeError):
+        dtype = half_dtype
     return dtype if dtype in _HALF else None
 
 

@@ -1,7 +1,10 @@
 """`longtune` command line.
 
-Exit codes: 0 success; 2 bad config or usage (one line on stderr); 1 runtime failure;
-3 (plan) no plan fits the memory budget.
+Exit codes: 0 success; 2 bad config, input or usage (one line on stderr); 1 runtime failure (one line);
+3 (plan) no plan fits the memory budget. `--debug` prints the traceback behind any error.
+
+Nothing heavy is imported before the command line and the config are checked: `--help`, usage errors and
+config errors answer without loading torch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="longtune", description="Long-context fine-tuning of Hugging Face causal LMs.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback behind an error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train from a YAML config", description="Train from a YAML config.", epilog=EPILOG)
@@ -107,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return EXIT_OK
+    from longtune.trainer.inputs import check
+
+    check(cfg)  # model, data, resume and run folder, before torch is imported
     from longtune.trainer.train import train
 
     result = train(cfg)
@@ -170,24 +177,39 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from longtune.trainer.checkpoint import CheckpointError
-    from longtune.trainer.config import ConfigError
+    from longtune.trainer.errors import ConfigError, RunError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     warnings.showwarning = _one_line_warning
     try:
         return run(build_parser().parse_args(argv))
     except (ConfigError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CheckpointError, FloatingPointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
+        return _fail(e, EXIT_USAGE, debug)
+    except (RunError, FloatingPointError, OSError) as e:
+        return _fail(e, EXIT_RUNTIME, debug)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:
-        traceback.print_exc()
-        return EXIT_RUNTIME
+    except Exception as e:  # a bug of ours or of a library: still one line, the traceback on request
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+        return _fail(f"internal error{at}: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)",
+                     EXIT_RUNTIME, debug, e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _fail(message, code: int, debug: bool, error: Optional[BaseException] = None) -> int:
+    error = error if error is not None else message
+    if debug and isinstance(error, BaseException):
+        traceback.print_exception(error)
+    text = message if isinstance(message, str) else _first_line(message)
+    print(f"error: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

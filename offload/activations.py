@@ -40,7 +40,7 @@ from .attention import attention_backward_chunk, attention_forward, documents
 from .dispatch import SavedTensorDispatcher
 from .groups import decoder_layers
 from .layer_split import check_supported, split_layer
-from .stash import DEVICE, ActivationStash, byte_view
+from .stash import DEVICE, ActivationStash
 
 RECOMPUTE = "recompute"
 CLASSES = ("input", "pre", "attn", "post")

@@ -76,7 +76,7 @@ def _bytes(x: float) -> int:
 
 def runtime_buffers(problem: Problem, decisions: Decisions) -> list[Buffer]:
     """The staging and prefetch buffers of a schedule, with their lifetimes (see the module doc)."""
-    L, B, depth = problem.num_layers, problem.chunk_bytes, max(1, problem.prefetch_depth)
+    L, depth = problem.num_layers, max(1, problem.prefetch_depth)
     if len(decisions) != L:
         raise ValueError(f"{len(decisions)} layers decided, the model has {L}")
     tiers = {t.name for t in problem.tiers}

@@ -13,9 +13,7 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,13 +22,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-COMPLETE = "COMPLETE"
+from .errors import CheckpointError
+from .inputs import COMPLETE, is_complete, latest_complete, list_checkpoints, step_dir  # noqa: F401 (re-exported)
+
 MODEL_FILE = "model.safetensors"
-STEP_DIR = re.compile(r"^step_(\d+)$")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message says which and why."""
 
 
 @dataclass
@@ -38,34 +34,6 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     data: Optional[dict[str, int]] = None  # the loader's state_dict
-
-
-def step_dir(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / f"step_{step}"
-
-
-def is_complete(path: Path) -> bool:
-    return (Path(path) / COMPLETE).is_file()
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """All step_N folders, complete or not, oldest first."""
-    found = []
-    if Path(output_dir).is_dir():
-        for p in Path(output_dir).iterdir():
-            m = STEP_DIR.match(p.name)
-            if m and p.is_dir():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_complete(output_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint; newer incomplete ones are skipped with a warning."""
-    for step, path in reversed(list_checkpoints(output_dir)):
-        if is_complete(path):
-            return path
-        warnings.warn(f"skipping incomplete checkpoint {path} (no {COMPLETE} marker)", stacklevel=2)
-    return None
 
 
 # --- RNG ---------------------------------------------------------------------------------

@@ -17,9 +17,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError  # noqa: F401  (re-exported: the config's error)
 
-class ConfigError(ValueError):
-    """A bad config or command line; the CLI prints it as one line and exits 2."""
 
 
 class _Section(BaseModel):

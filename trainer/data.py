@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
+from .inputs import _files, check_data_config, read_text  # noqa: F401 (check_data_config: re-exported)
 
 IGNORE_INDEX = -100  # labels transformers' loss skips
 
@@ -115,18 +116,6 @@ def passkey_accuracy(model, task: PasskeyTask, n: int, device: torch.device, aut
 
 # --- documents from disk -----------------------------------------------------------------
 
-_SUFFIXES = {"jsonl": (".jsonl", ".json"), "text": (".txt", ".md"), "parquet": (".parquet",)}
-
-
-def _files(path: Path, kind: str) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _SUFFIXES[kind])
-    if not files:
-        raise ConfigError(f"data.path: no {'/'.join(_SUFFIXES[kind])} files under {path}")
-    return files
-
-
 def read_documents(cfg: DataConfig) -> list[str]:
     path = Path(cfg.path).expanduser()
     if not path.exists():
@@ -143,13 +132,13 @@ def read_documents(cfg: DataConfig) -> list[str]:
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         if field not in ds.column_names:
             raise ConfigError(f"data.text_field: column {field!r} not in {ds.column_names}")
-        return [t for t in ds[field] if t is not None]
+        return [_text(t, f"{path} row {i}", field) for i, t in enumerate(ds[field]) if t is not None]
     docs: list[str] = []
     for file in _files(path, cfg.kind):
         if cfg.kind == "text":
-            docs.append(file.read_text())
+            docs.append(read_text(file))
         elif cfg.kind == "jsonl":
-            for n, line in enumerate(file.read_text().splitlines(), 1):
+            for n, line in enumerate(read_text(file).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -159,17 +148,34 @@ def read_documents(cfg: DataConfig) -> list[str]:
                 if not isinstance(record, dict) or field not in record:
                     raise ConfigError(f"data.text_field: {file}:{n} has no field {field!r}")
                 if record[field] is not None:
-                    docs.append(str(record[field]))
+                    docs.append(_text(record[field], f"{file}:{n}", field))
         else:
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            schema = pq.read_schema(file)
-            if field not in schema.names:
-                raise ConfigError(f"data.text_field: column {field!r} not in {file} (columns: {schema.names})")
-            docs.extend(str(t) for t in pq.read_table(file, columns=[field]).column(field).to_pylist() if t is not None)
+            try:
+                schema = pq.read_schema(file)
+                if field not in schema.names:
+                    raise ConfigError(f"data.text_field: column {field!r} not in {file} (columns: {schema.names})")
+                values = pq.read_table(file, columns=[field]).column(field).to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                raise ConfigError(f"data.path: {file} is not a readable parquet file ({_first_line(e)})") from None
+            docs.extend(_text(t, f"{file} row {i}", field) for i, t in enumerate(values) if t is not None)
     if not docs:
         raise ConfigError(f"data.path: {cfg.path} holds no documents")
     return docs
+
+
+def _text(value, where: str, field: str) -> str:
+    """A document's text; a number, list or mapping in the text field is a mistake, not a document."""
+    if not isinstance(value, str):
+        raise ConfigError(f"data.text_field: {where}: {field!r} holds a {type(value).__name__}, not text")
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class PackedDocuments:
@@ -292,13 +298,3 @@ def build_source(cfg: DataConfig, tokenizer, seed: int, split: str = "train") ->
         raise ConfigError(f"data.path: {cfg.path} has no tokens after tokenization")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return PackedDocuments(docs, cfg.seq_len, pad, cfg.packing)
-
-
-def check_data_config(cfg: DataConfig) -> None:
-    """Fail fast on a missing data path, before the model loads."""
-    if cfg.kind != "passkey":
-        path = Path(cfg.path).expanduser()
-        if not path.exists():
-            raise ConfigError(f"data.path: {cfg.path} does not exist")
-        if cfg.kind != "hf_disk":
-            _files(path, cfg.kind)

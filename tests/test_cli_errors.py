@@ -74,7 +74,7 @@ def run_folder(path: Path, cfg: dict, steps: dict[int, bool] | None = None) -> P
     pytest.param(["log.sinks=[console,jsonll]"], ["log.sinks.1", "got 'jsonll'",
                                                   "'console', 'jsonl' or 'tensorboard'"], id="bad-list-item"),
     pytest.param(["log.sinks=console"], ["log.sinks", "got 'console'", "expected a valid list"], id="list-expected"),
-    pytest.param(["data.packing=maybe"], ["data.packing", "got 'maybe'", "valid boolean"], id="not-a-bool"),
+    pytest.param(["data.packing=maybe"], ["data.packing", "got 'maybe'", "expected true or false"], id="not-a-bool"),
     pytest.param(["train.max_steps=0", "train.lr=-1"], ["train.max_steps: got 0; expected a number > 0",
                                                         "train.lr: got -1; expected a number > 0"], id="two-errors-one-line"),
     pytest.param(["train.max_steps.x=1"], ["override 'train.max_steps.x=1'", "train.max_steps is not a section"], id="value-as-section"),

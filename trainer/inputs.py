@@ -97,6 +97,29 @@ def _files(path: Path, kind: str) -> list[Path]:
 
 
 
+def check_architecture(hf: dict, cfg: Config) -> None:
+    """The model's dimensions agree, and the sequence fits its positions (or the config says how to go beyond)."""
+    heads, kv = hf.get("num_attention_heads"), hf.get("num_key_value_heads") or hf.get("num_attention_heads")
+    hidden = hf.get("hidden_size")
+    where = "model.config" if cfg.model.config is not None else f"model {cfg.model.path}"
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        value = hf.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+    if not hf.get("head_dim") and hidden % heads:
+        raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} (or set head_dim)")
+    if heads % kv:
+        raise ConfigError(f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+    positions = hf.get("max_position_embeddings")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
+    if positions and cfg.data.seq_len > positions and not scaled:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is above the model's max_position_embeddings={positions}: set "
+            f"model.rope_scaling (e.g. {{rope_type: linear, factor: {-(-cfg.data.seq_len // positions)}}}) or "
+            f"model.max_position_embeddings={cfg.data.seq_len} to train beyond it")
+
+
 def read_text(path: Path, what: str = "data.path") -> str:
     """A text file's contents, or one line naming the file and what is wrong with it."""
     try:

@@ -23,6 +23,7 @@ from longtune.planner.plan import Plan, PlanInfeasible, make_plan, mismatches
 from longtune.planner.problem import Machine, ModelShape, ProfileError, build_problem
 
 from .config import Config, ConfigError
+from .inputs import check_architecture
 from .model import build_config
 
 GB = 1e9
@@ -108,8 +109,10 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
                      count_activations: bool = True):
     """The planner's Problem for this config on `machine` with `caps`."""
     mem = cfg.memory
+    hf = hf_config_dict(cfg)
+    check_architecture(hf, cfg)
     try:
-        shape = ModelShape.from_hf_config(hf_config_dict(cfg), cfg.model.dtype)
+        shape = ModelShape.from_hf_config(hf, cfg.model.dtype)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"model: the planner cannot size this model: {e}") from None
     tokens = cfg.data.seq_len * cfg.train.micro_batch_size

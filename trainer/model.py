@@ -19,13 +19,32 @@ def build_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
     if cfg.config is not None:
-        fields = dict(cfg.config)
+        fields = {**cfg.config, **config_overrides(cfg)}
         try:
             return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.config: {e}") from None
+        except Exception as e:  # noqa: BLE001 -- TypeError, ValueError, huggingface_hub's StrictDataclassError
+            raise ConfigError(f"model.config: {_one_line(e)}") from None
     source = resolve_source(cfg.path, cfg.gguf_file)
-    return AutoConfig.from_pretrained(source.folder, **source.kwargs())
+    try:
+        return AutoConfig.from_pretrained(source.folder, **source.kwargs(), **config_overrides(cfg))
+    except Exception as e:  # noqa: BLE001 -- a missing, broken or invalid config.json / GGUF header
+        raise ConfigError(f"model.path: cannot read the model's config from {source.folder}: {_one_line(e)}") from None
+
+
+def config_overrides(cfg: ModelConfig) -> dict:
+    """model.rope_scaling / model.max_position_embeddings, as transformers config fields."""
+    out = {}
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.max_position_embeddings is not None:
+        out["max_position_embeddings"] = cfg.max_position_embeddings
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    """A library's (maybe multi-line) message as one line: transformers' validators put the reason on line 2."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text or type(e).__name__
 
 
 def build_model(cfg: ModelConfig, checkpoint: Optional[Path] = None) -> torch.nn.Module:
@@ -46,7 +65,7 @@ def build_model(cfg: ModelConfig, checkpoint: Optional[Path] = None) -> torch.nn
         model.tie_weights()  # skipped with the init
     elif cfg.path is not None:
         source = resolve_source(cfg.path, cfg.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.folder, **source.kwargs(), **common)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, **source.kwargs(), **common, **config_overrides(cfg))
     else:
         model = AutoModelForCausalLM.from_config(build_config(cfg), **common)
     # With a KV cache, transformers skips the per-document mask it builds from

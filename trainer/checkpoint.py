@@ -23,7 +23,9 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .errors import CheckpointError
-from .inputs import COMPLETE, is_complete, latest_complete, list_checkpoints, step_dir  # noqa: F401 (re-exported)
+from .inputs import (  # noqa: F401 (latest_complete: re-exported)
+    COMPLETE, is_complete, latest_complete, list_checkpoints, remove_stale_temporaries, step_dir, temp_name,
+)
 
 MODEL_FILE = "model.safetensors"
 
@@ -96,10 +98,15 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: Optional[int] = None,
 ) -> Path:
-    """Write step_N atomically; prune older ones only once the new one is complete."""
+    """Write step_N atomically; prune older ones only once the new one is complete.
+
+    Temporary folders that dead writers left behind are removed first, and the write is refused, before a byte is
+    written, when the disk cannot hold it."""
     output_dir = Path(output_dir)
     final = step_dir(output_dir, state.step)
-    tmp = output_dir / f".tmp-step_{state.step}-{os.getpid()}"
+    tmp = output_dir / temp_name(state.step)
+    remove_stale_temporaries(output_dir)
+    _check_room(output_dir, final, model, optimizer)
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -127,6 +134,27 @@ def save_checkpoint(
     if keep_last:
         prune(output_dir, keep_last)
     return final
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _check_room(output_dir: Path, final: Path, model: torch.nn.Module, optimizer) -> None:
+    """Refuse a checkpoint the disk cannot hold, before writing anything. Older checkpoints do not count as free:
+    they are pruned only once the new one is complete."""
+    need = _tensor_bytes(model.state_dict()) + _tensor_bytes(optimizer.state_dict()) + (1 << 20)
+    free = shutil.disk_usage(output_dir).free
+    if need > free:
+        raise CheckpointError(f"could not write checkpoint {final}: it needs {need / 1e9:.2f} GB and "
+                              f"{free / 1e9:.2f} GB are free under {output_dir} (free some space, lower "
+                              "checkpoint.keep_last, or move run.output_dir)")
 
 
 def _root_cause(err: BaseException) -> str:
@@ -187,9 +215,29 @@ def load_checkpoint(
             scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
         if restore_rng:
             set_rng_state(_torch_load(path / "rng.pt"))
-        state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
-    except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
+        state = read_train_state(path / "trainer_state.json")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- OSError, safetensors' and torch's own errors on a damaged file
+        raise CheckpointError(f"checkpoint {path} is unreadable: {_one_line(e)}") from e
     return state
+
+
+def read_train_state(path: Path) -> TrainState:
+    """trainer_state.json, checked: valid JSON of the right shape, or one line saying what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable: {_one_line(e)}") from None
+    ints = ("step", "tokens_seen")
+    if (not isinstance(data, dict) or set(data) - {*ints, "data"}
+            or any(not isinstance(data.get(k), int) or isinstance(data.get(k), bool) or data[k] < 0 for k in ints)
+            or not (data.get("data") is None or isinstance(data["data"], dict))):
+        raise CheckpointError(f"{path} does not hold a trainer state (step and tokens_seen >= 0, data a mapping): "
+                              f"{str(data)[:80]}")
+    return TrainState(**data)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

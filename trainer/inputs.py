@@ -6,7 +6,11 @@ one line, before the first second of torch's import.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import shutil
+import socket
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -171,7 +175,98 @@ def latest_complete(output_dir: Path) -> Optional[Path]:
     return None
 
 
+# --- temporary folders of checkpoint writes ------------------------------------------------------
+
+# A write goes into .tmp-step_<N>-<host>-<pid> (older versions: .tmp-step_<N>-<pid>) and is renamed when complete.
+_TEMP = re.compile(r"^\.tmp-step_(\d+)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def temp_name(step: int) -> str:
+    return f".tmp-step_{step}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def stale_temporaries(output_dir: Path) -> list[Path]:
+    """Temporary checkpoint folders whose writer is gone: a dead process on this host, or, since the run folder's
+    lock is ours, any other host's (a writer can only be live if it holds the lock)."""
+    out = []
+    if not Path(output_dir).is_dir():
+        return out
+    me = (socket.gethostname(), os.getpid())
+    for p in Path(output_dir).iterdir():
+        m = _TEMP.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        host, pid = m.group("host") or me[0], int(m.group("pid"))
+        if (host, pid) == me:
+            continue
+        if host != me[0] or not _alive(pid):
+            out.append(p)
+    return out
+
+
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Remove what dead checkpoint writers left; returns the bytes freed."""
+    freed = 0
+    for p in stale_temporaries(output_dir):
+        freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        shutil.rmtree(p, ignore_errors=True)
+    return freed
+
+
 # --- the run folder ------------------------------------------------------------------------------
+
+
+class RunLock:
+    """One process at a time owns a run folder: an advisory lock (flock) on RUN/.lock, which names the owner's
+    pid and host. The kernel drops the lock when its owner dies, so a lock left by a dead process is taken over
+    (with a notice); one held by a live process refuses the second run, naming it."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / ".lock"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns a notice when it was taken over from a dead owner. ConfigError if it is held."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise ConfigError(f"run.output_dir {self.path.parent} is in use by {owner or 'another process'}: wait "
+                              "for it to finish, or pick another run.output_dir") from None
+        previous = _read_owner(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+        return f"run folder lock taken over from {previous}, which is no longer running" if previous else None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # nobody owns it now
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 
 
 def prepare_output_dir(path: str) -> Path:

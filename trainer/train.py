@@ -19,7 +19,7 @@ from longtune.planner.plan import PlanInfeasible
 from . import checkpoint as ckpt
 from .config import Config, dump_config
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
-from .inputs import check, resolve_resume
+from .inputs import RunLock, check, remove_stale_temporaries, resolve_resume
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
 from .model import build_model, build_tokenizer, count_parameters
@@ -78,6 +78,20 @@ def forward_backward(model: torch.nn.Module, batches: list, device: torch.device
 
 def train(cfg: Config) -> RunResult:
     output_dir = check(cfg)
+    lock = RunLock(output_dir)  # one process per run folder: a second run refuses, naming the first
+    notice = lock.acquire()
+    if notice:
+        print(notice)
+    try:
+        freed = remove_stale_temporaries(output_dir)
+        if freed:
+            print(f"removed {freed / 1e9:.2f} GB of temporary checkpoint folders left by interrupted runs")
+        return _train_in(cfg, output_dir)
+    finally:
+        lock.release()
+
+
+def _train_in(cfg: Config, output_dir: Path) -> RunResult:
     resume_from = resolve_resume(cfg, output_dir)
     device = pick_device()
     try:  # before the model is built: a plan that cannot fit stops here, in seconds

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="the run's output_dir")
     export.add_argument("--out", required=True, help="folder to write")
     export.add_argument("--step", type=int, default=None, help="export step_N instead of the newest complete checkpoint")
+    export.add_argument("--force", action="store_true", help="write into --out even if it holds files already")
     return parser
 
 
@@ -81,23 +82,31 @@ def _split_config_and_overrides(config: str, overrides: list[str]) -> tuple[str,
 
 
 def _resume_config(run_dir: str, overrides: list[str]):
-    from longtune.trainer.config import ConfigError, load_config
+    """The config of `longtune resume RUN_DIR`: the run's own, continued from its newest complete checkpoint; given
+    a checkpoint folder (RUN_DIR/step_N) instead, the run it belongs to, continued from that checkpoint."""
+    from longtune.trainer.config import load_config
+    from longtune.trainer.inputs import run_folder_of
 
-    resolved = Path(run_dir) / "config.resolved.yaml"
-    if not Path(run_dir).is_dir():
-        raise ConfigError(f"run folder {run_dir} does not exist")
-    if not resolved.is_file():
-        raise ConfigError(f"{run_dir} is not a longtune run folder (no config.resolved.yaml)")
-    return load_config(resolved, [*overrides, f"run.output_dir={run_dir}", "run.resume=auto"])
+    run, step = run_folder_of(run_dir, "longtune resume")
+    resume = f"run.resume={run / f'step_{step}'}" if step is not None else "run.resume=auto"
+    if step is not None:
+        print(f"{run_dir} is a checkpoint of the run in {run}: resuming that run from step {step}")
+    return load_config(run / "config.resolved.yaml", [*overrides, f"run.output_dir={run}", resume])
 
 
 def run(args: argparse.Namespace) -> int:
     from longtune.trainer.config import dump_config, load_config
 
     if args.command == "export":
+        from longtune.trainer.inputs import check_export_out, run_folder_of
+
+        run, step = run_folder_of(args.run_dir, "longtune export")
+        if step is not None and args.step is not None and step != args.step:
+            raise UsageError(f"longtune export: {args.run_dir} is step {step}, but --step {args.step} was given")
+        check_export_out(args.out, args.force)
         from longtune.trainer.train import export
 
-        path = export(Path(args.run_dir), Path(args.out), args.step)
+        path = export(run, Path(args.out), step if step is not None else args.step)
         print(f"exported {path} -> {args.out}")
         return EXIT_OK
     if args.command == "plan":

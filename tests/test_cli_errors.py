@@ -269,11 +269,11 @@ def test_run_resume_of_missing_checkpoint(capsys, cfg_path, tmp_path):
 
 def test_resume_of_missing_folder(capsys, tmp_path):
     folder = tmp_path / "nope"
-    assert cli_error(capsys, "resume", folder) == f"run folder {folder} does not exist"
+    assert cli_error(capsys, "resume", folder) == f"longtune resume: run folder {folder} does not exist"
 
 
 def test_resume_of_folder_that_is_not_a_run(capsys, tmp_path):
-    assert cli_error(capsys, "resume", tmp_path) == f"{tmp_path} is not a longtune run folder (no config.resolved.yaml)"
+    assert cli_error(capsys, "resume", tmp_path) == f"longtune resume: {tmp_path} is not a longtune run folder (no config.resolved.yaml)"
 
 
 def test_resume_overrides_are_validated(capsys, tmp_path, tiny_config):
@@ -282,11 +282,11 @@ def test_resume_overrides_are_validated(capsys, tmp_path, tiny_config):
         "unknown key train.max_stepz in section train; did you mean train.max_steps?"
 
 
-# --- export: a runtime failure, exit 1 -----------------------------------------------------------
+# --- export: a path the user gave is exit 2; a run folder without what is asked for, exit 1 ------
 
 def test_export_of_missing_folder(capsys, tmp_path):
     run = tmp_path / "nope"
-    assert cli_error(capsys, "export", run, "--out", tmp_path / "out", code=1) == f"run folder {run} does not exist"
+    assert cli_error(capsys, "export", run, "--out", tmp_path / "out") == f"longtune export: run folder {run} does not exist"
     assert not (tmp_path / "out").exists()
 
 
@@ -302,6 +302,7 @@ def export_without_complete_checkpoint(tmp_path_factory):
     """`longtune export` (a real process) of a run whose only checkpoint lacks the COMPLETE marker."""
     run = tmp_path_factory.mktemp("export") / "run"
     (run / "step_4").mkdir(parents=True)
+    (run / "config.resolved.yaml").write_text("run: {output_dir: run}\n")
     return run, run_cli("export", run, "--out", run.parent / "out", timeout=120)
 
 

@@ -269,6 +269,33 @@ def _read_owner(fd: int) -> str:
 
 
 
+def run_folder_of(path: str, command: str) -> tuple[Path, Optional[int]]:
+    """(run folder, checkpoint step) of what the user named: a run folder (step None), or one of its step_N
+    checkpoint folders. Anything else is a one-line error saying what it is instead."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{command}: run folder {path} does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"{command}: {path} is a file; give a run folder (run.output_dir of a longtune run)")
+    m = STEP_DIR.match(p.name)
+    if m and (p.parent / "config.resolved.yaml").is_file():
+        if not is_complete(p):
+            raise ConfigError(f"{command}: checkpoint {path} is incomplete (no {COMPLETE} marker)")
+        return p.parent, int(m.group(1))
+    if not (p / "config.resolved.yaml").is_file():
+        raise ConfigError(f"{command}: {path} is not a longtune run folder (no config.resolved.yaml)")
+    return p, None
+
+
+def check_export_out(out: str, force: bool) -> None:
+    """--out of `longtune export`: a new folder, or an empty one, or (with --force) any folder; never a file."""
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"longtune export: --out {out} is a file; give a folder to write the model into")
+    if p.is_dir() and any(p.iterdir()) and not force:
+        raise ConfigError(f"longtune export: --out {out} is not empty; add --force to write into it anyway")
+
+
 def prepare_output_dir(path: str) -> Path:
     out = Path(path).expanduser()
     probe = out / f".write-test-{uuid.uuid4().hex}"

@@ -259,10 +259,24 @@ def load_trained(run_dir: Path, step: Optional[int] = None):
 
 
 def export(run_dir: Path, out_dir: Path, step: Optional[int] = None) -> Path:
-    """A transformers save_pretrained folder (weights, config, tokenizer)."""
+    """A transformers save_pretrained folder (weights, config, tokenizer), written beside --out and moved into place
+    when complete, so a failed export leaves nothing that looks like a model."""
+    import os
+    import shutil
+
     _, model, tokenizer, path = load_trained(run_dir, step)
     out_dir = Path(out_dir)
     model.config.use_cache = True  # for generation with the exported model
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    except OSError as e:
+        raise ckpt.CheckpointError(f"could not export to {out_dir}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

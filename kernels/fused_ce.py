@@ -74,23 +74,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 # Widest vocabulary block one program holds in registers per loop step; the
 # kernel loops over the vocabulary in blocks of at most this many columns.
 MAX_BLOCK_V = 16384
-# Default chunk bounds (tokens), see default_chunk_size.
-MIN_CHUNK_TOKENS = 256
-MAX_CHUNK_TOKENS = 4096
 
-
-def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Tokens per chunk when none is given: chunk logits about the size of hidden, within [256, 4096]."""
-    ratio = -(-vocab_size // hidden_size)  # ceil(V / H)
-    chunk = _next_power_of_2(-(-n_tokens // ratio))
-    chunk = max(MIN_CHUNK_TOKENS, min(MAX_CHUNK_TOKENS, chunk))
-    return max(1, min(n_tokens, chunk))
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
+from .chunking import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, default_chunk_size  # noqa: E402,F401 -- torch-free, for the planner
 # ----------------------------------------------------------------------------------------------
 # Ground truth (tests and bench only: builds the full logits)
 # ----------------------------------------------------------------------------------------------

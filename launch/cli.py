@@ -88,10 +88,16 @@ def _resume_config(run_dir: str, overrides: list[str]):
     from longtune.trainer.inputs import run_folder_of
 
     run, step = run_folder_of(run_dir, "longtune resume")
-    resume = f"run.resume={run / f'step_{step}'}" if step is not None else "run.resume=auto"
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if "run.output_dir" in given:
+        raise UsageError(f"longtune resume continues the run in {run}; run.output_dir cannot be changed (to start a "
+                         "new run elsewhere: longtune train CONFIG run.output_dir=...)")
+    if step is not None and "run.resume" in given:
+        raise UsageError(f"longtune resume: {run_dir} is a checkpoint already; drop the run.resume override")
+    resume = [f"run.resume={run / f'step_{step}'}"] if step is not None else [] if "run.resume" in given else ["run.resume=auto"]
     if step is not None:
         print(f"{run_dir} is a checkpoint of the run in {run}: resuming that run from step {step}")
-    return load_config(run / "config.resolved.yaml", [*overrides, f"run.output_dir={run}", resume])
+    return load_config(run / "config.resolved.yaml", [*overrides, f"run.output_dir={run}", *resume])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,6 +152,9 @@ def run_plan(args: argparse.Namespace) -> int:
     from longtune.trainer.memory import load_machine, plan_memory, profile_capacities
 
     cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
+    out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "plan.yaml"
+    if out.is_dir():
+        raise UsageError(f"longtune plan: {'--out' if args.out else 'run.output_dir/plan.yaml'} {out} is a folder; give a file name")
     machine = load_machine(args.machine or cfg.memory.machine)
     try:  # `longtune plan` always plans the activations: that is what it is for
         plan = plan_memory(cfg, profile_capacities(cfg, machine), machine, activations=True)
@@ -155,7 +164,6 @@ def run_plan(args: argparse.Namespace) -> int:
                               "missing_bytes": e.missing_bytes, "reason": str(e)}))
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INFEASIBLE
-    out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "plan.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(plan.to_yaml())
     if args.json:

@@ -439,7 +439,7 @@ def test_read_errors(tmp_path):
         read_documents(DataConfig(kind="jsonl", path=str(missing)))
     not_object = tmp_path / "list.jsonl"
     not_object.write_text('["text"]\n')
-    with pytest.raises(ConfigError, match=re.escape(f"{not_object}:1 has no field 'text'")):
+    with pytest.raises(ConfigError, match=re.escape(f"{not_object}:1 is a JSON list, not an object with a 'text' field")):
         read_documents(DataConfig(kind="jsonl", path=str(not_object)))
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()

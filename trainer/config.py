@@ -277,7 +277,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     if data is None:
-        return {}
+        raise ConfigError(f"config {path} is empty; it needs at least a model section (see configs/quickstart.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -335,6 +335,8 @@ def describe_validation_error(err: ValidationError) -> str:
         kind = item["type"]
         if kind == "extra_forbidden":
             lines.append(_unknown_key_message(loc))
+        elif kind == "missing" and loc and loc[-1].isdigit():  # a tuple given too few items
+            lines.append(f"{'.'.join(loc[:-1])}: too few values (item {int(loc[-1]) + 1} is missing)")
         elif kind == "missing":
             lines.append(f"missing required key {key}")
         elif kind == "value_error":

@@ -145,7 +145,10 @@ def read_documents(cfg: DataConfig) -> list[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"data.path: {file}:{n} is not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or field not in record:
+                if not isinstance(record, dict):
+                    raise ConfigError(f"data.path: {file}:{n} is a JSON {type(record).__name__}, not an object with a "
+                                      f"{field!r} field")
+                if field not in record:
                     raise ConfigError(f"data.text_field: {file}:{n} has no field {field!r}")
                 if record[field] is not None:
                     docs.append(_text(record[field], f"{file}:{n}", field))

@@ -5,6 +5,7 @@ one line, before the first second of torch's import.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -101,15 +102,57 @@ def _files(path: Path, kind: str) -> list[Path]:
 
 
 
-def check_architecture(hf: dict, cfg: Config) -> None:
-    """The model's dimensions agree, and the sequence fits its positions (or the config says how to go beyond)."""
+def config_overrides(cfg: ModelConfig) -> dict:
+    """model.rope_scaling / model.max_position_embeddings, as transformers config fields."""
+    out = {}
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.max_position_embeddings is not None:
+        out["max_position_embeddings"] = cfg.max_position_embeddings
+    return out
+
+
+# What the planner and the checks read of a transformers config. When the config as written holds all of them, it is
+# used as it is: no transformers, so no torch, and `longtune plan` answers in a fraction of the time.
+PLANNER_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "num_hidden_layers", "vocab_size", "max_position_embeddings")
+
+
+def written_model_config(cfg: ModelConfig) -> Optional[dict]:
+    """The model's config as written (model.config inline, or the folder's config.json) with the model.* overrides;
+    None for a GGUF file, whose config only transformers can read."""
+    import json
+
+    if cfg.config is not None:
+        return {**cfg.config, **config_overrides(cfg)}
+    source = resolve_source(cfg.path, cfg.gguf_file)
+    if source.gguf_file:
+        return None
+    path = source.folder / "config.json"
+    try:
+        data = json.loads(read_text(path, "model.path"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model.path: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"model.path: {path} holds a {type(data).__name__}, not a model config")
+    return {**data, **config_overrides(cfg)}
+
+
+def check_architecture(hf: dict, cfg: Config, complete: bool = True) -> None:
+    """The model's dimensions agree, and the sequence fits its positions (or the config says how to go beyond).
+    complete=False: a config as written, whose absent keys take transformers' defaults later (not checked here)."""
     heads, kv = hf.get("num_attention_heads"), hf.get("num_key_value_heads") or hf.get("num_attention_heads")
     hidden = hf.get("hidden_size")
     where = "model.config" if cfg.model.config is not None else f"model {cfg.model.path}"
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                "num_key_value_heads", "max_position_embeddings"):
         value = hf.get(key)
+        if value is None and (not complete or key in ("num_key_value_heads", "max_position_embeddings")):
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+    if hidden is None or heads is None:
+        return
     if not hf.get("head_dim") and hidden % heads:
         raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} (or set head_dim)")
     if heads % kv:
@@ -177,8 +220,9 @@ def latest_complete(output_dir: Path) -> Optional[Path]:
 
 # --- temporary folders of checkpoint writes ------------------------------------------------------
 
-# A write goes into .tmp-step_<N>-<host>-<pid> (older versions: .tmp-step_<N>-<pid>) and is renamed when complete.
-_TEMP = re.compile(r"^\.tmp-step_(\d+)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+# A checkpoint write goes into .tmp-step_<N>-<host>-<pid> (older versions: .tmp-step_<N>-<pid>), a small file's into
+# .<name>.tmp-<host>-<pid>; each is renamed when complete.
+_TEMP = re.compile(r"^\.(?:tmp-step_\d+|[^/]+\.tmp)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 
 
 def temp_name(step: int) -> str:
@@ -204,7 +248,7 @@ def stale_temporaries(output_dir: Path) -> list[Path]:
     me = (socket.gethostname(), os.getpid())
     for p in Path(output_dir).iterdir():
         m = _TEMP.match(p.name)
-        if not m or not p.is_dir():
+        if not m:
             continue
         host, pid = m.group("host") or me[0], int(m.group("pid"))
         if (host, pid) == me:
@@ -218,8 +262,12 @@ def remove_stale_temporaries(output_dir: Path) -> int:
     """Remove what dead checkpoint writers left; returns the bytes freed."""
     freed = 0
     for p in stale_temporaries(output_dir):
-        freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            freed += p.stat().st_size
+            p.unlink(missing_ok=True)
     return freed
 
 
@@ -239,14 +287,21 @@ class RunLock:
         """Take the lock; returns a notice when it was taken over from a dead owner. ConfigError if it is held."""
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            owner = _read_owner(fd)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise ConfigError(f"run.output_dir {self.path.parent} is in use by {owner or 'another process'}: wait "
+                                  "for it to finish, or pick another run.output_dir") from None
+            try:  # the owner we waited on may have released (and removed) the file: lock the one on disk
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise ConfigError(f"run.output_dir {self.path.parent} is in use by {owner or 'another process'}: wait "
-                              "for it to finish, or pick another run.output_dir") from None
         previous = _read_owner(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -254,8 +309,9 @@ class RunLock:
         return f"run folder lock taken over from {previous}, which is no longer running" if previous else None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # nobody owns it now
+        if self._fd is not None:  # removed while still held, so a finished run leaves no trace in its folder
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
@@ -267,6 +323,16 @@ def _read_owner(fd: int) -> str:
         return ""
 
 
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file whole or not at all: a killed writer leaves the old version, never half of the new."""
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def run_folder_of(path: str, command: str) -> tuple[Path, Optional[int]]:
@@ -339,6 +405,9 @@ def check(cfg: Config) -> Path:
     """Every check that needs no model: run before anything heavy is loaded."""
     check_model_config(cfg.model)
     check_data_config(cfg.data)
+    written = written_model_config(cfg.model)
+    if written is not None:
+        check_architecture(written, cfg, complete=False)
     if cfg.run.resume not in (None, "auto"):
         check_resume_path(cfg.run.resume)  # before output_dir is created
     return prepare_output_dir(cfg.run.output_dir)

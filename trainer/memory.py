@@ -23,8 +23,7 @@ from longtune.planner.plan import Plan, PlanInfeasible, make_plan, mismatches
 from longtune.planner.problem import Machine, ModelShape, ProfileError, build_problem
 
 from .config import Config, ConfigError
-from .inputs import check_architecture
-from .model import build_config
+from .inputs import PLANNER_KEYS, check_architecture, written_model_config
 
 GB = 1e9
 # memory.budget_gb=auto on a GPU: the free device memory less this share (at least AUTO_MARGIN_MIN_GB) for
@@ -43,7 +42,13 @@ class Capacities:
 
 
 def hf_config_dict(cfg: Config) -> dict:
-    """The transformers config as a dict, transformers' defaults filled in; reads no weights."""
+    """The transformers config as a dict, transformers' defaults filled in; reads no weights. A config as written
+    that holds every key the planner reads is taken as it is, without importing transformers (or torch)."""
+    written = written_model_config(cfg.model)
+    if written is not None and all(written.get(k) is not None for k in PLANNER_KEYS):
+        return written
+    from .model import build_config
+
     return build_config(cfg.model).to_dict()
 
 
@@ -145,7 +150,7 @@ def plan_chunks(cfg: Config) -> int:
 
 def _ce_chunk_tokens(cfg: Config, shape: ModelShape, tokens: int) -> int:
     """The chunk the fused loss will use, so the plan counts the head workspace it really needs."""
-    from longtune.kernels.fused_ce import default_chunk_size
+    from longtune.kernels.chunking import default_chunk_size
 
     return cfg.model.kernels.ce_chunk_tokens or default_chunk_size(tokens, shape.layer.hidden, shape.vocab)
 
@@ -195,9 +200,24 @@ def read_plan(path: str) -> Plan:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"memory.plan: {path} does not exist")
+    import yaml
+
     try:
-        return Plan.from_yaml(p.read_text())
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"memory.plan: {path} is not a text file") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"memory.plan: {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"memory.plan: {path} is not a longtune plan (a mapping written by `longtune plan`), "
+                          f"it holds a {type(data).__name__}")
+    try:
+        return Plan.from_dict(data)
+    except KeyError as e:
+        raise ConfigError(f"memory.plan: {path} is not a longtune plan: it has no {e} key") from None
+    except (ValueError, TypeError, AttributeError) as e:
         raise ConfigError(f"memory.plan: {path} is not a longtune plan: {e}") from None
 
 

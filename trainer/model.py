@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, ModelConfig
-from .inputs import DEFAULT_TOKENIZER, resolve_source
+from .inputs import DEFAULT_TOKENIZER, config_overrides, resolve_source
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -29,16 +29,6 @@ def build_config(cfg: ModelConfig):
         return AutoConfig.from_pretrained(source.folder, **source.kwargs(), **config_overrides(cfg))
     except Exception as e:  # noqa: BLE001 -- a missing, broken or invalid config.json / GGUF header
         raise ConfigError(f"model.path: cannot read the model's config from {source.folder}: {_one_line(e)}") from None
-
-
-def config_overrides(cfg: ModelConfig) -> dict:
-    """model.rope_scaling / model.max_position_embeddings, as transformers config fields."""
-    out = {}
-    if cfg.rope_scaling is not None:
-        out["rope_scaling"] = dict(cfg.rope_scaling)
-    if cfg.max_position_embeddings is not None:
-        out["max_position_embeddings"] = cfg.max_position_embeddings
-    return out
 
 
 def _one_line(e: BaseException) -> str:

@@ -19,7 +19,7 @@ from longtune.planner.plan import PlanInfeasible
 from . import checkpoint as ckpt
 from .config import Config, dump_config
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
-from .inputs import RunLock, check, remove_stale_temporaries, resolve_resume
+from .inputs import RunLock, check, remove_stale_temporaries, resolve_resume, write_atomic
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
 from .model import build_model, build_tokenizer, count_parameters
@@ -100,12 +100,8 @@ def _train_in(cfg: Config, output_dir: Path) -> RunResult:
         raise infeasible_error(e) from None
     seed_everything(cfg.train.seed)
     config_yaml = dump_config(cfg)
-    (output_dir / "config.resolved.yaml").write_text(config_yaml)
-
-    # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it.
+    # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it (see write_run_files).
     tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR if resume_from else None)
-    if resume_from is None:
-        tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
     model = build_model(cfg.model, checkpoint=resume_from)  # on the host: the runtime places it
     n_params = count_parameters(model)  # before streamed weights leave the model
     kernels = cfg.model.kernels
@@ -122,16 +118,26 @@ def _train_in(cfg: Config, output_dir: Path) -> RunResult:
         eval_task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")
     loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed)
     runtime = build_runtime(cfg, model, plan, device)
+
+    def write_run_files() -> None:
+        """The run folder changes only once the model, the data and any checkpoint have loaded: a start that
+        fails leaves it as it was (a resume with a bad override does not rewrite the run's config)."""
+        write_atomic(output_dir / "config.resolved.yaml", config_yaml)
+        if resume_from is None:
+            tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+        if activations_planned(cfg):
+            write_atomic(output_dir / "plan.yaml", plan.to_yaml())
+            print(f"plan written to {output_dir / 'plan.yaml'}")
+
     if activations_planned(cfg):
-        (output_dir / "plan.yaml").write_text(plan.to_yaml())
         print(describe_plan(plan))
-        print(f"plan written to {output_dir / 'plan.yaml'}")
     for note in runtime.notes:
         print(note)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     try:
-        return _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml)
+        return _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml,
+                      write_run_files)
     finally:
         runtime.close()
 
@@ -142,7 +148,8 @@ def describe_plan(plan) -> str:
     return format_plan(plan)
 
 
-def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml) -> RunResult:
+def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml,
+           write_run_files) -> RunResult:
     optimizer = runtime.optimizer
     scheduler = build_scheduler(optimizer, cfg)
 
@@ -152,6 +159,10 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loade
             state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
         loader.load_state_dict(state.data)
         print(f"resumed from {resume_from} at step {state.step} ({state.tokens_seen:,} tokens seen)")
+        if state.step >= cfg.train.max_steps:
+            print(f"nothing to train: the run is at step {state.step} and train.max_steps={cfg.train.max_steps} "
+                  f"(to go on: longtune resume {output_dir} train.max_steps=N)")
+    write_run_files()
 
     t = cfg.train
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.mixed_precision == "bf16" else contextlib.nullcontext

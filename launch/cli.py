@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
+MAX_ERROR_CHARS = 500
 
 EPILOG = "Overrides are dotted keys typed as YAML: train.max_steps=12 train.lr=3e-4 log.sinks=[console,jsonl]"
 
@@ -225,6 +226,8 @@ def _fail(message, code: int, debug: bool, error: Optional[BaseException] = None
     if debug and isinstance(error, BaseException):
         traceback.print_exception(error)
     text = message if isinstance(message, str) else _first_line(message)
+    if len(text) > MAX_ERROR_CHARS and not debug:  # a library's message can run on (every mismatched tensor...)
+        text = text[:MAX_ERROR_CHARS].rstrip() + " ... (--debug shows the rest)"
     print(f"error: {text}", file=sys.stderr)
     return code
 

@@ -81,6 +81,11 @@ class Ctx:
             cfg[name] = {**cfg.get(name, {}), **value} if isinstance(value, dict) else value
         return cfg
 
+    def new_run_config_file(self, **sections) -> Path:
+        """A config for a new run in a folder of its own (watched: it must stay empty), sections replaced."""
+        self.watched = self.tmp / "new-run"
+        return self.config_file(run={"output_dir": str(self.watched), "resume": None}, **sections)
+
     def config_file(self, text: str | None = None, name: str = "c.yaml", **sections) -> Path:
         path = self.tmp / name
         if text is None:
@@ -158,6 +163,51 @@ def bad_step_folder_as_run(c):
 
 JSONL_OK = '{"text": "hello"}\n'
 
+
+def _parquet(c: Ctx, **columns) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = c.tmp / "d.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def _model_folder(c: Ctx, config_json: str) -> Path:
+    folder = c.tmp / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(config_json)
+    return folder
+
+
+def _model_copy(c: Ctx, damage: Callable[[Path], None]) -> Path:
+    """The run's newest weights and config.json as a transformers model folder, its weights damaged."""
+    folder = c.tmp / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(newest(c.run) / name, folder / name)
+    damage(folder / "model.safetensors")
+    return folder
+
+
+def _garbage_tokenizer(c: Ctx) -> Path:
+    """A copy of the run's tokenizer folder whose tokenizer.json is not JSON."""
+    folder = c.tmp / "tok"
+    shutil.copytree(c.run / "tokenizer", folder)
+    (folder / "tokenizer.json").write_text("{ not json")
+    return folder
+
+
+def _other_weights(run: Path) -> Path:
+    """model.safetensors of a model with another hidden size (the file is whole; the shapes are wrong)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(newest(run) / "model.safetensors"))
+    out = run.parent / "other.safetensors"
+    save_file({k: torch.zeros(*(d * 2 for d in v.shape)) for k, v in state.items()}, str(out))
+    return out
+
 CASES = {
     # overrides given to `resume`: typed, ranged, cross-checked against the model (exit 2)
     "bool-as-int": resume_with("train.max_steps=true"),
@@ -219,6 +269,12 @@ CASES = {
     "text-not-utf8": data_file("d.txt", b"caf\xe9 \xff\xfe latin-1\n", "text"),
     "jsonl-not-utf8": data_file("d.jsonl", b'{"text": "caf\xe9"}\n', "jsonl"),
     "parquet-garbage": data_file("d.parquet", b"PAR1 this is not parquet", "parquet"),
+    "parquet-without-the-column": lambda c: (["resume", c.run, "data.kind=parquet", f"data.path={_parquet(c, body=['x'])}"], 2),
+    "hf-disk-not-a-dataset": lambda c: (["resume", c.run, "data.kind=hf_disk", f"data.path={c.file('ds/state.json', '{}').parent}"], 2),
+    "model-folder-config-not-json": lambda c: (["train", c.config_file(model={"config": None, "path": str(_model_folder(c, "{not json"))})], 2),
+    "model-folder-heads-do-not-divide": lambda c: (["train", c.config_file(model={"config": None, "path": str(_model_folder(c, json.dumps({**c.config()["model"]["config"], "num_attention_heads": 3})))})], 2),
+    "model-folder-weights-truncated": lambda c: (["train", c.new_run_config_file(model={"config": None, "path": str(_model_copy(c, truncate))})], 2),
+    "tokenizer-folder-garbage": lambda c: (["train", c.new_run_config_file(model={"tokenizer": str(_garbage_tokenizer(c))})], 2),
     "data-folder-without-files": lambda c: (["resume", c.run, "data.kind=jsonl", f"data.path={c.file('d/readme.md', 'x').parent}"], 2),
     # checkpoint folders (damaged: a fault found at run time, exit 1)
     "truncated-weights-on-resume": resume_damaged(lambda r: truncate(newest(r) / "model.safetensors")),
@@ -229,6 +285,11 @@ CASES = {
     "optimizer-missing": resume_damaged(lambda r: next(newest(r).glob("optimizer*")).unlink()),
     "optimizer-truncated": resume_damaged(lambda r: truncate(next(newest(r).glob("optimizer*")))),
     "weights-missing-on-export": export_damaged(lambda r: (newest(r) / "model.safetensors").unlink()),
+    "checkpoint-config-json-garbage": resume_damaged(lambda r: (newest(r) / "config.json").write_text("{heads: ")),
+    "scheduler-state-garbage": resume_damaged(lambda r: (newest(r) / "scheduler.pt").write_bytes(b"\x80\x04junk")),
+    "rng-state-missing": resume_damaged(lambda r: (newest(r) / "rng.pt").unlink()),
+    "run-tokenizer-truncated": resume_damaged(lambda r: truncate(r / "tokenizer" / "tokenizer.json", 0.3)),
+    "weights-of-another-shape": resume_damaged(lambda r: shutil.copy(_other_weights(r), newest(r) / "model.safetensors")),
     "run-config-broken": resume_damaged(lambda r: (r / "config.resolved.yaml").write_text("model: [\n"), code=2),
     # paths given to resume and export (exit 2)
     "resume-missing-folder": lambda c: (["resume", c.tmp / "nope"], 2),
@@ -304,3 +365,34 @@ def test_malformed_input_in_a_real_process(argv_of, trained_run, tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert snapshot(watched) == before
+
+
+# --- the same paths, given right ---------------------------------------------------------------------
+
+def test_resume_of_a_checkpoint_folder_continues_the_run_from_that_step(trained_run, tmp_path, capsys):
+    run = Ctx(run=trained_run, tmp=tmp_path).damaged_run(lambda r: None)  # an undamaged copy
+    assert main(["resume", str(run / "step_1"), "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run / 'step_1'} is a checkpoint of the run in {run}: resuming that run from step 1" in out
+    assert f"resumed from {run / 'step_1'} at step 1" in out
+    # The run went on in its own folder (not inside step_1), steps 2-3 retrained from step 1
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_2", "step_3"]
+    assert yaml.safe_load((run / "config.resolved.yaml").read_text())["train"]["max_steps"] == 3
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(trained_run, tmp_path, capsys):
+    run = Ctx(run=trained_run, tmp=tmp_path).damaged_run(lambda r: None)
+    assert main(["resume", str(run)]) == 0
+    assert f"nothing to train: the run is at step 2 and train.max_steps=2 (to go on: longtune resume {run} " \
+           "train.max_steps=N)" in capsys.readouterr().out
+
+
+def test_export_of_a_checkpoint_folder_and_into_a_non_empty_folder_with_force(trained_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(trained_run / "step_1"), "--out", str(out), "--force"]) == 0
+    assert f"exported {trained_run / 'step_1'} -> {out}" in capsys.readouterr().out
+    assert (out / "notes.txt").read_text() == "mine"  # --force writes beside what is there
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, ModelConfig
+from .errors import CheckpointError
 from .inputs import DEFAULT_TOKENIZER, config_overrides, resolve_source
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -49,13 +50,21 @@ def build_model(cfg: ModelConfig, checkpoint: Optional[Path] = None) -> torch.nn
     common = {"dtype": torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation}
     if checkpoint is not None:
         config_json = Path(checkpoint) / "config.json"
-        config = AutoConfig.from_pretrained(checkpoint) if config_json.is_file() else build_config(cfg)
+        try:
+            config = AutoConfig.from_pretrained(checkpoint) if config_json.is_file() else build_config(cfg)
+        except (OSError, ValueError) as e:  # transformers reports a broken config.json as either
+            raise CheckpointError(f"checkpoint {checkpoint} is unreadable: config.json: {_one_line(e)}") from None
         with _no_init_weights():
             model = AutoModelForCausalLM.from_config(config, **common)
         model.tie_weights()  # skipped with the init
     elif cfg.path is not None:
         source = resolve_source(cfg.path, cfg.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.folder, **source.kwargs(), **common, **config_overrides(cfg))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, **source.kwargs(), **common, **config_overrides(cfg))
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a truncated or mismatched weights file, a broken config.json
+            raise ConfigError(f"model.path: cannot load the model from {cfg.path}: {_one_line(e)}") from None
     else:
         model = AutoModelForCausalLM.from_config(build_config(cfg), **common)
     # With a KV cache, transformers skips the per-document mask it builds from
@@ -78,10 +87,16 @@ def build_tokenizer(cfg: ModelConfig, saved: Optional[Path] = None):
     from transformers import AutoTokenizer
 
     if saved is not None and (Path(saved) / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(saved)
+        try:
+            return AutoTokenizer.from_pretrained(saved)
+        except Exception as e:  # noqa: BLE001 -- a damaged tokenizer.json surfaces as JSON, OS or value errors
+            raise CheckpointError(f"the run's tokenizer {saved} is unreadable: {_one_line(e)}") from None
     spec = cfg.tokenizer or cfg.path or DEFAULT_TOKENIZER
     source = resolve_source(spec, cfg.gguf_file if spec == cfg.path else None, what="model.tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(source.folder, **source.kwargs())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **source.kwargs())
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {spec}: {_one_line(e)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

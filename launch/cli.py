@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         run, step = run_folder_of(args.run_dir, "longtune export")
         if step is not None and args.step is not None and step != args.step:
             raise UsageError(f"longtune export: {args.run_dir} is step {step}, but --step {args.step} was given")
-        check_export_out(args.out, args.force)
+        check_export_out(args.out, args.force, run)
         from longtune.trainer.train import export
 
         path = export(run, Path(args.out), step if step is not None else args.step)

@@ -298,6 +298,8 @@ CASES = {
     "resume-incomplete-step-folder": bad_step_folder_as_run,
     "export-out-is-a-file": lambda c: (["export", c.run, "--out", c.file("out", "x")], 2),
     "export-out-not-empty": lambda c: (["export", c.run, "--out", c.file("out/keep.txt", "x").parent], 2),
+    "export-into-a-checkpoint": lambda c: (["export", c.run, "--out", c.run / "step_2", "--force"], 2),
+    "export-into-the-run-folder": lambda c: (["export", c.run, "--out", c.run, "--force"], 2),
     "export-missing-step": lambda c: (["export", c.run, "--out", c.tmp / "out", "--step", "7"], 1),
     "export-step-folder-and-other-step": lambda c: (["export", c.run / "step_2", "--out", c.tmp / "out", "--step", "1"], 2),
     "export-missing-run": lambda c: (["export", c.tmp / "nope", "--out", c.tmp / "out"], 2),

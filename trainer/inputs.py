@@ -353,9 +353,14 @@ def run_folder_of(path: str, command: str) -> tuple[Path, Optional[int]]:
     return p, None
 
 
-def check_export_out(out: str, force: bool) -> None:
-    """--out of `longtune export`: a new folder, or an empty one, or (with --force) any folder; never a file."""
+def check_export_out(out: str, force: bool, run: Optional[Path] = None) -> None:
+    """--out of `longtune export`: a new folder, or an empty one, or (with --force) any folder; never a file, nor
+    the run folder or one of its checkpoints (a model written there would replace the checkpoint's weights)."""
     p = Path(out).expanduser()
+    if run is not None:
+        where, home = p.resolve(), Path(run).resolve()
+        if where == home or (where.is_relative_to(home) and STEP_DIR.match(where.relative_to(home).parts[0])):
+            raise ConfigError(f"longtune export: --out {out} is inside the run folder {run}; export elsewhere")
     if p.exists() and not p.is_dir():
         raise ConfigError(f"longtune export: --out {out} is a file; give a folder to write the model into")
     if p.is_dir() and any(p.iterdir()) and not force:

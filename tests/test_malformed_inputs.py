@@ -275,6 +275,8 @@ CASES = {
     "model-folder-heads-do-not-divide": lambda c: (["train", c.config_file(model={"config": None, "path": str(_model_folder(c, json.dumps({**c.config()["model"]["config"], "num_attention_heads": 3})))})], 2),
     "model-folder-weights-truncated": lambda c: (["train", c.new_run_config_file(model={"config": None, "path": str(_model_copy(c, truncate))})], 2),
     "tokenizer-folder-garbage": lambda c: (["train", c.new_run_config_file(model={"tokenizer": str(_garbage_tokenizer(c))})], 2),
+    "vocab-smaller-than-tokenizer": lambda c: (["train", c.new_run_config_file(model={"config": {**c.config()["model"]["config"], "vocab_size": 1000}})], 2),
+    "odd-head-dim": lambda c: (["train", c.new_run_config_file(model={"config": {**c.config()["model"]["config"], "hidden_size": 36}})], 2),
     "data-folder-without-files": lambda c: (["resume", c.run, "data.kind=jsonl", f"data.path={c.file('d/readme.md', 'x').parent}"], 2),
     # checkpoint folders (damaged: a fault found at run time, exit 1)
     "truncated-weights-on-resume": resume_damaged(lambda r: truncate(newest(r) / "model.safetensors")),

@@ -157,6 +157,10 @@ def check_architecture(hf: dict, cfg: Config, complete: bool = True) -> None:
         raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} (or set head_dim)")
     if heads % kv:
         raise ConfigError(f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+    head_dim = hf.get("head_dim") or hidden // heads
+    if hf.get("model_type") in SUPPORTED_MODEL_TYPES and head_dim % 2:  # RoPE rotates pairs of dimensions
+        raise ConfigError(f"{where}: the head dimension {head_dim} (hidden_size / num_attention_heads, or head_dim) "
+                          "must be even for RoPE")
     positions = hf.get("max_position_embeddings")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,8 @@ def build_config(cfg: ModelConfig):
 def _one_line(e: BaseException) -> str:
     """A library's (maybe multi-line) message as one line: transformers' validators put the reason on line 2."""
     text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    # huggingface_hub's StrictDataclass wraps the reason: "Class validation error for validator 'x': ValueError: why"
+    text = re.sub(r"^Class validation error for validator '\w+': \w+: ", "", text)
     return text or type(e).__name__
 
 

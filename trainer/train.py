@@ -17,7 +17,7 @@ import torch
 from longtune.planner.plan import PlanInfeasible
 
 from . import checkpoint as ckpt
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import RunLock, check, remove_stale_temporaries, resolve_resume, write_atomic
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
@@ -103,6 +103,10 @@ def _train_in(cfg: Config, output_dir: Path) -> RunResult:
     # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it (see write_run_files).
     tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR if resume_from else None)
     model = build_model(cfg.model, checkpoint=resume_from)  # on the host: the runtime places it
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:  # a token id past the embedding would fail deep in the first forward
+        raise ConfigError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is {vocab:,}: set "
+                          f"model.config.vocab_size to at least {len(tokenizer)}, or use the model's own tokenizer")
     n_params = count_parameters(model)  # before streamed weights leave the model
     kernels = cfg.model.kernels
     if kernels.rmsnorm or kernels.rope or kernels.swiglu or kernels.fused_ce:

@@ -10,7 +10,7 @@ It owns the copy streams (one device-to-host mover, one host-to-device mover, sh
 single saved-tensor dispatcher (dispatch.py; only the innermost hook context runs, so there is exactly one),
 the NVMe store, the arena block and the accounting. The parts plug into it:
 
-- optimizer state: torch AdamW on the device, or `OffloadedAdamW` (host or NVMe, stepped per layer during
+- optimizer state: torch AdamW (or GaLore AdamW, galore.py) on the device, or `OffloadedAdamW` (host or NVMe, stepped per layer during
   backward) on the device-to-host stream;
 - weights: on the device, or `ParamStreamer` (host or NVMe, one layer ahead) on the host-to-device stream,
   its saved weight views packed by the dispatcher;
@@ -25,13 +25,16 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from .dispatch import SavedTensorDispatcher
 from .movers import Mover
+
+if TYPE_CHECKING:
+    from .galore import GaloreOptions
 
 GB = 1e9
 
@@ -54,6 +57,8 @@ class RuntimeOptions:
     numa_weights: dict = field(default_factory=dict)
     numa_activations: dict = field(default_factory=dict)  # tier -> HostPool NUMA kwargs
     copy_delay_s: float = 0.0  # CPU movers only: slow every copy down (tests of the overlap logic)
+    galore: Optional["GaloreOptions"] = None  # GaLore AdamW (on the device) instead of AdamW
+    galore_layerwise: bool = False
 
 
 class MemoryRuntime:
@@ -90,7 +95,7 @@ class MemoryRuntime:
                               f"checksums {'on' if o.nvme_checksum else 'off'})")
         if opt_tier == "gpu":
             model.to(self.device)
-            self.optimizer = _torch_adamw(model, o)
+            self.optimizer = _galore_adamw(model, o) if o.galore else _torch_adamw(model, o)
         else:
             self._offload_state(opt_tier, params_tier)
         # Parameters on the device are saved by autograd as they are; streamed ones go through the streamer.
@@ -251,6 +256,16 @@ class MemoryRuntime:
                     errors.append(e)
         if errors:
             raise errors[0]
+
+
+def _galore_adamw(model: nn.Module, o: RuntimeOptions) -> torch.optim.Optimizer:
+    from .galore import GaloreAdamW
+
+    optimizer = GaloreAdamW(model.named_parameters(), o.galore, lr=o.lr, betas=o.betas, eps=o.eps,
+                            weight_decay=o.weight_decay, clip_grad_norm=o.clip_grad_norm)
+    if o.galore_layerwise:
+        optimizer.attach_layerwise()
+    return optimizer
 
 
 def _torch_adamw(model: nn.Module, o: RuntimeOptions) -> torch.optim.Optimizer:

@@ -114,8 +114,23 @@ class TrainConfig(_Section):
     eval_every_n_steps: int = Field(0, ge=0)  # 0: evaluate once, at the end
 
 
+class GaloreConfig(_Section):
+    """optim.name=galore_adamw: each target weight's gradient projected to rank `rank` (offload/galore.py)."""
+
+    rank: int = Field(128, gt=0)
+    update_proj_gap: int = Field(200, gt=0)  # steps between refreshes of a weight's basis
+    scale: float = Field(0.25, gt=0)
+    targets: list[str] = ["*.self_attn.*_proj.weight", "*.mlp.*_proj.weight"]  # parameter-name patterns
+    projector: Literal["svd", "randomized", "random"] = "svd"
+    on_refresh: Literal["keep", "rotate"] = "keep"  # what the moments do when the basis changes
+    stagger: bool = True  # spread the weights' refreshes over the gap instead of all in one step
+    layerwise: bool = False  # each weight steps in its gradient hook during backward
+    seed: int = Field(0, ge=0, lt=2**32)  # the random projector's (and the randomized one's start)
+
+
 class OptimConfig(_Section):
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "galore_adamw"] = "adamw"
+    galore: GaloreConfig = GaloreConfig()
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -218,6 +233,21 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _galore_fits_the_rest(self):
+        o = self.optim
+        if o.name != "galore_adamw":
+            if o.galore != GaloreConfig():
+                raise ValueError("optim.galore is set but optim.name is adamw: set optim.name=galore_adamw to use it")
+            return self
+        if o.galore.layerwise and self.train.clip_grad_norm is not None:
+            raise ValueError("optim.galore.layerwise updates each weight during backward, before the global gradient "
+                             "norm is known, so it cannot clip: set train.clip_grad_norm=null")
+        if self.memory.optimizer != "gpu" or self.memory.params != "gpu":
+            raise ValueError("optim.name=galore_adamw keeps its (rank-r) state on the device for now: set "
+                             "memory.optimizer=gpu and memory.params=gpu")
+        return self
 
 
 # --- loading ---------------------------------------------------------------------------

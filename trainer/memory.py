@@ -243,15 +243,39 @@ def build_runtime(cfg: Config, model, plan: Plan, device):
         clip_grad_norm=t.clip_grad_norm, activations=plan.problem.offload_activations,
         prefetch_depth=mem.prefetch_depth, nvme_path=mem.nvme_path, nvme_checksum=mem.nvme_checksum,
         nvme_backend=mem.nvme_backend, cpu_adam=mem.cpu_adam, numa_optimizer=numa_optimizer,
-        numa_weights=numa_weights, numa_activations=numa_tiers)
+        numa_weights=numa_weights, numa_activations=numa_tiers, galore=galore_options(cfg),
+        galore_layerwise=o.name == "galore_adamw" and o.galore.layerwise)
     if "nvme" in _tiers_used(plan) and not mem.nvme_path:
         raise ConfigError("the plan puts data on nvme: set memory.nvme_path to a folder on the NVMe drive")
+    if options.galore is not None:
+        from longtune.offload.galore import galore_targets
+
+        names = [n for n, p in model.named_parameters() if p.ndim == 2 and p.requires_grad]
+        targets = galore_targets(names, options.galore.targets)
+        if not targets:
+            raise ConfigError(f"optim.galore.targets {list(options.galore.targets)} match no 2-D weight of this model "
+                              f"(its names look like {names[min(1, len(names) - 1)] if names else 'none'})")
+        g = cfg.optim.galore
+        notes.append(f"optimizer: GaLore AdamW on {len(targets)} weights, rank {g.rank}, {g.projector} projector "
+                     f"refreshed every {g.update_proj_gap} steps{' (staggered)' if g.stagger else ''}"
+                     f"{', layer-wise updates in backward' if g.layerwise else ''}")
     try:
         runtime = MemoryRuntime(model, plan, options)
     except NvmeError as e:
         raise ConfigError(f"memory.nvme_path: {e}") from None
     runtime.notes[:0] = notes
     return runtime
+
+
+def galore_options(cfg: Config):
+    """The GaLore optimizer's options, or None for plain AdamW."""
+    if cfg.optim.name != "galore_adamw":
+        return None
+    from longtune.offload.galore import GaloreOptions
+
+    g = cfg.optim.galore
+    return GaloreOptions(rank=g.rank, update_proj_gap=g.update_proj_gap, scale=g.scale, projector=g.projector,
+                         on_refresh=g.on_refresh, stagger=g.stagger, seed=g.seed, targets=tuple(g.targets))
 
 
 def _tiers_used(plan: Plan) -> set[str]:

@@ -1,0 +1,214 @@
+"""GaLore AdamW: Adam moments of each target weight live in a rank-r projection of its gradient.
+
+    opt = GaloreAdamW(model.named_parameters(), GaloreOptions(rank=128), lr=1e-4)
+    opt.step()                       # after backward, as any optimizer
+    opt.attach_layerwise()           # or: each weight steps in its own post-accumulate-grad hook
+
+The update is GaLore's (galore-torch's AdamW, itself transformers' AdamW): for a target weight W with gradient
+G and basis B, g = project(G), m, v the moments of g, W -= lr * sqrt(1 - b2^t) / (1 - b1^t) *
+scale * project_back(m / (sqrt(v) + eps)), then W -= lr * wd * W. Every other parameter gets the same update
+without the projection. Moments and bases are in the weight's dtype, as galore-torch keeps them.
+
+What galore-torch does not do, this does:
+- state is plain tensors and integers (bases, moments, step and refresh counters; for the `random` projector
+  only integers), so a checkpoint loads with `weights_only=True` and resumes exactly;
+- refreshes are staggered (`stagger`): weight i refreshes at steps where (step + offset_i) % gap == 0, so the
+  SVDs of all layers never land in one step;
+- the moments can be rotated into the new basis at a refresh (`on_refresh: rotate`) instead of kept;
+- layer-wise updates (`attach_layerwise`) work with gradient accumulation: between refreshes each micro-batch's
+  gradient is projected and summed in the rank-r space and the full gradient freed at once; a refresh step
+  sums the full gradient (only the weights refreshing then, 1/gap of them when staggered) so the basis is the
+  one the non-layer-wise run computes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from .galore_projection import (PROJECTORS, project, project_back, random_basis, randomized_basis,
+                                rotate_moments, side_of, svd_basis)
+
+DEFAULT_TARGETS = ("*.self_attn.*_proj.weight", "*.mlp.*_proj.weight")  # decoder layers' attention and MLP
+
+
+@dataclass(frozen=True)
+class GaloreOptions:
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    projector: str = "svd"
+    on_refresh: str = "keep"  # keep the moments as they are (the paper) | rotate them into the new basis
+    stagger: bool = True
+    seed: int = 0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self):
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.on_refresh not in ("keep", "rotate"):
+            raise ValueError(f"on_refresh must be keep or rotate, got {self.on_refresh!r}")
+
+
+def galore_targets(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+class GaloreAdamW(torch.optim.Optimizer):
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], options: GaloreOptions,
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, clip_grad_norm: Optional[float] = None):
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        targets = set(galore_targets([n for n, p in named if p.ndim == 2], options.targets))
+        if not targets:
+            example = next((n for n, p in named if p.ndim == 2), "none")
+            raise ValueError(f"optim.galore.targets {list(options.targets)} match no 2-D weight (names look like {example})")
+        galore = [p for n, p in named if n in targets]
+        rest = [p for n, p in named if n not in targets]
+        groups = [{"params": galore, "galore": True, "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.ndim >= 2], "galore": False, "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.ndim < 2], "galore": False, "weight_decay": 0.0}]
+        super().__init__([g for g in groups if g["params"]], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.options, self.clip_grad_norm = options, clip_grad_norm
+        self.target_names = sorted(targets)
+        self._index = {p: i for i, p in enumerate(galore)}  # seeds and stagger offsets
+        self._group = {p: g for g in self.param_groups for p in g["params"]}
+        self._hooks: list = []
+        self._micro, self._seen, self._low = 1, {}, {}
+        self._sq_norm: Optional[torch.Tensor] = None
+
+    @property
+    def layerwise(self) -> bool:
+        return bool(self._hooks)
+
+    # --- the basis --------------------------------------------------------------------------------------
+    def _offset(self, p) -> int:
+        gap = self.options.update_proj_gap
+        return (self._index[p] * gap) // len(self._index) % gap if self.options.stagger else 0
+
+    def refresh_due(self, p) -> bool:
+        """Whether this step makes a new basis for target weight p (and has not made it yet)."""
+        state = self.state[p]
+        step = int(state.get("step", 0))
+        if not state.get("refreshes"):
+            return True
+        return (step + self._offset(p)) % self.options.update_proj_gap == 0 and state["basis_step"] != step
+
+    def _basis(self, p) -> torch.Tensor:
+        state, o = self.state[p], self.options
+        if o.projector == "random":  # regenerated, never stored
+            return random_basis(tuple(p.shape), min(o.rank, *p.shape), o.seed, self._index[p], state["refreshes"],
+                                p.dtype, p.device)
+        return state["basis"]
+
+    @torch.no_grad()
+    def _refresh(self, p, grad: Optional[torch.Tensor]) -> None:
+        """A new basis (from the full gradient, except for `random`), the moments kept or rotated into it."""
+        state, o = self.state[p], self.options
+        rank = min(o.rank, *p.shape)
+        old = self._basis(p) if state.get("refreshes") else None
+        state["refreshes"] = int(state.get("refreshes", 0)) + 1
+        state["basis_step"] = int(state.get("step", 0))
+        if o.projector == "svd":
+            state["basis"] = svd_basis(grad, rank)
+        elif o.projector == "randomized":
+            generator = torch.Generator().manual_seed((o.seed * 1_000_003 + self._index[p]) * 7919 + state["refreshes"])
+            state["basis"] = randomized_basis(grad, rank, state.get("basis"), generator)
+        if old is not None and o.on_refresh == "rotate" and "exp_avg" in state:
+            rotate_moments(state["exp_avg"], state["exp_avg_sq"], old, self._basis(p), side_of(p.shape))
+
+    # --- the update --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update(self, p, g: torch.Tensor) -> None:
+        """One Adam step of p from g: its gradient, or for a target weight its projected gradient."""
+        state, group = self.state[p], self._group[p]
+        if "exp_avg" not in state:
+            state["step"] = int(state.get("step", 0))
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+        if self.layerwise:  # the norm the loop logs: clip_and_step cannot compute it after backward
+            sq = g.detach().float().pow(2).sum()
+            self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+        update = exp_avg / denom
+        if group["galore"]:
+            update = project_back(update, self._basis(p), side_of(p.shape), self.options.scale)
+        p.add_(update, alpha=-step_size)
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def _projected(self, p, grad: torch.Tensor) -> torch.Tensor:
+        if self.refresh_due(p):
+            self._refresh(p, grad)
+        return project(grad, self._basis(p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        if self.layerwise:  # every update already ran during backward
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, self._projected(p, p.grad) if group["galore"] else p.grad)
+        return loss
+
+    def clip_and_step(self) -> torch.Tensor:
+        """Clip by the global norm and step; returns the norm before clipping. Layer-wise, the updates ran in
+        backward and the norm is that of the gradients they used (projected, for the target weights)."""
+        if self.layerwise:
+            return self._sq_norm.sqrt() if self._sq_norm is not None else torch.zeros(())
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or math.inf)
+        self.step()
+        return norm
+
+    # --- layer-wise ------------------------------------------------------------------------------------
+    def attach_layerwise(self) -> None:
+        """Step each parameter in its post-accumulate-grad hook, as soon as its last micro-batch's gradient is
+        summed; a target weight's gradient is projected and freed at every micro-batch between refreshes."""
+        if self.clip_grad_norm is not None:
+            raise ValueError("layer-wise updates run during backward, before the global gradient norm is known: "
+                             "clipping is impossible (set train.clip_grad_norm=null)")
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def expect_backwards(self, micro_batches: int) -> None:
+        self._micro, self._seen, self._low = micro_batches, {}, {}
+        self._sq_norm = None
+
+    @torch.no_grad()
+    def _on_grad(self, p) -> None:
+        seen = self._seen[p] = self._seen.get(p, 0) + 1
+        last = seen >= self._micro
+        if not self._group[p]["galore"]:
+            if last:
+                self._update(p, p.grad)
+                p.grad = None
+            return
+        if self.refresh_due(p) and self.options.projector != "random":
+            if last:  # the basis comes from the whole step's gradient, as without layer-wise
+                self._update(p, self._projected(p, p.grad))
+                p.grad = None
+            return
+        low = self._projected(p, p.grad)
+        self._low[p] = low if p not in self._low else self._low[p].add_(low)
+        p.grad = None
+        if last:
+            self._update(p, self._low.pop(p))
+
+    def detach_layerwise(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

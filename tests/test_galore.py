@@ -1,0 +1,216 @@
+"""GaLore AdamW (offload/galore.py): the projections, parity with galore-torch, layer-wise with accumulation,
+exact resume from a weights_only checkpoint, and the trainer's galore_adamw runs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import tiny_model_config, train_losses, write_yaml
+
+from longtune.offload.galore import GaloreAdamW, GaloreOptions
+from longtune.offload.galore_projection import (project, project_back, random_basis, randomized_basis,
+                                                rotate_moments, side_of, svd_basis)
+
+
+def _model(seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = tiny_model_config()
+    cfg["vocab_size"] = 256
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+
+
+def _batches(n: int, seed: int = 1, tokens: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (1, tokens), generator=g) for _ in range(n)]
+
+
+def _loss(model, ids):
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+# --- the projections ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)], ids=["tall-right", "wide-left"])
+def test_svd_basis_is_the_top_singular_subspace(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    basis = svd_basis(g, 5)
+    side = side_of(shape)
+    assert basis.shape == ((5, shape[1]) if side == "right" else (shape[0], 5))
+    gram = basis @ basis.t() if side == "right" else basis.t() @ basis
+    torch.testing.assert_close(gram, torch.eye(5), atol=1e-5, rtol=0)
+    # projecting and back is the best rank-5 approximation on that side: equal to the truncated SVD
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    best = u[:, :5] @ torch.diag(s[:5]) @ vh[:5]
+    torch.testing.assert_close(project_back(project(g, basis), basis, side, 1.0), best, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+def test_randomized_basis_finds_the_svd_subspace_and_warm_starts(shape):
+    gen = torch.Generator().manual_seed(0)
+    m, n = shape
+    low_rank = torch.randn(m, 6, generator=gen) @ torch.diag(torch.tensor([50., 40, 30, 20, 10, 5])) @ torch.randn(6, n, generator=gen)
+    g = low_rank + 0.01 * torch.randn(m, n, generator=gen)
+    exact, side = svd_basis(g, 6), side_of(shape)
+    fast = randomized_basis(g, 6, None, torch.Generator().manual_seed(1))
+
+    def cosines(a, b):  # singular values of A^T B: the cosines of the principal angles between the subspaces
+        a, b = (a.t(), b.t()) if side == "right" else (a, b)
+        return torch.linalg.svdvals(a.t() @ b)
+
+    assert cosines(exact, fast).min() > 0.9999
+    warm = randomized_basis(g + 0.01 * torch.randn(m, n, generator=gen), 6, fast, torch.Generator().manual_seed(2))
+    assert cosines(exact, warm).min() > 0.999
+
+
+def test_random_basis_is_regenerated_not_stored():
+    a = random_basis((64, 16), 4, seed=3, index=2, refresh=5, dtype=torch.float32, device=torch.device("cpu"))
+    b = random_basis((64, 16), 4, seed=3, index=2, refresh=5, dtype=torch.float32, device=torch.device("cpu"))
+    c = random_basis((64, 16), 4, seed=3, index=2, refresh=6, dtype=torch.float32, device=torch.device("cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a @ a.t(), torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_rotating_moments_into_the_same_subspace_keeps_them():
+    gen = torch.Generator().manual_seed(0)
+    old = torch.linalg.qr(torch.randn(16, 4, generator=gen))[0].t().contiguous()  # a right basis (4, 16)
+    perm = old[[2, 0, 3, 1]]  # the same subspace, directions reordered
+    m, v = torch.randn(10, 4, generator=gen), torch.rand(10, 4, generator=gen)
+    m2, v2 = m.clone(), v.clone()
+    rotate_moments(m2, v2, old, perm, "right")
+    torch.testing.assert_close(m2, m[:, [2, 0, 3, 1]])
+    torch.testing.assert_close(v2, v[:, [2, 0, 3, 1]])
+
+
+# --- the optimizer ----------------------------------------------------------------------------------------
+
+OPTS = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+
+
+def _galore(model, clip=None, **options):
+    options = {"rank": 4, "update_proj_gap": 5, "scale": 0.25, **options}
+    return GaloreAdamW(model.named_parameters(), GaloreOptions(**options), clip_grad_norm=clip, **OPTS)
+
+
+def _train(model, opt, batches, accum: int = 1):
+    losses = []
+    for i in range(0, len(batches), accum):
+        opt.expect_backwards(accum)
+        total = 0.0
+        for ids in batches[i:i + accum]:
+            loss = _loss(model, ids) / accum
+            loss.backward()
+            total += float(loss.detach())
+        opt.clip_and_step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses
+
+
+def test_parity_with_galore_torch_svd_20_steps():
+    galore_torch = pytest.importorskip("galore_torch", reason="galore-torch is not installed (pip install galore-torch)")
+    ours_model, ref_model = _model(), _model()
+    ours = _galore(ours_model, stagger=False)
+    targets = set(ours.target_names)
+    named = list(ref_model.named_parameters())
+    ref = galore_torch.GaLoreAdamW([
+        {"params": [p for n, p in named if n in targets], "rank": 4, "update_proj_gap": 5, "scale": 0.25,
+         "proj_type": "std"},
+        {"params": [p for n, p in named if n not in targets and p.ndim >= 2]},
+        {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0},
+    ], no_deprecation_warning=True, **OPTS)
+    batches = _batches(20)
+    ours_losses = _train(ours_model, ours, batches)
+    ref_losses = []
+    for ids in batches:
+        loss = _loss(ref_model, ids)
+        loss.backward()
+        ref.step()
+        ref.zero_grad(set_to_none=True)
+        ref_losses.append(float(loss.detach()))
+    assert ours_losses[0] == ref_losses[0]
+    torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(ours_model.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert ours_losses[-1] < ours_losses[0]
+
+
+@pytest.mark.parametrize("projector", ["svd", "randomized", "random"])
+def test_layerwise_with_accumulation_equals_stepping_after_backward(projector):
+    plain_model, layerwise_model = _model(), _model()
+    plain = _galore(plain_model, projector=projector, update_proj_gap=3)
+    layerwise = _galore(layerwise_model, projector=projector, update_proj_gap=3)
+    layerwise.attach_layerwise()
+    batches = _batches(6 * 4)
+    a = _train(plain_model, plain, batches, accum=4)
+    b = _train(layerwise_model, layerwise, batches, accum=4)
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+    for (name, x), (_, y) in zip(plain_model.named_parameters(), layerwise_model.named_parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+        assert y.grad is None  # every gradient was freed in its hook
+
+
+def test_layerwise_refuses_clipping():
+    with pytest.raises(ValueError, match="clip"):
+        _galore(_model(), clip=1.0).attach_layerwise()
+
+
+def test_refreshes_are_staggered():
+    model = _model()
+    opt = _galore(model, update_proj_gap=4)
+    refreshed_per_step = []
+    for ids in _batches(9):
+        _loss(model, ids).backward()
+        before = {p: opt.state[p].get("refreshes", 0) for p in opt.param_groups[0]["params"]}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        refreshed_per_step.append(sum(opt.state[p]["refreshes"] > before[p] for p in before))
+    n = len(opt.param_groups[0]["params"])
+    assert refreshed_per_step[0] == n  # every weight needs a first basis
+    assert sum(refreshed_per_step[1:]) == 2 * n and max(refreshed_per_step[1:]) < n  # then spread out
+
+
+@pytest.mark.parametrize("projector", ["svd", "random"])
+def test_resume_between_refreshes_is_bitwise_with_weights_only(projector):
+    batches = _batches(9)
+    straight_model = _model()
+    straight = _galore(straight_model, projector=projector, on_refresh="rotate")
+    expected = _train(straight_model, straight, batches)
+
+    first_model = _model()
+    first = _galore(first_model, projector=projector, on_refresh="rotate")
+    _train(first_model, first, batches[:7])  # refreshes at steps 0 and 5 (plus staggered ones): 7 is between
+    buffer = io.BytesIO()
+    torch.save({"model": first_model.state_dict(), "optim": first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    if projector == "random":  # no basis is stored: three integers regenerate it
+        assert all("basis" not in s for s in saved["optim"]["state"].values())
+    resumed_model = _model(seed=123)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = _galore(resumed_model, projector=projector, on_refresh="rotate")
+    resumed.load_state_dict(saved["optim"])
+    assert _train(resumed_model, resumed, batches[7:]) == expected[7:]
+
+
+# --- through the trainer ----------------------------------------------------------------------------------
+
+def test_trainer_galore_run_resumes_bitwise(tmp_path, tiny_config):
+    from longtune.launch.cli import main
+
+    def cfg(name, steps, resume=None):
+        c = {**tiny_config, "optim": {"name": "galore_adamw", "galore": {"rank": 4, "update_proj_gap": 3}}}
+        c["train"] = {**c["train"], "max_steps": steps, "schedule": "constant", "warmup_steps": 0}  # lr not tied to max_steps
+        c["checkpoint"] = {"every_n_steps": 2, "keep_last": 2}
+        c["run"] = {"output_dir": str(tmp_path / name), "resume": resume}
+        c["data"] = {**c["data"], "passkey": {"digits": 4, "eval_samples": 0}}
+        return str(write_yaml(tmp_path / f"{name}.yaml", c))
+
+    assert main(["train", cfg("straight", 6)]) == 0
+    assert main(["train", cfg("split", 4)]) == 0
+    assert main(["resume", str(tmp_path / "split"), "train.max_steps=6"]) == 0
+    straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
+    assert straight == split and sorted(straight) == list(range(1, 7))

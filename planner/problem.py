@@ -236,6 +236,11 @@ class ModelShape:
     def post_matmul_params(self) -> int:  # o projection and the gated MLP
         return self.q_dim * self.layer.hidden + 3 * self.layer.hidden * self.layer.intermediate
 
+    def layer_matrices(self) -> list[tuple[int, int]]:
+        """(rows, cols) of a decoder layer's projection weights: q, k, v, o, gate, up, down (GaLore's targets)."""
+        h, q, kv, i = self.layer.hidden, self.q_dim, self.kv_dim, self.layer.intermediate
+        return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+
     @property
     def layer_params(self) -> int:
         norms = 2 * self.layer.hidden + (2 * self.layer.head_dim if self.layer.qk_norm else 0)
@@ -253,8 +258,39 @@ PLACES = ("gpu", "cpu", "nvme")
 HOST_OPTIMIZER_BYTES, NVME_OPTIMIZER_BYTES, NVME_HOST_OPTIMIZER_BYTES = 16, 12, 4
 
 
+@dataclass(frozen=True)
+class GaloreSizing:
+    """What the GaLore optimizer keeps (offload/galore.py), for the state's GPU bytes: the decoder layers'
+    projection weights hold rank-r moments (and a basis unless the projector regenerates it); the rest full
+    moments. Layer-wise, each gradient is freed in its hook; with accumulation the projected sums stay, and a
+    weight refreshing its basis sums its full gradient (1/gap of them at a time when staggered)."""
+
+    rank: int
+    stores_basis: bool = True  # False for the `random` projector
+    layerwise: bool = False
+    accumulation: int = 1
+    refreshing_share: float = 1.0
+
+    def bytes(self, shape: ModelShape) -> dict[str, float]:
+        """GPU bytes of the optimizer state and of the gradients alive at the peak, and the target parameters."""
+        wb, L = shape.layer.dtype_bytes, shape.num_layers
+        mats = shape.layer_matrices()
+        target_p = L * sum(m * n for m, n in mats)
+        low = L * sum(min(self.rank, m, n) * max(m, n) for m, n in mats)
+        basis = L * sum(min(self.rank, m, n) * min(m, n) for m, n in mats) if self.stores_basis else 0
+        optimizer = wb * (2 * (shape.params - target_p) + 2 * low + basis)
+        if not self.layerwise:
+            grads = shape.params * wb
+        else:  # one layer's (or the head's) gradients at a time, plus what accumulation keeps
+            other_p = shape.params - L * shape.layer_params
+            grads = (other_p + 2 * shape.layer_params) * wb
+            if self.accumulation > 1:
+                grads += wb * (low + self.refreshing_share * target_p)
+        return {"optimizer": float(optimizer), "grads": float(grads), "target_params": float(target_p)}
+
+
 def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optimizer: str = "auto",
-                  params: str = "auto") -> tuple[StateOption, ...]:
+                  params: str = "auto", galore: Optional[GaloreSizing] = None) -> tuple[StateOption, ...]:
     """Every placement of optimizer state and weights the config allows (`auto` lets the MILP choose), with
     its GPU and tier bytes and its time costs. Weights off the GPU need the optimizer off it too."""
     wb, p, layer_p, L = shape.layer.dtype_bytes, shape.params, shape.layer_params, shape.num_layers
@@ -277,6 +313,9 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
                 "grads": (p if opt == "gpu" else other_p + 2 * layer_p) * wb,
                 "optimizer": 2 * wb * p if opt == "gpu" else 0.0,  # torch AdamW: two moments in the weights' dtype
             }
+            if galore is not None and opt == "gpu":
+                sized = galore.bytes(shape)
+                gpu["optimizer"], gpu["grads"] = sized["optimizer"], sized["grads"]
             host = {"cpu": HOST_OPTIMIZER_BYTES, "nvme": NVME_HOST_OPTIMIZER_BYTES}.get(opt, 0) * p
             nvme = NVME_OPTIMIZER_BYTES * p if opt == "nvme" else 0.0
             weights = L * layer_p * wb
@@ -355,6 +394,7 @@ def build_problem(
     offload_activations: bool = True,
     checkpointed: bool = False,
     count_activations: bool = True,
+    galore: Optional[GaloreSizing] = None,
 ) -> Problem:
     """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory.
 
@@ -399,7 +439,7 @@ def build_problem(
         head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
-        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params),
+        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore),
         prefetch_depth=prefetch_depth,
         offload_activations=offload_activations,
         meta={"tokens": tokens, "machine": machine.name, "params": shape.params, "kernels": sorted(kernels)},

@@ -54,8 +54,9 @@ def format_plan(plan: Plan) -> str:
     option = plan.state_option
     if option is not None:
         where = {"gpu": "the GPU", "cpu": "host RAM", "nvme": "NVMe"}
+        held = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in option.gpu_bytes.items())
         lines.append(f"optimizer state on {where[option.optimizer]}, decoder weights on {where[option.params]}"
-                     + (f" (+{pred['state_s']:.3f} s a step)" if pred.get("state_s") else ""))
+                     + (f" (+{pred['state_s']:.3f} s a step)" if pred.get("state_s") else "") + f"; on the GPU: {held}")
     lines.append("binding: " + ("; ".join(plan.binding) if plan.binding else "nothing (the budget has room to spare)"))
     s = plan.solver
     gap = f", gap {s['gap']:.2%}" if s.get("gap") is not None else ""

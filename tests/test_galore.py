@@ -214,3 +214,20 @@ def test_trainer_galore_run_resumes_bitwise(tmp_path, tiny_config):
     assert main(["resume", str(tmp_path / "split"), "train.max_steps=6"]) == 0
     straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
     assert straight == split and sorted(straight) == list(range(1, 7))
+
+
+# --- the planner's accounting against the optimizer's real state ------------------------------------------
+
+@pytest.mark.parametrize("projector, rank", [("svd", 4), ("random", 4), ("svd", 1000)])
+def test_planner_counts_the_state_the_optimizer_keeps(projector, rank):
+    from longtune.planner.problem import GaloreSizing, ModelShape
+
+    model = _model()
+    opt = _galore(model, projector=projector, rank=rank)
+    _train(model, opt, _batches(1))
+    kept = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    cfg = tiny_model_config()
+    cfg["vocab_size"] = 256
+    shape = ModelShape.from_hf_config(cfg, "float32")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert GaloreSizing(rank=rank, stores_basis=projector != "random").bytes(shape)["optimizer"] == kept

@@ -20,7 +20,7 @@ from typing import Optional
 import psutil
 
 from longtune.planner.plan import Plan, PlanInfeasible, make_plan, mismatches
-from longtune.planner.problem import Machine, ModelShape, ProfileError, build_problem
+from longtune.planner.problem import GaloreSizing, Machine, ModelShape, ProfileError, build_problem
 
 from .config import Config, ConfigError
 from .inputs import PLANNER_KEYS, check_architecture, written_model_config
@@ -133,7 +133,7 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
             params=mem.params, loss_chunk_tokens=_ce_chunk_tokens(cfg, shape, tokens) if k.fused_ce else None,
             kernels=kernels, prefetch_depth=mem.prefetch_depth,
             offload_activations=activations_planned(cfg) if activations is None else activations,
-            checkpointed=mem.gradient_checkpointing, count_activations=count_activations)
+            checkpointed=mem.gradient_checkpointing, count_activations=count_activations, galore=galore_sizing(cfg))
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
 
@@ -265,6 +265,16 @@ def build_runtime(cfg: Config, model, plan: Plan, device):
         raise ConfigError(f"memory.nvme_path: {e}") from None
     runtime.notes[:0] = notes
     return runtime
+
+
+def galore_sizing(cfg: Config) -> Optional[GaloreSizing]:
+    """What the planner counts for the GaLore optimizer's state (None: AdamW)."""
+    if cfg.optim.name != "galore_adamw":
+        return None
+    g = cfg.optim.galore
+    return GaloreSizing(rank=g.rank, stores_basis=g.projector != "random", layerwise=g.layerwise,
+                        accumulation=cfg.train.grad_accum_steps,
+                        refreshing_share=1.0 / g.update_proj_gap if g.stagger else 1.0)
 
 
 def galore_options(cfg: Config):

@@ -51,8 +51,9 @@ def svd_basis(grad: torch.Tensor, rank: int) -> torch.Tensor:
 def randomized_basis(grad: torch.Tensor, rank: int, previous: torch.Tensor | None,
                      generator: torch.Generator) -> torch.Tensor:
     """Top-r singular subspace by subspace iteration: start from the previous basis (the subspace drifts slowly
-    between refreshes) or a Gaussian, `POWER_ITERS` power steps with re-orthonormalisation, then a small SVD of
-    the projected (k x n) matrix to pick the best r of the k = r + OVERSAMPLE directions."""
+    between refreshes; its power step counts as one of the `POWER_ITERS`) or a Gaussian, power steps with
+    re-orthonormalisation, then a small SVD of the projected (k x q) matrix to pick the best r of the
+    k = r + OVERSAMPLE directions."""
     side = side_of(grad.shape)
     a = _as_columns(grad.float(), side)  # (p, q): we want its top-r left singular vectors, p = smaller side
     p, q = a.shape
@@ -63,7 +64,7 @@ def randomized_basis(grad: torch.Tensor, rank: int, previous: torch.Tensor | Non
         prev = _as_columns(previous.float(), side)  # (p, r)
         y = torch.cat([a @ (a.t() @ prev), y], dim=1)
     q_mat, _ = torch.linalg.qr(y)
-    for _ in range(POWER_ITERS):
+    for _ in range(POWER_ITERS - (previous is not None)):  # the warm start's power step counts as one
         q_mat, _ = torch.linalg.qr(a @ (a.t() @ q_mat))
     u_small, _, _ = torch.linalg.svd(q_mat.t() @ a, full_matrices=False)
     return _to_basis(q_mat @ u_small[:, :rank], side, grad.dtype)

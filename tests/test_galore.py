@@ -214,6 +214,8 @@ def test_trainer_galore_run_resumes_bitwise(tmp_path, tiny_config):
     assert main(["resume", str(tmp_path / "split"), "train.max_steps=6"]) == 0
     straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
     assert straight == split and sorted(straight) == list(range(1, 7))
+    # A resume that changes what shapes the optimizer's state is refused before anything loads.
+    assert main(["resume", str(tmp_path / "split"), "train.max_steps=8", "optim.galore.rank=8"]) == 2
 
 
 # --- the planner's accounting against the optimizer's real state ------------------------------------------

@@ -242,6 +242,13 @@ CASES = {
     "min-lr-ratio-above-one": resume_with("train.min_lr_ratio=2"),
     "unknown-dtype": resume_with("model.dtype=float8"),
     "resume-of-missing-step": resume_with("run.resume=/nonexistent/step_3"),
+    "galore-options-with-adamw": resume_with("optim.galore.rank=8"),
+    "galore-layerwise-with-clipping": resume_with("optim.name=galore_adamw", "optim.galore.layerwise=true"),
+    "galore-targets-match-nothing": lambda c: (["train", c.new_run_config_file(optim={"name": "galore_adamw", "galore": {"targets": ["nothing.*"]}})], 2),
+    "galore-zero-rank": resume_with("optim.name=galore_adamw", "optim.galore.rank=0"),
+    "galore-unknown-projector": resume_with("optim.name=galore_adamw", "optim.galore.projector=qr"),
+    "galore-with-host-optimizer": resume_with("optim.name=galore_adamw", "memory.optimizer=cpu"),
+    "optimizer-switched-on-resume": resume_with("optim.name=galore_adamw"),
     # config files given to `train` (pointed at the run folder, resuming it; exit 2)
     "duplicate-key": train_file(lambda c: c.valid_yaml().replace("train:\n", "train:\n  max_steps: 3\n", 1)),
     "duplicate-section": train_file(lambda c: c.valid_yaml() + "train:\n  max_steps: 500\n"),

@@ -401,6 +401,30 @@ def resolve_resume(cfg: Config, output_dir: Path) -> Optional[Path]:
     return check_resume_path(resume)
 
 
+# What shapes the optimizer's saved state: a resume that changes one of these cannot load it.
+OPTIMIZER_STATE_KEYS = ("name", "galore.rank", "galore.targets", "galore.projector")
+
+
+def check_same_optimizer(cfg: Config, checkpoint: Path) -> None:
+    """The checkpoint's optimizer state fits this config's optimizer (before a model is built to find out)."""
+    import yaml
+
+    try:
+        saved = (yaml.safe_load((checkpoint / "config.resolved.yaml").read_text()) or {}).get("optim") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # the checkpoint's own loading reports a damaged folder
+    now = cfg.optim.model_dump()
+    for key in OPTIMIZER_STATE_KEYS:
+        section, _, name = key.rpartition(".")
+        was = (saved.get(section) or {}).get(name) if section else saved.get(name)
+        new = now[section][name] if section else now[name]
+        if saved.get("name") != "galore_adamw" and section:  # an AdamW checkpoint has no GaLore state to match
+            continue
+        if was is not None and was != new:
+            raise ConfigError(f"optim.{key}={new} but checkpoint {checkpoint} was written with optim.{key}={was}: "
+                              "its optimizer state does not fit; resume with the same value")
+
+
 def check_resume_path(resume: str) -> Path:
     path = Path(resume).expanduser()
     if not path.is_dir():

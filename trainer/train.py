@@ -19,7 +19,7 @@ from longtune.planner.plan import PlanInfeasible
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
-from .inputs import RunLock, check, remove_stale_temporaries, resolve_resume, write_atomic
+from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
 from .model import build_model, build_tokenizer, count_parameters
@@ -93,6 +93,8 @@ def train(cfg: Config) -> RunResult:
 
 def _train_in(cfg: Config, output_dir: Path) -> RunResult:
     resume_from = resolve_resume(cfg, output_dir)
+    if resume_from is not None:
+        check_same_optimizer(cfg, resume_from)
     device = pick_device()
     try:  # before the model is built: a plan that cannot fit stops here, in seconds
         plan = plan_memory(cfg, live_capacities(cfg, device))

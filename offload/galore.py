@@ -18,7 +18,10 @@ What galore-torch does not do, this does:
 - layer-wise updates (`attach_layerwise`) work with gradient accumulation: between refreshes each micro-batch's
   gradient is projected and summed in the rank-r space and the full gradient freed at once; a refresh step
   sums the full gradient (only the weights refreshing then, 1/gap of them when staggered) so the basis is the
-  one the non-layer-wise run computes.
+  one the non-layer-wise run computes;
+- and with data parallelism (`process_group`): the hooks average each gradient over the ranks after it is
+  complete, a target weight's in its rank-r projection between refreshes, so the bytes on the wire shrink
+  with the state (a DDP wrapper would reduce full gradients in full-size buckets that outlive the hooks).
 """
 
 from __future__ import annotations
@@ -58,10 +61,31 @@ def galore_targets(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
+def _is_sharded(t) -> bool:
+    return hasattr(t, "device_mesh")  # an FSDP2 DTensor, sharded by rows (Shard(0))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_sharded(t) else t
+
+
+def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.full_tensor() if t is not None and _is_sharded(t) else t  # all-gathered, for a refresh (rare)
+
+
+def _rows(p) -> slice:
+    """The rows of p this rank holds: FSDP2 shards dim 0 as torch.chunk does; all of them otherwise."""
+    if not _is_sharded(p):
+        return slice(None)
+    per = -(-p.shape[0] // p.device_mesh.size())
+    start = min(p.device_mesh.get_local_rank() * per, p.shape[0])
+    return slice(start, min(start + per, p.shape[0]))
+
+
 class GaloreAdamW(torch.optim.Optimizer):
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], options: GaloreOptions,
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, clip_grad_norm: Optional[float] = None):
+                 weight_decay: float = 0.0, clip_grad_norm: Optional[float] = None, process_group=None):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         targets = set(galore_targets([n for n, p in named if p.ndim == 2], options.targets))
         if not targets:
@@ -74,12 +98,17 @@ class GaloreAdamW(torch.optim.Optimizer):
                   {"params": [p for p in rest if p.ndim < 2], "galore": False, "weight_decay": 0.0}]
         super().__init__([g for g in groups if g["params"]], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.options, self.clip_grad_norm = options, clip_grad_norm
+        # Data parallel without a DDP wrapper: the gradients are averaged over `process_group` here, a target
+        # weight's in its rank-r projection (r/n of the bytes) between refreshes.
+        self.process_group = process_group
+        self.world = torch.distributed.get_world_size(process_group) if process_group is not None else 1
         self.target_names = sorted(targets)
         self._index = {p: i for i, p in enumerate(galore)}  # seeds and stagger offsets
         self._group = {p: g for g in self.param_groups for p in g["params"]}
         self._hooks: list = []
         self._micro, self._seen, self._low = 1, {}, {}
         self._sq_norm: Optional[torch.Tensor] = None
+        self._norm_group = None
 
     @property
     def layerwise(self) -> bool:
@@ -126,13 +155,17 @@ class GaloreAdamW(torch.optim.Optimizer):
     def _update(self, p, g: torch.Tensor) -> None:
         """One Adam step of p from g: its gradient, or for a target weight its projected gradient."""
         state, group = self.state[p], self._group[p]
+        replicated = _is_sharded(p) and group["galore"] and side_of(p.shape) == "left"  # the same on every rank
+        g = g if group["galore"] else _local(g)
         if "exp_avg" not in state:
             state["step"] = int(state.get("step", 0))
             state["exp_avg"] = torch.zeros_like(g)
             state["exp_avg_sq"] = torch.zeros_like(g)
         if self.layerwise:  # the norm the loop logs: clip_and_step cannot compute it after backward
-            sq = g.detach().float().pow(2).sum()
+            sq = g.detach().float().pow(2).sum() / (p.device_mesh.size() if replicated else 1)
             self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+            if _is_sharded(p):
+                self._norm_group = p.device_mesh.get_group()
         beta1, beta2 = group["betas"]
         state["step"] += 1
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -142,15 +175,35 @@ class GaloreAdamW(torch.optim.Optimizer):
         step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
         update = exp_avg / denom
         if group["galore"]:
-            update = project_back(update, self._basis(p), side_of(p.shape), self.options.scale)
-        p.add_(update, alpha=-step_size)
+            update = self._projected_back(p, update)
+        w = _local(p)  # under FSDP2, this rank's rows
+        w.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            w.add_(w, alpha=-group["lr"] * group["weight_decay"])
+
+    def _mean(self, t: torch.Tensor) -> torch.Tensor:
+        """t averaged over the data-parallel ranks (in place); t itself without a process group."""
+        if self.world > 1:
+            torch.distributed.all_reduce(t, group=self.process_group)
+            t.div_(self.world)
+        return t
 
     def _projected(self, p, grad: torch.Tensor) -> torch.Tensor:
+        """The (local) projection of p's gradient; under FSDP2 the gradient is p's row shard: a right projection
+        of it is the rows of the projection, a left one a partial sum that the shards add up."""
         if self.refresh_due(p):
-            self._refresh(p, grad)
-        return project(grad, self._basis(p))
+            self._refresh(p, _full(grad))
+        side, basis = side_of(p.shape), self._basis(p)
+        if side == "right":
+            return project(_local(grad), basis, side)
+        low = project(_local(grad), basis[_rows(p)], side)
+        if _is_sharded(p):
+            torch.distributed.all_reduce(low, group=p.device_mesh.get_group())
+        return low
+
+    def _projected_back(self, p, low: torch.Tensor) -> torch.Tensor:
+        side, basis = side_of(p.shape), self._basis(p)
+        return project_back(low, basis if side == "right" else basis[_rows(p)], side, self.options.scale)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -167,8 +220,14 @@ class GaloreAdamW(torch.optim.Optimizer):
         """Clip by the global norm and step; returns the norm before clipping. Layer-wise, the updates ran in
         backward and the norm is that of the gradients they used (projected, for the target weights)."""
         if self.layerwise:
-            return self._sq_norm.sqrt() if self._sq_norm is not None else torch.zeros(())
+            if self._sq_norm is None:
+                return torch.zeros(())
+            if self._norm_group is not None:  # FSDP2: every rank summed its shards
+                torch.distributed.all_reduce(self._sq_norm, group=self._norm_group)
+            return self._sq_norm.sqrt()
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            self._mean(p.grad)
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or math.inf)
         self.step()
         return norm
@@ -194,15 +253,15 @@ class GaloreAdamW(torch.optim.Optimizer):
         last = seen >= self._micro
         if not self._group[p]["galore"]:
             if last:
-                self._update(p, p.grad)
+                self._update(p, self._mean(p.grad))
                 p.grad = None
             return
         if self.refresh_due(p) and self.options.projector != "random":
-            if last:  # the basis comes from the whole step's gradient, as without layer-wise
-                self._update(p, self._projected(p, p.grad))
+            if last:  # the basis comes from the whole step's (averaged) gradient, as without layer-wise
+                self._update(p, self._projected(p, self._mean(p.grad)))
                 p.grad = None
             return
-        low = self._projected(p, p.grad)
+        low = self._mean(self._projected(p, p.grad))  # linear: the mean of projections is the projected mean
         self._low[p] = low if p not in self._low else self._low[p].add_(low)
         p.grad = None
         if last:

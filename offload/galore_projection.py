@@ -24,8 +24,9 @@ def side_of(shape: torch.Size | tuple[int, int]) -> str:
     return "right" if shape[0] >= shape[1] else "left"
 
 
-def project(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    return grad @ basis.t() if side_of(grad.shape) == "right" else basis.t() @ grad
+def project(grad: torch.Tensor, basis: torch.Tensor, side: str | None = None) -> torch.Tensor:
+    side = side or side_of(grad.shape)
+    return grad @ basis.t() if side == "right" else basis.t() @ grad
 
 
 def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, scale: float) -> torch.Tensor:

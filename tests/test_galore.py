@@ -90,9 +90,10 @@ def test_rotating_moments_into_the_same_subspace_keeps_them():
 OPTS = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 
 
-def _galore(model, clip=None, **options):
+def _galore(model, clip=None, process_group=None, **options):
     options = {"rank": 4, "update_proj_gap": 5, "scale": 0.25, **options}
-    return GaloreAdamW(model.named_parameters(), GaloreOptions(**options), clip_grad_norm=clip, **OPTS)
+    return GaloreAdamW(model.named_parameters(), GaloreOptions(**options), clip_grad_norm=clip,
+                       process_group=process_group, **OPTS)
 
 
 def _train(model, opt, batches, accum: int = 1):
@@ -233,3 +234,65 @@ def test_planner_counts_the_state_the_optimizer_keeps(projector, rank):
     shape = ModelShape.from_hf_config(cfg, "float32")
     assert shape.params == sum(p.numel() for p in model.parameters())
     assert GaloreSizing(rank=rank, stores_basis=projector != "random").bytes(shape)["optimizer"] == kept
+
+
+# --- data parallel: 2 processes (gloo), layer-wise, accumulation 4 -----------------------------------------
+
+DP_STEPS, DP_ACCUM, DP_WORLD = 3, 4, 2
+
+
+def _dp_worker(rank: int, store: str, projector: str, out: str, fsdp: bool) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=DP_WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = _model()
+        if fsdp:  # FSDP2: every decoder layer and the rest sharded by rows; it averages the gradients itself
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        opt = _galore(model, projector=projector, update_proj_gap=2, on_refresh="rotate",
+                      process_group=None if fsdp else dist.group.WORLD)
+        opt.attach_layerwise()
+        batches, losses = _batches(DP_STEPS * DP_ACCUM * DP_WORLD), []
+        for step in range(DP_STEPS):
+            global_batch = batches[step * DP_ACCUM * DP_WORLD:(step + 1) * DP_ACCUM * DP_WORLD]
+            mine = global_batch[rank * DP_ACCUM:(rank + 1) * DP_ACCUM]
+            opt.expect_backwards(DP_ACCUM)
+            total = torch.zeros(())
+            for ids in mine:
+                loss = _loss(model, ids) / DP_ACCUM
+                loss.backward()
+                total += loss.detach()
+            opt.clip_and_step()
+            opt.zero_grad(set_to_none=True)
+            dist.all_reduce(total)
+            losses.append(float(total) / DP_WORLD)
+        weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        if rank == 0:
+            torch.save({"losses": losses, "weights": weights}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("projector, fsdp", [("svd", False), ("random", False), ("svd", True), ("randomized", True)],
+                         ids=["ddp-svd", "ddp-random", "fsdp2-svd", "fsdp2-randomized"])
+def test_layerwise_data_parallel_equals_one_process_with_the_global_batch(projector, fsdp, tmp_path):
+    """2 processes (gloo), layer-wise, accumulation 4: data parallel by GaloreAdamW's own reduction (rank-r
+    between refreshes), or under FSDP2 (row shards; a left projection's partial sums added over the ranks)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_dp_worker, args=(str(tmp_path / "store"), projector, str(out), fsdp), nprocs=DP_WORLD,
+                       start_method="spawn")
+    dp = torch.load(out, weights_only=True)
+
+    model = _model()  # one process, stepping after backward, the 8 micro-batches of each global batch
+    opt = _galore(model, projector=projector, update_proj_gap=2, on_refresh="rotate")
+    losses = _train(model, opt, _batches(DP_STEPS * DP_ACCUM * DP_WORLD), accum=DP_ACCUM * DP_WORLD)
+    torch.testing.assert_close(torch.tensor(dp["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(dp["weights"][name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -36,6 +36,7 @@ import torch
 from .galore_projection import (PROJECTORS, project, project_back, random_basis, randomized_basis,
                                 rotate_moments, side_of, svd_basis)
 
+MIN_8BIT_NUMEL, BLOCK_8BIT = 4096, 256  # as bitsandbytes' 8-bit optimizers: smaller moments stay full precision
 DEFAULT_TARGETS = ("*.self_attn.*_proj.weight", "*.mlp.*_proj.weight")  # decoder layers' attention and MLP
 
 
@@ -49,6 +50,7 @@ class GaloreOptions:
     stagger: bool = True
     seed: int = 0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    eight_bit: bool = False  # moments stored blockwise-quantised to 8 bits (bitsandbytes' dynamic maps)
 
     def __post_init__(self):
         if self.projector not in PROJECTORS:
@@ -59,6 +61,25 @@ class GaloreOptions:
 
 def galore_targets(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as F
+    except ImportError:
+        raise ValueError("optim.galore.eight_bit needs bitsandbytes: pip install bitsandbytes") from None
+    return F
+
+
+_CODES: dict = {}
+
+
+def _codes(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' dynamic quantisation maps: signed for the first moment, unsigned for the second."""
+    if device not in _CODES:
+        F = _bnb()
+        _CODES[device] = (F.create_dynamic_map(signed=True).to(device), F.create_dynamic_map(signed=False).to(device))
+    return _CODES[device]
 
 
 def _is_sharded(t) -> bool:
@@ -147,8 +168,10 @@ class GaloreAdamW(torch.optim.Optimizer):
         elif o.projector == "randomized":
             generator = torch.Generator().manual_seed((o.seed * 1_000_003 + self._index[p]) * 7919 + state["refreshes"])
             state["basis"] = randomized_basis(grad, rank, state.get("basis"), generator)
-        if old is not None and o.on_refresh == "rotate" and "exp_avg" in state:
-            rotate_moments(state["exp_avg"], state["exp_avg_sq"], old, self._basis(p), side_of(p.shape))
+        if old is not None and o.on_refresh == "rotate" and "step" in state and state["step"] > 0:
+            m, v = self._moments(state)
+            rotate_moments(m, v, old, self._basis(p), side_of(p.shape))
+            self._keep_moments(state, m, v)
 
     # --- the update --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,10 +180,10 @@ class GaloreAdamW(torch.optim.Optimizer):
         state, group = self.state[p], self._group[p]
         replicated = _is_sharded(p) and group["galore"] and side_of(p.shape) == "left"  # the same on every rank
         g = g if group["galore"] else _local(g)
-        if "exp_avg" not in state:
-            state["step"] = int(state.get("step", 0))
-            state["exp_avg"] = torch.zeros_like(g)
-            state["exp_avg_sq"] = torch.zeros_like(g)
+        if not state.get("step"):
+            state["step"] = 0
+            zeros = torch.zeros_like(g, dtype=torch.float32 if self._eight_bit(g) else g.dtype)
+            self._keep_moments(state, zeros, zeros.clone())
         if self.layerwise:  # the norm the loop logs: clip_and_step cannot compute it after backward
             sq = g.detach().float().pow(2).sum() / (p.device_mesh.size() if replicated else 1)
             self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
@@ -168,18 +191,44 @@ class GaloreAdamW(torch.optim.Optimizer):
                 self._norm_group = p.device_mesh.get_group()
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = self._moments(state)
         exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         denom = exp_avg_sq.sqrt().add_(group["eps"])
         step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
         update = exp_avg / denom
+        self._keep_moments(state, exp_avg, exp_avg_sq)
         if group["galore"]:
             update = self._projected_back(p, update)
         w = _local(p)  # under FSDP2, this rank's rows
         w.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             w.add_(w, alpha=-group["lr"] * group["weight_decay"])
+
+    # --- the moments: as they are, or 8-bit -------------------------------------------------------------
+    def _eight_bit(self, g: torch.Tensor) -> bool:
+        return self.options.eight_bit and g.numel() >= MIN_8BIT_NUMEL
+
+    def _moments(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two moments to compute with: the state's own tensors, or fp32 copies of the 8-bit ones."""
+        if "exp_avg_q" not in state:
+            return state["exp_avg"], state["exp_avg_sq"]
+        F = _bnb()
+        signed, unsigned = _codes(state["exp_avg_q"].device)
+        return (F.dequantize_blockwise(state["exp_avg_q"], absmax=state["exp_avg_absmax"], code=signed, blocksize=BLOCK_8BIT),
+                F.dequantize_blockwise(state["exp_avg_sq_q"], absmax=state["exp_avg_sq_absmax"], code=unsigned,
+                                       blocksize=BLOCK_8BIT))
+
+    def _keep_moments(self, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+        if not self._eight_bit(m):
+            state["exp_avg"], state["exp_avg_sq"] = m, v
+            return
+        F = _bnb()
+        signed, unsigned = _codes(m.device)
+        state["exp_avg_q"], qs = F.quantize_blockwise(m.float(), code=signed, blocksize=BLOCK_8BIT)
+        state["exp_avg_absmax"] = qs.absmax
+        state["exp_avg_sq_q"], qs = F.quantize_blockwise(v.float(), code=unsigned, blocksize=BLOCK_8BIT)
+        state["exp_avg_sq_absmax"] = qs.absmax
 
     def _mean(self, t: torch.Tensor) -> torch.Tensor:
         """t averaged over the data-parallel ranks (in place); t itself without a process group."""

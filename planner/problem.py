@@ -270,6 +270,7 @@ class GaloreSizing:
     layerwise: bool = False
     accumulation: int = 1
     refreshing_share: float = 1.0
+    eight_bit: bool = False  # moments at 1 byte an element plus a 4-byte scale per 256 (bitsandbytes' blocks)
 
     def bytes(self, shape: ModelShape) -> dict[str, float]:
         """GPU bytes of the optimizer state and of the gradients alive at the peak, and the target parameters."""
@@ -278,7 +279,8 @@ class GaloreSizing:
         target_p = L * sum(m * n for m, n in mats)
         low = L * sum(min(self.rank, m, n) * max(m, n) for m, n in mats)
         basis = L * sum(min(self.rank, m, n) * min(m, n) for m, n in mats) if self.stores_basis else 0
-        optimizer = wb * (2 * (shape.params - target_p) + 2 * low + basis)
+        moment = 1 + 4 / 256 if self.eight_bit else wb
+        optimizer = 2 * moment * (shape.params - target_p + low) + wb * basis
         if not self.layerwise:
             grads = shape.params * wb
         else:  # one layer's (or the head's) gradients at a time, plus what accumulation keeps

@@ -296,3 +296,34 @@ def test_layerwise_data_parallel_equals_one_process_with_the_global_batch(projec
     torch.testing.assert_close(torch.tensor(dp["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(dp["weights"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- 8-bit moments -----------------------------------------------------------------------------------------
+
+def test_eight_bit_moments_track_full_precision_at_a_quarter_of_the_bytes(monkeypatch):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    import longtune.offload.galore as galore
+    from longtune.planner.problem import GaloreSizing, ModelShape
+
+    monkeypatch.setattr(galore, "MIN_8BIT_NUMEL", 0)  # every moment in 8 bits (the tiny model's are small)
+    batches = _batches(1) * 20  # one batch again and again: the loss must fall
+    full_model, q_model = _model(), _model()
+    full = _train(full_model, _galore(full_model, on_refresh="rotate"), batches)
+    q_opt = _galore(q_model, eight_bit=True, on_refresh="rotate")
+    quantized = _train(q_model, q_opt, batches)
+    assert quantized[-1] < quantized[0] - 0.5  # it learns
+    torch.testing.assert_close(torch.tensor(quantized), torch.tensor(full), rtol=5e-3, atol=0)  # 8-bit rounding
+    assert quantized != full
+    moments = [k for s in q_opt.state.values() for k in s if k.startswith("exp_avg")]
+    assert moments and all(k.endswith(("_q", "_absmax")) for k in moments)
+    # state bytes against the planner's count (8-bit moments, fp32 bases): within 1% (it rounds blocks)
+    kept = sum(v.numel() * v.element_size() for s in q_opt.state.values() for v in s.values() if torch.is_tensor(v))
+    cfg = tiny_model_config()
+    cfg["vocab_size"] = 256
+    counted = GaloreSizing(rank=4, eight_bit=True).bytes(ModelShape.from_hf_config(cfg, "float32"))["optimizer"]
+    assert abs(kept - counted) / kept < 0.01
+    # and it resumes from a weights_only checkpoint: plain uint8 and fp32 tensors
+    buffer = io.BytesIO()
+    torch.save(q_opt.state_dict(), buffer)
+    buffer.seek(0)
+    _galore(_model(), eight_bit=True).load_state_dict(torch.load(buffer, weights_only=True))

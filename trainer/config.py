@@ -9,6 +9,7 @@ message names the key path, what was given and what was expected.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from importlib import resources
 from pathlib import Path
@@ -125,6 +126,7 @@ class GaloreConfig(_Section):
     on_refresh: Literal["keep", "rotate"] = "keep"  # what the moments do when the basis changes
     stagger: bool = True  # spread the weights' refreshes over the gap instead of all in one step
     layerwise: bool = False  # each weight steps in its gradient hook during backward
+    eight_bit: bool = False  # moments of 4096+ elements blockwise-quantised to 8 bits (needs bitsandbytes)
     seed: int = Field(0, ge=0, lt=2**32)  # the random projector's (and the randomized one's start)
 
 
@@ -244,6 +246,8 @@ class Config(_Section):
         if o.galore.layerwise and self.train.clip_grad_norm is not None:
             raise ValueError("optim.galore.layerwise updates each weight during backward, before the global gradient "
                              "norm is known, so it cannot clip: set train.clip_grad_norm=null")
+        if o.galore.eight_bit and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("optim.galore.eight_bit needs bitsandbytes, which is not installed: pip install bitsandbytes")
         if self.memory.optimizer != "gpu" or self.memory.params != "gpu":
             raise ValueError("optim.name=galore_adamw keeps its (rank-r) state on the device for now: set "
                              "memory.optimizer=gpu and memory.params=gpu")

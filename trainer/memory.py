@@ -272,7 +272,7 @@ def galore_sizing(cfg: Config) -> Optional[GaloreSizing]:
     if cfg.optim.name != "galore_adamw":
         return None
     g = cfg.optim.galore
-    return GaloreSizing(rank=g.rank, stores_basis=g.projector != "random", layerwise=g.layerwise,
+    return GaloreSizing(rank=g.rank, stores_basis=g.projector != "random", layerwise=g.layerwise, eight_bit=g.eight_bit,
                         accumulation=cfg.train.grad_accum_steps,
                         refreshing_share=1.0 / g.update_proj_gap if g.stagger else 1.0)
 
@@ -285,7 +285,8 @@ def galore_options(cfg: Config):
 
     g = cfg.optim.galore
     return GaloreOptions(rank=g.rank, update_proj_gap=g.update_proj_gap, scale=g.scale, projector=g.projector,
-                         on_refresh=g.on_refresh, stagger=g.stagger, seed=g.seed, targets=tuple(g.targets))
+                         on_refresh=g.on_refresh, stagger=g.stagger, seed=g.seed, targets=tuple(g.targets),
+                         eight_bit=g.eight_bit)
 
 
 def _tiers_used(plan: Plan) -> set[str]:

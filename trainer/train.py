@@ -195,11 +195,12 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loade
         logger.log(state.step, metrics)
         return metrics
 
+    traffic_seen = runtime.traffic()
     try:
         if state.step == 0:
             evaluate()  # the starting point, so the run shows what training changed
         for step in range(state.step + 1, t.max_steps + 1):
-            start, before = time.perf_counter(), runtime.traffic()
+            start = time.perf_counter()
             batches = [next(loader) for _ in range(t.grad_accum_steps)]
             with runtime.step(len(batches)):
                 loss = forward_backward(model, batches, device, autocast)
@@ -215,6 +216,8 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loade
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
             moved = runtime.traffic()
+            # this step's share, since the last snapshot: what lands between steps (an update finishing) counts too
+            share, traffic_seen = {k: v - traffic_seen.get(k, 0.0) for k, v in moved.items()}, moved
             logger.advance()
             if step % cfg.log.every_n_steps == 0 or step == t.max_steps:
                 logger.log(step, {
@@ -228,7 +231,7 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loade
                     "mfu": flops_per_token * tokens_per_step / elapsed / peak if peak else None,
                     **gpu_memory_gb(device),
                     **host_memory_gb(),
-                    **{k: v - before.get(k, 0.0) for k, v in moved.items()},  # this step's share
+                    **share,
                     **runtime.memory_metrics(),
                 })
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:

@@ -106,7 +106,8 @@ def _rows(p) -> slice:
 class GaloreAdamW(torch.optim.Optimizer):
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], options: GaloreOptions,
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, clip_grad_norm: Optional[float] = None, process_group=None):
+                 weight_decay: float = 0.0, clip_grad_norm: Optional[float] = None, process_group=None,
+                 fused_update=None):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         targets = set(galore_targets([n for n, p in named if p.ndim == 2], options.targets))
         if not targets:
@@ -122,6 +123,9 @@ class GaloreAdamW(torch.optim.Optimizer):
         # Data parallel without a DDP wrapper: the gradients are averaged over `process_group` here, a target
         # weight's in its rank-r projection (r/n of the bytes) between refreshes.
         self.process_group = process_group
+        # kernels/galore_update.py's signature: (w, exp_avg, exp_avg_sq, basis, side, step_size, scale, eps,
+        # decay), in place on w; used for unsharded, full-precision target weights (the trainer passes it on a GPU)
+        self.fused_update = fused_update
         self.world = torch.distributed.get_world_size(process_group) if process_group is not None else 1
         self.target_names = sorted(targets)
         self._index = {p: i for i, p in enumerate(galore)}  # seeds and stagger offsets
@@ -194,9 +198,12 @@ class GaloreAdamW(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = self._moments(state)
         exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
         step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        update = exp_avg / denom
+        if group["galore"] and self.fused_update is not None and "exp_avg_q" not in state and not _is_sharded(p):
+            self.fused_update(p.data, exp_avg, exp_avg_sq, self._basis(p), side_of(p.shape), step_size,
+                              self.options.scale, group["eps"], group["lr"] * group["weight_decay"])
+            return
+        update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
         self._keep_moments(state, exp_avg, exp_avg_sq)
         if group["galore"]:
             update = self._projected_back(p, update)

@@ -59,6 +59,7 @@ class RuntimeOptions:
     copy_delay_s: float = 0.0  # CPU movers only: slow every copy down (tests of the overlap logic)
     galore: Optional["GaloreOptions"] = None  # GaLore AdamW (on the device) instead of AdamW
     galore_layerwise: bool = False
+    galore_fused_update: Optional[object] = None  # kernels/galore_update.galore_update where it runs (a GPU)
 
 
 class MemoryRuntime:
@@ -262,7 +263,8 @@ def _galore_adamw(model: nn.Module, o: RuntimeOptions) -> torch.optim.Optimizer:
     from .galore import GaloreAdamW
 
     optimizer = GaloreAdamW(model.named_parameters(), o.galore, lr=o.lr, betas=o.betas, eps=o.eps,
-                            weight_decay=o.weight_decay, clip_grad_norm=o.clip_grad_norm)
+                            weight_decay=o.weight_decay, clip_grad_norm=o.clip_grad_norm,
+                            fused_update=o.galore_fused_update)
     if o.galore_layerwise:
         optimizer.attach_layerwise()
     return optimizer

@@ -327,3 +327,17 @@ def test_eight_bit_moments_track_full_precision_at_a_quarter_of_the_bytes(monkey
     torch.save(q_opt.state_dict(), buffer)
     buffer.seek(0)
     _galore(_model(), eight_bit=True).load_state_dict(torch.load(buffer, weights_only=True))
+
+
+def test_the_fused_update_kernel_gives_the_optimizers_steps():
+    from longtune.kernels.galore_update import galore_update
+
+    batches = _batches(6)
+    plain_model, fused_model = _model(), _model()
+    plain = _train(plain_model, _galore(plain_model, update_proj_gap=3), batches)
+    fused_opt = GaloreAdamW(fused_model.named_parameters(), GaloreOptions(rank=4, update_proj_gap=3, scale=0.25),
+                            fused_update=galore_update, **OPTS)  # Triton (the CPU interpreter here, a GPU there)
+    fused = _train(fused_model, fused_opt, batches)
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(fused_model.named_parameters(), plain_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

@@ -244,7 +244,8 @@ def build_runtime(cfg: Config, model, plan: Plan, device):
         prefetch_depth=mem.prefetch_depth, nvme_path=mem.nvme_path, nvme_checksum=mem.nvme_checksum,
         nvme_backend=mem.nvme_backend, cpu_adam=mem.cpu_adam, numa_optimizer=numa_optimizer,
         numa_weights=numa_weights, numa_activations=numa_tiers, galore=galore_options(cfg),
-        galore_layerwise=o.name == "galore_adamw" and o.galore.layerwise)
+        galore_layerwise=o.name == "galore_adamw" and o.galore.layerwise,
+        galore_fused_update=_galore_kernel(device) if o.name == "galore_adamw" else None)
     if "nvme" in _tiers_used(plan) and not mem.nvme_path:
         raise ConfigError("the plan puts data on nvme: set memory.nvme_path to a folder on the NVMe drive")
     if options.galore is not None:
@@ -275,6 +276,15 @@ def galore_sizing(cfg: Config) -> Optional[GaloreSizing]:
     return GaloreSizing(rank=g.rank, stores_basis=g.projector != "random", layerwise=g.layerwise, eight_bit=g.eight_bit,
                         accumulation=cfg.train.grad_accum_steps,
                         refreshing_share=1.0 / g.update_proj_gap if g.stagger else 1.0)
+
+
+def _galore_kernel(device):
+    """GaLore's fused project-back + update kernel on a GPU (on the CPU the interpreter would only be slower)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    from longtune.kernels.galore_update import galore_update
+
+    return galore_update
 
 
 def galore_options(cfg: Config):

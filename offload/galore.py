@@ -295,6 +295,13 @@ class GaloreAdamW(torch.optim.Optimizer):
         if self.clip_grad_norm is not None:
             raise ValueError("layer-wise updates run during backward, before the global gradient norm is known: "
                              "clipping is impossible (set train.clip_grad_norm=null)")
+        dist = torch.distributed
+        sharded = any(_is_sharded(p) for g in self.param_groups for p in g["params"])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and self.process_group is None \
+                and not sharded:
+            # A DDP wrapper reduces gradients after these hooks have run: the updates would use one rank's.
+            raise ValueError("layer-wise GaLore in a multi-process run reduces the gradients itself: pass "
+                             "process_group (and do not wrap the model in DDP), or shard the model with FSDP2")
         for group in self.param_groups:
             for p in group["params"]:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))

@@ -272,6 +272,9 @@ def _dp_worker(rank: int, store: str, projector: str, out: str, fsdp: bool) -> N
             dist.all_reduce(total)
             losses.append(float(total) / DP_WORLD)
         weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        if not fsdp:  # a DDP-style run that forgets the process group is refused, not silently per-rank
+            with pytest.raises(ValueError, match="process_group"):
+                _galore(_model()).attach_layerwise()
         if rank == 0:
             torch.save({"losses": losses, "weights": weights}, out)
     finally:

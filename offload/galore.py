@@ -107,7 +107,7 @@ class GaloreAdamW(torch.optim.Optimizer):
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], options: GaloreOptions,
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, clip_grad_norm: Optional[float] = None, process_group=None,
-                 fused_update=None):
+                 fused_update=None, state_device: Optional[torch.device] = None):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         targets = set(galore_targets([n for n, p in named if p.ndim == 2], options.targets))
         if not targets:
@@ -126,6 +126,11 @@ class GaloreAdamW(torch.optim.Optimizer):
         # kernels/galore_update.py's signature: (w, exp_avg, exp_avg_sq, basis, side, step_size, scale, eps,
         # decay), in place on w; used for unsharded, full-precision target weights (the trainer passes it on a GPU)
         self.fused_update = fused_update
+        # Moments on the host (memory.optimizer=cpu): each update sends the (projected) gradient there, the CPU
+        # steps the moments and sends the Adam direction back; bases, projections and the weight update stay on
+        # the device. For a target weight both copies are rank-r: r/n of AdamW's offload traffic.
+        self.state_device = torch.device(state_device) if state_device is not None else None
+        self.bytes_to_host = self.bytes_to_device = 0
         self.world = torch.distributed.get_world_size(process_group) if process_group is not None else 1
         self.target_names = sorted(targets)
         self._index = {p: i for i, p in enumerate(galore)}  # seeds and stagger offsets
@@ -184,9 +189,14 @@ class GaloreAdamW(torch.optim.Optimizer):
         state, group = self.state[p], self._group[p]
         replicated = _is_sharded(p) and group["galore"] and side_of(p.shape) == "left"  # the same on every rank
         g = g if group["galore"] else _local(g)
+        device = g.device
+        if self.state_device is not None and self.state_device != device:
+            g = self._to_host(g)
         if not state.get("step"):
             state["step"] = 0
             zeros = torch.zeros_like(g, dtype=torch.float32 if self._eight_bit(g) else g.dtype)
+            if zeros.device.type == "cpu" and device.type == "cuda":
+                zeros = zeros.pin_memory()
             self._keep_moments(state, zeros, zeros.clone())
         if self.layerwise:  # the norm the loop logs: clip_and_step cannot compute it after backward
             sq = g.detach().float().pow(2).sum() / (p.device_mesh.size() if replicated else 1)
@@ -199,18 +209,29 @@ class GaloreAdamW(torch.optim.Optimizer):
         exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        if group["galore"] and self.fused_update is not None and "exp_avg_q" not in state and not _is_sharded(p):
+        if group["galore"] and self.fused_update is not None and "exp_avg_q" not in state and not _is_sharded(p) \
+                and exp_avg.device == device:
             self.fused_update(p.data, exp_avg, exp_avg_sq, self._basis(p), side_of(p.shape), step_size,
                               self.options.scale, group["eps"], group["lr"] * group["weight_decay"])
             return
         update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
         self._keep_moments(state, exp_avg, exp_avg_sq)
+        if update.device != device:
+            self.bytes_to_device += update.numel() * update.element_size()
+            update = update.to(device, non_blocking=True)
         if group["galore"]:
             update = self._projected_back(p, update)
         w = _local(p)  # under FSDP2, this rank's rows
         w.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             w.add_(w, alpha=-group["lr"] * group["weight_decay"])
+
+    def _to_host(self, g: torch.Tensor) -> torch.Tensor:
+        self.bytes_to_host += g.numel() * g.element_size()
+        if g.device.type == "cuda":  # pinned, so the copy is a DMA; synchronous: the CPU steps it next
+            out = torch.empty(g.shape, dtype=g.dtype, pin_memory=True)
+            return out.copy_(g)
+        return g.to(self.state_device)
 
     # --- the moments: as they are, or 8-bit -------------------------------------------------------------
     def _eight_bit(self, g: torch.Tensor) -> bool:

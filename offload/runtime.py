@@ -97,6 +97,12 @@ class MemoryRuntime:
         if opt_tier == "gpu":
             model.to(self.device)
             self.optimizer = _galore_adamw(model, o) if o.galore else _torch_adamw(model, o)
+        elif o.galore:  # GaLore's moments on the host, its projections and weights on the device
+            if params_tier != "gpu" or opt_tier != "cpu":
+                raise ValueError(f"GaLore keeps its moments on the device or the host, not {opt_tier}")
+            model.to(self.device)
+            self.optimizer = _galore_adamw(model, o, state_device=torch.device("cpu"))
+            self.notes.append("optimizer: GaLore's moments on the host (stepped by the CPU, rank-r traffic)")
         else:
             self._offload_state(opt_tier, params_tier)
         # Parameters on the device are saved by autograd as they are; streamed ones go through the streamer.
@@ -259,12 +265,12 @@ class MemoryRuntime:
             raise errors[0]
 
 
-def _galore_adamw(model: nn.Module, o: RuntimeOptions) -> torch.optim.Optimizer:
+def _galore_adamw(model: nn.Module, o: RuntimeOptions, state_device=None) -> torch.optim.Optimizer:
     from .galore import GaloreAdamW
 
     optimizer = GaloreAdamW(model.named_parameters(), o.galore, lr=o.lr, betas=o.betas, eps=o.eps,
                             weight_decay=o.weight_decay, clip_grad_norm=o.clip_grad_norm,
-                            fused_update=o.galore_fused_update)
+                            fused_update=o.galore_fused_update, state_device=state_device)
     if o.galore_layerwise:
         optimizer.attach_layerwise()
     return optimizer

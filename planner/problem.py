@@ -280,7 +280,8 @@ class GaloreSizing:
         low = L * sum(min(self.rank, m, n) * max(m, n) for m, n in mats)
         basis = L * sum(min(self.rank, m, n) * min(m, n) for m, n in mats) if self.stores_basis else 0
         moment = 1 + 4 / 256 if self.eight_bit else wb
-        optimizer = 2 * moment * (shape.params - target_p + low) + wb * basis
+        moments, bases = 2 * moment * (shape.params - target_p + low), wb * basis
+        optimizer = moments + bases
         if not self.layerwise:
             grads = shape.params * wb
         else:  # one layer's (or the head's) gradients at a time, plus what accumulation keeps
@@ -288,7 +289,8 @@ class GaloreSizing:
             grads = (other_p + 2 * shape.layer_params) * wb
             if self.accumulation > 1:
                 grads += wb * (low + self.refreshing_share * target_p)
-        return {"optimizer": float(optimizer), "grads": float(grads), "target_params": float(target_p)}
+        return {"optimizer": float(optimizer), "grads": float(grads), "target_params": float(target_p),
+                "moments": float(moments), "bases": float(bases), "moment_elements": float(shape.params - target_p + low)}
 
 
 def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optimizer: str = "auto",
@@ -315,9 +317,19 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
                 "grads": (p if opt == "gpu" else other_p + 2 * layer_p) * wb,
                 "optimizer": 2 * wb * p if opt == "gpu" else 0.0,  # torch AdamW: two moments in the weights' dtype
             }
-            if galore is not None and opt == "gpu":
+            if galore is not None:
+                if par != "gpu" or opt == "nvme":
+                    continue  # GaLore: moments on the device or the host, weights on the device
                 sized = galore.bytes(shape)
-                gpu["optimizer"], gpu["grads"] = sized["optimizer"], sized["grads"]
+                gpu["grads"] = sized["grads"]
+                gpu["optimizer"] = sized["optimizer"] if opt == "gpu" else sized["bases"]
+                if opt == "cpu":  # the moments on the host; the CPU steps them, rank-r copies each way
+                    elements = sized["moment_elements"]
+                    # synchronous in the runtime (not overlapped yet): the CPU step and both copies are exposed
+                    copies = elements * wb * (1 / host_link.from_gpu_bps + 1 / host_link.to_gpu_bps)
+                    out.append(StateOption(opt, par, gpu, {"host": sized["moments"]},
+                                           exposed_s=elements / machine.cpu_adam_params_per_s + copies))
+                    continue
             host = {"cpu": HOST_OPTIMIZER_BYTES, "nvme": NVME_HOST_OPTIMIZER_BYTES}.get(opt, 0) * p
             nvme = NVME_OPTIMIZER_BYTES * p if opt == "nvme" else 0.0
             weights = L * layer_p * wb

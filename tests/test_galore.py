@@ -344,3 +344,32 @@ def test_the_fused_update_kernel_gives_the_optimizers_steps():
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-5, atol=1e-6)
     for (name, a), (_, b) in zip(fused_model.named_parameters(), plain_model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- moments on the host -----------------------------------------------------------------------------------
+
+def test_moments_on_the_host_train_as_on_the_device_and_the_plan_counts_them(tmp_path, tiny_config):
+    from longtune.launch.cli import main
+    from longtune.planner.problem import GaloreSizing, ModelShape, state_options
+    from longtune.trainer.memory import load_machine
+
+    def run(name, where):
+        c = {**tiny_config, "optim": {"name": "galore_adamw", "galore": {"rank": 4, "update_proj_gap": 2}}}
+        c["train"] = {**c["train"], "max_steps": 4}
+        c["memory"] = {"optimizer": where}
+        c["run"] = {"output_dir": str(tmp_path / name)}
+        c["data"] = {**c["data"], "passkey": {"digits": 4, "eval_samples": 0}}
+        assert main(["train", str(write_yaml(tmp_path / f"{name}.yaml", c))]) == 0
+        return train_losses(tmp_path / name)
+
+    assert run("host", "cpu") == run("device", "gpu")  # on this CPU machine the same arithmetic, bit for bit
+    model = _model()
+    opt = GaloreAdamW(model.named_parameters(), GaloreOptions(rank=4), state_device=torch.device("cpu"), **OPTS)
+    _train(model, opt, _batches(1))
+    moments = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k.startswith("exp_avg"))
+    cfg = tiny_model_config()
+    cfg["vocab_size"] = 256
+    shape = ModelShape.from_hf_config(cfg, "float32")
+    option = state_options(shape, load_machine("h100-pcie5"), 1e-3, "cpu", "gpu", GaloreSizing(rank=4))[0]
+    assert option.tier_bytes["host"] == moments
+    assert option.gpu_bytes["optimizer"] == sum(s["basis"].numel() * 4 for s in opt.state.values() if "basis" in s)

@@ -51,3 +51,29 @@ def test_galore_training_on_cuda_uses_the_fused_kernel(tiny_config):
     result = train(validate(tiny_config))
     steps = [m for m in read_metrics(result.output_dir) if "loss" in m]
     assert len(steps) == 3 and all(math.isfinite(m["loss"]) for m in steps)
+
+
+def test_galore_moments_on_the_host_match_moments_on_the_device():
+    import torch
+
+    from longtune.offload.galore import GaloreAdamW, GaloreOptions
+
+    def run(state_device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+        opt = GaloreAdamW(model.named_parameters(), GaloreOptions(rank=16, targets=("*.weight",), update_proj_gap=3),
+                          lr=1e-3, state_device=state_device)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(6):
+            x = torch.randn(64, 256, device="cuda", generator=gen)
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model, opt
+
+    on_device, _ = run(None)
+    on_host, opt = run(torch.device("cpu"))
+    assert opt.bytes_to_host > 0 and all(v.device.type == "cpu" for s in opt.state.values() for k, v in s.items()
+                                         if k.startswith("exp_avg"))
+    for a, b in zip(on_host.parameters(), on_device.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

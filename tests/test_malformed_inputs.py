@@ -247,7 +247,7 @@ CASES = {
     "galore-targets-match-nothing": lambda c: (["train", c.new_run_config_file(optim={"name": "galore_adamw", "galore": {"targets": ["nothing.*"]}})], 2),
     "galore-zero-rank": resume_with("optim.name=galore_adamw", "optim.galore.rank=0"),
     "galore-unknown-projector": resume_with("optim.name=galore_adamw", "optim.galore.projector=qr"),
-    "galore-with-host-optimizer": resume_with("optim.name=galore_adamw", "memory.optimizer=cpu"),
+    "galore-with-nvme-optimizer": resume_with("optim.name=galore_adamw", "memory.optimizer=nvme"),
     "optimizer-switched-on-resume": resume_with("optim.name=galore_adamw"),
     # config files given to `train` (pointed at the run folder, resuming it; exit 2)
     "duplicate-key": train_file(lambda c: c.valid_yaml().replace("train:\n", "train:\n  max_steps: 3\n", 1)),

@@ -248,9 +248,9 @@ class Config(_Section):
                              "norm is known, so it cannot clip: set train.clip_grad_norm=null")
         if o.galore.eight_bit and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("optim.galore.eight_bit needs bitsandbytes, which is not installed: pip install bitsandbytes")
-        if self.memory.optimizer != "gpu" or self.memory.params != "gpu":
-            raise ValueError("optim.name=galore_adamw keeps its (rank-r) state on the device for now: set "
-                             "memory.optimizer=gpu and memory.params=gpu")
+        if self.memory.optimizer == "nvme" or self.memory.params in ("cpu", "nvme"):
+            raise ValueError("optim.name=galore_adamw keeps its moments on the device or the host and its weights on "
+                             "the device: set memory.optimizer to gpu, cpu or auto and memory.params to gpu or auto")
         return self
 
 

@@ -21,7 +21,12 @@ What galore-torch does not do, this does:
   one the non-layer-wise run computes;
 - and with data parallelism (`process_group`): the hooks average each gradient over the ranks after it is
   complete, a target weight's in its rank-r projection between refreshes, so the bytes on the wire shrink
-  with the state (a DDP wrapper would reduce full gradients in full-size buckets that outlive the hooks).
+  with the state (a DDP wrapper would reduce full gradients in full-size buckets that outlive the hooks);
+  under FSDP2 (row-sharded DTensors) a right projection of the shard is the shard of the projection and a
+  left one a partial sum completed by one small all-reduce;
+- moments in 8 bits (`eight_bit`, bitsandbytes' blockwise quantisation), or on the host (`state_device`,
+  rank-r copies each way), and the weight update fused in one kernel (`fused_update`, kernels/galore_update.py,
+  which the trainer passes on a GPU).
 """
 
 from __future__ import annotations

@@ -119,15 +119,18 @@ PLANNER_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention
 
 
 def written_model_config(cfg: ModelConfig) -> Optional[dict]:
-    """The model's config as written (model.config inline, or the folder's config.json) with the model.* overrides;
-    None for a GGUF file, whose config only transformers can read."""
+    """The model's config as written (model.config inline, the folder's config.json, or a GGUF file's header) with
+    the model.* overrides; None for a GGUF file of another family (transformers reads that)."""
     import json
 
     if cfg.config is not None:
         return {**cfg.config, **config_overrides(cfg)}
     source = resolve_source(cfg.path, cfg.gguf_file)
     if source.gguf_file:
-        return None
+        from .gguf_header import gguf_model_config
+
+        header = gguf_model_config(source.folder / source.gguf_file)
+        return None if header is None else {**header, **config_overrides(cfg)}
     path = source.folder / "config.json"
     try:
         data = json.loads(read_text(path, "model.path"))

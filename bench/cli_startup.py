@@ -1,4 +1,5 @@
-"""How fast the CLI answers: `longtune --help`, a config error and `longtune plan` beside `python -c pass`.
+"""How fast the CLI answers: `longtune --help`, a config error and `longtune plan` (an inline config and the quick
+start's GGUF model) beside `python -c pass`.
 
     python bench/cli_startup.py                # 15 runs of each, medians
     python bench/cli_startup.py --runs 30
@@ -35,6 +36,8 @@ def commands(longtune: list[str], scratch: Path) -> dict[str, list[str]]:
         "longtune train (config error)": [*longtune, "train", "train.max_steps=true"],
         "longtune train --print-config": [*longtune, "train", "--print-config"],
         "longtune plan llama3-8b-128k": [*longtune, "plan", "llama3-8b-128k", "--out", str(scratch / "plan.yaml")],
+        "longtune plan quickstart (GGUF)": [*longtune, "plan", "quickstart", "memory.budget_gb=3", "--out",
+                                            str(scratch / "plan-q.yaml")],
     }
 
 

@@ -302,6 +302,7 @@ class GaloreAdamW(torch.optim.Optimizer):
         """Clip by the global norm and step; returns the norm before clipping. Layer-wise, the updates ran in
         backward and the norm is that of the gradients they used (projected, for the target weights)."""
         if self.layerwise:
+            self.step()  # nothing left to do, but LR schedulers count optimizer.step() calls
             if self._sq_norm is None:
                 return torch.zeros(())
             if self._norm_group is not None:  # FSDP2: every rank summed its shards

@@ -373,3 +373,22 @@ def test_moments_on_the_host_train_as_on_the_device_and_the_plan_counts_them(tmp
     option = state_options(shape, load_machine("h100-pcie5"), 1e-3, "cpu", "gpu", GaloreSizing(rank=4))[0]
     assert option.tier_bytes["host"] == moments
     assert option.gpu_bytes["optimizer"] == sum(s["basis"].numel() * 4 for s in opt.state.values() if "basis" in s)
+
+
+def test_trainer_layerwise_and_with_an_activation_plan_give_the_same_losses(tmp_path, tiny_config, capsys):
+    from longtune.launch.cli import main
+
+    def run(name, layerwise, memory):
+        c = {**tiny_config, "memory": memory, "run": {"output_dir": str(tmp_path / name)},
+             "optim": {"name": "galore_adamw", "galore": {"rank": 4, "update_proj_gap": 2, "layerwise": layerwise}}}
+        c["train"] = {**c["train"], "max_steps": 3, "grad_accum_steps": 2, "clip_grad_norm": None}
+        c["data"] = {**c["data"], "seq_len": 256, "passkey": {"digits": 4, "eval_samples": 0}}
+        assert main(["train", str(write_yaml(tmp_path / f"{name}.yaml", c))]) == 0
+        return [train_losses(tmp_path / name)[s] for s in (1, 2, 3)]
+
+    after_backward = run("after-backward", False, {})
+    layerwise = run("layerwise", True, {})
+    planned = run("planned", True, {"budget_gb": 0.21, "plan_chunks": 2})  # the activation runtime under it
+    torch.testing.assert_close(torch.tensor(layerwise), torch.tensor(after_backward), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(planned), torch.tensor(after_backward), rtol=1e-6, atol=0)
+    assert "lr_scheduler.step()" not in capsys.readouterr().err  # the scheduler sees the optimizer's steps

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import num_warps, use_triton
+from .chunking import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, default_chunk_size  # noqa: F401 -- re-exported; torch-free for the planner
 
 try:  # the reference must work without triton
     import triton
@@ -75,7 +76,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 # kernel loops over the vocabulary in blocks of at most this many columns.
 MAX_BLOCK_V = 16384
 
-from .chunking import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, default_chunk_size  # noqa: E402,F401 -- torch-free, for the planner
+
 # ----------------------------------------------------------------------------------------------
 # Ground truth (tests and bench only: builds the full logits)
 # ----------------------------------------------------------------------------------------------

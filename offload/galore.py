@@ -144,6 +144,7 @@ class GaloreAdamW(torch.optim.Optimizer):
         self._micro, self._seen, self._low = 1, {}, {}
         self._sq_norm: Optional[torch.Tensor] = None
         self._norm_group = None
+        self._last_random = None  # ((id of the param, refresh count), basis) of the `random` projector
 
     @property
     def layerwise(self) -> bool:
@@ -164,17 +165,24 @@ class GaloreAdamW(torch.optim.Optimizer):
 
     def _basis(self, p) -> torch.Tensor:
         state, o = self.state[p], self.options
-        if o.projector == "random":  # regenerated, never stored
-            return random_basis(tuple(p.shape), min(o.rank, *p.shape), o.seed, self._index[p], state["refreshes"],
-                                p.dtype, p.device)
-        return state["basis"]
+        if o.projector != "random":
+            return state["basis"]
+        refreshes = state["refreshes"]
+        # Regenerated, never stored in the state; the last one is kept, so the projection and the update of one
+        # step (made back to back, except across micro-batches of a layer-wise step) draw it once.
+        key = (id(p), refreshes)
+        if self._last_random is None or self._last_random[0] != key:
+            self._last_random = (key, random_basis(tuple(p.shape), min(o.rank, *p.shape), o.seed, self._index[p],
+                                                   refreshes, p.dtype, p.device))
+        return self._last_random[1]
 
     @torch.no_grad()
     def _refresh(self, p, grad: Optional[torch.Tensor]) -> None:
         """A new basis (from the full gradient, except for `random`), the moments kept or rotated into it."""
         state, o = self.state[p], self.options
         rank = min(o.rank, *p.shape)
-        old = self._basis(p) if state.get("refreshes") else None
+        rotate = o.on_refresh == "rotate" and bool(state.get("refreshes")) and state.get("step", 0) > 0
+        old = self._basis(p) if rotate else None
         state["refreshes"] = int(state.get("refreshes", 0)) + 1
         state["basis_step"] = int(state.get("step", 0))
         if o.projector == "svd":
@@ -182,7 +190,7 @@ class GaloreAdamW(torch.optim.Optimizer):
         elif o.projector == "randomized":
             generator = torch.Generator().manual_seed((o.seed * 1_000_003 + self._index[p]) * 7919 + state["refreshes"])
             state["basis"] = randomized_basis(grad, rank, state.get("basis"), generator)
-        if old is not None and o.on_refresh == "rotate" and "step" in state and state["step"] > 0:
+        if rotate:
             m, v = self._moments(state)
             rotate_moments(m, v, old, self._basis(p), side_of(p.shape))
             self._keep_moments(state, m, v)

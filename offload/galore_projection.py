@@ -87,8 +87,7 @@ def rotate_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, old: torch.T
                    side: str) -> None:
     """Carry the moments from the old basis's coordinates into the new one's, in place. The first moment turns
     exactly (R = B_old B_new^T for a right basis, B_new^T B_old for a left one); the second is not a vector in
-    that space, so it takes the squared rotation, which keeps it non-negative (an approximation, as in
-    Q-GaLore's and later work)."""
+    that space, so it takes the squared rotation, which keeps it non-negative (an approximation)."""
     r = old.float() @ new.float().t() if side == "right" else new.float().t() @ old.float()
     turn = (lambda x, m: x.float() @ m) if side == "right" else (lambda x, m: m @ x.float())
     exp_avg.copy_(turn(exp_avg, r))

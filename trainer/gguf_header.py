@@ -32,18 +32,20 @@ def _string(f: BinaryIO) -> str:
     return f.read(n).decode("utf-8", errors="replace")
 
 
-def _value(f: BinaryIO, kind: int, keep: bool) -> Any:
+def _value(f: BinaryIO, kind: int) -> Any:
+    """A scalar or a string; an array is skipped and stands for its length (the tokenizer's are all we meet)."""
     if kind in _SCALARS:
         return _read(f, _SCALARS[kind])
     if kind == _STRING:
         return _string(f)
     if kind == _ARRAY:
         item, count = _read(f, "<I"), _read(f, "<Q")
-        if item in _SCALARS and not keep:  # skip a numeric array in one seek
+        if item in _SCALARS:  # a numeric array in one seek
             f.seek(count * struct.calcsize(_SCALARS[item]), 1)
-            return count
-        values = [_value(f, item, keep) for _ in range(count)]
-        return values if keep else count
+        else:
+            for _ in range(count):
+                _value(f, item)
+        return count
     raise ValueError(f"unknown value type {kind}")
 
 
@@ -59,7 +61,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[str]]:
         fields = {}
         for _ in range(n_kv):
             key = _string(f)
-            fields[key] = _value(f, _read(f, "<I"), keep=False)
+            fields[key] = _value(f, _read(f, "<I"))
         names = []
         for _ in range(n_tensors):
             names.append(_string(f))

@@ -265,17 +265,18 @@ def stale_temporaries(output_dir: Path) -> list[Path]:
     return out
 
 
-def remove_stale_temporaries(output_dir: Path) -> int:
-    """Remove what dead checkpoint writers left; returns the bytes freed."""
-    freed = 0
-    for p in stale_temporaries(output_dir):
+def remove_stale_temporaries(output_dir: Path) -> tuple[int, int]:
+    """Remove what dead checkpoint writers left; returns (entries removed, bytes freed). Entries count on their
+    own: a writer killed at once leaves empty ones."""
+    freed, stale = 0, stale_temporaries(output_dir)
+    for p in stale:
         if p.is_dir():
             freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             shutil.rmtree(p, ignore_errors=True)
         else:
             freed += p.stat().st_size
             p.unlink(missing_ok=True)
-    return freed
+    return len(stale), freed
 
 
 # --- the run folder ------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ from longtune.planner.plan import PlanInfeasible
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
-from .inputs import (RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, stale_temporaries,
-                     write_atomic)
+from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
 from .model import build_model, build_tokenizer, count_parameters
@@ -84,10 +83,9 @@ def train(cfg: Config) -> RunResult:
     if notice:
         print(notice)
     try:
-        stale = stale_temporaries(output_dir)
-        if stale:  # counted by entries: a writer killed at once leaves empty ones, which go too
-            freed = remove_stale_temporaries(output_dir)
-            print(f"removed {len(stale)} temporary checkpoint file(s) or folder(s) ({freed / 1e9:.2f} GB) left by "
+        removed, freed = remove_stale_temporaries(output_dir)
+        if removed:
+            print(f"removed {removed} temporary checkpoint file(s) or folder(s) ({freed / 1e9:.2f} GB) left by "
                   "interrupted runs")
         return _train_in(cfg, output_dir)
     finally:

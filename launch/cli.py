@@ -40,12 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", default="quickstart", help="YAML file, or the name of a bundled config (default: quickstart)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_launch_arguments(train)
 
     resume = sub.add_parser("resume", help="continue a run from its newest complete checkpoint", epilog=EPILOG,
                             description="Continue RUN_DIR from its newest complete checkpoint (incomplete ones are skipped).")
     resume.add_argument("run_dir", help="the run's output_dir")
     resume.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.max_steps=200")
     resume.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_launch_arguments(resume)
 
     plan = sub.add_parser("plan", help="solve the memory plan for a config (no GPU needed)", epilog=EPILOG,
                           description="Solve and print the memory plan: per layer and activation class, what stays on the GPU, "
@@ -73,6 +75,86 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="export step_N instead of the newest complete checkpoint")
     export.add_argument("--force", action="store_true", help="write into --out even if it holds files already")
     return parser
+
+
+def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("processes (torchrun: these are passed to torch.distributed.run)")
+    g.add_argument("--nproc", type=int, metavar="N", help="processes on this machine (one per GPU); runs torchrun")
+    g.add_argument("--nnodes", help="machines, or MIN:MAX for an elastic job (needs --rdzv-endpoint)")
+    g.add_argument("--node-rank", type=int, help="this machine's rank (static rendezvous)")
+    g.add_argument("--rdzv-endpoint", help="host:port of the c10d rendezvous every machine joins")
+    g.add_argument("--rdzv-id", help="the job's rendezvous id (the same on every machine)")
+    g.add_argument("--max-restarts", type=int, help="restarts of the group after a failure; each resumes from the "
+                                                     "newest complete checkpoint")
+
+
+LAUNCH_FLAGS = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
+
+
+def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """`longtune train CFG --nproc N ...`: torch.distributed.run starting N ranks of the same command."""
+    from longtune.launch.distributed import launched_world
+
+    if launched_world() > 1:
+        raise UsageError("--nproc and the torchrun flags start processes; this one is a rank of a launched group already")
+    nproc = args.nproc or 1
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    multi_node = args.nnodes not in (None, "1", "1:1")
+    if multi_node and not args.rdzv_endpoint:
+        raise UsageError("--nnodes over 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+    launcher = [f"--nproc-per-node={nproc}"]
+    launcher += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in LAUNCH_FLAGS if getattr(args, k) is not None]
+    if multi_node or args.rdzv_endpoint:
+        launcher += ["--rdzv-backend=c10d"]
+    else:
+        launcher += ["--standalone"]
+    rank_argv, skip = [], False
+    flags = {"--nproc", *(f"--{k.replace('_', '-')}" for k in LAUNCH_FLAGS)}
+    for a in argv:  # the ranks run the same command without the launch flags
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in a
+            continue
+        rank_argv.append(a)
+    from torch.distributed.run import main as torchrun_main
+
+    print(f"torchrun {' '.join(launcher)} -m longtune.launch.torchrun {' '.join(rank_argv)}", flush=True)
+    try:
+        torchrun_main([*launcher, "-m", "longtune.launch.torchrun", *rank_argv])
+    except Exception as e:  # noqa: BLE001 -- torchrun's ChildFailedError: the ranks printed their own errors
+        failures = getattr(e, "failures", None) or {}
+        which = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(failures.items())) or _first_line(e)
+        raise _RanksFailed(f"the training processes failed ({which}); each rank's own error is above") from None
+    return EXIT_OK
+
+
+def _flags_first(argv: list[str]) -> list[str]:
+    """`longtune train CFG k=v --nproc 2`: argparse takes no option after the overrides, so the launch flags
+    (and --print-config) move to just after the command."""
+    commands = [i for i, a in enumerate(argv) if a in ("train", "resume")]
+    if not commands:
+        return argv
+    at = commands[0] + 1
+    valued = {"--nproc", *(f"--{k.replace('_', '-')}" for k in LAUNCH_FLAGS)}
+    head, moved, rest, i = argv[:at], [], [], at
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in valued and "=" not in a and i + 1 < len(argv):
+            moved += argv[i:i + 2]
+            i += 2
+            continue
+        (moved if name in valued or a == "--print-config" else rest).append(a)
+        i += 1
+    return head + moved + rest
+
+
+class _RanksFailed(Exception):
+    pass
 
 
 def _split_config_and_overrides(config: str, overrides: list[str]) -> tuple[str, list[str]]:
@@ -130,6 +212,28 @@ def run(args: argparse.Namespace) -> int:
     from longtune.trainer.inputs import check
 
     check(cfg)  # model, data, resume and run folder, before torch is imported
+    if args.nproc is not None or any(getattr(args, k) is not None for k in LAUNCH_FLAGS):
+        if cfg.launch.backend == "ray":
+            raise UsageError("--nproc starts torchrun; launch.backend=ray starts Ray workers (launch.ray.num_workers): "
+                             "choose one")
+        return _torchrun(args, args.argv)
+    if cfg.launch.backend == "ray":
+        from longtune.launch.distributed import launched_world
+
+        if launched_world() == 1:  # the driver; inside a Ray worker the group is already there
+            from longtune.launch.ray_launch import run_on_ray
+
+            return run_on_ray(cfg)
+    from longtune.launch.distributed import init_process_group, launched_world, prefix_output, restarted
+
+    if launched_world() > 1 or cfg.parallel.strategy in ("fsdp2", "deepspeed"):
+        init_process_group(cfg.parallel.timeout_s, alone=launched_world() == 1)
+        import torch.distributed as dist
+
+        prefix_output(dist.get_rank(), dist.get_world_size())
+        if restarted() and cfg.run.resume is None:
+            print("torchrun restarted the group: continuing from the newest complete checkpoint (run.resume=auto)")
+            cfg.run.resume = "auto"
     from longtune.trainer.train import train
 
     result = train(cfg)
@@ -201,10 +305,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     warnings.showwarning = _one_line_warning
     try:
-        return run(build_parser().parse_args(argv))
+        args = build_parser().parse_args(_flags_first(argv))
+        args.argv = argv
+        return run(args)
     except (ConfigError, UsageError) as e:
         return _fail(e, EXIT_USAGE, debug)
-    except (RunError, FloatingPointError, OSError) as e:
+    except (RunError, FloatingPointError, OSError, _RanksFailed) as e:
         return _fail(e, EXIT_RUNTIME, debug)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

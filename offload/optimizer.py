@@ -41,7 +41,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                  clip_grad_norm: Optional[float] = None, tier: str = "cpu", nvme_store=None,
                  cpu_adam: Optional[CpuAdamW] = None, numa_nodes=None, interleave: bool = False,
                  weight_writers: Optional[dict[int, WeightWriter]] = None, device: Optional[torch.device] = None,
-                 copy_stream=None, module_hooks: bool = True):
+                 copy_stream=None, module_hooks: bool = True, process_group=None):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"optimizer tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -63,6 +63,10 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.cuda = self.device.type == "cuda"
         # The memory runtime's device-to-host stream (one owner of the copy streams); a private one when alone.
         self.copy_stream = copy_stream if copy_stream is not None or not self.cuda else torch.cuda.Stream(self.device)
+        # Data parallel: a DDP wrapper would reduce after this optimizer has taken the gradients off the device,
+        # so each gradient is averaged over the ranks in its own hook, before it leaves.
+        self.process_group = process_group
+        self.world = torch.distributed.get_world_size(process_group) if process_group is not None else 1
         self.steps_done = 0
         self.bytes_to_host = self.bytes_to_device = 0  # gradients out, updated weights back
         self.wait_s = 0.0  # the training thread blocked on a layer's update: CPU step time not hidden
@@ -143,6 +147,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def _grad_hook(self, g: ParamGroup, i: int):
         def hook(p: nn.Parameter) -> None:
+            if self.world > 1:
+                torch.distributed.all_reduce(p.grad, group=self.process_group)
+                p.grad.div_(self.world)
             first = self._seen[id(p)] == 0
             self._seen[id(p)] += 1
             off = self._offsets[g.index][i]

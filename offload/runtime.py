@@ -60,6 +60,9 @@ class RuntimeOptions:
     galore: Optional["GaloreOptions"] = None  # GaLore AdamW (on the device) instead of AdamW
     galore_layerwise: bool = False
     galore_fused_update: Optional[object] = None  # kernels/galore_update.galore_update where it runs (a GPU)
+    # Data parallel where the optimizer takes each gradient during backward (offloaded, layer-wise GaLore): it
+    # averages them over this group itself, as a DDP wrapper would too late.
+    process_group: Optional[object] = None
 
 
 class MemoryRuntime:
@@ -106,7 +109,7 @@ class MemoryRuntime:
         else:
             self._offload_state(opt_tier, params_tier)
         # Parameters on the device are saved by autograd as they are; streamed ones go through the streamer.
-        self.dispatcher.passthrough |= {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
+        self.dispatcher.passthrough |= {_local(p).untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
         self.dispatcher.params = self.streamer
         if o.activations:
             self._start_activations()
@@ -124,7 +127,7 @@ class MemoryRuntime:
         self.optimizer = OffloadedAdamW(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                         clip_grad_norm=o.clip_grad_norm, tier=opt_tier, nvme_store=self.store,
                                         cpu_adam=cpu_adam, device=self.device, copy_stream=self.d2h.stream,
-                                        module_hooks=False, **o.numa_optimizer)
+                                        module_hooks=False, process_group=o.process_group, **o.numa_optimizer)
         if params_tier != "gpu":
             self.streamer = ParamStreamer(model, self.device, tier=params_tier, nvme_store=self.store,
                                           copy_stream=self.h2d.stream, module_hooks=False, **o.numa_weights)
@@ -178,6 +181,11 @@ class MemoryRuntime:
         chunks = plan.problem.chunks
         self.notes.append(f"activations: the plan's decisions run per layer and chunk ({chunks} chunk{'s' if chunks > 1 else ''}); "
                           f"arena {block.numel() / GB:.3f} GB on the device, {off / GB:.3f} GB off it")
+
+    @property
+    def reduces_gradients(self) -> bool:
+        """The optimizer averages the gradients over the data-parallel ranks itself (no DDP wrapper)."""
+        return self.options.process_group is not None
 
     # --- the step ----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -265,12 +273,18 @@ class MemoryRuntime:
             raise errors[0]
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's own storage (an FSDP2 DTensor's local shard)."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def _galore_adamw(model: nn.Module, o: RuntimeOptions, state_device=None) -> torch.optim.Optimizer:
     from .galore import GaloreAdamW
 
     optimizer = GaloreAdamW(model.named_parameters(), o.galore, lr=o.lr, betas=o.betas, eps=o.eps,
                             weight_decay=o.weight_decay, clip_grad_norm=o.clip_grad_norm,
-                            fused_update=o.galore_fused_update, state_device=state_device)
+                            fused_update=o.galore_fused_update, state_device=state_device,
+                            process_group=o.process_group)
     if o.galore_layerwise:
         optimizer.attach_layerwise()
     return optimizer

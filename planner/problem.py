@@ -293,8 +293,33 @@ class GaloreSizing:
                 "moments": float(moments), "bases": float(bases), "moment_elements": float(shape.params - target_p + low)}
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """What a parallel strategy splits over its `world` ranks (each rank keeps 1/world of it): DDP nothing;
+    ZeRO-1 the optimizer state; ZeRO-2 that and the gradients; ZeRO-3 and FSDP2 the weights too, gathering one
+    layer (and the one prefetched) at a time, and holding one layer's full gradients until they are reduced."""
+
+    world: int = 1
+    optimizer: bool = False
+    grads: bool = False
+    weights: bool = False
+
+    def apply(self, gpu: dict[str, float], layer_bytes: float) -> dict[str, float]:
+        if self.world == 1:
+            return gpu
+        out = dict(gpu)
+        if self.optimizer:
+            out["optimizer"] = gpu["optimizer"] / self.world
+        if self.grads:
+            out["grads"] = gpu["grads"] / self.world + layer_bytes
+        if self.weights:
+            out["weights"] = gpu["weights"] / self.world + 2 * layer_bytes
+        return out
+
+
 def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optimizer: str = "auto",
-                  params: str = "auto", galore: Optional[GaloreSizing] = None) -> tuple[StateOption, ...]:
+                  params: str = "auto", galore: Optional[GaloreSizing] = None,
+                  sharding: Sharding = Sharding()) -> tuple[StateOption, ...]:
     """Every placement of optimizer state and weights the config allows (`auto` lets the MILP choose), with
     its GPU and tier bytes and its time costs. Weights off the GPU need the optimizer off it too."""
     wb, p, layer_p, L = shape.layer.dtype_bytes, shape.params, shape.layer_params, shape.num_layers
@@ -354,6 +379,10 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
             if par != "gpu":
                 link = tiers["host" if par == "cpu" else "nvme"]
                 fwd = bwd_in = layer_p * wb / link.to_gpu_bps  # fetched for the forward, again for backward
+            if sharding.optimizer:  # an offloaded optimizer shard (ZeRO-Offload) holds 1/world of the host state
+                tier_bytes = {k: v / sharding.world for k, v in tier_bytes.items()}
+            gpu = sharding.apply(gpu, layer_p * wb)
+            exposed /= sharding.world if sharding.optimizer else 1  # each rank steps its shard
             out.append(StateOption(opt, par, gpu, tier_bytes, exposed, fwd, bwd_in, bwd_out))
     if not out:
         raise ValueError(f"no placement of memory.optimizer={optimizer} memory.params={params} is possible on a machine "
@@ -409,6 +438,7 @@ def build_problem(
     checkpointed: bool = False,
     count_activations: bool = True,
     galore: Optional[GaloreSizing] = None,
+    sharding: Sharding = Sharding(),
 ) -> Problem:
     """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory.
 
@@ -453,8 +483,10 @@ def build_problem(
         head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
-        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore),
+        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding),
         prefetch_depth=prefetch_depth,
         offload_activations=offload_activations,
-        meta={"tokens": tokens, "machine": machine.name, "params": shape.params, "kernels": sorted(kernels)},
+        meta={"tokens": tokens, "machine": machine.name, "params": shape.params, "kernels": sorted(kernels),
+              **({"world": sharding.world, "sharded": [k for k in ("optimizer", "grads", "weights") if getattr(sharding, k)]}
+                 if sharding.world > 1 else {})},
     )

@@ -9,6 +9,7 @@ arbitrary objects: weights are safetensors, everything else loads with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -35,7 +36,121 @@ MODEL_FILE = "model.safetensors"
 class TrainState:
     step: int = 0
     tokens_seen: int = 0
-    data: Optional[dict[str, int]] = None  # the loader's state_dict
+    data: Optional[dict[str, int]] = None  # the loader's state_dict: the global data position, the same on every rank
+    world_size: int = 1  # processes that trained up to here
+
+
+# --- model and optimizer: the parts a parallel strategy writes its own way -----------------------------------
+
+
+def checkpoint_format(path: Path) -> str:
+    """How a checkpoint holds its weights and optimizer: torch (model.safetensors + optimizer.pt), dcp (torch
+    distributed checkpoint, sharded per rank, reshardable) or deepspeed (ZeRO's own files)."""
+    path = Path(path)
+    if (path / DEEPSPEED_DIR).is_dir():
+        return "deepspeed"
+    if (path / DCP_DIR).is_dir():
+        return "dcp"
+    return "torch"
+
+
+class TorchParts:
+    """model.safetensors + optimizer.pt, written by rank 0 (single process, and DDP, whose ranks hold the same
+    state). Loads a dcp checkpoint too (an FSDP2 run resumed on one process, or exported); a DeepSpeed one for
+    its weights only (export)."""
+
+    format = "torch"
+
+    def __init__(self, model: torch.nn.Module, optimizer=None, main: bool = True, materialized=None):
+        self.model, self.optimizer, self.main = model, optimizer, main
+        # streamed weights are gathered into the model around a save or a load (MemoryRuntime.materialized)
+        self.materialized = materialized or contextlib.nullcontext
+
+    def nbytes(self) -> int:
+        if not self.main:
+            return 0
+        return _tensor_bytes(self.model.state_dict()) + (_tensor_bytes(self.optimizer.state_dict()) if self.optimizer else 0)
+
+    def save(self, folder: Path) -> None:
+        if self.main:
+            optimizer_state = self.optimizer.state_dict()  # first: an offloaded optimizer finishes its updates
+            with self.materialized():
+                save_model(self.model, str(folder / MODEL_FILE))
+            _torch_save(optimizer_state, folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        kind = checkpoint_format(folder)
+        if kind == "dcp":
+            optimizer = self.optimizer if isinstance(self.optimizer, torch.optim.Optimizer) else None
+            if self.optimizer is not None and optimizer is None:
+                raise CheckpointError(f"checkpoint {folder} was written by FSDP2 (torch distributed checkpoint); its "
+                                      "optimizer state loads into torch's AdamW on the GPU only (memory.optimizer=gpu)")
+            return load_dcp(folder, self.model, optimizer)
+        if kind == "deepspeed":
+            if self.optimizer is not None:
+                raise CheckpointError(f"checkpoint {folder} was written by DeepSpeed ZeRO: resume it with "
+                                      "parallel.strategy=deepspeed (or export it: longtune export)")
+            return load_deepspeed_weights(folder, self.model)
+        with self.materialized():
+            missing, unexpected = load_model(self.model, str(folder / MODEL_FILE), strict=False)
+            if missing or unexpected:
+                raise CheckpointError(f"checkpoint {folder} does not match the model: missing {sorted(missing)[:3]}, "
+                                      f"unexpected {sorted(unexpected)[:3]}")
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(_torch_load(folder / "optimizer.pt"))
+
+
+DCP_DIR, DEEPSPEED_DIR, DEEPSPEED_TAG = "dcp", "deepspeed", "zero"
+
+
+def load_dcp(folder: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """A torch distributed checkpoint into this process's model (and optimizer), whatever the world size it was
+    written with and this one runs with: DCP reshards by each tensor's global offsets."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(strict=True)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(model, options=options)}
+        dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+        set_model_state_dict(model, state["model"], options=options)
+        return
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+
+
+def save_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the weights and the optimizer state (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / DCP_DIR))
+
+
+def load_deepspeed_weights(folder: Path, model: torch.nn.Module) -> None:
+    """The fp32 weights of a DeepSpeed ZeRO checkpoint, gathered from its shards in this one process."""
+    from .deepspeed_checkpoint import fp32_state_dict
+
+    state = fp32_state_dict(folder / DEEPSPEED_DIR, DEEPSPEED_TAG)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {folder} does not match the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict names that share storage with an earlier name (tied embeddings): ZeRO saves each tensor once."""
+    seen, tied = set(), set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        ptr = t.data_ptr()
+        (tied.add(name) if ptr in seen else seen.add(ptr))
+    return tied
 
 
 # --- RNG ---------------------------------------------------------------------------------
@@ -97,42 +212,76 @@ def save_checkpoint(
     scheduler: Any,
     config_yaml: str,
     keep_last: Optional[int] = None,
+    parts=None,
+    ranks=None,
 ) -> Path:
     """Write step_N atomically; prune older ones only once the new one is complete.
 
-    Temporary folders that dead writers left behind are removed first, and the write is refused, before a byte is
-    written, when the disk cannot hold it."""
+    Every rank writes its part (`parts`: the strategy's weights and optimizer state; its RNG) into one temporary
+    folder that rank 0 made; rank 0 writes the rest, renames the folder and writes the marker last. A failure on
+    any rank is every rank's CheckpointError (no rank waits for a dead one). Temporary folders of dead writers
+    are removed first, and the write is refused, before a byte is written, when the disk cannot hold it."""
+    from .ranks import Ranks
+
+    ranks = ranks or Ranks()
+    parts = parts or TorchParts(model, optimizer)
     output_dir = Path(output_dir)
     final = step_dir(output_dir, state.step)
-    tmp = output_dir / temp_name(state.step)
-    remove_stale_temporaries(output_dir)
-    _check_room(output_dir, final, model, optimizer)
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / MODEL_FILE))
+    tmp = output_dir / ranks.from_main(temp_name(state.step))
+
+    def on_every_rank(work) -> None:
+        error = None
+        try:
+            work()
+        except BaseException as e:  # torch.save reports ENOSPC as a RuntimeError; Ctrl-C must clean up too
+            error = e
+        if not ranks.all_ok(error is None):
+            if ranks.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None and (not isinstance(error, Exception) or isinstance(error, CheckpointError)):
+                raise error
+            cause = _root_cause(error) if error is not None else "another rank failed to write its part"
+            raise CheckpointError(f"could not write checkpoint {final}: {cause}") from error
+
+    need = ranks.sum_int(parts.nbytes())  # a collective: outside the steps that may fail on one rank
+
+    def prepare() -> None:
+        if ranks.main:
+            remove_stale_temporaries(output_dir)
+            _check_room(output_dir, final, need)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+
+    def write_parts() -> None:
+        parts.save(tmp)
+        if ranks.world > 1 and not ranks.main:
+            _torch_save(rng_state(), tmp / f"rng_rank{ranks.rank}.pt")
+
+    def finish() -> None:
+        if not ranks.main:
+            return
         if hasattr(model, "config"):  # the architecture, so loading needs no GGUF parse
             model.config.to_json_file(tmp / "config.json")
-        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         _torch_save(rng_state(), tmp / "rng.pt")
-        _write_text(tmp / "trainer_state.json", json.dumps(state.__dict__, indent=1))
+        _write_text(tmp / "trainer_state.json", json.dumps({**state.__dict__, "world_size": ranks.world}, indent=1))
         _write_text(tmp / "config.resolved.yaml", config_yaml)
-        _fsync_dir(tmp)
+        for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _fsync_dir(sub)
         if final.exists():  # an incomplete leftover of an earlier, interrupted run
             _remove(final)
         os.rename(tmp, final)
         _write_text(final / COMPLETE, "")
         _fsync_dir(final)
         _fsync_dir(output_dir)
-    except BaseException as e:  # torch.save reports ENOSPC as a RuntimeError; Ctrl-C must clean up too
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, Exception):
-            raise
-        raise CheckpointError(f"could not write checkpoint {final}: {_root_cause(e)}") from e
-    if keep_last:
+
+    on_every_rank(prepare)
+    on_every_rank(write_parts)
+    on_every_rank(finish)
+    if keep_last and ranks.main:
         prune(output_dir, keep_last)
+    ranks.barrier()  # nobody goes on (or reads the folder) before it is complete and pruned
     return final
 
 
@@ -146,10 +295,10 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _check_room(output_dir: Path, final: Path, model: torch.nn.Module, optimizer) -> None:
+def _check_room(output_dir: Path, final: Path, need: int) -> None:
     """Refuse a checkpoint the disk cannot hold, before writing anything. Older checkpoints do not count as free:
     they are pruned only once the new one is complete."""
-    need = _tensor_bytes(model.state_dict()) + _tensor_bytes(optimizer.state_dict()) + (1 << 20)
+    need += 1 << 20
     free = shutil.disk_usage(output_dir).free
     if need > free:
         raise CheckpointError(f"could not write checkpoint {final}: it needs {need / 1e9:.2f} GB and "
@@ -199,23 +348,23 @@ def load_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Any = None,
     restore_rng: bool = True,
+    parts=None,
+    rank: int = 0,
 ) -> TrainState:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); refusing to load it")
+    parts = parts or TorchParts(model, optimizer)
     try:
-        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        if optimizer is not None:
-            optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+        state = read_train_state(path / "trainer_state.json")
+        parts.load(path)
         if scheduler is not None:
             scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
-        if restore_rng:
-            set_rng_state(_torch_load(path / "rng.pt"))
-        state = read_train_state(path / "trainer_state.json")
+        if restore_rng:  # this rank's own stream where the run had this rank, else rank 0's
+            own = path / f"rng_rank{rank}.pt"
+            set_rng_state(_torch_load(own if rank and own.is_file() else path / "rng.pt"))
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 -- OSError, safetensors' and torch's own errors on a damaged file
@@ -230,10 +379,12 @@ def read_train_state(path: Path) -> TrainState:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is unreadable: {_one_line(e)}") from None
     ints = ("step", "tokens_seen")
+    if isinstance(data, dict) and "world_size" in data:  # absent in checkpoints of single-process runs before it
+        ints = (*ints, "world_size")
     if (not isinstance(data, dict) or set(data) - {*ints, "data"}
             or any(not isinstance(data.get(k), int) or isinstance(data.get(k), bool) or data[k] < 0 for k in ints)
             or not (data.get("data") is None or isinstance(data["data"], dict))):
-        raise CheckpointError(f"{path} does not hold a trainer state (step and tokens_seen >= 0, data a mapping): "
+        raise CheckpointError(f"{path} does not hold a trainer state (step, tokens_seen >= 0, data a mapping): "
                               f"{str(data)[:80]}")
     return TrainState(**data)
 

@@ -226,6 +226,39 @@ class LogConfig(_Section):
     sinks: list[Literal["console", "jsonl", "tensorboard"]] = ["console", "jsonl"]
 
 
+class ParallelConfig(_Section):
+    """How the processes of a multi-process run (torchrun, Ray) share the work: trainer/parallel.py."""
+
+    # auto: single with one process, ddp with more. ddp: torch DDP (or, where the optimizer takes each gradient
+    # during backward, its own all-reduce); fsdp2: fully_shard per decoder layer; deepspeed: ZeRO stage 1-3.
+    strategy: Literal["auto", "single", "ddp", "fsdp2", "deepspeed"] = "auto"
+    timeout_s: float = Field(600.0, gt=0)  # a collective waiting longer fails the run (a lost rank) instead of hanging
+    fsdp_bf16: bool = False  # FSDP2: bf16 parameters in forward/backward, gradients reduced in fp32
+    fsdp_reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward
+    zero_stage: int = Field(2, ge=1, le=3)  # DeepSpeed ZeRO stage
+    offload_optimizer: Literal["none", "cpu"] = "none"  # DeepSpeed ZeRO-Offload of the optimizer state
+    offload_params: Literal["none", "cpu"] = "none"  # DeepSpeed ZeRO-3 parameter offload
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON of your own; longtune fills batch, clipping, precision
+
+
+class RayLaunchConfig(_Section):
+    address: Optional[str] = None  # null: start a local cluster bound to 127.0.0.1; auto or ray://host:port: join one
+    num_workers: int = Field(2, gt=0)
+    use_gpu: Optional[bool] = None  # null: when this machine has a GPU
+    resources_per_worker: dict[str, float] = {}  # e.g. {CPU: 4, GPU: 1}
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts after a lost worker (-1: no limit)
+    storage_path: Optional[str] = None  # where Ray keeps the reported checkpoints; null: <run.output_dir>/ray
+    name: Optional[str] = None  # the Ray run's name; null: the run folder's name. Same name and storage: resume
+
+
+class LaunchConfig(_Section):
+    """Where the processes run. torchrun needs no setting: `torchrun ... -m longtune.launch.torchrun CFG`, or
+    `longtune train CFG --nproc N`; a group already set up (torchrun, Ray, accelerate) is joined as it is."""
+
+    backend: Literal["local", "ray"] = "local"
+    ray: RayLaunchConfig = RayLaunchConfig()
+
+
 class Config(_Section):
     model: ModelConfig
     data: DataConfig = DataConfig()
@@ -235,6 +268,36 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
     log: LogConfig = LogConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _strategy_fits_the_rest(self):
+        p, mem, default = self.parallel, self.memory, ParallelConfig()
+        if p.strategy != "deepspeed":
+            for key in ("zero_stage", "offload_optimizer", "offload_params", "deepspeed_config"):
+                if getattr(p, key) != getattr(default, key):
+                    raise ValueError(f"parallel.{key} is a DeepSpeed setting but parallel.strategy={p.strategy}: set "
+                                     "parallel.strategy=deepspeed, or drop it")
+        if p.strategy != "fsdp2" and (p.fsdp_bf16, p.fsdp_reshard_after_forward) != (False, True):
+            raise ValueError(f"parallel.fsdp_* are FSDP2 settings but parallel.strategy={p.strategy}: set "
+                             "parallel.strategy=fsdp2, or drop them")
+        if p.offload_params != "none" and p.zero_stage != 3:
+            raise ValueError("parallel.offload_params needs ZeRO stage 3 (parallel.zero_stage=3)")
+        if p.strategy in ("fsdp2", "deepspeed"):
+            owner = "FSDP2" if p.strategy == "fsdp2" else "DeepSpeed"
+            if mem.optimizer not in ("gpu", "auto") or mem.params not in ("gpu", "auto"):
+                way = "parallel.offload_optimizer / parallel.offload_params (ZeRO-Offload)" if p.strategy == "deepspeed" \
+                    else "parallel.strategy=deepspeed with parallel.offload_optimizer=cpu, or parallel.strategy=ddp"
+                raise ValueError(f"parallel.strategy={p.strategy}: {owner} owns the optimizer state and the weights, so "
+                                 f"memory.optimizer and memory.params must stay gpu; to move them off the GPU use {way}")
+            if self.optim.name != "adamw":
+                raise ValueError(f"optim.name={self.optim.name} runs with parallel.strategy single or ddp; "
+                                 f"{owner} steps its own AdamW")
+            if mem.budget_gb is not None or mem.plan != "auto":
+                raise ValueError(f"the activation runtime (memory.budget_gb / memory.plan) runs under parallel.strategy "
+                                 f"single or ddp, not yet under {p.strategy}: use ddp, or memory.gradient_checkpointing")
+        return self
 
     @model_validator(mode="after")
     def _galore_fits_the_rest(self):

@@ -260,10 +260,15 @@ class Batch:
 
 
 class DataLoader:
-    """Micro-batches in a seeded order; state_dict() is the exact position."""
+    """Micro-batches in a seeded order; state_dict() is the exact position.
 
-    def __init__(self, source: Source, micro_batch_size: int, seed: int = 0):
+    With `world` ranks, each step of the order is cut into `world` micro-batches and rank r takes the r-th, so
+    the ranks together see what one process with world times the batch would, and the position (the same on
+    every rank) stays valid for any other world size."""
+
+    def __init__(self, source: Source, micro_batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         self.source, self.micro_batch_size, self.seed = source, micro_batch_size, seed
+        self.rank, self.world = rank, world
         self.epoch, self.index = 0, 0
         self._order: Optional[np.ndarray] = None
 
@@ -281,9 +286,12 @@ class DataLoader:
 
     def __next__(self) -> Batch:
         samples = []
-        for _ in range(self.micro_batch_size):
-            samples.append(self.source[self._position_to_item()])
-            self.index += 1
+        for r in range(self.world):
+            for _ in range(self.micro_batch_size):
+                item = self._position_to_item()
+                if r == self.rank:  # the other ranks' samples are skipped, not built
+                    samples.append(self.source[item])
+                self.index += 1
         return Batch(*(torch.stack([getattr(s, f) for s in samples]) for f in ("input_ids", "labels", "position_ids")))
 
     def state_dict(self) -> dict[str, int]:

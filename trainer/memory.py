@@ -20,7 +20,7 @@ from typing import Optional
 import psutil
 
 from longtune.planner.plan import Plan, PlanInfeasible, make_plan, mismatches
-from longtune.planner.problem import GaloreSizing, Machine, ModelShape, ProfileError, build_problem
+from longtune.planner.problem import GaloreSizing, Machine, ModelShape, ProfileError, Sharding, build_problem
 
 from .config import Config, ConfigError
 from .inputs import PLANNER_KEYS, check_architecture, written_model_config
@@ -110,10 +110,29 @@ def _existing_parent(path: str) -> Path:
     return p
 
 
+def strategy_of(cfg: Config, world: int) -> str:
+    """parallel.strategy with `auto` resolved: single for one process, ddp for more."""
+    s = cfg.parallel.strategy
+    return ("single" if world == 1 else "ddp") if s == "auto" else s
+
+
+def sharding_of(cfg: Config, world: int) -> Sharding:
+    """What each rank keeps 1/world of under this config's strategy (the planner sizes one rank)."""
+    strategy = strategy_of(cfg, world)
+    if world == 1 or strategy in ("single", "ddp"):
+        return Sharding(world)
+    stage = 3 if strategy == "fsdp2" else cfg.parallel.zero_stage
+    return Sharding(world, optimizer=True, grads=stage >= 2, weights=stage >= 3)
+
+
 def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None,
-                     count_activations: bool = True):
+                     count_activations: bool = True, world: int = 1):
     """The planner's Problem for this config on `machine` with `caps`."""
     mem = cfg.memory
+    optimizer, params = mem.optimizer, mem.params
+    if strategy_of(cfg, world) in ("fsdp2", "deepspeed"):  # the strategy owns the state: see sharding_of
+        optimizer = "cpu" if cfg.parallel.offload_optimizer == "cpu" else "gpu"
+        params = "cpu" if cfg.parallel.offload_params == "cpu" else "gpu"
     hf = hf_config_dict(cfg)
     check_architecture(hf, cfg)
     try:
@@ -129,11 +148,12 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
     machine = machine.with_capacities(caps.gpu, host=caps.host, cxl=caps.cxl, nvme=caps.nvme)
     try:
         return build_problem(
-            shape, tokens, machine, budget_bytes=caps.gpu, chunks=chunks, optimizer=mem.optimizer,
-            params=mem.params, loss_chunk_tokens=_ce_chunk_tokens(cfg, shape, tokens) if k.fused_ce else None,
+            shape, tokens, machine, budget_bytes=caps.gpu, chunks=chunks, optimizer=optimizer,
+            params=params, loss_chunk_tokens=_ce_chunk_tokens(cfg, shape, tokens) if k.fused_ce else None,
             kernels=kernels, prefetch_depth=mem.prefetch_depth,
             offload_activations=activations_planned(cfg) if activations is None else activations,
-            checkpointed=mem.gradient_checkpointing, count_activations=count_activations, galore=galore_sizing(cfg))
+            checkpointed=mem.gradient_checkpointing, count_activations=count_activations, galore=galore_sizing(cfg),
+            sharding=sharding_of(cfg, world))
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
 
@@ -156,12 +176,12 @@ def _ce_chunk_tokens(cfg: Config, shape: ModelShape, tokens: int) -> int:
 
 
 def plan_memory(cfg: Config, caps: Capacities, machine: Optional[Machine] = None,
-                activations: Optional[bool] = None) -> Plan:
+                activations: Optional[bool] = None, world: int = 1) -> Plan:
     """The plan of this run: memory.plan's file (checked against this config and machine) or a solved one.
 
     Raises PlanInfeasible when nothing fits, ConfigError for a plan file that does not fit this run."""
     machine = machine or load_machine(cfg.memory.machine)
-    problem = planning_problem(cfg, machine, caps, activations)
+    problem = planning_problem(cfg, machine, caps, activations, world=world)
     mem = cfg.memory
     if mem.plan != "auto":
         plan = read_plan(mem.plan)
@@ -183,12 +203,12 @@ def plan_memory(cfg: Config, caps: Capacities, machine: Optional[Machine] = None
                    f"the device, which has {caps.gpu / GB:.1f} GB: set memory.budget_gb=auto to plan them "
                    "(offload and recompute)")
         try:
-            plan = solve(planning_problem(cfg, machine, caps, False, count_activations=False))
+            plan = solve(planning_problem(cfg, machine, caps, False, count_activations=False, world=world))
         except PlanInfeasible as e2:
             if e2.missing_bytes is None:
                 raise
             bigger = Capacities(e2.min_budget_bytes, caps.host, caps.cxl, caps.nvme)
-            plan = solve(planning_problem(cfg, machine, bigger, False, count_activations=False))
+            plan = solve(planning_problem(cfg, machine, bigger, False, count_activations=False, world=world))
             warning = (f"the weights, gradients, optimizer state and loss alone need about {e2.min_budget_bytes / GB:.1f} "
                        f"GB on the device, which has {caps.gpu / GB:.1f} GB: move state off it (memory.optimizer, "
                        "memory.params) or set memory.budget_gb=auto")
@@ -229,7 +249,7 @@ def infeasible_error(e: PlanInfeasible) -> ConfigError:
 # --- the runtime -------------------------------------------------------------------------------
 
 
-def build_runtime(cfg: Config, model, plan: Plan, device):
+def build_runtime(cfg: Config, model, plan: Plan, device, world: int = 1):
     """The MemoryRuntime that carries out `plan` for this config; the model is moved where the plan says."""
     from longtune.offload.nvme import NvmeError
     from longtune.offload.runtime import MemoryRuntime, RuntimeOptions
@@ -245,7 +265,8 @@ def build_runtime(cfg: Config, model, plan: Plan, device):
         nvme_backend=mem.nvme_backend, cpu_adam=mem.cpu_adam, numa_optimizer=numa_optimizer,
         numa_weights=numa_weights, numa_activations=numa_tiers, galore=galore_options(cfg),
         galore_layerwise=o.name == "galore_adamw" and o.galore.layerwise,
-        galore_fused_update=_galore_kernel(device) if o.name == "galore_adamw" else None)
+        galore_fused_update=_galore_kernel(device) if o.name == "galore_adamw" else None,
+        process_group=_own_reduction_group(cfg, plan, world))
     if "nvme" in _tiers_used(plan) and not mem.nvme_path:
         raise ConfigError("the plan puts data on nvme: set memory.nvme_path to a folder on the NVMe drive")
     if options.galore is not None:
@@ -266,6 +287,18 @@ def build_runtime(cfg: Config, model, plan: Plan, device):
         raise ConfigError(f"memory.nvme_path: {e}") from None
     runtime.notes[:0] = notes
     return runtime
+
+
+def _own_reduction_group(cfg: Config, plan: Plan, world: int):
+    """The process group an optimizer that takes each gradient during backward (offloaded, layer-wise GaLore)
+    averages them over under DDP; None where a DDP wrapper (or no data parallelism) does it."""
+    if world == 1 or strategy_of(cfg, world) != "ddp":
+        return None
+    if plan.optimizer_tier == "gpu" and not (cfg.optim.name == "galore_adamw" and cfg.optim.galore.layerwise):
+        return None
+    import torch.distributed as dist
+
+    return dist.group.WORLD
 
 
 def galore_sizing(cfg: Config) -> Optional[GaloreSizing]:

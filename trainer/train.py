@@ -23,6 +23,8 @@ from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporari
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
 from .model import build_model, build_tokenizer, count_parameters
+from .parallel import Strategy, build_strategy
+from .ranks import Ranks
 
 
 TOKENIZER_DIR = "tokenizer"  # the run's own copy: resume and export need no GGUF parse
@@ -52,18 +54,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps, scheduler_specific_kwargs=extra)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def pick_device(ranks: Ranks = Ranks()) -> torch.device:
+    return torch.device("cuda", ranks.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast) -> torch.Tensor:
-    """Accumulate the gradients of one optimizer step; returns the step's mean loss per target token."""
-    # Normalise by the label count of the whole step, so accumulation equals one big batch.
-    n_targets = max(sum(b.loss_tokens for b in batches), 1)
+def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast,
+                     strategy: Optional[Strategy] = None, ranks: Ranks = Ranks()) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step; returns the step's mean loss per target token, over
+    every rank's micro-batches."""
+    # Normalise by the label count of the whole step on every rank, so accumulation and data parallelism equal
+    # one big batch.
+    n_targets = max(ranks.sum_int(sum(b.loss_tokens for b in batches)), 1)
     loss = torch.zeros((), device=device)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = batch.to(device)
-        with autocast():
+        with (strategy.micro_batch(last=i == len(batches) - 1) if strategy else contextlib.nullcontext()), autocast():
             out = model(
                 input_ids=batch.input_ids,
                 position_ids=batch.position_ids,
@@ -71,36 +76,46 @@ def forward_backward(model: torch.nn.Module, batches: list, device: torch.device
                 num_items_in_batch=n_targets,
                 use_cache=False,  # a cache disables the packed-document mask
             )
-        out.loss.backward()
+            strategy.backward(out.loss) if strategy else out.loss.backward()
         loss += out.loss.detach()
-    return loss
+    return ranks.sum(loss)
 
 
-def train(cfg: Config) -> RunResult:
+def train(cfg: Config, on_checkpoint=None) -> RunResult:
+    """Train on this process, one rank of the process group when there is one (launch/distributed.py).
+
+    on_checkpoint(path, step, metrics), when given, runs on every rank after each complete checkpoint (the Ray
+    launcher reports it to Ray Train there)."""
+    ranks = Ranks.current()
     output_dir = check(cfg)
-    lock = RunLock(output_dir)  # one process per run folder: a second run refuses, naming the first
-    notice = lock.acquire()
+    lock = RunLock(output_dir)  # one run per run folder: a second refuses, naming the first (rank 0 holds it)
+    notice = lock.acquire() if ranks.main else None
     if notice:
         print(notice)
     try:
-        removed, freed = remove_stale_temporaries(output_dir)
-        if removed:
-            print(f"removed {removed} temporary checkpoint file(s) or folder(s) ({freed / 1e9:.2f} GB) left by "
-                  "interrupted runs")
-        return _train_in(cfg, output_dir)
+        if ranks.main:
+            removed, freed = remove_stale_temporaries(output_dir)
+            if removed:
+                print(f"removed {removed} temporary checkpoint file(s) or folder(s) ({freed / 1e9:.2f} GB) left by "
+                      "interrupted runs")
+        ranks.barrier()
+        return _train_in(cfg, output_dir, ranks, on_checkpoint)
     finally:
-        lock.release()
+        if ranks.main:
+            lock.release()
 
 
-def _train_in(cfg: Config, output_dir: Path) -> RunResult:
-    resume_from = resolve_resume(cfg, output_dir)
+def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> RunResult:
+    # rank 0 decides which checkpoint every rank starts from (they could see the folder at different moments)
+    resume_from = ranks.from_main(resolve_resume(cfg, output_dir) if ranks.main else None)
     if resume_from is not None:
         check_same_optimizer(cfg, resume_from)
-    device = pick_device()
+    device = pick_device(ranks)
     try:  # before the model is built: a plan that cannot fit stops here, in seconds
-        plan = plan_memory(cfg, live_capacities(cfg, device))
+        plan = plan_memory(cfg, live_capacities(cfg, device), world=ranks.world)
     except PlanInfeasible as e:
         raise infeasible_error(e) from None
+    strategy = build_strategy(cfg, ranks, device)
     seed_everything(cfg.train.seed)
     config_yaml = dump_config(cfg)
     # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it (see write_run_files).
@@ -119,16 +134,20 @@ def _train_in(cfg: Config, output_dir: Path) -> RunResult:
     if cfg.memory.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()  # transformers 5 renamed gradient_checkpointing_enable
+    strategy.shard(model)  # FSDP2 shards the weights before the optimizer is built over them
     train_source = build_source(cfg.data, tokenizer, cfg.train.seed)
     eval_task = None
     if isinstance(train_source, PasskeyTask) and cfg.data.passkey.eval_samples:
         eval_task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")
-    loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed)
-    runtime = build_runtime(cfg, model, plan, device)
+    loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed, ranks.rank, ranks.world)
+    runtime = build_runtime(cfg, model, plan, device, ranks.world)
+    train_model = strategy.wrap(model, runtime)
 
     def write_run_files() -> None:
         """The run folder changes only once the model, the data and any checkpoint have loaded: a start that
         fails leaves it as it was (a resume with a bad override does not rewrite the run's config)."""
+        if not ranks.main:
+            return
         write_atomic(output_dir / "config.resolved.yaml", config_yaml)
         if resume_from is None:
             tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
@@ -142,11 +161,17 @@ def _train_in(cfg: Config, output_dir: Path) -> RunResult:
         print(note)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if ranks.world > 1:
+        print(f"{ranks.world} processes, parallel.strategy={strategy.name}; each rank's plan is solved for its own "
+              "share of the state")
     try:
-        return _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml,
-                      write_run_files)
+        return _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime, loader, eval_task,
+                      config_yaml, write_run_files, strategy, ranks, on_checkpoint)
     finally:
-        runtime.close()
+        try:
+            strategy.close()
+        finally:
+            runtime.close()
 
 
 def describe_plan(plan) -> str:
@@ -155,15 +180,19 @@ def describe_plan(plan) -> str:
     return format_plan(plan)
 
 
-def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loader, eval_task, config_yaml,
-           write_run_files) -> RunResult:
-    optimizer = runtime.optimizer
+def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime, loader, eval_task, config_yaml,
+           write_run_files, strategy: Strategy, ranks: Ranks, on_checkpoint) -> RunResult:
+    model = strategy.model  # the model itself (train_model may be its DDP wrapper or DeepSpeed engine)
+    optimizer = strategy.optimizer
     scheduler = build_scheduler(optimizer, cfg)
 
     state = ckpt.TrainState()
     if resume_from is not None:
-        with runtime.materialized():
-            state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        strategy.check_resume(ckpt.read_train_state(resume_from / "trainer_state.json"), resume_from)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, parts=strategy.parts(), rank=ranks.rank)
+        if state.world_size != ranks.world:
+            print(f"resuming a run of {state.world_size} process(es) on {ranks.world}: the data order goes on from the "
+                  f"same global position")
         loader.load_state_dict(state.data)
         print(f"resumed from {resume_from} at step {state.step} ({state.tokens_seen:,} tokens seen)")
         if state.step >= cfg.train.max_steps:
@@ -176,18 +205,19 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loade
     mc = model.config
     flops_per_token = train_flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.seq_len)
     peak = peak_flops(device)
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * ranks.world
     print(
         f"model {n_params / 1e6:.1f}M params on {device} | {cfg.data.kind} data, {cfg.data.seq_len:,} tokens/seq, "
         f"{tokens_per_step:,} tokens/step | steps {state.step + 1}..{t.max_steps} | run folder {output_dir}"
     )
-    logger = MetricsLogger(output_dir, cfg.log.sinks, t.max_steps, state.step)
+    logger = MetricsLogger(output_dir, cfg.log.sinks, t.max_steps, state.step) if ranks.main else _NoLogger()
     last_loss, eval_metrics, saved_step = None, {}, state.step
 
-    def save(state: ckpt.TrainState) -> None:
-        state_dict = optimizer.state_dict()  # an offloaded optimizer finishes its updates first
-        with runtime.materialized():
-            ckpt.save_checkpoint(output_dir, state, model, _Saved(state_dict), scheduler, config_yaml, cfg.checkpoint.keep_last)
+    def save(state: ckpt.TrainState, metrics: dict) -> None:
+        path = ckpt.save_checkpoint(output_dir, state, model, optimizer, scheduler, config_yaml,
+                                    cfg.checkpoint.keep_last, parts=strategy.parts(), ranks=ranks)
+        if on_checkpoint is not None:
+            on_checkpoint(path, state.step, metrics)
 
     def evaluate() -> dict[str, float]:
         if eval_task is None:
@@ -204,11 +234,11 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loade
             start = time.perf_counter()
             batches = [next(loader) for _ in range(t.grad_accum_steps)]
             with runtime.step(len(batches)):
-                loss = forward_backward(model, batches, device, autocast)
+                loss = forward_backward(train_model, batches, device, autocast, strategy, ranks)
             lr = scheduler.get_last_lr()[0]
-            grad_norm = runtime.clip_and_step()  # an offloaded optimizer's layer updates may still be running
+            grad_norm = strategy.clip_and_step()  # an offloaded optimizer's layer updates may still be running
             scheduler.step()
-            runtime.zero_grad()
+            strategy.zero_grad()
             state.step, state.tokens_seen, state.data = step, state.tokens_seen + tokens_per_step, loader.state_dict()
             last_loss = float(loss)
             if not math.isfinite(last_loss):
@@ -236,26 +266,29 @@ def _train(cfg, output_dir, resume_from, device, model, n_params, runtime, loade
                     **runtime.memory_metrics(),
                 })
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
-                save(state)
+                save(state, {"loss": last_loss, "step": step})
                 saved_step = step
             if t.eval_every_n_steps and step % t.eval_every_n_steps == 0 and step != t.max_steps:
                 evaluate()
         if cfg.checkpoint.save_final and saved_step != state.step:
-            save(state)
+            save(state, {"loss": last_loss, "step": state.step})
         eval_metrics = evaluate()
     finally:
         logger.close()
     return RunResult(output_dir, state.step, last_loss, eval_metrics)
 
 
-class _Saved:
-    """An optimizer state taken before the checkpoint's weights are bound (what save_checkpoint asks for)."""
+class _NoLogger:
+    """Ranks other than 0 write no metrics (the loss and the step are the same on every rank)."""
 
-    def __init__(self, state_dict: dict):
-        self._state_dict = state_dict
+    def log(self, step, values) -> None:
+        pass
 
-    def state_dict(self) -> dict:
-        return self._state_dict
+    def advance(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def load_trained(run_dir: Path, step: Optional[int] = None):

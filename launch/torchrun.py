@@ -1,0 +1,16 @@
+"""The torchrun entry point: `torchrun --nproc-per-node N -m longtune.launch.torchrun CFG [key=value ...]`.
+
+Every process runs `longtune train CFG ...` as one rank of the group torchrun set up (`longtune resume RUN ...`
+when the first argument is `resume`). With `--max-restarts`, a restarted group continues from the newest
+complete checkpoint by itself. `longtune train CFG --nproc N` starts this through torch.distributed.run.
+"""
+
+import sys
+
+from longtune.launch.cli import main
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    debug = ["--debug"] if "--debug" in argv[:1] else []
+    argv = argv[len(debug):]
+    sys.exit(main([*debug, *(argv if argv[:1] in (["train"], ["resume"]) else ["train", *argv])]))

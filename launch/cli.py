@@ -10,6 +10,7 @@ config errors answer without loading torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import warnings
@@ -120,6 +121,10 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
             skip = "=" not in a
             continue
         rank_argv.append(a)
+    if args.max_restarts:
+        # A restarted group reuses the agent's store, whose keys of the failed round break gloo's reconnect
+        # (pytorch #135712): the ranks get a store of their own instead.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     from torch.distributed.run import main as torchrun_main
 
     print(f"torchrun {' '.join(launcher)} -m longtune.launch.torchrun {' '.join(rank_argv)}", flush=True)

@@ -73,12 +73,17 @@ def smollm2_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, tokenizer_dir) -> dict:
     """A complete config (as a dict) for a fast run of a tiny Llama on the passkey task."""
+    return make_tiny_config(tmp_path / "run", tokenizer_dir)
+
+
+def make_tiny_config(output_dir: Path, tokenizer_dir: Path) -> dict:
+    """tiny_config's dict, for fixtures of a wider scope."""
     return {
         "model": {"config": tiny_model_config(), "tokenizer": str(tokenizer_dir)},
         "data": {"kind": "passkey", "seq_len": 128, "passkey": {"digits": 4, "eval_samples": 2}},
         "train": {"max_steps": 4, "lr": 1e-3, "warmup_steps": 1, "seed": 0},
         "checkpoint": {"every_n_steps": 0, "keep_last": 2},
-        "run": {"output_dir": str(tmp_path / "run")},
+        "run": {"output_dir": str(output_dir)},
         "log": {"every_n_steps": 1, "sinks": ["jsonl"]},
     }
 

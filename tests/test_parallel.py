@@ -1,0 +1,108 @@
+"""Multi-process training through torchrun, 2 processes on gloo: every strategy gives the single-process run's
+losses with the same global batch, a lost rank is survived, and an FSDP2 run resumes on another world size.
+
+The reference is one process with train.grad_accum_steps=2: the same 2 sequences per step as 2 ranks with one
+each (the data loader gives rank r the r-th micro-batch of each global one). What may differ is the order of
+the fp32 sums: the all-reduce adds the two ranks' gradients where one process accumulates them, and the loss
+is scaled by the world size (x2, /2: exact). Tolerance 2e-6 relative on the loss (a few fp32 ulps over
+10 steps; on this machine DDP and FSDP2 come out bit for bit), 1e-4 on the gradient norm (FSDP2 sums the
+squared norms of the shards, then over the ranks).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, cli_env, make_tiny_config, read_metrics, run_cli, train_losses, write_yaml
+
+STEPS = 10
+LOSS_RTOL, NORM_RTOL = 2e-6, 1e-4
+
+
+def _config(tiny_config: dict, out: Path, **train) -> dict:
+    cfg = tiny_config
+    cfg["train"].update(max_steps=STEPS, warmup_steps=2, **train)
+    cfg["data"]["passkey"]["eval_samples"] = 0
+    cfg["checkpoint"].update(every_n_steps=4, keep_last=3)
+    cfg["run"]["output_dir"] = str(out)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tokenizer_dir) -> dict[int, dict]:
+    """One process, two micro-batches per step: step -> metrics record."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    cfg = _config(make_tiny_config(out, tokenizer_dir), out, grad_accum_steps=2)
+    result = run_cli("train", write_yaml(out.parent / "c.yaml", cfg))
+    assert result.returncode == 0, result.stderr
+    return {m["step"]: m for m in read_metrics(out) if "loss" in m}
+
+
+def _assert_matches(reference: dict[int, dict], run: Path, steps=range(1, STEPS + 1)) -> None:
+    got = {m["step"]: m for m in read_metrics(run) if "loss" in m}
+    for step in steps:
+        assert got[step]["loss"] == pytest.approx(reference[step]["loss"], rel=LOSS_RTOL), step
+        assert got[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=NORM_RTOL), step
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process(strategy, reference, tmp_path, tiny_config):
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "c.yaml", _config(tiny_config, out))
+    result = run_cli("train", cfg, "--nproc", "2", f"parallel.strategy={strategy}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_matches(reference, out)
+    assert f"[rank 0] 2 processes, parallel.strategy={strategy}" in result.stdout
+    assert "[rank 1]" not in result.stdout, "only rank 0 prints progress"
+    assert (out / "metrics.jsonl").is_file() and len(train_losses(out)) == STEPS  # one writer
+    step = out / f"step_{STEPS}"
+    assert (step / "COMPLETE").is_file() and (step / "rng_rank1.pt").is_file()
+    if strategy == "fsdp2":  # sharded: one file per rank, no full weights
+        assert sorted(p.name for p in (step / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert not (step / "model.safetensors").exists()
+        # 2 -> 1: one process resumes the 2-rank run from step 4 through DCP, with 2 micro-batches per step for
+        # the same global batch, and continues exactly as the reference did
+        resumed = run_cli("resume", out / "step_4", "train.grad_accum_steps=2")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming a run of 2 process(es) on 1" in resumed.stdout
+        _assert_matches(reference, out, steps=range(5, STEPS + 1))
+        exported = run_cli("export", out, "--out", tmp_path / "hf")
+        assert exported.returncode == 0, exported.stderr
+        assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_a_rank_killed_mid_run_is_survived_by_a_torchrun_restart(reference, tmp_path, tiny_config):
+    """torchrun --max-restarts 1: one rank SIGKILLed after step 5; the group restarts, resumes from step_4 by
+    itself, and ends with the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "c.yaml", _config(tiny_config, out))
+    agent = subprocess.Popen([sys.executable, "-m", "longtune.launch.cli", "train", str(cfg), "--nproc", "2",
+                              "--max-restarts", "1"], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        victim = None
+        deadline = time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline and agent.poll() is None:
+            if (out / "metrics.jsonl").exists() and max(train_losses(out), default=0) >= 5:
+                ranks = psutil.Process(agent.pid).children()
+                victim = ranks[-1]
+                victim.send_signal(signal.SIGKILL)
+            time.sleep(0.05)
+        stdout, stderr = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert victim is not None, f"the run ended before a rank could be killed:\n{stderr[-2000:]}"
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "torchrun restarted the group" in stdout and "resumed from" in stdout
+    logged = [m["step"] for m in read_metrics(out) if "loss" in m]
+    assert len(logged) > len(set(logged)) == STEPS, "the steps after the last checkpoint ran again"
+    _assert_matches(reference, out)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]

@@ -5,8 +5,9 @@ a lost worker (`launch.ray.max_failures`). Each worker runs `trainer.train.train
 torchrun; longtune still writes its own step_N checkpoints into run.output_dir, and after each complete one every
 rank reports it to Ray (rank 0 with the folder, which Ray copies to `launch.ray.storage_path`). A restarted group,
 or a re-run with the same `launch.ray.name` and `storage_path`, gets Ray's latest checkpoint back and continues
-from it: Ray's copy is the source of truth for where to resume, so a run folder on a machine that is gone, or
-pruned since, does not matter.
+from it: Ray's copy says where to resume, and is copied back into the run folder when that lacks it. (One gap
+is filled from the run folder: a group that dies after writing its first checkpoint but before Ray registered
+its report continues from that checkpoint, instead of refusing a run folder that holds one.)
 
 Ray is imported only here, inside run_on_ray: the CLI answers --help and config errors without it.
 """
@@ -108,7 +109,8 @@ def start_local_cluster(num_cpus: int) -> None:
     _loopback_only()
     import ray
 
-    _ray_init(ray, _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus)
+    # address="local": a new cluster even when `ray start` left one running here (address=None would join it)
+    _ray_init(ray, address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus)
 
 
 def _loopback_only() -> None:
@@ -127,10 +129,10 @@ def _loopback_only() -> None:
 def _ray_init(ray, **kwargs) -> None:
     import logging
 
-    # The run's own lines are what the user reads. Ray's INFO lines (on the driver, and Ray Train's per-report
-    # lines on the workers) are noise next to them, and without a dashboard (no state API) Ray Train's placement
-    # group cleaner warns every few seconds that it cannot query the controller: workers log errors only.
-    # Deduplication would merge lines that differ only in numbers (rank 0's and rank 1's), so it is off.
+    # The run's own lines are what the user reads. Ray's INFO lines on the driver are noise next to them, and
+    # without a dashboard (no state API) Ray Train's placement group cleaner warns every few seconds that it
+    # cannot query the controller: Ray's loggers on the workers log errors only (Ray Train's own: warnings, in
+    # RunConfig). Deduplication would merge lines that differ only in numbers (rank 0's and rank 1's): off.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray Train's print patch sends every print() to a logger as well, past prefix_output: ranks other than 0
     # would print their progress after all (Ray passes this variable on to the workers).

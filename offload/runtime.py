@@ -63,6 +63,7 @@ class RuntimeOptions:
     # Data parallel where the optimizer takes each gradient during backward (offloaded, layer-wise GaLore): it
     # averages them over this group itself, as a DDP wrapper would too late.
     process_group: Optional[object] = None
+    strategy_owns_state: bool = False  # FSDP2 / DeepSpeed place optimizer state and weights: AdamW on the device
 
 
 class MemoryRuntime:
@@ -87,7 +88,7 @@ class MemoryRuntime:
     # --- construction -----------------------------------------------------------------------------
     def _build(self) -> None:
         plan, o, model = self.plan, self.options, self.model
-        opt_tier, params_tier = plan.optimizer_tier, plan.params_tier
+        opt_tier, params_tier = ("gpu", "gpu") if o.strategy_owns_state else (plan.optimizer_tier, plan.params_tier)
         act_tiers = {p for layer in plan.layers for d in layer.values() for p in d} - {"gpu", "recompute"} \
             if o.activations else set()
         if "nvme" in (opt_tier, params_tier) or "nvme" in act_tiers:

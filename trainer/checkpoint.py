@@ -134,7 +134,7 @@ def save_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 def load_deepspeed_weights(folder: Path, model: torch.nn.Module) -> None:
     """The fp32 weights of a DeepSpeed ZeRO checkpoint, gathered from its shards in this one process."""
-    from .deepspeed_checkpoint import fp32_state_dict
+    from .deepspeed_strategy import fp32_state_dict
 
     state = fp32_state_dict(folder / DEEPSPEED_DIR, DEEPSPEED_TAG)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -131,7 +131,8 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
     mem = cfg.memory
     optimizer, params = mem.optimizer, mem.params
     if strategy_of(cfg, world) in ("fsdp2", "deepspeed"):  # the strategy owns the state: see sharding_of
-        optimizer = "cpu" if cfg.parallel.offload_optimizer == "cpu" else "gpu"
+        offload = cfg.parallel.offload_optimizer == "cpu" or cfg.parallel.offload_params == "cpu"
+        optimizer = "cpu" if offload else "gpu"  # the planner's host optimizer stands for ZeRO-Offload's
         params = "cpu" if cfg.parallel.offload_params == "cpu" else "gpu"
     hf = hf_config_dict(cfg)
     check_architecture(hf, cfg)
@@ -266,7 +267,9 @@ def build_runtime(cfg: Config, model, plan: Plan, device, world: int = 1):
         numa_weights=numa_weights, numa_activations=numa_tiers, galore=galore_options(cfg),
         galore_layerwise=o.name == "galore_adamw" and o.galore.layerwise,
         galore_fused_update=_galore_kernel(device) if o.name == "galore_adamw" else None,
-        process_group=_own_reduction_group(cfg, plan, world))
+        process_group=_own_reduction_group(cfg, plan, world),
+        # FSDP2 / DeepSpeed own the optimizer state and weights (ZeRO-Offload moves them): torch AdamW on the device
+        strategy_owns_state=strategy_of(cfg, world) in ("fsdp2", "deepspeed"))
     if "nvme" in _tiers_used(plan) and not mem.nvme_path:
         raise ConfigError("the plan puts data on nvme: set memory.nvme_path to a folder on the NVMe drive")
     if options.galore is not None:

@@ -194,6 +194,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
             print(f"resuming a run of {state.world_size} process(es) on {ranks.world}: the data order goes on from the "
                   f"same global position")
         loader.load_state_dict(state.data)
+        _reapply_schedule(scheduler)
         print(f"resumed from {resume_from} at step {state.step} ({state.tokens_seen:,} tokens seen)")
         if state.step >= cfg.train.max_steps:
             print(f"nothing to train: the run is at step {state.step} and train.max_steps={cfg.train.max_steps} "
@@ -276,6 +277,16 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
     finally:
         logger.close()
     return RunResult(output_dir, state.step, last_loss, eval_metrics)
+
+
+def _reapply_schedule(scheduler) -> None:
+    """The learning rate of the step a resumed run is at, from the schedule as configured now: the optimizer's
+    saved rate is the last step's of the old schedule, and a run extended (train.max_steps raised) after it
+    finished would take its next step at the old schedule's end value (0 for cosine). Unchanged, it is the same."""
+    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 class _NoLogger:

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     plan.add_argument("--machine", help="machine profile YAML (or bundled name) instead of memory.machine")
     plan.add_argument("--out", help="where to write plan.yaml (default: RUN.output_dir/plan.yaml)")
+    plan.add_argument("--nproc", type=int, metavar="N", help="plan one rank of N processes under parallel.strategy "
+                      "(default: launch.ray.num_workers with launch.backend=ray, else 1)")
 
     probe = sub.add_parser("probe", help="measure this machine's memory tiers and write a machine profile",
                            description="Measure GPU (or CPU) throughput, host and CXL copy bandwidth, and NVMe read/write "
@@ -138,13 +140,13 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _flags_first(argv: list[str]) -> list[str]:
-    """`longtune train CFG k=v --nproc 2`: argparse takes no option after the overrides, so the launch flags
-    (and --print-config) move to just after the command."""
-    commands = [i for i, a in enumerate(argv) if a in ("train", "resume")]
+    """`longtune train CFG k=v --nproc 2`: argparse takes no option after the overrides, so the options move to
+    just after the command."""
+    commands = [i for i, a in enumerate(argv) if a in ("train", "resume", "plan")]
     if not commands:
         return argv
     at = commands[0] + 1
-    valued = {"--nproc", *(f"--{k.replace('_', '-')}" for k in LAUNCH_FLAGS)}
+    valued = {"--nproc", "--machine", "--out", *(f"--{k.replace('_', '-')}" for k in LAUNCH_FLAGS)}
     head, moved, rest, i = argv[:at], [], [], at
     while i < len(argv):
         a = argv[i]
@@ -153,7 +155,7 @@ def _flags_first(argv: list[str]) -> list[str]:
             moved += argv[i:i + 2]
             i += 2
             continue
-        (moved if name in valued or a == "--print-config" else rest).append(a)
+        (moved if name in valued or a in ("--print-config", "--json") else rest).append(a)
         i += 1
     return head + moved + rest
 
@@ -266,8 +268,11 @@ def run_plan(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise UsageError(f"longtune plan: {'--out' if args.out else 'run.output_dir/plan.yaml'} {out} is a folder; give a file name")
     machine = load_machine(args.machine or cfg.memory.machine)
+    world = args.nproc or (cfg.launch.ray.num_workers if cfg.launch.backend == "ray" else 1)
+    if world < 1:
+        raise UsageError(f"longtune plan: --nproc must be at least 1, got {world}")
     try:  # `longtune plan` always plans the activations: that is what it is for
-        plan = plan_memory(cfg, profile_capacities(cfg, machine), machine, activations=True)
+        plan = plan_memory(cfg, profile_capacities(cfg, machine), machine, activations=True, world=world)
     except PlanInfeasible as e:
         if args.json:
             print(json.dumps({"feasible": False, "budget_bytes": e.budget_bytes, "min_budget_bytes": e.min_budget_bytes,

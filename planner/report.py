@@ -30,7 +30,9 @@ def format_plan(plan: Plan) -> str:
     tokens = P.meta.get("tokens")
     lines = [
         f"plan: {P.num_layers} layers, {tokens:,} tokens in {P.chunks} chunks per activation class, "
-        f"machine {P.meta.get('machine')}, GPU budget {P.budget_bytes / 1e9:.2f} GB",
+        f"machine {P.meta.get('machine')}, GPU budget {P.budget_bytes / 1e9:.2f} GB"
+        + (f", per rank of {P.meta['world']} (each holds 1/{P.meta['world']} of: "
+           f"{', '.join(P.meta['sharded']) or 'nothing, data parallel'})" if P.meta.get("world", 1) > 1 else ""),
         "",
     ]
     header = ["layers", *CLASSES]

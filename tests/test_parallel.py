@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 import pytest
 
 from conftest import REPO, cli_env, make_tiny_config, read_metrics, run_cli, train_losses, write_yaml
@@ -149,3 +150,24 @@ def test_a_rank_killed_mid_run_is_survived_by_a_torchrun_restart(reference, tmp_
     assert len(logged) > len(set(logged)) == STEPS, "the steps after the last checkpoint ran again"
     _assert_matches(reference, out)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_ddp_carries_out_a_tight_memory_plan_with_the_state_off_the_gpu(reference, tmp_path, tiny_config):
+    """DDP with the activation runtime (offload and recompute per chunk) and the optimizer and weights on the
+    host: the offloaded optimizer takes each gradient in its hook, so it averages them over the ranks there
+    (no DDP wrapper). The plain run's losses to the activation runtime's fp32 rounding (tests/test_train_plan)."""
+    from conftest import plan_budget_gb
+
+    out = tmp_path / "run"
+    cfg = _config(tiny_config, out)
+    cfg["memory"] = {"plan_chunks": 4, "optimizer": "cpu", "params": "cpu", "cpu_adam": "torch",
+                     "nvme_path": str(tmp_path / "nvme")}
+    budget = plan_budget_gb(cfg, 0.0)
+    result = run_cli("train", write_yaml(tmp_path / "c.yaml", cfg), "--nproc", "2", f"memory.budget_gb={budget}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer on cpu" in result.stdout and "activations: the plan's decisions run" in result.stdout
+    got = train_losses(out)
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step]["loss"], rel=1e-5), step
+    places = {p for layer in yaml.safe_load((out / "plan.yaml").read_text())["layers"] for d in layer.values() for p in d}
+    assert "recompute" in places and places & {"host", "nvme"}, places

@@ -294,9 +294,6 @@ class Config(_Section):
             if self.optim.name != "adamw":
                 raise ValueError(f"optim.name={self.optim.name} runs with parallel.strategy single or ddp; "
                                  f"{owner} steps its own AdamW")
-            if mem.budget_gb is not None or mem.plan != "auto":
-                raise ValueError(f"the activation runtime (memory.budget_gb / memory.plan) runs under parallel.strategy "
-                                 f"single or ddp, not yet under {p.strategy}: use ddp, or memory.gradient_checkpointing")
         return self
 
     @model_validator(mode="after")

@@ -88,21 +88,22 @@ def test_two_ranks_match_one_process(name, reference, tmp_path, tiny_config):
         _assert_matches(reference, out, steps=range(5, STEPS + 1))
     if strategy == "deepspeed":
         assert len(list((step / "deepspeed" / "zero").glob("*optim_states.pt"))) == 2
+    if name == "zero3-offload":
         refused = run_cli("resume", out / "step_4")  # one process: ZeRO cannot repartition
         assert refused.returncode == 2
         assert "written by 2 DeepSpeed ZeRO ranks and this run has 1" in refused.stderr
         resumed = run_cli("resume", out / "step_4", "--nproc", "2")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         _assert_matches(reference, out, steps=range(5, STEPS + 1))
-    if strategy != "ddp":  # a plain transformers folder from the sharded checkpoint, the weights of the last step
+    if name in ("fsdp2", "zero3-offload"):  # a plain transformers folder from the sharded checkpoint
         exported = run_cli("export", out, "--out", tmp_path / "hf")
         assert exported.returncode == 0, exported.stderr
         _assert_exported_is_trained(tmp_path / "hf", step)
 
 
 def _assert_exported_is_trained(hf: Path, step: Path) -> None:
-    """The exported weights are the checkpoint's (compared with the torch-format export of nothing else: the
-    exported model gives the checkpoint's eval loss on a fixed input)."""
+    """The export holds the checkpoint's weights: its logits are those of the model loaded from the sharded
+    checkpoint in one process (whose state the resume above shows to be the run's)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -170,4 +171,4 @@ def test_ddp_carries_out_a_tight_memory_plan_with_the_state_off_the_gpu(referenc
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(reference[step]["loss"], rel=1e-5), step
     places = {p for layer in yaml.safe_load((out / "plan.yaml").read_text())["layers"] for d in layer.values() for p in d}
-    assert "recompute" in places and places & {"host", "nvme"}, places
+    assert places - {"gpu"}, places  # the budget forces recompute or offload

@@ -30,9 +30,10 @@ MAX_STEPS = 8
 REL_TOL = 1e-6
 
 
-def _ray_processes(root: psutil.Process) -> list[psutil.Process]:
-    """The cluster's processes: every descendant of the process that started it (gcs_server, raylet, workers)."""
-    return [p for p in root.children(recursive=True) if _alive(p)]
+def _ray_processes(root: psutil.Process, before: frozenset = frozenset()) -> list[psutil.Process]:
+    """The cluster's processes: every descendant of the process that started it (gcs_server, raylet, workers),
+    but those that were there before it (e.g. multiprocessing's resource tracker from earlier tests)."""
+    return [p for p in root.children(recursive=True) if p.pid not in before and _alive(p)]
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -62,6 +63,7 @@ def ray_address():
     from longtune.launch.ray_launch import start_local_cluster
 
     saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    before = frozenset(p.pid for p in psutil.Process().children(recursive=True))
     start_local_cluster(num_cpus=2)
     import ray
 
@@ -75,9 +77,9 @@ def ray_address():
         else:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
         deadline = time.monotonic() + 30
-        while _ray_processes(me) and time.monotonic() < deadline:
+        while _ray_processes(me, before) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [(p.pid, p.name()) for p in _ray_processes(me)]
+        left = [(p.pid, p.name()) for p in _ray_processes(me, before)]
         assert not left, f"Ray processes left running after ray.shutdown: {left}"
 
 

@@ -1,0 +1,111 @@
+"""The pieces of multi-process training that need no second process: the data split, the per-rank planner
+rows, the config's refusals, the launcher's command line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longtune.planner.problem import GaloreSizing, ModelShape, Sharding, state_options
+from longtune.trainer.config import ConfigError, validate
+from longtune.trainer.data import DataLoader, Sample
+from longtune.trainer.memory import load_machine, sharding_of, strategy_of
+
+
+class _Numbers:
+    """A source whose sample i is the number i."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        t = torch.tensor([i])
+        return Sample(t, t, t)
+
+
+def _ids(loader, steps):
+    return [next(loader).input_ids.flatten().tolist() for _ in range(steps)]
+
+
+def test_ranks_together_see_what_one_process_sees():
+    one = _ids(DataLoader(_Numbers(), 2, seed=3), 12)  # 2 per micro-batch, across 2 epochs
+    ranks = [_ids(DataLoader(_Numbers(), 1, seed=3, rank=r, world=2), 12) for r in range(2)]
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(x) for x in one]
+    assert all(a != b for a, b in zip(*ranks))
+    # the position is global: the same on every rank, and valid for another world size
+    loaders = [DataLoader(_Numbers(), 1, seed=3, rank=r, world=2) for r in range(2)]
+    for loader in loaders:
+        _ids(loader, 7)
+    assert loaders[0].state_dict() == loaders[1].state_dict() == {"epoch": 1, "index": 4}
+    single = DataLoader(_Numbers(), 2, seed=3)
+    single.load_state_dict(loaders[0].state_dict())
+    assert _ids(single, 1) == [one[7]]
+
+
+def _shape():
+    return ModelShape.from_hf_config({"model_type": "llama", "vocab_size": 1000, "hidden_size": 256,
+                                      "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2}, "bfloat16")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_rank_is_planned_with_its_share_of_the_state(stage, tiny_config):
+    shape, machine = _shape(), load_machine("h100-pcie5")
+    full = state_options(shape, machine, 1e-3, "gpu", "gpu")[0].gpu_bytes
+    cfg = validate({**tiny_config, "parallel": {"strategy": "deepspeed", "zero_stage": stage}})
+    sharding = sharding_of(cfg, 4)
+    assert sharding == Sharding(4, optimizer=True, grads=stage >= 2, weights=stage >= 3)
+    rank = state_options(shape, machine, 1e-3, "gpu", "gpu", sharding=sharding)[0].gpu_bytes
+    layer = shape.layer_params * 2
+    assert rank["optimizer"] == full["optimizer"] / 4
+    assert rank["grads"] == (full["grads"] / 4 + layer if stage >= 2 else full["grads"])
+    assert rank["weights"] == (full["weights"] / 4 + 2 * layer if stage == 3 else full["weights"])
+    ddp = validate(tiny_config)
+    assert strategy_of(ddp, 1) == "single" and strategy_of(ddp, 4) == "ddp" and sharding_of(ddp, 4) == Sharding(4)
+    assert state_options(shape, machine, 1e-3, "gpu", "gpu", sharding=Sharding(4))[0].gpu_bytes == full
+    fsdp = validate({**tiny_config, "parallel": {"strategy": "fsdp2"}})
+    assert sharding_of(fsdp, 4) == Sharding(4, optimizer=True, grads=True, weights=True)
+    assert GaloreSizing  # (GaLore's rows are per rank already: it runs under DDP only)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"parallel": {"zero_stage": 3}}, "parallel.zero_stage is a DeepSpeed setting but parallel.strategy=auto"),
+    ({"parallel": {"strategy": "ddp", "fsdp_bf16": True}}, "parallel.fsdp_* are FSDP2 settings"),
+    ({"parallel": {"strategy": "deepspeed", "offload_params": "cpu"}}, "parallel.offload_params needs ZeRO stage 3"),
+    ({"parallel": {"strategy": "fsdp2"}, "memory": {"optimizer": "cpu"}}, "FSDP2 owns the optimizer state"),
+    ({"parallel": {"strategy": "deepspeed"}, "memory": {"params": "cpu", "optimizer": "cpu"}},
+     "parallel.offload_optimizer / parallel.offload_params (ZeRO-Offload)"),
+    ({"parallel": {"strategy": "fsdp2"}, "optim": {"name": "galore_adamw"}}, "FSDP2 steps its own AdamW"),
+    ({"parallel": {"stratgy": "ddp"}}, "did you mean parallel.strategy"),
+    ({"launch": {"backend": "slurm"}}, "launch.backend"),
+    ({"launch": {"ray": {"num_workers": 0}}}, "launch.ray.num_workers"),
+])
+def test_parallel_settings_that_do_not_fit_are_refused(section, message, tiny_config):
+    cfg = dict(tiny_config)
+    for key, value in section.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+        validate(cfg)
+
+
+def test_launch_flags_go_to_torchrun_and_the_ranks_get_the_rest():
+    from longtune.launch.cli import _flags_first, build_parser
+
+    argv = ["train", "cfg.yaml", "train.lr=1e-3", "--nproc", "2", "--max-restarts=1", "--print-config"]
+    args = build_parser().parse_args(_flags_first(argv))
+    assert (args.config, args.overrides, args.nproc, args.max_restarts, args.print_config) == \
+        ("cfg.yaml", ["train.lr=1e-3"], 2, 1, True)
+    plan = build_parser().parse_args(_flags_first(["plan", "cfg.yaml", "parallel.strategy=fsdp2", "--nproc", "8"]))
+    assert (plan.nproc, plan.overrides) == (8, ["parallel.strategy=fsdp2"])
+
+
+def test_a_multi_process_launch_without_a_strategy_for_it_is_refused(tiny_config):
+    from longtune.trainer.parallel import build_strategy
+    from longtune.trainer.ranks import Ranks
+
+    cfg = validate({**tiny_config, "parallel": {"strategy": "single"}})
+    with pytest.raises(ConfigError, match="parallel.strategy=single, but 2 processes were launched"):
+        build_strategy(cfg, Ranks(0, 2), torch.device("cpu"))
+    planned = validate({**tiny_config, "parallel": {"strategy": "fsdp2"}, "memory": {"budget_gb": 10}})
+    with pytest.raises(ConfigError, match="not yet under fsdp2"):
+        build_strategy(planned, Ranks(0, 2), torch.device("cpu"))

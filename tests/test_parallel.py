@@ -172,3 +172,19 @@ def test_ddp_carries_out_a_tight_memory_plan_with_the_state_off_the_gpu(referenc
         assert got[step] == pytest.approx(reference[step]["loss"], rel=1e-5), step
     places = {p for layer in yaml.safe_load((out / "plan.yaml").read_text())["layers"] for d in layer.values() for p in d}
     assert places - {"gpu"}, places  # the budget forces recompute or offload
+
+
+def test_layerwise_galore_under_ddp_reduces_in_its_hooks_and_matches_one_process(tmp_path, tiny_config):
+    """Layer-wise GaLore steps each weight in its gradient hook, before a DDP wrapper would reduce: under
+    parallel.strategy=ddp the trainer hands it the process group and it averages each gradient there."""
+    galore = ["optim.name=galore_adamw", "optim.galore.rank=4", "optim.galore.layerwise=true",
+              "train.clip_grad_norm=null", "train.max_steps=6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cfg = write_yaml(tmp_path / "c.yaml", _config(tiny_config, one))
+    assert run_cli("train", cfg, *galore, "train.grad_accum_steps=2").returncode == 0
+    result = run_cli("train", cfg, "--nproc", "2", *galore, f"run.output_dir={two}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = train_losses(one), train_losses(two)
+    assert got.keys() == expected.keys() and len(got) == 6
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=LOSS_RTOL), step

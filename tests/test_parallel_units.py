@@ -109,3 +109,12 @@ def test_a_multi_process_launch_without_a_strategy_for_it_is_refused(tiny_config
     planned = validate({**tiny_config, "parallel": {"strategy": "fsdp2"}, "memory": {"budget_gb": 10}})
     with pytest.raises(ConfigError, match="not yet under fsdp2"):
         build_strategy(planned, Ranks(0, 2), torch.device("cpu"))
+
+
+def test_a_missing_deepspeed_json_is_refused_before_anything_loads(tiny_config, tmp_path):
+    from longtune.trainer.inputs import check
+
+    cfg = validate({**tiny_config, "parallel": {"strategy": "deepspeed", "deepspeed_config": str(tmp_path / "ds.json")}})
+    with pytest.raises(ConfigError, match="parallel.deepspeed_config: .*ds.json is not a file"):
+        check(cfg)
+    assert not (tmp_path / "run").exists()

@@ -445,6 +445,9 @@ def check(cfg: Config) -> Path:
     written = written_model_config(cfg.model)
     if written is not None:
         check_architecture(written, cfg, complete=False)
+    ds_json = cfg.parallel.deepspeed_config
+    if ds_json is not None and not Path(ds_json).expanduser().is_file():
+        raise ConfigError(f"parallel.deepspeed_config: {ds_json} is not a file (a DeepSpeed JSON config)")
     if cfg.run.resume not in (None, "auto"):
         check_resume_path(cfg.run.resume)  # before output_dir is created
     return prepare_output_dir(cfg.run.output_dir)

@@ -189,6 +189,7 @@ def _worker(loop_config: dict[str, Any]):
     cfg = validate(yaml.safe_load(loop_config["config_yaml"]))
     ranks = Ranks.current()  # Ray set up the process group before calling us
     prefix_output(ranks.rank, ranks.world)
+    _quiet_reports()
     resume = _resume_point(cfg, ranks, ray.train.get_checkpoint(), loop_config["fresh"])
     if resume is not None:
         cfg.run.resume = resume
@@ -203,6 +204,18 @@ def _worker(loop_config: dict[str, Any]):
 
     result = train(cfg, on_checkpoint=report)
     return {"step": result.step, "last_loss": result.last_loss, "eval": result.eval}  # rank 0's is Result.return_value
+
+
+def _quiet_reports() -> None:
+    """Ray Train logs an INFO line per `ray.train.report` on every worker (logger named after its file): our
+    own progress line says the same, so keep only its warnings."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: the lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _resume_point(cfg, ranks, checkpoint, fresh: bool) -> Optional[str]:

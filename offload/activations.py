@@ -75,13 +75,14 @@ class _LayerState:
     out: object = None  # SavedRef of the attention output, chunk-major (see _chunk_major)
     lse: object = None
     rope: set = field(default_factory=set)  # storages of cos/sin, kept as they are until the last backward
+    params: list = field(default_factory=list)  # the layer's parameters as its forward saw them (see _layer_params)
 
 
 class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, runtime, index, cos, sin, *params):
         ctx.runtime = runtime
-        ctx.state, y = runtime._forward(index, x, cos, sin)
+        ctx.state, y = runtime._forward(index, x, cos, sin, list(params))
         return y
 
     @staticmethod
@@ -107,7 +108,6 @@ class ActivationRuntime:
         if len(places) != len(self.layers):
             raise ValueError(f"the plan decides {len(places)} layers, the model has {len(self.layers)}")
         self.splits = [split_layer(layer, self.base.config) for layer in self.layers]
-        self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
         self._prefetch_bytes: dict[int, int] = {}  # layer -> bytes its prefetch brought back
         self.recompute_s = 0.0  # time spent recomputing dropped chunks (CUDA: measured by events, lazily)
         self._recompute_events: list = []
@@ -159,12 +159,12 @@ class ActivationRuntime:
             if self._step is None or not torch.is_grad_enabled():
                 return original(hidden_states, *args, position_embeddings=position_embeddings, **kwargs)
             cos, sin = position_embeddings
-            return _LayerFunction.apply(hidden_states, self, index, cos, sin, *self.params[index])
+            return _LayerFunction.apply(hidden_states, self, index, cos, sin, *_layer_params(self.layers[index]))
 
         return forward
 
     # --- forward ----------------------------------------------------------------------------------
-    def _forward(self, l: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _forward(self, l: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, params: list):
         split, places, d, stash = self.splits[l], self.places[l], self.dispatcher, self.stash
         b, s, h = x.shape
         chunks = len(places["input"])
@@ -174,7 +174,9 @@ class ActivationRuntime:
         autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         d.half_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else (autocast[1] if autocast[0] else None)
         st = _LayerState(l, chunk_bounds(s, chunks), self._step["docs"], cos, sin, autocast, (b, s, h))
-        st.rope = self._step["rope"]
+        st.rope, st.params = self._step["rope"], params
+        weights = _storages(params) - d.passthrough
+        d.passthrough |= weights
         nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
         stash.begin_forward(l)
         leaves: list[torch.Tensor] = []
@@ -231,6 +233,7 @@ class ActivationRuntime:
                     del y_i
         for ptr in aliases:
             d.aliases.pop(ptr, None)
+        d.passthrough -= weights
         for leaf in leaves:  # the graphs' AccumulateGrad nodes hold their leaves: keep none of their bytes
             leaf.data = leaf.data.new_empty(0)
         stash.end_forward(l)
@@ -290,7 +293,7 @@ class ActivationRuntime:
         self._prefetch(l)  # (a no-op unless nobody asked for it yet)
         self._prefetch(l - self.depth)
         stash.ready(l)
-        params = self.params[l]
+        params = st.params
         param_edges = [get_gradient_edge(p) for p in params]
         sums: list[Optional[torch.Tensor]] = [None] * len(params)
         device_type = dy.device.type
@@ -298,6 +301,8 @@ class ActivationRuntime:
         dy = dy.contiguous()
         # Every stashed storage on the device now (kept or prefetched) is not recompute memory.
         resident = {ref.stored.device.untyped_storage().data_ptr() for ref in st.inputs + [st.out]}
+        resident |= _storages(params)  # a recompute saves the weights: they are not recompute memory
+        resident -= d.passthrough
         d.passthrough |= resident
         try:
             with d.hooks(), autocast:
@@ -375,6 +380,18 @@ class ActivationRuntime:
                 k, v = graph.refs[1].tensor(), graph.refs[2].tensor()
             kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)
         return kbuf.transpose(1, 2), vbuf.transpose(1, 2)
+
+
+def _layer_params(layer: nn.Module) -> list[torch.Tensor]:
+    """The parameters the layer computes with now. Under FSDP2 these are the unsharded ones its pre-forward hook
+    just gathered (and its pre-backward hook gathers again into the same tensors), not the shards registered
+    when the runtime was built; elsewhere they are the registered parameters themselves."""
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
+def _storages(tensors) -> set[int]:
+    """Storage addresses of `tensors`: weights autograd saves are kept as they are, never stashed or counted."""
+    return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
 
 
 def _chunk_major(out: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:

@@ -3,9 +3,10 @@
 Only the innermost `saved_tensors_hooks` context runs, so two offloaders nested would silently switch one
 off. Here one dispatcher decides for every tensor autograd saves:
 
-1. storages kept as they are: parameters on the device, RoPE's cos/sin (shared by every layer);
-2. a streamed layer's weights (a Linear saves `weight.t()`, a view): the weight streamer's handle, fetched
+1. a streamed layer's weights (a Linear saves `weight.t()`, a view): the weight streamer's handle, fetched
    again in backward;
+2. storages kept as they are: parameters on the device (under FSDP2, the running layer's gathered ones),
+   RoPE's cos/sin (shared by every layer);
 3. storages the layer runtime stashed itself (the layer input chunk, the attention output): a reference to
    that copy, never a second one;
 4. inside a scope opened by the layer runtime: the scope's place — kept on the device, or copied to a tier by
@@ -154,13 +155,13 @@ class SavedTensorDispatcher:
 
     # --- the hooks --------------------------------------------------------------------------------
     def _pack(self, t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.passthrough:
-            return t
-        if self.params is not None:
+        if self.params is not None:  # first: a streamed layer's buffer is the weights of the layer running now
             handle = self.params.pack_param(t)
             if handle is not None:
                 return _ParamHandle(handle)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self.passthrough:
+            return t
         stored = self.aliases.get(ptr)
         if stored is not None:
             return SavedRef(stored, t)

@@ -129,9 +129,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def plan_budget_gb(config: dict, fraction: float) -> float:
+def plan_budget_gb(config: dict, fraction: float, world: int = 1) -> float:
     """A memory.budget_gb `fraction` of the way from the smallest that fits `config`'s activation plan (0) to the
-    one that keeps every activation on the device (1): a plan that offloads and recomputes for real."""
+    one that keeps every activation on the device (1), for one of `world` ranks: a plan that offloads and
+    recomputes for real."""
     import copy
 
     from longtune.planner.milp import min_gpu_budget
@@ -143,7 +144,7 @@ def plan_budget_gb(config: dict, fraction: float) -> float:
     cfg.setdefault("memory", {})["budget_gb"] = 1.0
     cfg = validate(cfg)
     machine = load_machine(cfg.memory.machine)
-    problem = planning_problem(cfg, machine, Capacities(1e12, host=64e9, nvme=0.0), activations=True)
+    problem = planning_problem(cfg, machine, Capacities(1e12, host=64e9, nvme=0.0), activations=True, world=world)
     keep = [{c: {"gpu": problem.chunks} for c in ("input", "attn", "pre", "post")}] * problem.num_layers
     high = plan_of(problem, keep).predicted["peak_bytes"]["gpu"] * (1 + 2e-5) + (2 << 20)
     low = min_gpu_budget(problem)

@@ -153,6 +153,61 @@ def test_a_rank_killed_mid_run_is_survived_by_a_torchrun_restart(reference, tmp_
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
+# Fault injection for the next test, loaded by Python at start-up from PYTHONPATH: on rank 1 only, the third
+# call of trainer.train.forward_backward raises (a bug, or a bad batch, on one rank).
+_RANK_1_FAILS = """
+import importlib.abc, importlib.util, os, sys
+
+class _Inject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "longtune.trainer.train":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            real, calls = module.forward_backward, []
+
+            def forward_backward(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise RuntimeError("injected fault on rank 1")
+                return real(*args, **kwargs)
+
+            module.forward_backward = forward_backward
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+if os.environ.get("RANK") == "1":
+    sys.meta_path.insert(0, _Inject())
+"""
+
+
+def test_a_rank_failing_alone_stops_the_others_with_its_error(tmp_path, tiny_config):
+    """Rank 1 raises in its third step while rank 0 goes on into the gradient all-reduce: the job ends at once
+    (long before parallel.timeout_s), with rank 1's error on its own line, and no checkpoint is left half written."""
+    out, inject = tmp_path / "run", tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_RANK_1_FAILS)
+    cfg = write_yaml(tmp_path / "c.yaml", _config(tiny_config, out))
+    env = dict(cli_env(), PYTHONPATH=str(inject))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "longtune.launch.cli", "train", str(cfg), "--nproc", "2",
+                             "parallel.strategy=ddp", "parallel.timeout_s=600"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "[rank 1] error: internal error at " in result.stderr
+    assert "RuntimeError: injected fault on rank 1" in result.stderr
+    assert "error: the training processes failed" in result.stderr and "each rank's own error is above" in result.stderr
+    assert elapsed < 120, f"{elapsed:.0f} s: the surviving rank waited on its collective"
+    assert max(train_losses(out)) == 2  # steps 1 and 2 logged, then the fault
+    assert not [p for p in out.iterdir() if p.name.startswith("step_") or ".tmp" in p.name]
+
+
 def test_ddp_carries_out_a_tight_memory_plan_with_the_state_off_the_gpu(reference, tmp_path, tiny_config):
     """DDP with the activation runtime (offload and recompute per chunk) and the optimizer and weights on the
     host: the offloaded optimizer takes each gradient in its hook, so it averages them over the ranks there
@@ -172,6 +227,34 @@ def test_ddp_carries_out_a_tight_memory_plan_with_the_state_off_the_gpu(referenc
         assert got[step] == pytest.approx(reference[step]["loss"], rel=1e-5), step
     places = {p for layer in yaml.safe_load((out / "plan.yaml").read_text())["layers"] for d in layer.values() for p in d}
     assert places - {"gpu"}, places  # the budget forces recompute or offload
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "zero2"])
+def test_sharded_strategies_carry_out_a_tight_memory_plan(name, reference, tmp_path, tiny_config):
+    """The activation runtime under FSDP2 and ZeRO-2. FSDP2: each layer's forward runs on the weights FSDP2 just
+    gathered, the saved weights stay as they are (gathered again before the layer's backward) and the chunks'
+    gradients reach the unsharded parameters FSDP2 reduce-scatters. ZeRO-2: DeepSpeed's gradient hooks see one
+    gradient per parameter and micro-batch. The plain run's losses and norms, to the tolerances above."""
+    from conftest import plan_budget_gb
+
+    out = tmp_path / "run"
+    cfg = _config(tiny_config, out)
+    cfg["parallel"] = {"strategy": "fsdp2"} if name == "fsdp2" else {"strategy": "deepspeed", "zero_stage": 2}
+    # a slow GPU beside a fast host link: the solver offloads as well as recomputes
+    machine = {"name": "slow-gpu", "gpu": {"memory_gb": 80, "bf16_tflops": 0.01, "matmul_efficiency": 1,
+                                           "attention_efficiency": 1},
+               "tiers": {"host": {"capacity_gb": 64, "to_gpu_gbps": 1000, "from_gpu_gbps": 1000}}}
+    cfg["memory"] = {"plan_chunks": 4, "machine": str(write_yaml(tmp_path / "machine.yaml", machine))}
+    budget = plan_budget_gb(cfg, 0.1, world=2)
+    result = run_cli("train", write_yaml(tmp_path / "c.yaml", cfg), "--nproc", "2", f"memory.budget_gb={budget}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "activations: the plan's decisions run" in result.stdout
+    assert "warning" not in result.stdout + result.stderr  # no saved tensor outside the plan (the weights)
+    _assert_matches(reference, out)
+    places = {p for layer in yaml.safe_load((out / "plan.yaml").read_text())["layers"] for d in layer.values() for p in d}
+    assert {"recompute", "host"} <= places, places
+    for m in (m for m in read_metrics(out) if "loss" in m):  # the runtime's accounting beside the plan
+        assert m["mem_measured_gpu_gb"] == pytest.approx(m["mem_plan_gpu_gb"], rel=0.05)
 
 
 def test_layerwise_galore_under_ddp_reduces_in_its_hooks_and_matches_one_process(tmp_path, tiny_config):

@@ -106,9 +106,27 @@ def test_a_multi_process_launch_without_a_strategy_for_it_is_refused(tiny_config
     cfg = validate({**tiny_config, "parallel": {"strategy": "single"}})
     with pytest.raises(ConfigError, match="parallel.strategy=single, but 2 processes were launched"):
         build_strategy(cfg, Ranks(0, 2), torch.device("cpu"))
-    planned = validate({**tiny_config, "parallel": {"strategy": "fsdp2"}, "memory": {"budget_gb": 10}})
-    with pytest.raises(ConfigError, match="not yet under fsdp2"):
+    planned = validate({**tiny_config, "parallel": {"strategy": "deepspeed", "zero_stage": 3}, "memory": {"budget_gb": 10}})
+    with pytest.raises(ConfigError, match="under DeepSpeed ZeRO stage 1 and 2, not yet stage 3: use parallel.strategy=fsdp2"):
         build_strategy(planned, Ranks(0, 2), torch.device("cpu"))
+
+
+def test_the_zero_stage_of_a_users_deepspeed_json_sizes_the_plan(tiny_config, tmp_path):
+    from longtune.trainer.memory import sharding_of
+    from longtune.trainer.parallel import build_strategy
+    from longtune.trainer.ranks import Ranks
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}}')
+    cfg = validate({**tiny_config, "parallel": {"strategy": "deepspeed", "deepspeed_config": str(ds)}})
+    assert sharding_of(cfg, 4).weights  # stage 3 from the JSON, not parallel.zero_stage's default 2
+    with pytest.raises(ConfigError, match="not yet stage 3"):
+        build_strategy(validate({**cfg.model_dump(), "memory": {"budget_gb": 10}}), Ranks(0, 2), torch.device("cpu"))
+    ds.write_text('{"zero_optimization": {"stage": "three"}}')
+    with pytest.raises(ConfigError, match="zero_optimization.stage='three'; ZeRO stages are 0-3"):
+        sharding_of(cfg, 4)
+    ds.write_text('{"zero_optimization": {}}')  # DeepSpeed's default: no ZeRO, nothing sharded
+    assert sharding_of(cfg, 4) == sharding_of(validate({**tiny_config, "parallel": {"strategy": "ddp"}}), 4)
 
 
 def test_a_missing_deepspeed_json_is_refused_before_anything_loads(tiny_config, tmp_path):

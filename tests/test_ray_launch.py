@@ -175,6 +175,7 @@ def test_ray_worker_killed_resumes_and_rerun_continues(tiny_config, tmp_path, ra
     assert f"resuming from Ray's checkpoint {storage / 'story' / f'step_{MAX_STEPS}'}" in again.stdout
     assert f"resumed from {run / f'step_{MAX_STEPS}'} at step {MAX_STEPS}" in again.stdout
     assert "steps 9..10" in again.stdout and "done: step 10" in again.stdout
+    assert "Reporting training result" not in again.stdout + again.stderr  # Ray's per-report INFO line is muted
     new = [m["step"] for m in read_metrics(run)[logged_before:] if "loss" in m]
     assert new == [9, 10], new
     assert json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"] == 10

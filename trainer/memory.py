@@ -121,8 +121,24 @@ def sharding_of(cfg: Config, world: int) -> Sharding:
     strategy = strategy_of(cfg, world)
     if world == 1 or strategy in ("single", "ddp"):
         return Sharding(world)
-    stage = 3 if strategy == "fsdp2" else cfg.parallel.zero_stage
-    return Sharding(world, optimizer=True, grads=stage >= 2, weights=stage >= 3)
+    stage = 3 if strategy == "fsdp2" else zero_stage_of(cfg)
+    return Sharding(world, optimizer=stage >= 1, grads=stage >= 2, weights=stage >= 3)
+
+
+def zero_stage_of(cfg: Config) -> int:
+    """The ZeRO stage DeepSpeed will run: the user's JSON's (parallel.deepspeed_config), else parallel.zero_stage."""
+    path = cfg.parallel.deepspeed_config
+    if path is None:
+        return cfg.parallel.zero_stage
+    import json
+
+    try:
+        stage = json.loads(Path(path).expanduser().read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"parallel.deepspeed_config: {path} is not a readable DeepSpeed JSON object: {e}") from None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.deepspeed_config: {path} has zero_optimization.stage={stage!r}; ZeRO stages are 0-3")
+    return stage
 
 
 def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None,

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .memory import activations_planned, strategy_of
+from .memory import activations_planned, strategy_of, zero_stage_of
 from .ranks import Ranks
 
 
@@ -173,9 +173,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def build_strategy(cfg: Config, ranks: Ranks, device: torch.device) -> Strategy:
     name = strategy_of(cfg, ranks.world)
-    if name in ("fsdp2", "deepspeed") and activations_planned(cfg):  # `longtune plan` shows the plan all the same
-        raise ConfigError(f"the activation runtime (memory.budget_gb / memory.plan) trains under parallel.strategy "
-                          f"single or ddp, not yet under {name}: use ddp, or memory.gradient_checkpointing")
+    if name == "deepspeed" and activations_planned(cfg) and zero_stage_of(cfg) >= 3:  # `longtune plan` shows it
+        # ZeRO-3 gathers each Linear's weights in its own hooks and autograd Function; the layer runtime's
+        # chunked graphs and gradient edges do not follow them (FSDP2 gathers per layer, and does).
+        raise ConfigError("the activation runtime (memory.budget_gb / memory.plan) trains under DeepSpeed ZeRO "
+                          "stage 1 and 2, not yet stage 3: use parallel.strategy=fsdp2 (sharded like ZeRO-3), "
+                          "a lower parallel.zero_stage, or memory.gradient_checkpointing")
     if name == "single" and ranks.world > 1:
         raise ConfigError(f"parallel.strategy=single, but {ranks.world} processes were launched: set "
                           "parallel.strategy to ddp, fsdp2 or deepspeed (or auto), or launch one process")

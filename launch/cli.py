@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--nvme-backend", choices=["auto", "threads", "aio"], default="auto")
     probe.add_argument("--emulate-cxl-gbps", type=float, help="with no CXL node, emulate a cxl tier on the local node at this bandwidth")
 
+    from longtune.bench.runner import add_arguments as bench_arguments
+
+    bench = sub.add_parser("bench", help="longtune and the tools users run today, side by side on this machine",
+                           description="Run longtune and its peers (transformers with and without gradient checkpointing, "
+                                       "save_on_cpu, Liger Kernel, galore-torch, DeepSpeed ZeRO-3 offload) under one memory "
+                                       "cap: the longest trainable context by bisection, tokens/s, peak memory; a table, "
+                                       "and JSON in bench/results/. The peers install with pip install -e '.[bench]'.")
+    bench_arguments(bench)
+
     export = sub.add_parser("export", help="write a transformers save_pretrained folder",
                             description="Write a run's newest complete checkpoint as a transformers folder (weights, config, tokenizer).")
     export.add_argument("run_dir", help="the run's output_dir")
@@ -209,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
         return run_plan(args)
     if args.command == "probe":
         return run_probe(args)
+    if args.command == "bench":
+        from longtune.bench.runner import run as run_bench
+
+        return run_bench(args)
     if args.command == "train":
         cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
     else:

@@ -333,8 +333,8 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
                 continue
             if "nvme" in (opt, par) and "nvme" not in tiers:
                 continue
-            if "cpu" in (opt, par) and host_link is None:
-                continue
+            if (opt, par) != ("gpu", "gpu") and host_link is None:
+                continue  # state on NVMe is stepped and staged in host memory too
             gpu = {
                 # Streamed weights: two layers resident (in use + prefetched), ZeRO-Infinity style.
                 "weights": (p if par == "gpu" else other_p + 2 * layer_p) * wb,

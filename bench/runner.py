@@ -1,0 +1,301 @@
+"""`longtune bench NAME [--quick]`: longtune and the tools users run today, side by side, in one invocation.
+
+    longtune bench cpu --quick      # minutes: SmolLM2-135M, 512-2048 tokens, a 4 GB RAM cap
+    longtune bench cpu              # SmolLM2-135M, 1K-16K tokens, a 6 GB RAM cap
+    longtune bench gpu              # Llama-3.2-1B and Llama-3-8B architectures, bf16, up to 512K tokens
+
+Every probe (one system, one sequence length, a training step or a few) runs in its own process under the
+suite's memory cap (bench/caps.py: a cgroup, or a watchdog), so an out-of-memory is a data point, not a crash.
+For each model and system the runner finds the longest trainable context by bisection over the suite's
+ladder of lengths, starting at the length where it also measures tokens/s; it prints a progress line per
+probe, then a table with each system's figures beside plain transformers', and writes every figure and every
+failure with its reason to bench/results/<device>-<date>-<name>.json, with the versions and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from longtune.trainer.errors import ConfigError
+
+from .caps import GB, MemoryCap
+from .provenance import git_commit
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "hf"
+
+
+@dataclass(frozen=True)
+class Suite:
+    models: tuple[str, ...]
+    systems: tuple[str, ...]
+    ladder: tuple[int, ...]  # sequence lengths, increasing: the bisection's points
+    rate_seq: int  # where tokens/s is measured (the bisection starts there)
+    device: str  # "cpu" or "cuda"
+    dtype: str
+    cap_gb: Optional[float]  # CPU: the RAM cap of each probe's process tree; GPU: None = the device's memory
+    steps: int = 1  # per probe; the last step is the timed one
+    reserve_gb: float = 1.5  # CPU: what longtune's process holds outside its plan (libraries, loader, the model load)
+    probe_timeout_s: float = 3600.0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+CPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu")
+GPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu", "hf-liger", "hf-gc-galore", "deepspeed-zero3-offload")
+SUITES = {
+    "cpu": Suite(("smollm2-135m",), CPU_SYSTEMS, (1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384), 4096,
+                 "cpu", "float32", cap_gb=6.0),
+    "cpu-quick": Suite(("smollm2-135m",), CPU_SYSTEMS, (512, 1024, 1536, 2048), 1024, "cpu", "float32", cap_gb=3.5,
+                       probe_timeout_s=600),
+    "gpu": Suite(("llama-3.2-1b", "llama-3-8b"), GPU_SYSTEMS, (16384, 32768, 65536, 131072, 262144, 524288), 16384,
+                 "cuda", "bfloat16", cap_gb=None, steps=2, probe_timeout_s=240),
+    "gpu-quick": Suite(("llama-3.2-1b",), GPU_SYSTEMS, (16384, 32768, 65536, 131072), 16384, "cuda", "bfloat16",
+                       cap_gb=None, steps=2, probe_timeout_s=120),
+    # the runner's own tests: a 2-layer model, seconds per probe
+    "smoke": Suite(("tiny",), ("longtune", "hf"), (64, 128, 256), 128, "cpu", "float32", cap_gb=3.0,
+                   reserve_gb=1.0, probe_timeout_s=300),
+}
+
+
+# --- one probe --------------------------------------------------------------------------------------------
+def run_probe(spec: dict, cap_gb: Optional[float], timeout_s: float) -> dict:
+    """One system at one length in its own process, under the cap: the child's RESULT, or why there is none."""
+    cap = MemoryCap(cap_gb * GB) if cap_gb else None
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "longtune.bench.systems", json.dumps(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            preexec_fn=cap.join if cap else None)
+    if cap:
+        cap.watch(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        timed_out = True
+    mem = cap.finish() if cap else {}
+    line = next((x for x in reversed(out.splitlines()) if x.startswith("RESULT ")), None)
+    result = json.loads(line[len("RESULT "):]) if line else {"ok": False}
+    if not line:
+        if timed_out:
+            result["reason"] = f"timed out after {timeout_s:.0f} s"
+        elif mem.get("oom_killed") or proc.returncode == -9:
+            result["reason"] = "out of memory"
+            result["error"] = f"killed at the {cap_gb:g} GB cap ({mem.get('enforced_by')})" if cap else "killed (SIGKILL)"
+        else:
+            result["reason"] = "crashed"
+            result["error"] = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:400]
+    elif not result["ok"] and result.get("reason") == "error" and mem.get("oom_killed"):
+        result["reason"] = "out of memory"
+    if not result["ok"]:
+        result["stderr_tail"] = err.strip().splitlines()[-5:]
+    result.update(wall_s=time.perf_counter() - start, returncode=proc.returncode)
+    if mem:
+        result["cap"] = mem
+    return result
+
+
+# --- bisection --------------------------------------------------------------------------------------------
+def longest_fitting(ladder: tuple[int, ...], fits: Callable[[int], bool], start: int) -> tuple[Optional[int], Optional[int]]:
+    """(the longest length of `ladder` that fits, the shortest that does not), by bisection from ladder[start];
+    a length assumed to fit when a longer one does (memory grows with the length). None: none fits / all fit."""
+    lo, hi, i = -1, len(ladder), start
+    while hi - lo > 1:
+        if fits(ladder[i]):
+            lo = i
+        else:
+            hi = i
+        i = (lo + hi) // 2
+    return (ladder[lo] if lo >= 0 else None), (ladder[hi] if hi < len(ladder) else None)
+
+
+# --- the suite ----------------------------------------------------------------------------------------------
+def run_suite(name: str, suite: Suite, log=print) -> dict:
+    results = {"suite": name, "config": asdict(suite), "models": {}}
+    total = len(suite.models) * len(suite.systems)
+    done = 0
+    for model in suite.models:
+        rows = results["models"][model] = {}
+        for system in suite.systems:
+            done += 1
+            probes: list[dict] = []
+
+            def fits(seq: int, system=system, probes=probes) -> bool:
+                spec = {"system": system, "model": model, "seq": seq, "steps": suite.steps, "dtype": suite.dtype}
+                if system == "longtune":
+                    spec["budget_gb"] = (suite.cap_gb - suite.reserve_gb) if suite.cap_gb else "auto"
+                log(f"[{done}/{total}] {model} {system} @ {seq:,} tokens ...")
+                r = run_probe(spec, suite.cap_gb if suite.device == "cpu" else None, suite.probe_timeout_s)
+                r["seq"] = seq
+                probes.append(r)
+                log("    " + _probe_line(r))
+                if not r["ok"] and r.get("reason") not in ("out of memory", "infeasible") \
+                        and not str(r.get("reason")).startswith("timed out"):
+                    raise _Broken(r)  # an error is not a memory limit: the search would only repeat it
+                return bool(r["ok"])
+
+            start = suite.ladder.index(suite.rate_seq)
+            try:
+                best, first_fail = longest_fitting(suite.ladder, fits, start)
+            except _Broken as e:
+                best, first_fail = None, e.probe["seq"]
+            rate = next((p for p in probes if p["seq"] == suite.rate_seq), None)
+            failed = next((p for p in probes if p["seq"] == first_fail), None)
+            rows[system] = {
+                "longest_seq": best, "first_failing_seq": first_fail,
+                "first_failure": failed and {k: failed.get(k) for k in ("reason", "error")},
+                "tokens_per_s_at_rate_seq": rate.get("tokens_per_s") if rate and rate["ok"] else None,
+                "peak_gb_at_rate_seq": rate.get("peak_gb") if rate and rate["ok"] else None,
+                "probes": probes,
+            }
+    return results
+
+
+class _Broken(Exception):
+    def __init__(self, probe: dict):
+        super().__init__(probe.get("error"))
+        self.probe = probe
+
+
+def _probe_line(r: dict) -> str:
+    if r["ok"]:
+        extra = f", plan {r['plan_peak_gb']:.2f} GB" if "plan_peak_gb" in r else ""
+        cap = f", cgroup peak {r['cap']['peak_gb']:.2f} GB" if r.get("cap") else ""
+        return (f"fits: step {r['step_s'][-1]:.1f} s, {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gb']:.2f} GB"
+                f"{cap}{extra} ({r['wall_s']:.0f} s)")
+    return f"does not fit: {r.get('reason')}: {r.get('error', '')} ({r['wall_s']:.0f} s)"
+
+
+def table(results: dict, suite: Suite) -> str:
+    lines = []
+    for model, rows in results["models"].items():
+        base = rows.get(BASELINE, {})
+        cap = f"{suite.cap_gb:g} GB RAM cap" if suite.device == "cpu" else "the GPU's memory"
+        lines.append(f"\n{model}, {suite.dtype}, {cap}; tokens/s at {suite.rate_seq:,} tokens")
+        lines.append(f"{'system':<26}{'longest context':>16}{'x hf':>7}{'first failing (reason)':>36}"
+                     f"{'tokens/s':>11}{'x hf':>7}{'peak GB':>9}")
+        for system, row in rows.items():
+            best, fail = row["longest_seq"], row["first_failing_seq"]
+            best_s = f"{best:,}" if best else f"< {suite.ladder[0]:,}"
+            if best and fail is None:
+                best_s = f">= {best:,}"
+            x_len = f"{best / base['longest_seq']:.1f}" if best and base.get("longest_seq") else "-"
+            why = f"{fail:,} ({row['first_failure']['reason']})" if fail else "-"
+            tps, base_tps = row["tokens_per_s_at_rate_seq"], base.get("tokens_per_s_at_rate_seq")
+            tps_s = f"{tps:,.0f}" if tps else "OOM" if _oom_at_rate(row, suite) else "-"
+            x_tps = f"{tps / base_tps:.2f}" if tps and base_tps else "-"
+            peak = f"{row['peak_gb_at_rate_seq']:.2f}" if row["peak_gb_at_rate_seq"] else "-"
+            lines.append(f"{system:<26}{best_s:>16}{x_len:>7}{why:>36}{tps_s:>11}{x_tps:>7}{peak:>9}")
+    return "\n".join(lines)
+
+
+def _oom_at_rate(row: dict, suite: Suite) -> bool:
+    return any(p["seq"] == suite.rate_seq and p.get("reason") == "out of memory" for p in row["probes"])
+
+
+# --- provenance ------------------------------------------------------------------------------------------------
+def environment(device: str) -> dict:
+    import importlib.metadata as md
+
+    import psutil
+    import torch
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
+           "ram_gb": psutil.virtual_memory().total / GB,
+           **{p: version(p) for p in ("torch", "transformers", "deepspeed", "liger-kernel", "galore-torch",
+                                      "flash-attn", "triton")}}
+    if device == "cuda" and torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(), gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / GB,
+                   cuda=torch.version.cuda)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()
+        except OSError:
+            env["driver"] = None
+    return env
+
+
+def device_name(env: dict, device: str) -> str:
+    if device == "cuda" and env.get("gpu"):
+        return env["gpu"].lower().replace("nvidia ", "nvidia-").replace(" ", "-")
+    return f"cpu-{env['cpu_cores']}core"
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longtune bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(n for n in SUITES if not n.endswith("-quick")), help="the suite")
+    parser.add_argument("--quick", action="store_true", help="the suite's short form (minutes)")
+    parser.add_argument("--systems", help="a comma-separated subset of the suite's systems")
+    parser.add_argument("--cap-gb", type=float, help="the memory cap of each probe (CPU suites; default: the suite's)")
+    parser.add_argument("--out", help="the JSON to write (default: bench/results/<device>-<date>-<name>.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    name = f"{args.name}-quick" if args.quick and f"{args.name}-quick" in SUITES else args.name
+    suite = SUITES[name]
+    if args.systems:
+        unknown = sorted(set(args.systems.split(",")) - set(suite.systems))
+        if unknown:
+            raise ConfigError(f"--systems: {', '.join(unknown)} not in the {name} suite ({', '.join(suite.systems)})")
+        suite = replace(suite, systems=tuple(s for s in suite.systems if s in args.systems.split(",")))
+    if args.cap_gb:
+        suite = replace(suite, cap_gb=args.cap_gb)
+    if suite.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"the {name} suite needs a CUDA GPU; run `longtune bench cpu` here")
+    env = environment(suite.device)
+    print(f"longtune bench {name}: {len(suite.models)} model(s) x {len(suite.systems)} systems, lengths "
+          f"{suite.ladder[0]:,}..{suite.ladder[-1]:,}, " + (f"{suite.cap_gb:g} GB cap" if suite.cap_gb else "the GPU's memory"),
+          flush=True)
+    started = datetime.datetime.now()
+    results = run_suite(name, suite, log=lambda s: print(s, flush=True))
+    print(table(results, suite))
+    out = Path(args.out) if args.out else \
+        REPO / "bench" / "results" / f"{device_name(env, suite.device)}-{started.date()}-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"bench": "longtune bench", "date": started.isoformat(timespec="seconds"),
+              "duration_s": (datetime.datetime.now() - started).total_seconds(), "commit": git_commit(),
+              "command": " ".join(["longtune", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else
+              " ".join(["python", "-m", "longtune.bench", *sys.argv[1:]]),
+              "environment": env, **results}
+    tmp = Path(tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")[1])
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(out)
+    print(f"results in {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(build_parser().parse_args(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

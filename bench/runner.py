@@ -46,7 +46,10 @@ class Suite:
     dtype: str
     cap_gb: Optional[float]  # CPU: the RAM cap of each probe's process tree; GPU: None = the device's memory
     steps: int = 1  # per probe; the last step is the timed one
-    reserve_gb: float = 1.5  # CPU: what longtune's process holds outside its plan (libraries, loader, the model load)
+    # CPU, longtune: of the cap, what its process holds outside the plan (libraries, data, allocator slack),
+    # and what it sets aside as the host tier (host RAM is the device there); the plan's budget is the rest
+    reserve_gb: float = 1.5
+    host_gb: float = 0.75
     probe_timeout_s: float = 3600.0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -136,7 +139,10 @@ def run_suite(name: str, suite: Suite, log=print) -> dict:
             def fits(seq: int, system=system, probes=probes) -> bool:
                 spec = {"system": system, "model": model, "seq": seq, "steps": suite.steps, "dtype": suite.dtype}
                 if system == "longtune":
-                    spec["budget_gb"] = (suite.cap_gb - suite.reserve_gb) if suite.cap_gb else "auto"
+                    if suite.device == "cpu":
+                        spec.update(budget_gb=suite.cap_gb - suite.reserve_gb - suite.host_gb, host_gb=suite.host_gb)
+                    else:
+                        spec["budget_gb"] = suite.cap_gb or "auto"
                 log(f"[{done}/{total}] {model} {system} @ {seq:,} tokens ...")
                 r = run_probe(spec, suite.cap_gb if suite.device == "cpu" else None, suite.probe_timeout_s)
                 r["seq"] = seq
@@ -199,6 +205,14 @@ def table(results: dict, suite: Suite) -> str:
             x_tps = f"{tps / base_tps:.2f}" if tps and base_tps else "-"
             peak = f"{row['peak_gb_at_rate_seq']:.2f}" if row["peak_gb_at_rate_seq"] else "-"
             lines.append(f"{system:<26}{best_s:>16}{x_len:>7}{why:>36}{tps_s:>11}{x_tps:>7}{peak:>9}")
+        for system, row in rows.items():  # the plan's prediction beside the measured peak
+            for p in (p for p in row["probes"] if p["ok"] and "plan_peak_gb" in p):
+                host = p.get("plan_tiers_gb", {}).get("host", 0.0)
+                lines.append(f"  {system} @ {p['seq']:,}: plan {p['plan_peak_gb']:.2f} GB on the device + "
+                             f"{host:.2f} GB host, measured peak {p['peak_gb']:.2f} GB"
+                             + (f" (cgroup {p['cap']['peak_gb']:.2f} GB)" if p.get("cap") else "")
+                             + f"; activations measured {p.get('mem_measured_gpu_gb', 0):.2f} / planned "
+                               f"{p.get('mem_plan_gpu_gb', 0):.2f} GB")
     return "\n".join(lines)
 
 

@@ -239,12 +239,14 @@ def longtune(spec) -> dict:
     model.update(dtype=spec["dtype"], attn_implementation="sdpa",
                  kernels={"fused_ce": True, **({} if cpu else {"rmsnorm": True, "rope": True, "swiglu": True})})
     memory = {"budget_gb": spec["budget_gb"], "optimizer": "auto", "params": "auto", "nvme_path": str(work / "nvme")}
-    if cpu:  # host RAM is the device here: the only tier off it is the disk
+    if cpu:  # host RAM is the device here: the disk is the tier off it, with host_gb of the cap set aside
+        # for what the tiers stage in host memory (the NVMe optimizer's gradient sums, pools)
         machine = {"name": "cpu-bench", "gpu": {"memory_gb": 1000, "bf16_tflops": 0.2, "matmul_efficiency": 1,
                                                 "attention_efficiency": 0.5},
-                   "tiers": {"nvme": {"capacity_gb": 200, "to_gpu_gbps": 2, "from_gpu_gbps": 2}}}
+                   "tiers": {"host": {"capacity_gb": 1000, "to_gpu_gbps": 8, "from_gpu_gbps": 8},
+                             "nvme": {"capacity_gb": 200, "to_gpu_gbps": 2, "from_gpu_gbps": 2}}}
         (work / "machine.yaml").write_text(yaml.safe_dump(machine))
-        memory.update(machine=str(work / "machine.yaml"), tiers={"host_gb": 0})
+        memory.update(machine=str(work / "machine.yaml"), tiers={"host_gb": spec["host_gb"]})
     else:
         memory.update(machine=spec.get("machine", "h100-pcie5"))
     cfg = {"model": model,
@@ -275,6 +277,7 @@ def longtune(spec) -> dict:
     result = {"step_s": [m["step_time_s"] for m in steps], "tokens_per_s": last["tokens_per_s"], "loss": last["loss"],
               "plan_places": places, "optimizer_tier": plan.optimizer_tier, "params_tier": plan.params_tier,
               "plan_peak_gb": plan.predicted["peak_bytes"]["gpu"] / GB,
+              "plan_tiers_gb": {k: v / GB for k, v in plan.predicted["peak_bytes"].items() if k != "gpu" and v},
               **{k: v for k, v in last.items() if k.startswith(("mem_", "recompute_s", "offload_wait_s"))}}
     if cpu:
         result["peak_gb"] = peak_rss / GB

@@ -73,6 +73,13 @@ class _PeakRss:
         return max(self.peak, self.proc.memory_info().rss)
 
 
+def _since_process_start() -> float:
+    """Seconds since this process started: interpreter, imports, model load (and for longtune the plan)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def _device():
     import torch
 
@@ -123,6 +130,7 @@ def _train_hf(spec, model, optimizer, context=None, engine=None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, loss = [], None
+    startup = _since_process_start()
     for _ in range(spec["steps"]):
         ids = torch.randint(0, model.config.vocab_size, (1, spec["seq"]), generator=gen).to(device)
         start = time.perf_counter()
@@ -139,7 +147,7 @@ def _train_hf(spec, model, optimizer, context=None, engine=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    result = {"step_s": times, "tokens_per_s": spec["seq"] / times[-1], "loss": loss}
+    result = {"step_s": times, "tokens_per_s": spec["seq"] / times[-1], "loss": loss, "startup_s": startup}
     if rss is not None:
         result["peak_gb"] = rss.stop() / GB
     else:
@@ -259,7 +267,7 @@ def longtune(spec) -> dict:
     rss, errors = _PeakRss(), _Tee(sys.stderr)
     with contextlib.redirect_stderr(errors):
         code = main(["train", str(work / "config.yaml")])
-    peak_rss = rss.stop()
+    peak_rss, finished = rss.stop(), _since_process_start()
     error = errors.last_error()
     if code != 0:
         raise (Infeasible if "no plan fits" in error else RuntimeError)(error or f"longtune train exited with {code}")
@@ -275,6 +283,9 @@ def longtune(spec) -> dict:
             for place, n in decision.items():
                 places[place] = places.get(place, 0) + n
     result = {"step_s": [m["step_time_s"] for m in steps], "tokens_per_s": last["tokens_per_s"], "loss": last["loss"],
+              # the steps end the run (no eval, no checkpoint): what came before them is start-up
+              "startup_s": finished - sum(m["step_time_s"] for m in steps),
+              "solve_s": plan.solver.get("solve_s"),
               "plan_places": places, "optimizer_tier": plan.optimizer_tier, "params_tier": plan.params_tier,
               "plan_peak_gb": plan.predicted["peak_bytes"]["gpu"] / GB,
               "plan_tiers_gb": {k: v / GB for k, v in plan.predicted["peak_bytes"].items() if k != "gpu" and v},

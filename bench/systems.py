@@ -147,13 +147,24 @@ def _train_hf(spec, model, optimizer, context=None, engine=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    result = {"step_s": times, "tokens_per_s": spec["seq"] / times[-1], "loss": loss, "startup_s": startup}
+    result = {"step_s": times, "tokens_per_s": spec["seq"] / times[-1], "loss": loss, "startup_s": startup,
+              **_flops(model, spec["seq"] / times[-1], spec["seq"], device)}
     if rss is not None:
         result["peak_gb"] = rss.stop() / GB
     else:
         result["peak_gb"] = torch.cuda.max_memory_allocated() / GB
         result["reserved_gb"] = torch.cuda.max_memory_reserved() / GB
     return result
+
+
+def _flops(model, tokens_per_s: float, seq: int, device) -> dict:
+    """TFLOPS (and MFU on a GPU with a known peak) by the trainer's own count: 6N + causal attention."""
+    from longtune.trainer.metrics import peak_flops, train_flops_per_token
+
+    c = model.config
+    flops = train_flops_per_token(sum(p.numel() for p in model.parameters()), c.num_hidden_layers, c.hidden_size, seq)
+    peak = peak_flops(device)
+    return {"tflops": flops * tokens_per_s / 1e12, "mfu": flops * tokens_per_s / peak if peak else None}
 
 
 def _adamw(model):
@@ -198,8 +209,15 @@ def hf_gc_galore(spec) -> dict:
 
 
 def deepspeed_zero3_offload(spec) -> dict:
+    import socket
+
     import deepspeed
 
+    with socket.socket() as sock:  # one process is its own group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        os.environ.setdefault(key, value)
     model = _hf_model(spec, _attention())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
@@ -241,7 +259,9 @@ def longtune(spec) -> dict:
 
     work = Path(spec.get("workdir") or tempfile.mkdtemp(prefix="longtune-bench-"))
     cpu = _device().type == "cpu"
-    model = {"path": SMOLLM2} if spec["model"] == "smollm2-135m" else \
+    # past SmolLM2's 8192 positions as transformers runs it for the peers: RoPE as it is, no scaling
+    model = {"path": SMOLLM2, **({"max_position_embeddings": spec["seq"]} if spec["seq"] > 8192 else {})} \
+        if spec["model"] == "smollm2-135m" else \
         {"config": {**ARCHS[spec["model"]], "max_position_embeddings": max(spec["seq"], 8192)},
          "tokenizer": spec.get("tokenizer") or SMOLLM2}
     model.update(dtype=spec["dtype"], attn_implementation="sdpa",
@@ -283,6 +303,7 @@ def longtune(spec) -> dict:
             for place, n in decision.items():
                 places[place] = places.get(place, 0) + n
     result = {"step_s": [m["step_time_s"] for m in steps], "tokens_per_s": last["tokens_per_s"], "loss": last["loss"],
+              "tflops": last.get("tflops"), "mfu": last.get("mfu"),
               # the steps end the run (no eval, no checkpoint): what came before them is start-up
               "startup_s": finished - sum(m["step_time_s"] for m in steps),
               "solve_s": plan.solver.get("solve_s"),

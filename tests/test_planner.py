@@ -257,3 +257,15 @@ def test_a_plan_made_for_another_run_is_refused(tmp_path, capsys):
                                 "--out", tmp_path / "other.yaml")
         assert code == 2, (override, err)
         assert "was made for another run" in err and fragment in err, err
+
+
+def test_a_machine_without_a_host_tier_keeps_the_state_on_the_gpu():
+    """State on NVMe is stepped and staged in host memory: with only an NVMe tier, `auto` leaves the optimizer
+    and the weights on the GPU (it used to reach for the missing host link and fail)."""
+    from longtune.planner.problem import state_options
+
+    shape = ModelShape.from_hf_config({**LLAMA_8B, "num_hidden_layers": 2}, "bfloat16")
+    nvme_only = Machine("nvme-only", 80e9, 989e12, 0.6, 0.5, (Tier("nvme", 1e12, 5e9, 5e9),))
+    options = state_options(shape, nvme_only, layer_fwd_s=0.01)
+    assert {(o.optimizer, o.params) for o in options} == {("gpu", "gpu")}
+    make_plan(build_problem(shape, 8192, nvme_only, chunks=1, optimizer="auto", params="auto").with_budget(80e9))

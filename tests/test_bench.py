@@ -1,0 +1,100 @@
+"""`longtune bench`: the bisection, the memory cap on a probe's process tree, and the smoke suite end to end
+(a 2-layer model, longtune and transformers side by side, a JSON with every probe)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+
+from longtune.bench.caps import MemoryCap
+from longtune.bench.runner import longest_fitting
+
+LADDER = (512, 1024, 2048, 4096, 8192, 16384)
+
+
+@pytest.mark.parametrize("limit", [0, 512, 1000, 2048, 4096, 16384, 10**6])
+@pytest.mark.parametrize("start", [0, 3, 5])
+def test_the_bisection_finds_the_boundary_in_log_probes(limit, start):
+    asked = []
+
+    def fits(seq):
+        asked.append(seq)
+        return seq <= limit
+
+    best, first_fail = longest_fitting(LADDER, fits, start)
+    fitting = [s for s in LADDER if s <= limit]
+    assert best == (fitting[-1] if fitting else None)
+    assert first_fail == next((s for s in LADDER if s > limit), None)
+    assert asked[0] == LADDER[start] and len(asked) <= 4 and len(set(asked)) == len(asked)
+
+
+def _child(mb: int) -> str:
+    """A program that touches `mb` MiB and holds it a moment."""
+    code = f"import time; x = bytearray({mb} << 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.3)"
+    return code
+
+
+@pytest.mark.parametrize("mode", ["kernel", "watchdog"])
+def test_a_probe_over_the_cap_is_killed_and_one_under_it_is_measured(mode, monkeypatch):
+    if mode == "watchdog":  # what a machine without a writable cgroup gets
+        monkeypatch.setattr(MemoryCap, "_make_v2", lambda self, name: (_ for _ in ()).throw(OSError()))
+        monkeypatch.setattr(MemoryCap, "_make_v1", lambda self, name: (_ for _ in ()).throw(OSError()))
+    results = {}
+    for mb in (100, 800):
+        cap = MemoryCap(400e6)
+        proc = subprocess.Popen([sys.executable, "-c", _child(mb)], preexec_fn=cap.join)
+        cap.watch(proc.pid)
+        proc.wait(timeout=60)
+        results[mb] = (proc.returncode, cap.finish())
+    if mode == "watchdog":
+        assert results[100][1]["enforced_by"] == "watchdog"
+    code, mem = results[100]
+    assert code == 0 and not mem["oom_killed"] and 0.1 < mem["peak_gb"] < 0.4, mem
+    code, mem = results[800]
+    assert code == -9 and mem["oom_killed"], mem
+
+
+def test_the_smoke_suite_runs_longtune_beside_transformers_and_writes_every_probe(tmp_path):
+    out = tmp_path / "smoke.json"
+    result = run_cli("bench", "smoke", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[1/2] tiny longtune @ 128 tokens ..." in result.stdout and "fits: step" in result.stdout
+    record = json.loads(out.read_text())
+    assert record["environment"]["torch"] and record["commit"] and record["command"].startswith("longtune bench smoke")
+    rows = record["models"]["tiny"]
+    assert set(rows) == {"longtune", "hf"}
+    for system, row in rows.items():
+        assert row["longest_seq"] == 256 and row["first_failing_seq"] is None, (system, row)
+        assert row["tokens_per_s_at_rate_seq"] > 0 and row["peak_gb_at_rate_seq"] > 0
+        assert all(p["ok"] and p["startup_s"] > 0 for p in row["probes"])
+    planned = rows["longtune"]["probes"][0]
+    assert planned["mem_measured_gpu_gb"] == pytest.approx(planned["mem_plan_gpu_gb"], rel=0.05)
+    assert "longtune @ 128: plan" in result.stdout  # the prediction beside the measurement
+
+
+def test_an_out_of_memory_is_a_data_point_not_a_crash(tmp_path):
+    out = tmp_path / "oom.json"
+    result = run_cli("bench", "smoke", "--systems", "hf", "--cap-gb", "0.3", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(out.read_text())["models"]["tiny"]["hf"]
+    assert row["longest_seq"] is None and row["first_failing_seq"] == 64
+    assert [p["seq"] for p in row["probes"]] == [128, 64]
+    assert all(p["reason"] == "out of memory" and p["returncode"] == -9 for p in row["probes"])
+    assert "does not fit: out of memory: killed at the 0.3 GB cap" in result.stdout
+
+
+def test_bad_bench_arguments_are_one_line_errors(tmp_path):
+    unknown = run_cli("bench", "smoke", "--systems", "hf,hf-typo", "--out", tmp_path / "x.json")
+    assert unknown.returncode == 2 and "--systems: hf-typo not in the smoke suite (longtune, hf)" in unknown.stderr
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the gpu suite would run
+    gpu = run_cli("bench", "gpu")
+    assert gpu.returncode == 2 and "the gpu suite needs a CUDA GPU; run `longtune bench cpu` here" in gpu.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -52,8 +52,8 @@ class Suite:
     steps: int = 1  # per probe; the last step is the timed one
     # CPU, longtune: of the cap, what its process holds outside the plan (libraries, data, allocator slack),
     # and what it sets aside as the host tier (host RAM is the device there); the plan's budget is the rest
-    reserve_gb: float = 1.5
-    host_gb: float = 0.75
+    reserve_gb: float = 1.0
+    host_gb: float = 1.5
     probe_timeout_s: float = 3600.0
     deadline_s: Optional[float] = None  # the whole suite: probes past it are not run (and say so)
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -65,7 +65,7 @@ SUITES = {
     "cpu": Suite(("smollm2-135m",), CPU_SYSTEMS, (1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384), 4096,
                  "cpu", "float32", cap_gb=6.0),
     "cpu-quick": Suite(("smollm2-135m",), CPU_SYSTEMS, (512, 1024, 1536, 2048), 1024, "cpu", "float32", cap_gb=3.5,
-                       probe_timeout_s=600),
+                       host_gb=1.0, probe_timeout_s=600),
     # one 10-minute device command: probes that would start past the deadline are reported as not run
     "gpu": Suite(("llama-3.2-1b", "llama-3-8b"), GPU_SYSTEMS, (16384, 32768, 65536, 131072, 262144, 524288), 16384,
                  "cuda", "bfloat16", cap_gb=None, steps=2, probe_timeout_s=120, deadline_s=540),

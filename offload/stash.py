@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from longtune.planner.timeline import nvme_ring_slots
+
 from .movers import Mover, Ticket
 from .pinned import HostPool
 
@@ -121,11 +123,10 @@ class ActivationStash:
         if ring_bytes:
             if nvme_store is None:
                 raise ValueError("the plan sends activations to nvme but no NVMe store was given")
-            # A layer's NVMe bytes wait in the ring from its forward until written, and come back through it a
-            # layer before their prefetch: depth + 2 buffers never collide.
-            ring = HostPool([(f"ring/{i}", (ring_bytes,), torch.uint8) for i in range(self.depth + 2)], name="act-nvme-ring")
+            slots = nvme_ring_slots(self.depth)  # the planner counts them in the host tier
+            ring = HostPool([(f"ring/{i}", (ring_bytes,), torch.uint8) for i in range(slots)], name="act-nvme-ring")
             self._ring_pool = ring
-            self._ring = [ring.tensor(f"ring/{i}") for i in range(self.depth + 2)]
+            self._ring = [ring.tensor(f"ring/{i}") for i in range(slots)]
         self._ring_busy: list[Optional[Future]] = [None] * len(self._ring)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="longtune-act-io") if self._ring else None
         self._reads: dict[int, Future] = {}

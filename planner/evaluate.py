@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .problem import CLASSES, Problem
-from .timeline import ARENA_CHUNK_OVERHEAD, activation_residency, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
+from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, activation_residency, nvme_ring_slots, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
 
 GPU, RECOMPUTE = "gpu", "recompute"
 # decisions[l][class][place] = number of chunks; place is "gpu", "recompute" or a tier name.
@@ -143,6 +143,9 @@ def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None
         + (option.tier_bytes.get(name, 0.0) if option else 0.0)
         for name in tiers
     }
+    if "nvme" in tiers and "host" in tiers:
+        tier_bytes["host"] += nvme_ring_slots(problem.prefetch_depth) * max(
+            sum((B[c] + REGION_SLACK_BYTES) * d.get("nvme", 0) for c, d in layer.items()) for layer in decisions)
     violations = []
     if max(rows) > problem.budget_bytes + TOLERANCE_BYTES:
         worst = positions(L)[rows.index(max(rows))]

@@ -23,7 +23,7 @@ import pulp
 
 from .evaluate import GPU, RECOMPUTE, Decisions, margin_bytes, places
 from .problem import CLASSES, Problem
-from .timeline import ARENA_CHUNK_OVERHEAD, arena_live, gpu_rows, prefetch_window_s, state_constant_s
+from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, arena_live, nvme_ring_slots, gpu_rows, prefetch_window_s, state_constant_s
 
 GB = 1e9
 
@@ -133,10 +133,17 @@ class _Model:
                 recompute_s[j] for j in range(l + 1, min(l + max(1, P.prefetch_depth), L - 1) + 1))
             self.prob += link("to_gpu_bps") + bwd_h2d <= window + h2d
             exposed += [d2h, h2d]
+        ring = 0.0  # the host buffers NVMe activations pass through (timeline.nvme_ring_slots), in the host tier
+        if "nvme" in tiers and "host" in tiers:
+            largest = pulp.LpVariable("nvme_ring_buffer_gb", 0)
+            for l in range(L):
+                self.prob += largest >= pulp.lpSum((B[c] + REGION_SLACK_BYTES / GB) * self.n[l, c, "nvme"]
+                                                   for c in CLASSES if (l, c, "nvme") in self.n)
+            ring = nvme_ring_slots(P.prefetch_depth) * largest
         for name, tier in tiers.items():
             state_on_tier = pulp.lpSum(o.tier_bytes.get(name, 0.0) / GB * y for o, y in y_state)
             self.prob += (pulp.lpSum(B[c] * self.n[l, c, name] for l in range(L) for c in CLASSES if (l, c, name) in self.n)
-                          + state_on_tier
+                          + state_on_tier + (ring if name == "host" else 0.0)
                           <= tier.capacity_bytes / GB)
         if not minimise_peak:
             # The whole predicted step time, constant compute included, so the gap is relative to it.

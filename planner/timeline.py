@@ -34,6 +34,14 @@ REGION_SLACK_BYTES = 1024
 ARENA_CHUNK_OVERHEAD = REGION_SLACK_BYTES + 512
 
 
+def nvme_ring_slots(prefetch_depth: int) -> int:
+    """Host buffers the NVMe tier's activations pass through (offload/stash.py), each the size of the largest
+    layer's NVMe region: a layer's bytes wait in one from its forward until written, and come back through
+    one a layer before their prefetch; depth + 2 of them never collide. They are host memory: the host
+    tier holds them beside its own activations and the state."""
+    return max(1, prefetch_depth) + 2
+
+
 def positions(num_layers: int) -> list[str]:
     """The positions of the memory rows, in step order: the head, then the backward of L-1 down to 0."""
     return ["head"] + [f"backward {j}" for j in reversed(range(num_layers))]

@@ -269,3 +269,38 @@ def test_a_machine_without_a_host_tier_keeps_the_state_on_the_gpu():
     options = state_options(shape, nvme_only, layer_fwd_s=0.01)
     assert {(o.optimizer, o.params) for o in options} == {("gpu", "gpu")}
     make_plan(build_problem(shape, 8192, nvme_only, chunks=1, optimizer="auto", params="auto").with_budget(80e9))
+
+
+def test_the_host_buffers_nvme_activations_pass_through_are_counted_in_the_host_tier():
+    """NVMe activations pass through depth + 2 host buffers the size of the largest layer's NVMe region
+    (offload/stash.py); the plan counts them in the host tier, and the solver keeps them inside it."""
+    from dataclasses import replace
+
+    from longtune.planner.timeline import REGION_SLACK_BYTES, nvme_ring_slots
+
+    problem = small_problem(3, 2, tiers=("host", "nvme"))
+    B, G = problem.chunk_bytes, problem.chunks
+    keep = {c: {GPU: G} for c in CLASSES}
+    to_nvme = {**keep, "post": {"nvme": G}}
+    plain = evaluate(problem, [keep] * 3).tier_bytes["host"]
+    staged = evaluate(problem, [keep, to_nvme, keep]).tier_bytes["host"]
+    assert staged - plain == pytest.approx(nvme_ring_slots(problem.prefetch_depth) * (B["post"] + REGION_SLACK_BYTES) * G)
+
+    # Six layers whose inputs must leave the GPU, and host room for the state and 3.5 layers' inputs: all of
+    # them on the host does not fit, three there and three on NVMe would (3 + a ring of 3 = 6 > 3.5 in truth);
+    # with the ring counted the solver's plan fits the host tier as the runtime will fill it.
+    problem = small_problem(6, 2, tiers=("host", "nvme"))
+    state_host = problem.state(None).tier_bytes["host"]
+    inputs = (B["input"] + REGION_SLACK_BYTES) * G
+    capacity = state_host + 3.5 * inputs
+    tight = replace(problem, tiers=tuple(replace(t, capacity_bytes=capacity) if t.name == "host" else t
+                                         for t in problem.tiers))
+    plan = make_plan(tight.with_budget(min_gpu_budget(tight) * 1.02))
+    assert "nvme" in {p for layer in plan.layers for p in layer["input"]}, plan.layers
+    host_acts = sum(B[c] * d.get("host", 0) for layer in plan.layers for c, d in layer.items())
+    ring = nvme_ring_slots(1) * max(sum((B[c] + REGION_SLACK_BYTES) * d.get("nvme", 0) for c, d in layer.items())
+                                    for layer in plan.layers)
+    assert plan.predicted["peak_bytes"]["host"] == pytest.approx(state_host + host_acts + ring)
+    assert state_host + host_acts + ring <= capacity
+    half = [{**layer, "input": {"host" if l < 3 else "nvme": G}} for l, layer in enumerate(plan.layers)]
+    assert evaluate(tight, half, plan.state).violations  # three and three: the host would overflow

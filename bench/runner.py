@@ -72,7 +72,7 @@ SUITES = {
     "gpu-quick": Suite(("llama-3.2-1b",), GPU_SYSTEMS, (16384, 32768, 65536, 131072), 16384, "cuda", "bfloat16",
                        cap_gb=None, steps=2, probe_timeout_s=90, deadline_s=240),
     # the runner's own tests: a 2-layer model, seconds per probe
-    "smoke": Suite(("tiny",), ("longtune", "hf"), (64, 128, 256), 128, "cpu", "float32", cap_gb=3.0,
+    "smoke": Suite(("tiny",), ("longtune", "hf"), (64, 128), 128, "cpu", "float32", cap_gb=3.0,
                    reserve_gb=1.0, probe_timeout_s=300),
 }
 

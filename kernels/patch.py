@@ -72,10 +72,14 @@ def _causal_lm_forward(original):
 
         if past_key_values is not None:  # only passed when given: transformers 5 deprecates the name
             kwargs["past_key_values"] = past_key_values
+        shift_labels = kwargs.pop("shift_labels", None)  # targets shifted already (a sequence-parallel shard)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        hidden = out.last_hidden_state[:, :-1, :]
-        targets = labels[:, 1:].to(hidden.device)
+        if shift_labels is None:
+            hidden, targets = out.last_hidden_state[:, :-1, :], labels[:, 1:]
+        else:
+            hidden, targets = out.last_hidden_state, shift_labels
+        targets = targets.to(hidden.device)
         loss = fused_linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), bias=self.lm_head.bias,
             num_items_in_batch=num_items_in_batch, chunk_size=self._longtune_ce_chunk,

@@ -41,6 +41,7 @@ from .dispatch import SavedTensorDispatcher
 from .groups import decoder_layers
 from .layer_split import check_supported, split_layer
 from .stash import DEVICE, ActivationStash
+from .ulysses import SequenceGroup, ulysses_backward, ulysses_forward
 
 RECOMPUTE = "recompute"
 CLASSES = ("input", "pre", "attn", "post")
@@ -99,8 +100,10 @@ class ActivationRuntime:
     """
 
     def __init__(self, model: nn.Module, places: list[dict[str, list[str]]], dispatcher: SavedTensorDispatcher,
-                 stash: ActivationStash, depth: int = 1):
+                 stash: ActivationStash, depth: int = 1, sequence: Optional[SequenceGroup] = None):
         self.model, self.places, self.dispatcher, self.stash = model, places, dispatcher, stash
+        # Sequence parallel: this rank holds a shard of each sequence and attention runs over the group (ulysses.py)
+        self.sequence = sequence if sequence is not None and sequence.size > 1 else None
         self.depth = max(1, depth)
         self.base = model.model if hasattr(model, "model") else model
         check_supported(self.base.config, 0)
@@ -140,7 +143,13 @@ class ActivationRuntime:
             if position_ids is None:
                 position_ids = torch.arange(s, device=hidden.device).unsqueeze(0)
             cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
-            self._step = {"cos": cos, "sin": sin, "docs": documents(position_ids, s, b)}
+            if self.sequence is None:
+                docs = documents(position_ids, s, b)
+            elif self.sequence.docs is None:
+                raise RuntimeError("sequence parallel: the documents of the whole sequence were not gathered")
+            else:
+                docs = self.sequence.docs
+            self._step = {"cos": cos, "sin": sin, "docs": docs}
             d = self.dispatcher
             rope = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
             d.passthrough |= rope  # shared by every layer: kept as they are
@@ -206,8 +215,12 @@ class ActivationRuntime:
                     leaves.append(leaf)
                 qbuf[:, a:e], kbuf[:, a:e], vbuf[:, a:e] = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                 del q, k, v
-            out, lse = attention_forward(qbuf.transpose(1, 2), kbuf.transpose(1, 2), vbuf.transpose(1, 2), st.docs,
-                                         split.scale)
+            if self.sequence is None:
+                out, lse = attention_forward(qbuf.transpose(1, 2), kbuf.transpose(1, 2), vbuf.transpose(1, 2),
+                                             st.docs, split.scale)
+            else:  # all tokens of the sequence for 1/P of the heads, and back (lse stays in the head layout)
+                out, lse = ulysses_forward(qbuf, kbuf, vbuf, st.docs, split.scale, self.sequence)
+                out = out.transpose(1, 2)
             del qbuf, kbuf, vbuf
             flat = _chunk_major(out, st.bounds)
             del out
@@ -284,9 +297,7 @@ class ActivationRuntime:
 
     # --- backward ---------------------------------------------------------------------------------
     def _backward(self, st: _LayerState, dy: torch.Tensor):
-        l, split, d, stash = st.index, self.splits[st.index], self.dispatcher, self.stash
-        b, s, h = st.shape
-        nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
+        l, d, stash = st.index, self.dispatcher, self.stash
         if l == len(self.layers) - 1:
             self._drained(l)
         d.residency.phase(f"backward {l}")
@@ -306,54 +317,8 @@ class ActivationRuntime:
         d.passthrough |= resident
         try:
             with d.hooks(), autocast:
-                K, V = self._keys_values(st)
-                acc = torch.float32 if dy.dtype in (torch.bfloat16, torch.float16) else dy.dtype
-                dk = torch.zeros(b, nkv, s, hd, dtype=acc, device=dy.device)
-                dv = torch.zeros_like(dk)
-                dx = torch.empty_like(dy)
-                flat, lse = st.out.tensor(), st.lse.tensor()
-                for i in reversed(range(len(st.bounds))):
-                    a, e = st.bounds[i]
-                    cos_i, sin_i = st.cos[:, a:e], st.sin[:, a:e]
-                    # post part
-                    graph, scope = st.post[i], None
-                    if graph is None:
-                        xl = st.inputs[i].tensor().detach().requires_grad_()
-                        al = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd).detach().requires_grad_()
-                        with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
-                            outs, ins = [split.post(xl, al)], [xl, al]
-                    else:
-                        outs, ins = graph.outs, graph.ins
-                    grads = torch.autograd.grad(outs, ins + param_edges, [dy[:, a:e]], allow_unused=True)
-                    del outs, ins
-                    st.post[i] = None
-                    if scope is not None:
-                        d.release_recompute(scope)
-                    dx_i, dattn = grads[0], grads[1]
-                    _accumulate(sums, grads[2:])
-                    # attention backward of query chunk i
-                    graph, scope = st.pre[i], None
-                    if graph is None:
-                        xl = st.inputs[i].tensor().detach().requires_grad_()
-                        with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
-                            q, k, v = split.pre(xl, cos_i, sin_i)
-                        outs, ins = [q, k, v], [xl]
-                    else:
-                        q = graph.refs[0].tensor()
-                        outs, ins = graph.outs, graph.ins
-                    dout = dattn.view(b, e - a, nq, hd).transpose(1, 2)
-                    out_i = _attn_chunk(flat, (a, e), b, nq, hd).transpose(1, 2)
-                    dq = attention_backward_chunk(dout, q, K, V, out_i, lse[:, :, a:e], st.docs, a, e,
-                                                  split.scale, dk, dv)
-                    del q, dout, dattn
-                    grads = torch.autograd.grad(outs, ins + param_edges, [dq, dk[:, :, a:e].to(dy.dtype),
-                                                                          dv[:, :, a:e].to(dy.dtype)], allow_unused=True)
-                    del outs, ins
-                    st.pre[i] = None
-                    if scope is not None:
-                        d.release_recompute(scope)
-                    dx[:, a:e] = dx_i + grads[0]
-                    _accumulate(sums, grads[1:])
+                sweep = self._sweep if self.sequence is None else self._sweep_sequence
+                dx = sweep(st, dy, param_edges, sums)
         finally:
             d.passthrough -= resident
         stash.release(l)
@@ -365,21 +330,139 @@ class ActivationRuntime:
         grads = [g.to(p.dtype) if g is not None else None for g, p in zip(sums, params)]
         return dx, grads
 
+    def _sweep(self, st: _LayerState, dy: torch.Tensor, param_edges: list, sums: list) -> torch.Tensor:
+        """The backward of one layer, chunk by chunk from the last: post, attention of the chunk's queries, pre."""
+        l, split, d = st.index, self.splits[st.index], self.dispatcher
+        b, s, h = st.shape
+        nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
+        K, V = self._keys_values(st)
+        acc = torch.float32 if dy.dtype in (torch.bfloat16, torch.float16) else dy.dtype
+        dk = torch.zeros(b, nkv, s, hd, dtype=acc, device=dy.device)
+        dv = torch.zeros_like(dk)
+        dx = torch.empty_like(dy)
+        flat, lse = st.out.tensor(), st.lse.tensor()
+        for i in reversed(range(len(st.bounds))):
+            a, e = st.bounds[i]
+            cos_i, sin_i = st.cos[:, a:e], st.sin[:, a:e]
+            # post part
+            graph, scope = st.post[i], None
+            if graph is None:
+                xl = st.inputs[i].tensor().detach().requires_grad_()
+                al = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd).detach().requires_grad_()
+                with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
+                    outs, ins = [split.post(xl, al)], [xl, al]
+            else:
+                outs, ins = graph.outs, graph.ins
+            grads = torch.autograd.grad(outs, ins + param_edges, [dy[:, a:e]], allow_unused=True)
+            del outs, ins
+            st.post[i] = None
+            if scope is not None:
+                d.release_recompute(scope)
+            dx_i, dattn = grads[0], grads[1]
+            _accumulate(sums, grads[2:])
+            # attention backward of query chunk i
+            graph, scope = st.pre[i], None
+            if graph is None:
+                xl = st.inputs[i].tensor().detach().requires_grad_()
+                with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
+                    q, k, v = split.pre(xl, cos_i, sin_i)
+                outs, ins = [q, k, v], [xl]
+            else:
+                q = graph.refs[0].tensor()
+                outs, ins = graph.outs, graph.ins
+            dout = dattn.view(b, e - a, nq, hd).transpose(1, 2)
+            out_i = _attn_chunk(flat, (a, e), b, nq, hd).transpose(1, 2)
+            dq = attention_backward_chunk(dout, q, K, V, out_i, lse[:, :, a:e], st.docs, a, e,
+                                          split.scale, dk, dv)
+            del q, dout, dattn
+            grads = torch.autograd.grad(outs, ins + param_edges, [dq, dk[:, :, a:e].to(dy.dtype),
+                                                                  dv[:, :, a:e].to(dy.dtype)], allow_unused=True)
+            del outs, ins
+            st.pre[i] = None
+            if scope is not None:
+                d.release_recompute(scope)
+            dx[:, a:e] = dx_i + grads[0]
+            _accumulate(sums, grads[1:])
+        return dx
+
+    def _sweep_sequence(self, st: _LayerState, dy: torch.Tensor, param_edges: list, sums: list) -> torch.Tensor:
+        """The backward of one layer under sequence parallelism. The attention backward needs the output gradient
+        of every token of the sequence (an all-to-all over the group), so the sweep runs in three passes: the
+        post part of every chunk (last first), the attention backward of the shard at once, then the pre part of
+        every chunk. Still one recomputed chunk alive at a time."""
+        l, split, d = st.index, self.splits[st.index], self.dispatcher
+        b, s, h = st.shape
+        nq, hd = split.num_heads, split.head_dim
+        flat, lse = st.out.tensor(), st.lse.tensor()
+        dx = torch.empty_like(dy)
+        dattn = dy.new_empty(b, s, nq, hd)
+        for i in reversed(range(len(st.bounds))):
+            a, e = st.bounds[i]
+            graph, scope = st.post[i], None
+            if graph is None:
+                xl = st.inputs[i].tensor().detach().requires_grad_()
+                al = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd).detach().requires_grad_()
+                with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
+                    outs, ins = [split.post(xl, al)], [xl, al]
+            else:
+                outs, ins = graph.outs, graph.ins
+            grads = torch.autograd.grad(outs, ins + param_edges, [dy[:, a:e]], allow_unused=True)
+            del outs, ins
+            st.post[i] = None
+            if scope is not None:
+                d.release_recompute(scope)
+            dx[:, a:e] = grads[0]
+            dattn[:, a:e] = grads[1].view(b, e - a, nq, hd)
+            _accumulate(sums, grads[2:])
+        q, k, v = self._qkv(st, queries=True)
+        out = torch.cat([_attn_chunk(flat, bound, b, nq, hd) for bound in st.bounds], dim=1) if b > 1 \
+            else flat.view(b, s, nq, hd)
+        dq, dk, dv = ulysses_backward(dattn, q, k, v, out, lse, st.docs, split.scale, self.sequence)
+        del q, k, v, out, dattn
+        for i in reversed(range(len(st.bounds))):
+            a, e = st.bounds[i]
+            graph, scope = st.pre[i], None
+            if graph is None:
+                xl = st.inputs[i].tensor().detach().requires_grad_()
+                with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
+                    outs, ins = list(split.pre(xl, st.cos[:, a:e], st.sin[:, a:e])), [xl]
+            else:
+                outs, ins = graph.outs, graph.ins
+            grads = torch.autograd.grad(outs, ins + param_edges, [t[:, a:e].transpose(1, 2) for t in (dq, dk, dv)],
+                                        allow_unused=True)
+            del outs, ins
+            st.pre[i] = None
+            if scope is not None:
+                d.release_recompute(scope)
+            dx[:, a:e] += grads[0]
+            _accumulate(sums, grads[1:])
+        return dx
+
     def _keys_values(self, st: _LayerState):
-        """K and V of every token for the attention backward: stashed, or recomputed without a graph."""
+        """K and V of every token for the attention backward, [b, nkv, s, d]."""
+        _, k, v = self._qkv(st, queries=False)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def _qkv(self, st: _LayerState, queries: bool):
+        """(Q or None), K, V of every token of the layer, token-major [b, s, n, d]: stashed, or recomputed without
+        a graph (K and V alone, unless the queries are asked for too)."""
         split = self.splits[st.index]
         b, s, _ = st.shape
-        kbuf = torch.empty(b, s, split.num_kv_heads, split.head_dim, dtype=st.out.dtype, device=st.cos.device)
-        vbuf = torch.empty_like(kbuf)
+        make = lambda n: torch.empty(b, s, n, split.head_dim, dtype=st.out.dtype, device=st.cos.device)  # noqa: E731
+        qbuf = make(split.num_heads) if queries else None
+        kbuf, vbuf = make(split.num_kv_heads), make(split.num_kv_heads)
         for i, (a, e) in enumerate(st.bounds):
             graph = st.pre[i]
             if graph is None:
+                x, cos, sin = st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e]
                 with torch.no_grad(), self._timed():
-                    k, v = split.keys_values(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])
+                    q, k, v = split.pre(x, cos, sin) if queries else (None, *split.keys_values(x, cos, sin))
             else:
-                k, v = graph.refs[1].tensor(), graph.refs[2].tensor()
+                q, k, v = (ref.tensor() for ref in graph.refs)
             kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)
-        return kbuf.transpose(1, 2), vbuf.transpose(1, 2)
+            if queries:
+                qbuf[:, a:e] = q.transpose(1, 2)
+        return qbuf, kbuf, vbuf
 
 
 def _layer_params(layer: nn.Module) -> list[torch.Tensor]:

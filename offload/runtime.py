@@ -64,6 +64,7 @@ class RuntimeOptions:
     # averages them over this group itself, as a DDP wrapper would too late.
     process_group: Optional[object] = None
     strategy_owns_state: bool = False  # FSDP2 / DeepSpeed place optimizer state and weights: AdamW on the device
+    sequence: Optional[object] = None  # ulysses.SequenceGroup: this rank holds a shard of each sequence
 
 
 class MemoryRuntime:
@@ -177,7 +178,7 @@ class MemoryRuntime:
                                 o.prefetch_depth)
         self.dispatcher.stash = stash
         self.activations = ActivationRuntime(self.model, plan_places(plan.layers), self.dispatcher, stash,
-                                             o.prefetch_depth)
+                                             o.prefetch_depth, sequence=o.sequence)
         off = sum(sum(r.values()) for r in layout)
         chunks = plan.problem.chunks
         self.notes.append(f"activations: the plan's decisions run per layer and chunk ({chunks} chunk{'s' if chunks > 1 else ''}); "

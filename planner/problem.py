@@ -317,6 +317,25 @@ class Sharding:
         return out
 
 
+def sequence_split_error(num_heads: int, num_kv_heads: int, degree: int) -> Optional[str]:
+    """Why `degree` sequence-parallel ranks cannot split these attention heads (None: they can). Ulysses gives
+    each rank 1/degree of the query heads; the key/value heads are split the same way, or repeated to one per
+    rank when there are fewer of them than ranks."""
+    if degree <= 1:
+        return None
+    if num_heads % degree:
+        return f"num_attention_heads={num_heads} is not divisible by parallel.sequence_parallel={degree}"
+    if num_kv_heads % degree and degree % num_kv_heads:
+        return (f"num_key_value_heads={num_kv_heads} and parallel.sequence_parallel={degree}: one must divide the "
+                "other (the key/value heads are split among the ranks, or repeated to one per rank)")
+    return None
+
+
+def kv_heads_on_wire(num_kv_heads: int, degree: int) -> int:
+    """Key/value heads that go through the all-to-all: the model's, or one per rank when it has fewer."""
+    return max(num_kv_heads, degree)
+
+
 def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optimizer: str = "auto",
                   params: str = "auto", galore: Optional[GaloreSizing] = None,
                   sharding: Sharding = Sharding()) -> tuple[StateOption, ...]:

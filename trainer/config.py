@@ -239,6 +239,9 @@ class ParallelConfig(_Section):
     offload_optimizer: Literal["none", "cpu"] = "none"  # DeepSpeed ZeRO-Offload of the optimizer state
     offload_params: Literal["none", "cpu"] = "none"  # DeepSpeed ZeRO-3 parameter offload
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON of your own; longtune fills batch, clipping, precision
+    # Ulysses sequence parallelism: each sequence is cut into this many contiguous shards, one per rank, and
+    # attention runs over the group by all-to-all (trainer/sequence_parallel.py). world = data parallel x this.
+    sequence_parallel: int = Field(1, ge=1)
 
 
 class RayLaunchConfig(_Section):

@@ -249,12 +249,25 @@ class Batch:
     input_ids: torch.Tensor  # [micro_batch, seq_len]
     labels: torch.Tensor
     position_ids: torch.Tensor
+    # The target of each token, already shifted (sequence parallel: a shard's last token predicts the next
+    # shard's first, so the shift is made on the whole sequence before it is cut). None: transformers shifts.
+    shift_labels: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.labels, self.position_ids)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True)
+                       for t in (self.input_ids, self.labels, self.position_ids, self.shift_labels)))
+
+    def shard(self, index: int, shards: int) -> "Batch":
+        """Contiguous token shard `index` of `shards`, with its targets shifted on the whole sequence."""
+        s = self.input_ids.shape[1] // shards
+        cut = slice(index * s, (index + 1) * s)
+        shifted = torch.nn.functional.pad(self.labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, cut].contiguous()
+        return Batch(self.input_ids[:, cut].contiguous(), shifted, self.position_ids[:, cut].contiguous(), shifted)
 
     @property
     def loss_tokens(self) -> int:
+        if self.shift_labels is not None:
+            return int((self.shift_labels != IGNORE_INDEX).sum())
         # transformers shifts labels by one: label 0 is never a target.
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 

@@ -164,6 +164,7 @@ def check_architecture(hf: dict, cfg: Config, complete: bool = True) -> None:
     if hf.get("model_type") in SUPPORTED_MODEL_TYPES and head_dim % 2:  # RoPE rotates pairs of dimensions
         raise ConfigError(f"{where}: the head dimension {head_dim} (hidden_size / num_attention_heads, or head_dim) "
                           "must be even for RoPE")
+    check_sequence_parallel(hf, cfg, heads, kv)
     positions = hf.get("max_position_embeddings")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
@@ -172,6 +173,35 @@ def check_architecture(hf: dict, cfg: Config, complete: bool = True) -> None:
             f"data.seq_len={cfg.data.seq_len} is above the model's max_position_embeddings={positions}: set "
             f"model.rope_scaling (e.g. {{rope_type: linear, factor: {-(-cfg.data.seq_len // positions)}}}) or "
             f"model.max_position_embeddings={cfg.data.seq_len} to train beyond it")
+
+
+def check_sequence_parallel(hf: dict, cfg: Config, heads: int, kv: int) -> None:
+    """parallel.sequence_parallel=P: what Ulysses needs of the model and the data, before anything loads."""
+    P = cfg.parallel.sequence_parallel
+    if P <= 1:
+        return
+    from longtune.planner.problem import sequence_split_error
+
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"parallel.sequence_parallel={P}: sequence parallel attention supports "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)} models, not {model_type!r}")
+    reason = sequence_split_error(heads, kv, P)
+    if reason:
+        raise ConfigError(f"parallel.sequence_parallel: {reason}")
+    if cfg.data.seq_len % P:
+        raise ConfigError(f"parallel.sequence_parallel={P}: data.seq_len={cfg.data.seq_len} must be a multiple of it "
+                          f"(each rank takes an equal shard), e.g. {cfg.data.seq_len // P * P or P}")
+    window = hf.get("sliding_window")
+    if window and cfg.data.seq_len > window and (model_type == "mistral" or hf.get("use_sliding_window")):
+        raise ConfigError(f"parallel.sequence_parallel={P}: sliding-window attention ({window} tokens) at "
+                          f"data.seq_len={cfg.data.seq_len} is not supported; use data.seq_len <= {window}")
+    if hf.get("attention_dropout"):
+        raise ConfigError(f"parallel.sequence_parallel={P}: attention_dropout={hf['attention_dropout']} is not "
+                          "supported (the sequence parallel attention has no dropout)")
+    if cfg.data.kind == "passkey" and cfg.data.passkey.eval_samples:
+        raise ConfigError(f"parallel.sequence_parallel={P}: the passkey evaluation runs unsharded: set "
+                          "data.passkey.eval_samples=0")
 
 
 def read_text(path: Path, what: str = "data.path") -> str:

@@ -156,10 +156,11 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
         shape = ModelShape.from_hf_config(hf, cfg.model.dtype)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"model: the planner cannot size this model: {e}") from None
-    tokens = cfg.data.seq_len * cfg.train.micro_batch_size
-    chunks = plan_chunks(cfg)
-    if chunks > cfg.data.seq_len:
-        raise ConfigError(f"memory.plan_chunks={chunks} is more than the {cfg.data.seq_len} tokens of a sequence")
+    tokens = cfg.data.seq_len * cfg.train.micro_batch_size // cfg.parallel.sequence_parallel  # this rank's share
+    chunks, local = plan_chunks(cfg), cfg.data.seq_len // cfg.parallel.sequence_parallel
+    if chunks > local:
+        raise ConfigError(f"memory.plan_chunks={chunks} is more than the {local} tokens of a sequence"
+                          f"{' shard' if local < cfg.data.seq_len else ''}")
     k = cfg.model.kernels
     kernels = frozenset(name for name, on in (("rmsnorm", k.rmsnorm), ("rope", k.rope), ("swiglu", k.swiglu)) if on)
     machine = machine.with_capacities(caps.gpu, host=caps.host, cxl=caps.cxl, nvme=caps.nvme)
@@ -179,10 +180,11 @@ CHUNK_TOKENS, MAX_CHUNKS = 512, 16
 
 
 def plan_chunks(cfg: Config) -> int:
-    """memory.plan_chunks, `auto` resolved: a chunk per 512 tokens of a sequence, 1 to 16."""
+    """memory.plan_chunks, `auto` resolved: a chunk per 512 tokens of a sequence (of this rank's shard of it under
+    sequence parallelism), 1 to 16."""
     if cfg.memory.plan_chunks != "auto":
         return cfg.memory.plan_chunks
-    return max(1, min(MAX_CHUNKS, cfg.data.seq_len // CHUNK_TOKENS))
+    return max(1, min(MAX_CHUNKS, cfg.data.seq_len // cfg.parallel.sequence_parallel // CHUNK_TOKENS))
 
 
 def _ce_chunk_tokens(cfg: Config, shape: ModelShape, tokens: int) -> int:
@@ -266,7 +268,7 @@ def infeasible_error(e: PlanInfeasible) -> ConfigError:
 # --- the runtime -------------------------------------------------------------------------------
 
 
-def build_runtime(cfg: Config, model, plan: Plan, device, world: int = 1):
+def build_runtime(cfg: Config, model, plan: Plan, device, world: int = 1, sequence=None):
     """The MemoryRuntime that carries out `plan` for this config; the model is moved where the plan says."""
     from longtune.offload.nvme import NvmeError
     from longtune.offload.runtime import MemoryRuntime, RuntimeOptions
@@ -285,7 +287,8 @@ def build_runtime(cfg: Config, model, plan: Plan, device, world: int = 1):
         galore_fused_update=_galore_kernel(device) if o.name == "galore_adamw" else None,
         process_group=_own_reduction_group(cfg, plan, world),
         # FSDP2 / DeepSpeed own the optimizer state and weights (ZeRO-Offload moves them): torch AdamW on the device
-        strategy_owns_state=strategy_of(cfg, world) in ("fsdp2", "deepspeed"))
+        strategy_owns_state=strategy_of(cfg, world) in ("fsdp2", "deepspeed"),
+        sequence=sequence)
     if "nvme" in _tiers_used(plan) and not mem.nvme_path:
         raise ConfigError("the plan puts data on nvme: set memory.nvme_path to a folder on the NVMe drive")
     if options.galore is not None:

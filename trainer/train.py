@@ -25,6 +25,7 @@ from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, t
 from .model import build_model, build_tokenizer, count_parameters
 from .parallel import Strategy, build_strategy
 from .ranks import Ranks
+from .sequence_parallel import SequenceParallel
 
 
 TOKENIZER_DIR = "tokenizer"  # the run's own copy: resume and export need no GGUF parse
@@ -68,6 +69,7 @@ def forward_backward(model: torch.nn.Module, batches: list, device: torch.device
     loss = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         batch = batch.to(device)
+        shifted = {} if batch.shift_labels is None else {"shift_labels": batch.shift_labels}
         with (strategy.micro_batch(last=i == len(batches) - 1) if strategy else contextlib.nullcontext()), autocast():
             out = model(
                 input_ids=batch.input_ids,
@@ -75,6 +77,7 @@ def forward_backward(model: torch.nn.Module, batches: list, device: torch.device
                 labels=batch.labels,
                 num_items_in_batch=n_targets,
                 use_cache=False,  # a cache disables the packed-document mask
+                **shifted,
             )
             strategy.backward(out.loss) if strategy else out.loss.backward()
         loss += out.loss.detach()
@@ -134,13 +137,15 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     if cfg.memory.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()  # transformers 5 renamed gradient_checkpointing_enable
+    sp = SequenceParallel.build(cfg, ranks)
+    sp.apply(model)  # sequence parallel: attention over the group's shards of each sequence
     strategy.shard(model)  # FSDP2 shards the weights before the optimizer is built over them
     train_source = build_source(cfg.data, tokenizer, cfg.train.seed)
     eval_task = None
     if isinstance(train_source, PasskeyTask) and cfg.data.passkey.eval_samples:
         eval_task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")
-    loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed, ranks.rank, ranks.world)
-    runtime = build_runtime(cfg, model, plan, device, ranks.world)
+    loader = DataLoader(train_source, cfg.train.micro_batch_size, cfg.train.seed, sp.dp_rank, sp.dp_world)
+    runtime = build_runtime(cfg, model, plan, device, ranks.world, sequence=sp.group)
     train_model = strategy.wrap(model, runtime)
 
     def write_run_files() -> None:
@@ -162,11 +167,12 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if ranks.world > 1:
-        print(f"{ranks.world} processes, parallel.strategy={strategy.name}; each rank's plan is solved for its own "
+        split = f", {sp.dp_world} x sequence parallel {sp.size}" if sp.size > 1 else ""
+        print(f"{ranks.world} processes, parallel.strategy={strategy.name}{split}; each rank's plan is solved for its own "
               "share of the state")
     try:
         return _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime, loader, eval_task,
-                      config_yaml, write_run_files, strategy, ranks, on_checkpoint)
+                      config_yaml, write_run_files, strategy, ranks, on_checkpoint, sp)
     finally:
         try:
             strategy.close()
@@ -181,7 +187,7 @@ def describe_plan(plan) -> str:
 
 
 def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime, loader, eval_task, config_yaml,
-           write_run_files, strategy: Strategy, ranks: Ranks, on_checkpoint) -> RunResult:
+           write_run_files, strategy: Strategy, ranks: Ranks, on_checkpoint, sp: SequenceParallel) -> RunResult:
     model = strategy.model  # the model itself (train_model may be its DDP wrapper or DeepSpeed engine)
     optimizer = strategy.optimizer
     scheduler = build_scheduler(optimizer, cfg)
@@ -206,7 +212,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
     mc = model.config
     flops_per_token = train_flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.seq_len)
     peak = peak_flops(device)
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * ranks.world
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * ranks.world // sp.size
     print(
         f"model {n_params / 1e6:.1f}M params on {device} | {cfg.data.kind} data, {cfg.data.seq_len:,} tokens/seq, "
         f"{tokens_per_step:,} tokens/step | steps {state.step + 1}..{t.max_steps} | run folder {output_dir}"
@@ -233,7 +239,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
             evaluate()  # the starting point, so the run shows what training changed
         for step in range(state.step + 1, t.max_steps + 1):
             start = time.perf_counter()
-            batches = [next(loader) for _ in range(t.grad_accum_steps)]
+            batches = [sp.shard(next(loader)) for _ in range(t.grad_accum_steps)]
             with runtime.step(len(batches)):
                 loss = forward_backward(train_model, batches, device, autocast, strategy, ranks)
             lr = scheduler.get_last_lr()[0]

@@ -1,0 +1,142 @@
+"""Ulysses sequence parallelism: attention over a sequence split across the ranks of a group.
+
+Each of the P ranks of a sequence group holds a contiguous 1/P of every sequence's tokens. Everything in a
+decoder layer but attention is token-wise, so it runs on the shard as it is. Attention needs every token:
+an all-to-all turns the q/k/v of the rank's tokens for all heads into those of all tokens for 1/P of the
+heads, attention runs there (offload/attention.py: causal within each document, exact), and a second
+all-to-all turns the output back (DeepSpeed-Ulysses, Jacobs et al. 2023; ALST). The backward is the same
+in reverse: the output gradient and q/k/v go to the head layout, the attention backward gives dq/dk/dv
+there, and they come back to the tokens.
+
+Fewer key/value heads than ranks (GQA): k and v are repeated to P heads before the all-to-all (each rank's
+query heads all read one of them) and their gradients summed back; otherwise the key/value heads must
+divide among the ranks like the query heads.
+
+Two callers share these functions: the activation runtime's attention core (offload/activations.py), and
+`UlyssesAttention`, the autograd Function the plain transformers path registers as the model's attention
+(trainer/sequence_parallel.py). The documents (packed sequences) come from the position ids of the whole
+sequence, gathered once per forward (`SequenceGroup.gather_documents`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .attention import Documents, attention_backward_chunk, attention_forward, documents
+
+
+@dataclass
+class SequenceGroup:
+    """The ranks that share each sequence: `size` of them, this process being `rank` among them."""
+
+    size: int
+    rank: int
+    group: object = None  # the torch.distributed ProcessGroup
+    docs: Optional[Documents] = None  # the running forward's documents over the whole sequence
+
+    def gather_documents(self, position_ids: torch.Tensor, batch: int) -> Documents:
+        """The documents of the whole sequence from this rank's shard of the position ids ([b or 1, s])."""
+        pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+        parts = [torch.empty_like(pos) for _ in range(self.size)]
+        dist.all_gather(parts, pos.contiguous(), group=self.group)
+        whole = torch.cat(parts, dim=1)
+        self.docs = documents(whole, whole.shape[1], batch)
+        return self.docs
+
+
+# --- the two all-to-alls ----------------------------------------------------------------------------
+
+
+def seq_to_heads(x: torch.Tensor, seq: SequenceGroup) -> torch.Tensor:
+    """[b, s, n, d] of this rank's tokens, all heads -> [b, P*s, n/P, d] of all tokens, this rank's heads."""
+    P = seq.size
+    b, s, n, d = x.shape
+    send = x.reshape(b, s, P, n // P, d).permute(2, 0, 1, 3, 4).contiguous()  # [dst rank, b, s, n/P, d]
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=seq.group)  # [src rank = token shard, b, s, n/P, d]
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, P * s, n // P, d)
+
+
+def heads_to_seq(y: torch.Tensor, seq: SequenceGroup) -> torch.Tensor:
+    """The inverse of `seq_to_heads`: [b, P*s, n/P, d] -> [b, s, n, d] (contiguous)."""
+    P = seq.size
+    b, S, m, d = y.shape
+    send = y.reshape(b, P, S // P, m, d).transpose(0, 1).contiguous()  # [dst rank = token shard, b, s, n/P, d]
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=seq.group)  # [src rank = head group, b, s, n/P, d]
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, S // P, P * m, d)
+
+
+def _expand_kv(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[b, s, nkv, d] -> [b, s, max(nkv, size), d]: with fewer kv heads than ranks, kv head j serves ranks
+    j*g .. j*g + g - 1 (g = size / nkv), as GQA maps their query heads to it."""
+    nkv = x.shape[2]
+    return x if nkv >= size else x.repeat_interleave(size // nkv, dim=2)
+
+
+def _reduce_kv(dx: torch.Tensor, nkv: int) -> torch.Tensor:
+    """The gradient of `_expand_kv`: sum each kv head's copies."""
+    n = dx.shape[2]
+    return dx if n == nkv else dx.unflatten(2, (nkv, n // nkv)).sum(3)
+
+
+# --- attention ----------------------------------------------------------------------------------------
+
+
+def ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, scale: float,
+                    seq: SequenceGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each document of the whole sequence, for this rank's tokens.
+
+    q [b, s, nq, d], k/v [b, s, nkv, d]: this rank's tokens, token-major (any strides). Returns ``(out, lse)``:
+    out [b, s, nq, d] contiguous (this rank's tokens, all heads), lse [b, nq/P, P*s] in the head layout, as the
+    backward takes it back."""
+    P = seq.size
+    qh = seq_to_heads(q, seq)
+    kh, vh = (seq_to_heads(_expand_kv(t, P), seq) for t in (k, v))
+    out, lse = attention_forward(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), docs, scale)
+    del qh, kh, vh
+    return heads_to_seq(out.transpose(1, 2), seq), lse
+
+
+def ulysses_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, docs: Documents, scale: float, seq: SequenceGroup
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv ([b, s, n, d], this rank's tokens) of `ulysses_forward`, given its out and lse.
+
+    dk and dv are summed in fp32 for bf16/fp16 inputs (as the unsplit runtime does) and come back in q's dtype."""
+    P, nkv = seq.size, k.shape[2]
+    dh, qh, oh = (seq_to_heads(t, seq).transpose(1, 2) for t in (dout, q, out))
+    kh, vh = (seq_to_heads(_expand_kv(t, P), seq).transpose(1, 2) for t in (k, v))
+    acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    dkh = torch.zeros(kh.shape, dtype=acc, device=kh.device)
+    dvh = torch.zeros_like(dkh)
+    S = qh.shape[2]
+    dqh = attention_backward_chunk(dh, qh, kh, vh, oh, lse, docs, 0, S, scale, dkh, dvh)
+    del dh, qh, oh, kh, vh
+    dq = heads_to_seq(dqh.transpose(1, 2), seq)
+    dk, dv = (_reduce_kv(heads_to_seq(t.to(q.dtype).transpose(1, 2), seq), nkv) for t in (dkh, dvh))
+    return dq, dk, dv
+
+
+class UlyssesAttention(torch.autograd.Function):
+    """`ulysses_forward` / `ulysses_backward` for autograd: the attention of the plain transformers path (and of
+    transformers' gradient checkpointing, whose recompute runs it again in the backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, seq: SequenceGroup):
+        if seq.docs is None:
+            raise RuntimeError("sequence parallel attention called outside a forward of the model (no documents)")
+        ctx.seq, ctx.scale, ctx.docs = seq, scale, seq.docs
+        out, lse = ulysses_forward(q, k, v, seq.docs, scale, seq)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ulysses_backward(dout.contiguous(), q, k, v, out, lse, ctx.docs, ctx.scale, ctx.seq)
+        return dq, dk, dv, None, None

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--machine", help="machine profile YAML (or bundled name) instead of memory.machine")
     plan.add_argument("--out", help="where to write plan.yaml (default: RUN.output_dir/plan.yaml)")
     plan.add_argument("--nproc", type=int, metavar="N", help="plan one rank of N processes under parallel.strategy "
-                      "(default: launch.ray.num_workers with launch.backend=ray, else 1)")
+                      "(default: launch.ray.num_workers with launch.backend=ray, else parallel.sequence_parallel)")
+    plan.add_argument("--longest", action="store_true", help="also search the longest data.seq_len that fits (always "
+                      "done with parallel.sequence_parallel > 1)")
 
     probe = sub.add_parser("probe", help="measure this machine's memory tiers and write a machine profile",
                            description="Measure GPU (or CPU) throughput, host and CXL copy bandwidth, and NVMe read/write "
@@ -164,7 +166,7 @@ def _flags_first(argv: list[str]) -> list[str]:
             moved += argv[i:i + 2]
             i += 2
             continue
-        (moved if name in valued or a in ("--print-config", "--json") else rest).append(a)
+        (moved if name in valued or a in ("--print-config", "--json", "--longest") else rest).append(a)
         i += 1
     return head + moved + rest
 
@@ -274,32 +276,70 @@ def run_plan(args: argparse.Namespace) -> int:
     from longtune.planner.plan import PlanInfeasible
     from longtune.planner.report import format_plan
     from longtune.trainer.config import load_config
-    from longtune.trainer.memory import load_machine, plan_memory, profile_capacities
+    from longtune.trainer.memory import load_machine, longest_context, plan_memory, profile_capacities
 
     cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
     out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "plan.yaml"
     if out.is_dir():
         raise UsageError(f"longtune plan: {'--out' if args.out else 'run.output_dir/plan.yaml'} {out} is a folder; give a file name")
     machine = load_machine(args.machine or cfg.memory.machine)
-    world = args.nproc or (cfg.launch.ray.num_workers if cfg.launch.backend == "ray" else 1)
+    sp = cfg.parallel.sequence_parallel
+    world = args.nproc or (cfg.launch.ray.num_workers if cfg.launch.backend == "ray" else sp)
     if world < 1:
         raise UsageError(f"longtune plan: --nproc must be at least 1, got {world}")
+    if world % sp:
+        raise UsageError(f"longtune plan: --nproc {world} is not a multiple of parallel.sequence_parallel={sp}")
+    plan = infeasible = longest = None
     try:  # `longtune plan` always plans the activations: that is what it is for
-        plan = plan_memory(cfg, profile_capacities(cfg, machine), machine, activations=True, world=world)
+        plan = plan_memory(cfg, profile_capacities(cfg, machine, world), machine, activations=True, world=world)
     except PlanInfeasible as e:
+        infeasible = e
+    if args.longest or sp > 1:  # after the plan above: a config that cannot be planned is refused first
+        def progress(n: int, fits: bool) -> None:
+            print(f"  {n:>12,} tokens: {'fits' if fits else 'does not fit'}", file=sys.stderr, flush=True)
+
+        print(f"searching the longest context on {world} GPU(s) of {machine.name}...", file=sys.stderr, flush=True)
+        longest = longest_context(cfg, machine, world, progress)
+    if infeasible is not None:
+        e = infeasible
         if args.json:
             print(json.dumps({"feasible": False, "budget_bytes": e.budget_bytes, "min_budget_bytes": e.min_budget_bytes,
-                              "missing_bytes": e.missing_bytes, "reason": str(e)}))
-        print(f"error: {e}", file=sys.stderr)
+                              "missing_bytes": e.missing_bytes, "reason": str(e),
+                              **({"longest_context": _longest_dict(longest)} if longest else {})}))
+        else:
+            print(f"error: {e}", file=sys.stderr)
+            if longest:
+                print(_longest_line(cfg, machine, world, longest))
         return EXIT_INFEASIBLE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(plan.to_yaml())
     if args.json:
-        print(json.dumps({"feasible": True, "plan_file": str(out), **plan.to_dict()}))
+        print(json.dumps({"feasible": True, "plan_file": str(out), **plan.to_dict(),
+                          **({"longest_context": _longest_dict(longest)} if longest else {})}))
     else:
         print(format_plan(plan))
         print(f"plan written to {out}")
+        if longest:
+            print(_longest_line(cfg, machine, world, longest))
     return EXIT_OK
+
+
+def _longest_dict(longest) -> dict:
+    n, plan = longest
+    return {"seq_len": n, "step_time_s": plan.predicted["step_time_s"] if plan else None,
+            "tokens_per_s": plan.predicted["tokens_per_s"] if plan else None}
+
+
+def _longest_line(cfg, machine, world: int, longest) -> str:
+    n, plan = longest
+    sp = cfg.parallel.sequence_parallel
+    split = f" ({world // sp} x sequence parallel {sp})" if sp > 1 else ""
+    if plan is None:
+        return f"longest context on {world} GPU(s) of {machine.name}{split}: none fits"
+    p = plan.predicted
+    return (f"longest context on {world} GPU(s) of {machine.name}{split}: {n:,} tokens per sequence "
+            f"(predicted step {p['step_time_s']:.1f} s, {p['tokens_per_s']:,.0f} tokens/s per sequence group; "
+            f"{n + 1024 * sp:,} does not fit)")
 
 
 def run_probe(args: argparse.Namespace) -> int:

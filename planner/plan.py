@@ -197,7 +197,7 @@ def predicted(problem: Problem, ev: Evaluation, state: Optional[str]) -> dict[st
         "gpu_fixed_bytes": problem.fixed_total + (option.gpu_total if option else 0.0),
         "arena_bytes": ev.arena_bytes,
         "activation_peak_bytes": ev.activation_peak_bytes,  # saved activations on the device, at the worst position
-        "tokens_per_s": problem.meta.get("tokens", 0) / ev.step_time_s if ev.step_time_s else None,
+        "tokens_per_s": problem.meta.get("sequence_tokens", problem.meta.get("tokens", 0)) / ev.step_time_s if ev.step_time_s else None,
     }
 
 

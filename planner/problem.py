@@ -59,6 +59,10 @@ class Machine:
     tiers: tuple[Tier, ...]
     hbm_bps: float = 3.0e12  # device memory bandwidth (the GPU AdamW step streams weights, grads, moments)
     cpu_adam_params_per_s: float = 1.5e9  # host AdamW throughput (bench/cpu_adam.py: 100M params in 0.067 s, 2 cores)
+    # All-to-all bandwidth per GPU between the GPUs of a node (sequence parallelism), each way; and how many GPUs
+    # a node has: they share its host RAM and drives (the tiers' capacities are the node's).
+    interconnect_bps: float = 200e9
+    gpus_per_node: int = 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "Machine":
@@ -92,6 +96,8 @@ class Machine:
             tuple(tiers),
             _number(gpu, "hbm_gbps", "gpu", default=3000.0) * GB,
             _number(host, "cpu_adam_gparams_per_s", "tiers.host", default=1.5) * 1e9,
+            _number(gpu, "interconnect_gbps", "gpu", default=200.0) * GB,
+            int(_number(d, "gpus_per_node", "machine", default=1)),
         )
 
     @classmethod
@@ -423,7 +429,19 @@ def head_bytes(shape: ModelShape, tokens: int, kernels: frozenset[str] = frozens
     return norm + loss
 
 
-def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str, float]) -> float:
+def all_to_all_bytes(shape: ModelShape, tokens: int, degree: int) -> tuple[float, float]:
+    """Bytes one rank sends over the interconnect per layer under sequence parallelism (and receives as many),
+    forward and backward: each all-to-all keeps 1/degree of its tensor and sends the rest."""
+    if degree <= 1:
+        return 0.0, 0.0
+    wb, q = shape.layer.dtype_bytes, shape.q_dim
+    kv = kv_heads_on_wire(shape.layer.num_kv_heads, degree) * shape.layer.head_dim
+    share = tokens * wb * (degree - 1) / degree
+    return share * (2 * q + 2 * kv), share * (4 * q + 4 * kv)
+
+
+def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str, float], sequence_parallel: int = 1
+                    ) -> float:
     """Bytes the runtime holds while one layer runs, beyond the saved activations: the larger of
 
     forward:  the layer input and output, the q/k/v buffers of all tokens, the attention output, the input
@@ -439,6 +457,12 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
     grads = shape.layer_params * (4 + (wb if wb < 4 else 0))
     backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + transient + grads
+    if sequence_parallel > 1:  # offload/ulysses.py: the head-layout copies and the all-to-all send buffers
+        kvw = kv_heads_on_wire(L.num_kv_heads, sequence_parallel) * L.head_dim
+        forward += tokens * wb * (2 * (q + 2 * kvw) + 2 * q)
+        # the output gradient and Q of the shard; dout, q, out, k, v in the head layout and one send buffer; dq,
+        # dk, dv there (dk, dv summed in fp32 for bf16) and back
+        backward += tokens * (2 * q * wb + (4 * q + 2 * kvw) * wb + (q + 2 * kvw) * acc + (q + 2 * kv) * wb)
     return max(forward, backward)
 
 
@@ -458,12 +482,18 @@ def build_problem(
     count_activations: bool = True,
     galore: Optional[GaloreSizing] = None,
     sharding: Sharding = Sharding(),
+    sequence_parallel: int = 1,
 ) -> Problem:
     """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory.
 
     Without the activation runtime (offload_activations=False) autograd keeps the activations: all of them, or with
     `checkpointed` (transformers' gradient checkpointing) each layer's input and one layer recomputed at a time;
-    count_activations=False leaves them out of the rows altogether (placing the state when they cannot fit)."""
+    count_activations=False leaves them out of the rows altogether (placing the state when they cannot fit).
+
+    sequence_parallel=P: `tokens` is this rank's shard of a sequence P times as long. Attention runs over the
+    whole sequence for 1/P of the heads; its all-to-alls (q, k, v and the output forward; the output, its
+    gradient, q, k, v and back dq, dk, dv backward) take the interconnect, on the compute stream, and their
+    buffers add to the layer's workspace."""
     kernels = frozenset(kernels)
     saved = class_bytes_per_token(shape.layer, kernels)
     extra_workspace = 0.0
@@ -478,11 +508,13 @@ def build_problem(
     mm = machine.bf16_flops * machine.matmul_efficiency
     attn = machine.bf16_flops * machine.attention_efficiency
     # Causal attention: QK^T and AV over half the (s x s) square.
-    attn_fwd_s = 2 * tokens * tokens * shape.q_dim / attn
+    P = sequence_parallel
+    attn_fwd_s = 2 * tokens * tokens * P * shape.q_dim / attn  # this rank's heads over all P x tokens positions
     pre_fwd_s = 2 * tokens * shape.pre_matmul_params / mm
     post_fwd_s = 2 * tokens * shape.post_matmul_params / mm
-    layer_fwd_s = pre_fwd_s + attn_fwd_s + post_fwd_s
-    layer_bwd_s = 2 * (pre_fwd_s + post_fwd_s) + 2.5 * attn_fwd_s  # flash backward ~2.5x its forward
+    a2a_fwd_s, a2a_bwd_s = (b / machine.interconnect_bps for b in all_to_all_bytes(shape, tokens, P))
+    layer_fwd_s = pre_fwd_s + attn_fwd_s + post_fwd_s + a2a_fwd_s
+    layer_bwd_s = 2 * (pre_fwd_s + post_fwd_s) + 2.5 * attn_fwd_s + a2a_bwd_s  # flash backward ~2.5x its forward
     head_s = 3 * 2 * tokens * shape.layer.hidden * shape.vocab / mm
     chunk = tokens / chunks
     return Problem(
@@ -491,14 +523,15 @@ def build_problem(
         chunk_bytes={c: saved[c] * chunk for c in CLASSES},
         # A dropped pre chunk is recomputed twice: its keys and values (no q) for the attention backward of every
         # token, then whole with its graph for its own backward (offload/activations.py).
-        recompute_s={"pre": pre_fwd_s * (1 + 2 * shape.kv_dim / (shape.q_dim + 2 * shape.kv_dim)) / chunks,
+        # (Under sequence parallelism the queries are recomputed with them: the first pass is whole.)
+        recompute_s={"pre": pre_fwd_s * (2 if P > 1 else 1 + 2 * shape.kv_dim / (shape.q_dim + 2 * shape.kv_dim)) / chunks,
                      "post": post_fwd_s / chunks},
         all_or_nothing=("attn",),
         layer_fwd_s=layer_fwd_s,
         layer_bwd_s=layer_bwd_s,
         head_s=head_s,
         fixed_bytes={"rope": saved["shared"] * tokens},
-        layer_workspace_bytes=layer_workspace(shape, tokens, chunks, saved) + extra_workspace,
+        layer_workspace_bytes=layer_workspace(shape, tokens, chunks, saved, P) + extra_workspace,
         head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
@@ -507,5 +540,6 @@ def build_problem(
         offload_activations=offload_activations,
         meta={"tokens": tokens, "machine": machine.name, "params": shape.params, "kernels": sorted(kernels),
               **({"world": sharding.world, "sharded": [k for k in ("optimizer", "grads", "weights") if getattr(sharding, k)]}
-                 if sharding.world > 1 else {})},
+                 if sharding.world > 1 else {}),
+              **({"sequence_parallel": P, "sequence_tokens": tokens * P} if P > 1 else {})},
     )

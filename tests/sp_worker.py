@@ -7,9 +7,9 @@ shard (trainer/sequence_parallel.py). The loss of a rank is its targets' sum ove
 the gradients are summed over all ranks, as the trainer does. Rank 0 writes, per case, the loss difference and
 the largest gradient difference relative to that gradient's norm.
 
-    python -m torch.distributed.run --nproc-per-node N tests/sp_worker.py OUT.json SP CASE [CASE ...]
+    python -m torch.distributed.run --nproc-per-node N tests/sp_worker.py OUT.json CASE [CASE ...]
 
-CASE is family:packed|plain:hf|runtime. With N > SP, the ranks of different sequence groups take different
+CASE is family:packed|plain:hf|runtime:SP. With N > SP, the ranks of different sequence groups take different
 sequences of the batch (data parallel x sequence parallel).
 """
 
@@ -77,8 +77,9 @@ def tight_plan(cfg: dict, tokens: int):
     return plan_of(problem, [layer0, layer1])
 
 
-def run_case(case: str, sp: SequenceParallel, world: int, rank: int) -> dict:
-    family, packing, path = case.split(":")
+def run_case(case: str, groups: dict, world: int, rank: int) -> dict:
+    family, packing, path, size = case.split(":")
+    sp = groups[int(size)]
     cfg = tiny(family)
     whole = batch(packing == "packed", ROWS * sp.dp_world)
 
@@ -103,7 +104,10 @@ def run_case(case: str, sp: SequenceParallel, world: int, rank: int) -> dict:
             loss = model(input_ids=mine.input_ids, position_ids=mine.position_ids, labels=mine.labels,
                          shift_labels=mine.shift_labels, num_items_in_batch=int(n_targets)).loss
             loss.backward()
-        measured = runtime.dispatcher.residency.peak if runtime and hasattr(runtime.dispatcher.residency, "peak") else None
+        if runtime:  # the plan ran: bytes came back from the host, chunks were recomputed
+            moved, recomputed = runtime.activations.stash.bytes_to_device, runtime.activations.take_recompute_s()
+        else:
+            moved = recomputed = None
     finally:
         if runtime:
             runtime.close()
@@ -117,17 +121,20 @@ def run_case(case: str, sp: SequenceParallel, world: int, rank: int) -> dict:
         if rel > worst:
             worst, worst_name = rel, n
     return {"loss": float(loss), "reference_loss": float(out.loss), "loss_diff": abs(float(loss - out.loss)),
-            "grad_rel": worst, "worst": worst_name, "params": len(ref_grads), "measured": measured}
+            "grad_rel": worst, "worst": worst_name, "params": len(ref_grads), "moved_bytes": moved,
+            "recompute_s": recomputed}
 
 
 def main() -> None:
-    out_path, size, cases = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    out_path, cases = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
-    groups = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(world // size)]
-    sp = SequenceParallel(size, rank % size, rank // size, world // size,
-                          SequenceGroup(size, rank % size, groups[rank // size]))
-    results = {case: run_case(case, sp, world, rank) for case in cases}
+    groups = {}
+    for size in sorted({int(c.rsplit(":", 1)[1]) for c in cases}):  # every rank makes every group, in order
+        pgs = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(world // size)]
+        groups[size] = SequenceParallel(size, rank % size, rank // size, world // size,
+                                        SequenceGroup(size, rank % size, pgs[rank // size]))
+    results = {case: run_case(case, groups, world, rank) for case in cases}
     if rank == 0:
         out_path.write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()

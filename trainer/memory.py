@@ -65,11 +65,15 @@ def activations_planned(cfg: Config) -> bool:
     return cfg.memory.budget_gb is not None or cfg.memory.plan != "auto"
 
 
-def profile_capacities(cfg: Config, machine: Machine) -> Capacities:
-    """What `longtune plan` spends: memory.budget_gb (else the profile's GPU), memory.tiers over the profile."""
+def profile_capacities(cfg: Config, machine: Machine, world: int = 1) -> Capacities:
+    """What `longtune plan` spends per rank: memory.budget_gb (else the profile's GPU), memory.tiers (per rank) over
+    the profile's tiers, which are a node's: shared by the ranks on it (up to the profile's gpus_per_node)."""
     t, budget = cfg.memory.tiers, cfg.memory.budget_gb
     gpu = budget * GB if isinstance(budget, (int, float)) else machine.gpu_bytes
-    return Capacities(gpu, *(None if x is None else x * GB for x in (t.host_gb, t.cxl_gb, t.nvme_gb)))
+    sharing = max(1, min(world, machine.gpus_per_node))
+    profile = {tier.name: tier.capacity_bytes / sharing for tier in machine.tiers}
+    return Capacities(gpu, *(x * GB if x is not None else profile.get(name)
+                             for name, x in (("host", t.host_gb), ("cxl", t.cxl_gb), ("nvme", t.nvme_gb))))
 
 
 def live_capacities(cfg: Config, device) -> Capacities:
@@ -86,12 +90,23 @@ def live_capacities(cfg: Config, device) -> Capacities:
         gpu = free - max(AUTO_MARGIN_SHARE * free, AUTO_MARGIN_MIN_GB * GB)
     else:
         gpu = budget * GB if budget is not None else free
-    host = t.host_gb * GB if t.host_gb is not None else float(psutil.virtual_memory().available)
-    cxl = t.cxl_gb * GB if t.cxl_gb is not None else _cxl_free()
+    local = _local_ranks()  # the ranks on this machine share what is free on it
+    host = t.host_gb * GB if t.host_gb is not None else float(psutil.virtual_memory().available) / local
+    cxl = t.cxl_gb * GB if t.cxl_gb is not None else _cxl_free() / local
     nvme = 0.0
     if cfg.memory.nvme_path:
-        nvme = t.nvme_gb * GB if t.nvme_gb is not None else float(shutil.disk_usage(_existing_parent(cfg.memory.nvme_path)).free)
+        nvme = t.nvme_gb * GB if t.nvme_gb is not None else \
+            float(shutil.disk_usage(_existing_parent(cfg.memory.nvme_path)).free) / local
     return Capacities(gpu, host, cxl, nvme)
+
+
+def _local_ranks() -> int:
+    import os
+
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _cxl_free() -> float:
@@ -171,7 +186,7 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
             kernels=kernels, prefetch_depth=mem.prefetch_depth,
             offload_activations=activations_planned(cfg) if activations is None else activations,
             checkpointed=mem.gradient_checkpointing, count_activations=count_activations, galore=galore_sizing(cfg),
-            sharding=sharding_of(cfg, world))
+            sharding=sharding_of(cfg, world), sequence_parallel=cfg.parallel.sequence_parallel)
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
 
@@ -233,6 +248,44 @@ def plan_memory(cfg: Config, caps: Capacities, machine: Optional[Machine] = None
                        "memory.params) or set memory.budget_gb=auto")
         plan.warnings.append(warning)
         return plan
+
+
+def longest_context(cfg: Config, machine: Machine, world: int, on_probe=None) -> tuple[int, Optional[Plan]]:
+    """The longest data.seq_len whose plan fits one rank of `world` on `machine` (the profile's capacities, as
+    `longtune plan` spends them), searched in steps of 1024 tokens per sequence-parallel rank: doubling from the
+    config's length, then bisecting. The model's position limit is not a memory limit: it is lifted here.
+    on_probe(seq_len, fits) is called after each solve. Returns (seq_len, its plan), or (0, None)."""
+    unit = 1024 * cfg.parallel.sequence_parallel
+
+    def plan_at(n: int) -> Optional[Plan]:
+        model = cfg.model.model_copy(update={"max_position_embeddings": max(n, cfg.model.max_position_embeddings or 0)})
+        at = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": n}), "model": model})
+        try:
+            plan = plan_memory(at, profile_capacities(at, machine, world), machine, activations=True, world=world)
+        except PlanInfeasible:
+            plan = None
+        if on_probe:
+            on_probe(n, plan is not None)
+        return plan
+
+    lo, lo_plan = 0, None  # lo fits (0: nothing known to), hi does not
+    n = max(unit, cfg.data.seq_len // unit * unit)
+    while True:
+        plan = plan_at(n)
+        if plan is None:
+            hi = n
+            break
+        lo, lo_plan, n = n, plan, n * 2
+    while hi - lo > unit:
+        mid = (lo + hi) // 2 // unit * unit
+        if mid <= lo:
+            break
+        plan = plan_at(mid)
+        if plan is None:
+            hi = mid
+        else:
+            lo, lo_plan = mid, plan
+    return lo, lo_plan
 
 
 def read_plan(path: str) -> Plan:

@@ -306,10 +306,9 @@ def run_plan(args: argparse.Namespace) -> int:
             print(json.dumps({"feasible": False, "budget_bytes": e.budget_bytes, "min_budget_bytes": e.min_budget_bytes,
                               "missing_bytes": e.missing_bytes, "reason": str(e),
                               **({"longest_context": _longest_dict(longest)} if longest else {})}))
-        else:
-            print(f"error: {e}", file=sys.stderr)
-            if longest:
-                print(_longest_line(cfg, machine, world, longest))
+        elif longest:
+            print(_longest_line(cfg, machine, world, longest))
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_INFEASIBLE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(plan.to_yaml())

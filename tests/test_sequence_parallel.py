@@ -97,3 +97,57 @@ def test_the_shard_of_a_batch_predicts_across_the_boundary():
     assert first.input_ids.tolist() == [[0, 1, 2, 3]] and first.shift_labels.tolist() == [[1, 2, 3, 4]]
     assert second.shift_labels.tolist() == [[5, 6, 7, IGNORE_INDEX]]
     assert first.loss_tokens + second.loss_tokens == whole.loss_tokens == 7
+
+
+# --- the planner plans one rank of the split --------------------------------------------------------------
+
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+
+
+def test_the_planner_sizes_a_shard_and_prices_the_all_to_alls():
+    from longtune.planner.problem import Machine, ModelShape, all_to_all_bytes, build_problem
+
+    shape, machine = ModelShape.from_hf_config(LLAMA3_8B, "bfloat16"), Machine.load("h100-pcie5")
+    shard = 131072  # of a 1M-token sequence over 8 ranks
+    alone = build_problem(shape, shard, machine, chunks=16)
+    split = build_problem(shape, shard, machine, chunks=16, sequence_parallel=8)
+    assert split.chunk_bytes == alone.chunk_bytes  # token-wise activations: the shard's
+    assert split.meta["sequence_tokens"] == 8 * shard and split.meta["tokens"] == shard
+    fwd, bwd = all_to_all_bytes(shape, shard, 8)
+    assert fwd == shard * 2 * 7 / 8 * (2 * 4096 + 2 * 1024) and bwd == 2 * fwd  # bf16, 8 kv heads of 128
+    attn = 2 * shard * shard * 4096 / (machine.bf16_flops * machine.attention_efficiency)  # the shard alone
+    assert split.layer_fwd_s - alone.layer_fwd_s == pytest.approx(7 * attn + fwd / machine.interconnect_bps)
+    assert split.layer_workspace_bytes > alone.layer_workspace_bytes  # head-layout copies, send buffers
+    assert all_to_all_bytes(shape, shard, 1) == (0.0, 0.0)
+    # fewer kv heads than ranks: they travel repeated, one per rank
+    assert all_to_all_bytes(shape, shard, 16)[0] == shard * 2 * 15 / 16 * (2 * 4096 + 2 * 16 * 128)
+
+
+SP8 = ["parallel.strategy=fsdp2", "memory.optimizer=gpu", "parallel.sequence_parallel=8",
+       "model.max_position_embeddings=4194304", "data.passkey.eval_samples=0"]
+
+
+def test_longtune_plan_llama3_8b_at_a_million_tokens_on_8_h100(tmp_path):
+    """The per-GPU plan of Llama-3-8B (the bundled 128K config, 70 GB budget, FSDP2) split 8 ways on the h100
+    profile: 1M and 2M tokens fit, 4M does not; the longest context is printed (ALST: 3.7M on 8xH100)."""
+    from longtune.planner.plan import PlanInfeasible
+    from longtune.trainer.config import load_config
+    from longtune.trainer.memory import load_machine, plan_memory, profile_capacities
+
+    result = run_cli("plan", REPO / "configs" / "llama3-8b-128k.yaml", *SP8, "data.seq_len=1048576",
+                     "--out", tmp_path / "plan.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "131,072 tokens in 16 chunks" in result.stdout and "per rank of 8" in result.stdout
+    line = next(x for x in result.stdout.splitlines() if x.startswith("longest context on 8 GPU(s) of h100-pcie5"))
+    longest = int(line.split(": ")[1].split(" tokens")[0].replace(",", ""))
+    assert 2 * 2**20 < longest < 4 * 2**20, line
+    machine = load_machine("h100-pcie5")
+    for n, fits in ((2 * 2**20, True), (4 * 2**20, False)):
+        cfg = load_config(str(REPO / "configs" / "llama3-8b-128k.yaml"), [*SP8, f"data.seq_len={n}"])
+        try:
+            plan = plan_memory(cfg, profile_capacities(cfg, machine, 8), machine, activations=True, world=8)
+            assert plan.predicted["peak_bytes"]["gpu"] <= 70e9 and plan.problem.meta["tokens"] == n // 8
+        except PlanInfeasible:
+            plan = None
+        assert (plan is not None) == fits, n

@@ -21,6 +21,11 @@ dk/dv are complete once chunk i is done, so the pre part's backward (recomputed 
 One recomputed chunk is alive at a time. Parameter gradients of the chunks are summed in fp32 and handed to
 autograd once per layer and micro-batch, so gradient hooks (the offloaded optimizer) see one gradient each.
 
+Sequence parallel (ulysses.py): the layer holds this rank's shard of the sequence; the attention core runs over
+the group (all-to-all to the head layout and back). The backward keeps the chunk order, every rank taking its
+chunk i together, but a key's gradient is final only when every rank's queries are done, so the pre parts
+follow in a second pass.
+
 Prefetch: when layer l's backward starts it waits for its own offloaded bytes and starts bringing back those
 of layer l - depth; the last layers' prefetch starts when the forward ends (behind the LM head).
 """
@@ -41,7 +46,8 @@ from .dispatch import SavedTensorDispatcher
 from .groups import decoder_layers
 from .layer_split import check_supported, split_layer
 from .stash import DEVICE, ActivationStash
-from .ulysses import SequenceGroup, ulysses_backward, ulysses_forward
+from .ulysses import (SequenceGroup, attention_backward_shard, gradient_sums, keys_values_from_heads,
+                      keys_values_to_heads, ulysses_forward)
 
 RECOMPUTE = "recompute"
 CLASSES = ("input", "pre", "attn", "post")
@@ -344,22 +350,7 @@ class ActivationRuntime:
         for i in reversed(range(len(st.bounds))):
             a, e = st.bounds[i]
             cos_i, sin_i = st.cos[:, a:e], st.sin[:, a:e]
-            # post part
-            graph, scope = st.post[i], None
-            if graph is None:
-                xl = st.inputs[i].tensor().detach().requires_grad_()
-                al = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd).detach().requires_grad_()
-                with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
-                    outs, ins = [split.post(xl, al)], [xl, al]
-            else:
-                outs, ins = graph.outs, graph.ins
-            grads = torch.autograd.grad(outs, ins + param_edges, [dy[:, a:e]], allow_unused=True)
-            del outs, ins
-            st.post[i] = None
-            if scope is not None:
-                d.release_recompute(scope)
-            dx_i, dattn = grads[0], grads[1]
-            _accumulate(sums, grads[2:])
+            dx_i, dattn = self._post_backward(st, i, dy, param_edges, sums, flat)
             # attention backward of query chunk i
             graph, scope = st.pre[i], None
             if graph is None:
@@ -385,40 +376,58 @@ class ActivationRuntime:
             _accumulate(sums, grads[1:])
         return dx
 
-    def _sweep_sequence(self, st: _LayerState, dy: torch.Tensor, param_edges: list, sums: list) -> torch.Tensor:
-        """The backward of one layer under sequence parallelism. The attention backward needs the output gradient
-        of every token of the sequence (an all-to-all over the group), so the sweep runs in three passes: the
-        post part of every chunk (last first), the attention backward of the shard at once, then the pre part of
-        every chunk. Still one recomputed chunk alive at a time."""
+    def _post_backward(self, st: _LayerState, i: int, dy: torch.Tensor, param_edges: list, sums: list, flat):
+        """Chunk i's post part backward (recomputed if the plan dropped it): (its dx share, its attention output
+        gradient [b, t, nq * d])."""
         l, split, d = st.index, self.splits[st.index], self.dispatcher
+        a, e = st.bounds[i]
+        b, nq, hd = st.shape[0], split.num_heads, split.head_dim
+        graph, scope = st.post[i], None
+        if graph is None:
+            xl = st.inputs[i].tensor().detach().requires_grad_()
+            al = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd).detach().requires_grad_()
+            with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
+                outs, ins = [split.post(xl, al)], [xl, al]
+        else:
+            outs, ins = graph.outs, graph.ins
+        grads = torch.autograd.grad(outs, ins + param_edges, [dy[:, a:e]], allow_unused=True)
+        del outs, ins
+        st.post[i] = None
+        if scope is not None:
+            d.release_recompute(scope)
+        _accumulate(sums, grads[2:])
+        return grads[0], grads[1]
+
+    def _sweep_sequence(self, st: _LayerState, dy: torch.Tensor, param_edges: list, sums: list) -> torch.Tensor:
+        """The backward of one layer under sequence parallelism, chunk by chunk from the last like `_sweep`; every
+        rank of the group takes its chunk i together. K and V go to the head layout once; each chunk's post part
+        gives its output gradient, whose attention backward (an all-to-all there and back) gives its dq. A key's
+        gradient is final only when every rank's queries are done, so the pre parts follow in a second pass."""
+        l, split, d, seq = st.index, self.splits[st.index], self.dispatcher, self.sequence
         b, s, h = st.shape
         nq, hd = split.num_heads, split.head_dim
         flat, lse = st.out.tensor(), st.lse.tensor()
-        dx = torch.empty_like(dy)
-        dattn = dy.new_empty(b, s, nq, hd)
+        k, v = self._kv_tokens(st)
+        kh, vh = keys_values_to_heads(k, v, seq)
+        del k, v
+        dkh, dvh = gradient_sums(kh)
+        dx, dq = torch.empty_like(dy), dy.new_empty(b, s, nq, hd)
         for i in reversed(range(len(st.bounds))):
             a, e = st.bounds[i]
-            graph, scope = st.post[i], None
+            dx[:, a:e], dattn = self._post_backward(st, i, dy, param_edges, sums, flat)
+            graph = st.pre[i]
             if graph is None:
-                xl = st.inputs[i].tensor().detach().requires_grad_()
-                al = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd).detach().requires_grad_()
-                with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
-                    outs, ins = [split.post(xl, al)], [xl, al]
+                with torch.no_grad(), self._timed():
+                    q = split.pre(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])[0]
             else:
-                outs, ins = graph.outs, graph.ins
-            grads = torch.autograd.grad(outs, ins + param_edges, [dy[:, a:e]], allow_unused=True)
-            del outs, ins
-            st.post[i] = None
-            if scope is not None:
-                d.release_recompute(scope)
-            dx[:, a:e] = grads[0]
-            dattn[:, a:e] = grads[1].view(b, e - a, nq, hd)
-            _accumulate(sums, grads[2:])
-        q, k, v = self._qkv(st, queries=True)
-        out = torch.cat([_attn_chunk(flat, bound, b, nq, hd) for bound in st.bounds], dim=1) if b > 1 \
-            else flat.view(b, s, nq, hd)
-        dq, dk, dv = ulysses_backward(dattn, q, k, v, out, lse, st.docs, split.scale, self.sequence)
-        del q, k, v, out, dattn
+                q = graph.refs[0].tensor()
+            dq[:, a:e] = attention_backward_shard(dattn.view(b, e - a, nq, hd), q.transpose(1, 2),
+                                                  _attn_chunk(flat, (a, e), b, nq, hd), kh, vh, lse, st.docs, (a, e),
+                                                  s, split.scale, seq, dkh, dvh)
+            del q, dattn
+        del kh, vh
+        dk, dv = keys_values_from_heads(dkh, dvh, split.num_kv_heads, dy.dtype, seq)
+        del dkh, dvh
         for i in reversed(range(len(st.bounds))):
             a, e = st.bounds[i]
             graph, scope = st.pre[i], None
@@ -440,29 +449,25 @@ class ActivationRuntime:
 
     def _keys_values(self, st: _LayerState):
         """K and V of every token for the attention backward, [b, nkv, s, d]."""
-        _, k, v = self._qkv(st, queries=False)
+        k, v = self._kv_tokens(st)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def _qkv(self, st: _LayerState, queries: bool):
-        """(Q or None), K, V of every token of the layer, token-major [b, s, n, d]: stashed, or recomputed without
-        a graph (K and V alone, unless the queries are asked for too)."""
+    def _kv_tokens(self, st: _LayerState):
+        """K and V of every token of the layer, token-major [b, s, nkv, d]: stashed, or recomputed without a
+        graph."""
         split = self.splits[st.index]
         b, s, _ = st.shape
-        make = lambda n: torch.empty(b, s, n, split.head_dim, dtype=st.out.dtype, device=st.cos.device)  # noqa: E731
-        qbuf = make(split.num_heads) if queries else None
-        kbuf, vbuf = make(split.num_kv_heads), make(split.num_kv_heads)
+        kbuf = torch.empty(b, s, split.num_kv_heads, split.head_dim, dtype=st.out.dtype, device=st.cos.device)
+        vbuf = torch.empty_like(kbuf)
         for i, (a, e) in enumerate(st.bounds):
             graph = st.pre[i]
             if graph is None:
-                x, cos, sin = st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e]
                 with torch.no_grad(), self._timed():
-                    q, k, v = split.pre(x, cos, sin) if queries else (None, *split.keys_values(x, cos, sin))
+                    k, v = split.keys_values(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])
             else:
-                q, k, v = (ref.tensor() for ref in graph.refs)
+                k, v = graph.refs[1].tensor(), graph.refs[2].tensor()
             kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)
-            if queries:
-                qbuf[:, a:e] = q.transpose(1, 2)
-        return qbuf, kbuf, vbuf
+        return kbuf, vbuf
 
 
 def _layer_params(layer: nn.Module) -> list[torch.Tensor]:

@@ -102,24 +102,63 @@ def ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Doc
     return heads_to_seq(out.transpose(1, 2), seq), lse
 
 
+def keys_values_to_heads(k: torch.Tensor, v: torch.Tensor, seq: SequenceGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of this rank's tokens [b, s, nkv, d] -> of all tokens for this rank's heads, [b, P*s, n, d]."""
+    return tuple(seq_to_heads(_expand_kv(t, seq.size), seq) for t in (k, v))
+
+
+def keys_values_from_heads(dkh: torch.Tensor, dvh: torch.Tensor, num_kv_heads: int, dtype: torch.dtype,
+                           seq: SequenceGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients `attention_backward_shard` summed in the head layout ([b, n, P*s, d]) -> this rank's tokens,
+    [b, s, nkv, d] in `dtype`."""
+    return tuple(_reduce_kv(heads_to_seq(t.to(dtype).transpose(1, 2), seq), num_kv_heads) for t in (dkh, dvh))
+
+
+def attention_backward_shard(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, kh: torch.Tensor,
+                             vh: torch.Tensor, lse: torch.Tensor, docs: Documents, bound: tuple[int, int],
+                             shard_len: int, scale: float, seq: SequenceGroup, dkh: torch.Tensor, dvh: torch.Tensor
+                             ) -> torch.Tensor:
+    """The attention backward of the queries [a, e) of every rank's shard (each rank passes its own, in step):
+    returns this rank's dq [b, e - a, nq, d] and adds into dkh, dvh ([b, n, P*s, d], the head layout's K and V
+    gradient sums, fp32 for bf16/fp16).
+
+    dout, q, out: this rank's tokens [a, e), [b, e - a, nq, d] (any strides); kh, vh: `keys_values_to_heads`;
+    lse: `ulysses_forward`'s. In the head layout the chunk's queries are P pieces, rank r's at the global
+    positions [r*s + a, r*s + e): each is a query chunk of offload/attention.py's blockwise-exact backward. The
+    K and V gradients are final once every chunk of every rank is done (a key gets gradient from every later
+    query, whichever rank holds it)."""
+    a, e = bound
+    t, P = e - a, seq.size
+    dh, qh, oh = (seq_to_heads(x, seq) for x in (dout, q, out))  # [b, P*t, nq/P, d]
+    dqh = torch.empty_like(qh)
+    K, V = kh.transpose(1, 2), vh.transpose(1, 2)
+    for r in range(P):
+        piece, lo = slice(r * t, (r + 1) * t), r * shard_len + a
+        dqh[:, piece] = attention_backward_chunk(
+            dh[:, piece].transpose(1, 2), qh[:, piece].transpose(1, 2), K, V, oh[:, piece].transpose(1, 2),
+            lse[:, :, lo:lo + t], docs, lo, lo + t, scale, dkh, dvh).transpose(1, 2)
+    del dh, qh, oh
+    return heads_to_seq(dqh, seq)
+
+
+def gradient_sums(kh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed K and V gradient sums for `attention_backward_shard`: [b, n, P*s, d], fp32 for bf16/fp16."""
+    acc = torch.float32 if kh.dtype in (torch.bfloat16, torch.float16) else kh.dtype
+    dkh = torch.zeros(kh.transpose(1, 2).shape, dtype=acc, device=kh.device)
+    return dkh, torch.zeros_like(dkh)
+
+
 def ulysses_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor, docs: Documents, scale: float, seq: SequenceGroup
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv ([b, s, n, d], this rank's tokens) of `ulysses_forward`, given its out and lse.
-
-    dk and dv are summed in fp32 for bf16/fp16 inputs (as the unsplit runtime does) and come back in q's dtype."""
-    P, nkv = seq.size, k.shape[2]
-    dh, qh, oh = (seq_to_heads(t, seq).transpose(1, 2) for t in (dout, q, out))
-    kh, vh = (seq_to_heads(_expand_kv(t, P), seq).transpose(1, 2) for t in (k, v))
-    acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-    dkh = torch.zeros(kh.shape, dtype=acc, device=kh.device)
-    dvh = torch.zeros_like(dkh)
-    S = qh.shape[2]
-    dqh = attention_backward_chunk(dh, qh, kh, vh, oh, lse, docs, 0, S, scale, dkh, dvh)
-    del dh, qh, oh, kh, vh
-    dq = heads_to_seq(dqh.transpose(1, 2), seq)
-    dk, dv = (_reduce_kv(heads_to_seq(t.to(q.dtype).transpose(1, 2), seq), nkv) for t in (dkh, dvh))
-    return dq, dk, dv
+    """dq, dk, dv ([b, s, n, d], this rank's tokens, q's dtype) of `ulysses_forward`, given its out and lse:
+    the whole shard as one chunk."""
+    kh, vh = keys_values_to_heads(k, v, seq)
+    dkh, dvh = gradient_sums(kh)
+    s = q.shape[1]
+    dq = attention_backward_shard(dout, q, out, kh, vh, lse, docs, (0, s), s, scale, seq, dkh, dvh)
+    del kh, vh
+    return (dq, *keys_values_from_heads(dkh, dvh, k.shape[2], q.dtype, seq))
 
 
 class UlyssesAttention(torch.autograd.Function):

@@ -135,6 +135,17 @@ class Machine:
         return replace(self, gpu_bytes=self.gpu_bytes if gpu_bytes is None else float(gpu_bytes), tiers=kept)
 
 
+def drives_shared(machine: Machine, world: int) -> Machine:
+    """The machine as one of `world` ranks sees it: the node's NVMe drives are shared by its ranks (up to
+    gpus_per_node), so each gets that share of their bandwidth. (Each GPU has its own host link.)"""
+    sharing = max(1, min(world, machine.gpus_per_node))
+    if sharing == 1:
+        return machine
+    tiers = tuple(replace(t, to_gpu_bps=t.to_gpu_bps / sharing, from_gpu_bps=t.from_gpu_bps / sharing)
+                  if t.name == "nvme" else t for t in machine.tiers)
+    return replace(machine, tiers=tiers)
+
+
 def bundled_machines() -> list[str]:
     folder = resources.files("longtune.planner") / "machines"
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
@@ -457,12 +468,16 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
     grads = shape.layer_params * (4 + (wb if wb < 4 else 0))
     backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + transient + grads
-    if sequence_parallel > 1:  # offload/ulysses.py: the head-layout copies and the all-to-all send buffers
+    if sequence_parallel > 1:  # offload/ulysses.py, beside the buffers above
         kvw = kv_heads_on_wire(L.num_kv_heads, sequence_parallel) * L.head_dim
-        forward += tokens * wb * (2 * (q + 2 * kvw) + 2 * q)
-        # the output gradient and Q of the shard; dout, q, out, k, v in the head layout and one send buffer; dq,
-        # dk, dv there (dk, dv summed in fp32 for bf16) and back
-        backward += tokens * (2 * q * wb + (4 * q + 2 * kvw) * wb + (q + 2 * kvw) * acc + (q + 2 * kv) * wb)
+        # forward: the all-to-alls' send, receive and reordered copies, one tensor at a time, beside the head
+        # layout's q, k, v and output
+        forward += tokens * wb * max(3 * q, q + 4 * kvw, 2 * q + 2 * kvw)
+        # backward: K and V in the head layout (their local copies and send buffers while they go) and their
+        # gradient sums there, dq of the shard, dk and dv brought back; a chunk's output gradient, q and output
+        # in both layouts with their send buffers, and its dq
+        backward += tokens * (2 * (kvw - kv) * (wb + acc) + q * wb + 2 * kvw * wb + 2 * kv * wb) \
+            + chunk * q * (8 * wb + acc)
     return max(forward, backward)
 
 

@@ -130,7 +130,8 @@ SP8 = ["parallel.strategy=fsdp2", "memory.optimizer=gpu", "parallel.sequence_par
 
 def test_longtune_plan_llama3_8b_at_a_million_tokens_on_8_h100(tmp_path):
     """The per-GPU plan of Llama-3-8B (the bundled 128K config, 70 GB budget, FSDP2) split 8 ways on the h100
-    profile: 1M and 2M tokens fit, 4M does not; the longest context is printed (ALST: 3.7M on 8xH100)."""
+    profile: 1M and 2M tokens fit, 4M does not; the longest context is printed, past ALST's 3.7M on 8xH100
+    (the planner's prediction, not a measurement)."""
     from longtune.planner.plan import PlanInfeasible
     from longtune.trainer.config import load_config
     from longtune.trainer.memory import load_machine, plan_memory, profile_capacities
@@ -141,7 +142,7 @@ def test_longtune_plan_llama3_8b_at_a_million_tokens_on_8_h100(tmp_path):
     assert "131,072 tokens in 16 chunks" in result.stdout and "per rank of 8" in result.stdout
     line = next(x for x in result.stdout.splitlines() if x.startswith("longest context on 8 GPU(s) of h100-pcie5"))
     longest = int(line.split(": ")[1].split(" tokens")[0].replace(",", ""))
-    assert 2 * 2**20 < longest < 4 * 2**20, line
+    assert 3_700_000 < longest < 4 * 2**20, line  # past ALST's 3.7M (predicted), short of 4M at this budget
     machine = load_machine("h100-pcie5")
     for n, fits in ((2 * 2**20, True), (4 * 2**20, False)):
         cfg = load_config(str(REPO / "configs" / "llama3-8b-128k.yaml"), [*SP8, f"data.seq_len={n}"])

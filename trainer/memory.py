@@ -20,7 +20,8 @@ from typing import Optional
 import psutil
 
 from longtune.planner.plan import Plan, PlanInfeasible, make_plan, mismatches
-from longtune.planner.problem import GaloreSizing, Machine, ModelShape, ProfileError, Sharding, build_problem
+from longtune.planner.problem import (GaloreSizing, Machine, ModelShape, ProfileError, Sharding, build_problem,
+                                      drives_shared)
 
 from .config import Config, ConfigError
 from .inputs import PLANNER_KEYS, check_architecture, written_model_config
@@ -178,7 +179,7 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
                           f"{' shard' if local < cfg.data.seq_len else ''}")
     k = cfg.model.kernels
     kernels = frozenset(name for name, on in (("rmsnorm", k.rmsnorm), ("rope", k.rope), ("swiglu", k.swiglu)) if on)
-    machine = machine.with_capacities(caps.gpu, host=caps.host, cxl=caps.cxl, nvme=caps.nvme)
+    machine = drives_shared(machine, world).with_capacities(caps.gpu, host=caps.host, cxl=caps.cxl, nvme=caps.nvme)
     try:
         return build_problem(
             shape, tokens, machine, budget_bytes=caps.gpu, chunks=chunks, optimizer=optimizer,

@@ -251,6 +251,9 @@ def plan_memory(cfg: Config, caps: Capacities, machine: Optional[Machine] = None
         return plan
 
 
+MAX_SEARCHED_TOKENS = 1 << 34
+
+
 def longest_context(cfg: Config, machine: Machine, world: int, on_probe=None) -> tuple[int, Optional[Plan]]:
     """The longest data.seq_len whose plan fits one rank of `world` on `machine` (the profile's capacities, as
     `longtune plan` spends them), searched in steps of 1024 tokens per sequence-parallel rank: doubling from the
@@ -277,6 +280,8 @@ def longest_context(cfg: Config, machine: Machine, world: int, on_probe=None) ->
             hi = n
             break
         lo, lo_plan, n = n, plan, n * 2
+        if n > MAX_SEARCHED_TOKENS:  # a workspace that grows with the tokens ends any search well before this
+            return lo, lo_plan
     while hi - lo > unit:
         mid = (lo + hi) // 2 // unit * unit
         if mid <= lo:

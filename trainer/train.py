@@ -212,6 +212,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
     mc = model.config
     flops_per_token = train_flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.seq_len)
     peak = peak_flops(device)
+    peak = peak * ranks.world if peak else peak  # the step's tokens are every rank's: so is the peak
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * ranks.world // sp.size
     print(
         f"model {n_params / 1e6:.1f}M params on {device} | {cfg.data.kind} data, {cfg.data.seq_len:,} tokens/seq, "

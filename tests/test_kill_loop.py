@@ -14,7 +14,10 @@ from pathlib import Path
 from conftest import REPO, cli_env, run_cli, train_losses, write_yaml
 
 KILLS = 10
-MAX_STEPS = 40
+# Enough steps that the run is still going at the tenth kill: a start trains a step or two past the last one
+# logged before a checkpoint-write or random kill, and none before a start-up kill on a 2-core machine (about 8
+# steps over the ten kills there; the first run is still starting up while the second one refuses).
+MAX_STEPS = 24
 
 
 def _config(tiny_config: dict, output_dir: Path) -> dict:
@@ -69,38 +72,49 @@ def _wait_and_kill(proc: subprocess.Popen, run: Path, how: str, rng: random.Rand
 
 def test_kill_loop_then_resume_is_bitwise_and_leaves_nothing(tmp_path, tiny_config):
     straight_dir, run = tmp_path / "straight", tmp_path / "killed"
-    done = run_cli("train", write_yaml(tmp_path / "straight.yaml", _config(dict(tiny_config), straight_dir)))
-    assert done.returncode == 0, done.stderr
+    # The uninterrupted run trains beside the kill loop, whose processes run one at a time and mostly start up:
+    # its losses are read at the end.
+    straight_proc = _start("train", write_yaml(tmp_path / "straight.yaml", _config(dict(tiny_config), straight_dir)))
+    proc = None
+    try:
+        rng = random.Random(0)
+        config = write_yaml(tmp_path / "killed.yaml", _config(dict(tiny_config), run))
+        proc = _start("train", config)
+        # The folder is in use: a second run refuses at once, naming the first's pid, and changes nothing. It starts
+        # as soon as the first holds the lock, and starts up while the first does.
+        _locked_soon(run, proc)
+        second = run_cli("train", config)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert second.stderr.splitlines() == [f"error: run.output_dir {run} is in use by pid {proc.pid} on "
+                                              f"{_host()} since {_owner_since(run)}: wait for it to finish, or pick another run.output_dir"]
+        _logged_steps_soon(run, proc)
+
+        kills, stdout, mid_write = {"random": 0, "checkpoint-write": 0, "start-up": 0}, [], 0
+        for how in ["checkpoint-write", "random", "start-up"] * KILLS:
+            if sum(kills.values()) >= KILLS:
+                break
+            if not _wait_and_kill(proc, run, how, rng):
+                raise AssertionError(f"the run finished before kill {sum(kills.values()) + 1}: {proc.stderr.read()[-2000:]}")
+            kills[how] += 1
+            mid_write += bool(_checkpoint_writes(run))  # the dead writer's half-written checkpoint is still there
+            stdout.append(proc.stdout.read())
+            assert "Traceback" not in proc.stderr.read()
+            proc = _start("resume", run)
+        assert sum(kills.values()) >= KILLS and mid_write >= 2, (kills, mid_write)
+
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
+        stdout.append(out)
+        _, straight_err = straight_proc.communicate(timeout=600)
+        assert straight_proc.returncode == 0, straight_err
+    finally:
+        for p in (straight_proc, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
     straight = train_losses(straight_dir)
     assert sorted(straight) == list(range(1, MAX_STEPS + 1))
-
-    rng = random.Random(0)
-    config = write_yaml(tmp_path / "killed.yaml", _config(dict(tiny_config), run))
-    proc = _start("train", config)
-    # The folder is in use: a second run refuses at once, naming the first's pid, and changes nothing.
-    _logged_steps_soon(run, proc)
-    second = run_cli("train", config)
-    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
-    assert second.stderr.splitlines() == [f"error: run.output_dir {run} is in use by pid {proc.pid} on "
-                                          f"{_host()} since {_owner_since(run)}: wait for it to finish, or pick another run.output_dir"]
-
-    kills, stdout, mid_write = {"random": 0, "checkpoint-write": 0, "start-up": 0}, [], 0
-    for how in ["checkpoint-write", "random", "start-up"] * KILLS:
-        if sum(kills.values()) >= KILLS:
-            break
-        if not _wait_and_kill(proc, run, how, rng):
-            raise AssertionError(f"the run finished before kill {sum(kills.values()) + 1}: {proc.stderr.read()[-2000:]}")
-        kills[how] += 1
-        mid_write += bool(_checkpoint_writes(run))  # the dead writer's half-written checkpoint is still there
-        stdout.append(proc.stdout.read())
-        assert "Traceback" not in proc.stderr.read()
-        proc = _start("resume", run)
-    assert sum(kills.values()) >= KILLS and mid_write >= 2, (kills, mid_write)
-
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    assert "Traceback" not in err
-    stdout.append(out)
     # Each start after a kill took the dead owner's lock over, and what killed writers left was removed (and said).
     assert "run folder lock taken over from pid" in out, out[:2000]
     assert any("left by interrupted runs" in o for o in stdout)
@@ -119,6 +133,19 @@ def _logged_steps_soon(run: Path, proc: subprocess.Popen) -> bool:
             return True
         time.sleep(0.02)
     raise AssertionError(f"the first run logged no step: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}")
+
+
+def _locked_soon(run: Path, proc: subprocess.Popen) -> None:
+    """Until `proc` holds the run folder's lock (the file names its owner once the lock is taken)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if f"pid {proc.pid} " in (run / ".lock").read_text():
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"the first run took no lock: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}")
 
 
 def _host() -> str:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import plan_budget_gb, read_metrics, run_cli, train_losses, write_yaml
+from conftest import make_tiny_config, plan_budget_gb, read_metrics, run_cli, train_losses, write_yaml
 from safetensors.torch import load_file
 
 from longtune.offload.cpu_adam import deepspeed_cpu_adam_built as cpu_adam_built
@@ -52,18 +53,37 @@ def _assert_same(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
         assert torch.equal(a[1][name], b[1][name]), name
 
 
-@pytest.fixture
-def offload_config(tiny_config) -> dict:
-    cfg = copy.deepcopy(tiny_config)
+def _offload_config(tiny: dict) -> dict:
+    cfg = copy.deepcopy(tiny)
     cfg["train"].update(max_steps=5, grad_accum_steps=2)
     cfg["optim"] = {"weight_decay": 0.1}
     cfg["data"]["passkey"]["eval_samples"] = 0
     return cfg
 
 
+@pytest.fixture
+def offload_config(tiny_config) -> dict:
+    return _offload_config(tiny_config)
+
+
+# The in-memory run of offload_config, trained once for the module: the reference of every placement below and
+# the uninterrupted run the tier-moving resume is checked against (so it keeps step_2 and step_4 as well; a
+# checkpoint write changes nothing the run computes, and the final weights are read from the last one, step_5).
+PLAIN_CHECKPOINTS = {"every_n_steps": 2, "keep_last": 5}
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tokenizer_dir) -> tuple[dict, dict, Path]:
+    """(losses, final weights, run folder) of offload_config's in-memory run."""
+    tmp = tmp_path_factory.mktemp("offload-plain")
+    cfg = _offload_config(make_tiny_config(tmp / "unused", tokenizer_dir))
+    losses, weights = _run(cfg, tmp, "plain", checkpoint=PLAIN_CHECKPOINTS)
+    return losses, weights, tmp / "plain"
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_offloaded_run_equals_in_memory_run_bitwise(tmp_path, offload_config, placement):
-    plain = _run(offload_config, tmp_path, "plain")
+def test_offloaded_run_equals_in_memory_run_bitwise(tmp_path, offload_config, placement, plain_run):
+    plain = plain_run[:2]
     _assert_same(_run(offload_config, tmp_path, "offloaded", PLACEMENTS[placement]), plain)
     # Every step's traffic is logged: each micro-batch's gradients leave the device during its backward
     # (fp32 here); updated weights go back as each layer's update lands, which may be in the next step.
@@ -86,11 +106,11 @@ def test_streamed_weights_with_gradient_checkpointing_and_clipping(tmp_path, off
     _assert_same(streamed, plain)
 
 
-def test_resume_moves_optimizer_state_between_tiers(tmp_path, offload_config):
+def test_resume_moves_optimizer_state_between_tiers(tmp_path, offload_config, plain_run):
     """Checkpoints hold torch AdamW's state format: a run saved on the GPU tier resumes on NVMe, exactly."""
-    straight = _run(offload_config, tmp_path, "straight", checkpoint={"every_n_steps": 2, "keep_last": 5})
+    straight, straight_dir = plain_run[:2], plain_run[2]  # saved at steps 2, 4 and 5
     resumed = _run(offload_config, tmp_path, "resumed", PLACEMENTS["all on nvme"],
-                   run={"resume": str(tmp_path / "straight" / "step_2")})
+                   run={"resume": str(straight_dir / "step_2")})
     assert resumed[0] == {k: v for k, v in straight[0].items() if k > 2}
     _assert_same(({}, resumed[1]), ({}, straight[1]))
 
@@ -172,21 +192,32 @@ def test_params_off_the_gpu_need_the_optimizer_off_too(tmp_path, offload_config)
     assert "memory.params=cpu needs the optimizer off the GPU too" in result.stderr
 
 
+# The real model's runs: two warmup steps and two past them (every step after the first reads optimizer state
+# the previous one wrote to its tier), at a sequence just long enough for the passkey prompt (89 tokens).
+SMOLLM2_STEPS = 4
+
+
 @pytest.mark.slow
-def test_smollm2_ten_steps_offloaded_equal_in_memory(tmp_path, smollm2_dir):
+def test_smollm2_offloaded_equal_in_memory(tmp_path, smollm2_dir):
     """The real model: optimizer on host, on NVMe, weights streamed from host; a tight activation plan."""
     cfg = {
         "model": {"path": str(smollm2_dir)},
-        "data": {"kind": "passkey", "seq_len": 128, "passkey": {"digits": 3, "eval_samples": 0}},
-        "train": {"max_steps": 10, "lr": 1e-4, "warmup_steps": 2, "seed": 0},
+        "data": {"kind": "passkey", "seq_len": 96, "passkey": {"digits": 3, "eval_samples": 0}},
+        "train": {"max_steps": SMOLLM2_STEPS, "lr": 1e-4, "warmup_steps": 2, "seed": 0},
         "checkpoint": {"every_n_steps": 0},
         "run": {"output_dir": ""},
         "log": {"sinks": ["jsonl"]},
     }
     plain = _run(cfg, tmp_path, "plain")
-    assert len(plain[0]) == 10
-    for placement in ("optimizer on host", "optimizer on nvme", "weights streamed from host"):
-        _assert_same(_run(cfg, tmp_path, placement.replace(" ", "-"), PLACEMENTS[placement]), plain)
+    assert len(plain[0]) == SMOLLM2_STEPS
+    # Two runs cover the three placements: the optimizer's tier (host or NVMe) and where the weights live (on the
+    # device, or streamed from host, the optimizer writing each update to their home) are independent parts of
+    # the runtime (offload/runtime.py `_offload_state`); the tiny model above runs each placement on its own.
+    placements = {"optimizer on host": PLACEMENTS["optimizer on host"],
+                  "optimizer on nvme, weights streamed from host": {"optimizer": "nvme", "params": "cpu",
+                                                                    "cpu_adam": "torch"}}
+    for placement, memory in placements.items():
+        _assert_same(_run(cfg, tmp_path, placement.replace(" ", "-").replace(",", ""), memory), plain)
     # A tight activation plan (offload + recompute, beside the optimizer on the host): the plain run's losses to
     # fp32 rounding (the weight gradients are summed chunk by chunk, so not bit for bit).
     memory = {**PLACEMENTS["optimizer on host"], "plan_chunks": 4}

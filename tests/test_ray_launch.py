@@ -120,9 +120,14 @@ def test_ray_worker_killed_resumes_and_rerun_continues(tiny_config, tmp_path, ra
     config = write_yaml(tmp_path / "config.yaml", cfg)
 
     # The reference: one process, two micro-batches a step = two data-parallel ranks of one micro-batch each.
+    # Trained in this process, without a CLI start-up: only its losses are used.
+    from longtune.trainer.config import validate
+    from longtune.trainer.train import train
+
     ref = tmp_path / "reference"
-    done = run_cli("train", config, "train.grad_accum_steps=2", f"run.output_dir={ref}")
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = train(validate({**cfg, "train": {**cfg["train"], "grad_accum_steps": 2},
+                           "run": {**cfg["run"], "output_dir": str(ref)}}))
+    assert done.step == MAX_STEPS
     reference = train_losses(ref)
     assert sorted(reference) == list(range(1, MAX_STEPS + 1))
 

@@ -299,7 +299,7 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"  {n:>12,} tokens: {'fits' if fits else 'does not fit'}", file=sys.stderr, flush=True)
 
         print(f"searching the longest context on {world} GPU(s) of {machine.name}...", file=sys.stderr, flush=True)
-        longest = longest_context(cfg, machine, world, progress)
+        longest = longest_context(cfg, machine, world, progress, solved={cfg.data.seq_len: plan})
     if infeasible is not None:
         e = infeasible
         if args.json:
@@ -330,6 +330,8 @@ def _longest_dict(longest) -> dict:
 
 
 def _longest_line(cfg, machine, world: int, longest) -> str:
+    from longtune.trainer.memory import SEARCH_STEP_TOKENS
+
     n, plan = longest
     sp = cfg.parallel.sequence_parallel
     split = f" ({world // sp} x sequence parallel {sp})" if sp > 1 else ""
@@ -338,7 +340,7 @@ def _longest_line(cfg, machine, world: int, longest) -> str:
     p = plan.predicted
     return (f"longest context on {world} GPU(s) of {machine.name}{split}: {n:,} tokens per sequence "
             f"(predicted step {p['step_time_s']:.1f} s, {p['tokens_per_s']:,.0f} tokens/s per sequence group; "
-            f"{n + 1024 * sp:,} does not fit)")
+            f"{n + SEARCH_STEP_TOKENS * sp:,} does not fit)")
 
 
 def run_probe(args: argparse.Namespace) -> int:

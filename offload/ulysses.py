@@ -94,9 +94,8 @@ def ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Doc
     q [b, s, nq, d], k/v [b, s, nkv, d]: this rank's tokens, token-major (any strides). Returns ``(out, lse)``:
     out [b, s, nq, d] contiguous (this rank's tokens, all heads), lse [b, nq/P, P*s] in the head layout, as the
     backward takes it back."""
-    P = seq.size
     qh = seq_to_heads(q, seq)
-    kh, vh = (seq_to_heads(_expand_kv(t, P), seq) for t in (k, v))
+    kh, vh = keys_values_to_heads(k, v, seq)
     out, lse = attention_forward(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), docs, scale)
     del qh, kh, vh
     return heads_to_seq(out.transpose(1, 2), seq), lse

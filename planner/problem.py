@@ -135,10 +135,15 @@ class Machine:
         return replace(self, gpu_bytes=self.gpu_bytes if gpu_bytes is None else float(gpu_bytes), tiers=kept)
 
 
+def ranks_per_node(machine: Machine, world: int) -> int:
+    """How many of `world` ranks share one node of `machine` (its host RAM and drives)."""
+    return max(1, min(world, machine.gpus_per_node))
+
+
 def drives_shared(machine: Machine, world: int) -> Machine:
-    """The machine as one of `world` ranks sees it: the node's NVMe drives are shared by its ranks (up to
-    gpus_per_node), so each gets that share of their bandwidth. (Each GPU has its own host link.)"""
-    sharing = max(1, min(world, machine.gpus_per_node))
+    """The machine as one of `world` ranks sees it: the node's NVMe drives are shared by its ranks, so each gets
+    that share of their bandwidth. (Each GPU has its own host link.)"""
+    sharing = ranks_per_node(machine, world)
     if sharing == 1:
         return machine
     tiers = tuple(replace(t, to_gpu_bps=t.to_gpu_bps / sharing, from_gpu_bps=t.from_gpu_bps / sharing)

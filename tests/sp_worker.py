@@ -15,7 +15,6 @@ sequences of the batch (data parallel x sequence parallel).
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from datetime import timedelta
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from longtune.offload.runtime import MemoryRuntime, RuntimeOptions
 from longtune.offload.ulysses import SequenceGroup
@@ -31,25 +29,9 @@ from longtune.planner.plan import plan_of
 from longtune.planner.problem import CLASSES, Machine, ModelShape, Tier, build_problem
 from longtune.trainer.data import IGNORE_INDEX, Batch
 from longtune.trainer.sequence_parallel import SequenceParallel
+from test_activation_runtime import build, tiny  # the runtime tests' tiny families (this folder is on sys.path)
 
 SEQ, ROWS, CHUNKS = 64, 2, 2  # tokens per sequence, sequences per data-parallel rank, plan chunks per shard
-
-
-def tiny(model_type: str) -> dict:
-    cfg = {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512,
-           "tie_word_embeddings": False}
-    if model_type == "mistral":
-        cfg["sliding_window"] = None
-    return cfg
-
-
-def build(cfg: dict):
-    c = dict(cfg)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c), attn_implementation="sdpa")
-    model.config.use_cache = False
-    return model.train()
 
 
 def batch(packed: bool, rows: int) -> Batch:

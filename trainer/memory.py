@@ -21,7 +21,7 @@ import psutil
 
 from longtune.planner.plan import Plan, PlanInfeasible, make_plan, mismatches
 from longtune.planner.problem import (GaloreSizing, Machine, ModelShape, ProfileError, Sharding, build_problem,
-                                      drives_shared)
+                                      drives_shared, ranks_per_node)
 
 from .config import Config, ConfigError
 from .inputs import PLANNER_KEYS, check_architecture, written_model_config
@@ -71,7 +71,7 @@ def profile_capacities(cfg: Config, machine: Machine, world: int = 1) -> Capacit
     the profile's tiers, which are a node's: shared by the ranks on it (up to the profile's gpus_per_node)."""
     t, budget = cfg.memory.tiers, cfg.memory.budget_gb
     gpu = budget * GB if isinstance(budget, (int, float)) else machine.gpu_bytes
-    sharing = max(1, min(world, machine.gpus_per_node))
+    sharing = ranks_per_node(machine, world)
     profile = {tier.name: tier.capacity_bytes / sharing for tier in machine.tiers}
     return Capacities(gpu, *(x * GB if x is not None else profile.get(name)
                              for name, x in (("host", t.host_gb), ("cxl", t.cxl_gb), ("nvme", t.nvme_gb))))
@@ -252,16 +252,21 @@ def plan_memory(cfg: Config, caps: Capacities, machine: Optional[Machine] = None
 
 
 MAX_SEARCHED_TOKENS = 1 << 34
+SEARCH_STEP_TOKENS = 1024  # per sequence-parallel rank
 
 
-def longest_context(cfg: Config, machine: Machine, world: int, on_probe=None) -> tuple[int, Optional[Plan]]:
+def longest_context(cfg: Config, machine: Machine, world: int, on_probe=None,
+                    solved: Optional[dict[int, Optional[Plan]]] = None) -> tuple[int, Optional[Plan]]:
     """The longest data.seq_len whose plan fits one rank of `world` on `machine` (the profile's capacities, as
     `longtune plan` spends them), searched in steps of 1024 tokens per sequence-parallel rank: doubling from the
     config's length, then bisecting. The model's position limit is not a memory limit: it is lifted here.
-    on_probe(seq_len, fits) is called after each solve. Returns (seq_len, its plan), or (0, None)."""
-    unit = 1024 * cfg.parallel.sequence_parallel
+    on_probe(seq_len, fits) is called after each solve. `solved`: lengths already planned (None: infeasible), not
+    solved again. Returns (seq_len, its plan), or (0, None)."""
+    unit = SEARCH_STEP_TOKENS * cfg.parallel.sequence_parallel
 
     def plan_at(n: int) -> Optional[Plan]:
+        if solved is not None and n in solved:
+            return solved[n]
         model = cfg.model.model_copy(update={"max_position_embeddings": max(n, cfg.model.max_position_embeddings or 0)})
         at = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": n}), "model": model})
         try:

@@ -135,8 +135,7 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.seq, args.nvme_path)), flush=True)
         return
-    sys.path.insert(0, str(Path(__file__).parent))
-    from provenance import git_commit
+    from longtune.bench.provenance import git_commit
 
     rows = []
     for mode in args.modes.split(","):

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import REPO, git_commit  # bench/ is on sys.path when a script in it runs
+from longtune.bench.provenance import REPO, git_commit
 
 
 def commands(longtune: list[str], scratch: Path) -> dict[str, list[str]]:

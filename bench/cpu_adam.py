@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402  (after the OpenMP setting: libgomp reads it once, when torch loads it)
 
 from longtune.offload.cpu_adam import AdamWHyper, CpuAdamW, deepspeed_cpu_adam_built  # noqa: E402
-from provenance import git_commit  # noqa: E402  (bench/ is on sys.path when a script in it runs)
+from longtune.bench.provenance import git_commit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HYPER = AdamWHyper(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)

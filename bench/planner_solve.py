@@ -25,7 +25,7 @@ from longtune.planner.arena import plan_arena
 from longtune.planner.milp import SolverError, min_gpu_budget, solve_schedule
 from longtune.planner.evaluate import evaluate
 from longtune.planner.problem import Machine, ModelShape, build_problem
-from provenance import git_commit  # bench/ is on sys.path when a script in it runs
+from longtune.bench.provenance import git_commit
 
 ARCHS = {
     "8B": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from longtune.launch.isolation import safe_env
 from longtune.trainer.errors import ConfigError
 
 from .caps import GB, MemoryCap
@@ -81,7 +82,7 @@ SUITES = {
 def run_probe(spec: dict, cap_gb: Optional[float], timeout_s: float) -> dict:
     """One system at one length in its own process, under the cap: the child's RESULT, or why there is none."""
     cap = MemoryCap(cap_gb * GB) if cap_gb else None
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **PROBE_ENV)
+    env = safe_env(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **PROBE_ENV)  # run from the repo root
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "longtune.bench.systems", json.dumps(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,

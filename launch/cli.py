@@ -17,6 +17,12 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from longtune.launch.isolation import keep_checkout_off_sys_path
+
+# First, before anything could import one of our folders under its bare name: `python -m longtune.launch.cli`,
+# and torchrun's ranks (launch/torchrun.py imports this module), start with the current folder on sys.path.
+keep_checkout_off_sys_path()
+
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
 MAX_ERROR_CHARS = 500
 

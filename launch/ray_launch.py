@@ -177,6 +177,9 @@ def _one_line(e: BaseException) -> str:
 
 def _worker(loop_config: dict[str, Any]):
     """One rank: the config re-validated here, Ray's checkpoint (if any) as run.resume, then train()."""
+    from longtune.launch.isolation import keep_checkout_off_sys_path
+
+    keep_checkout_off_sys_path()  # Ray put the driver's folder first on this worker's sys.path
     import ray.train
     import yaml
 

@@ -7,7 +7,7 @@ complete checkpoint by itself. `longtune train CFG --nproc N` starts this throug
 
 import sys
 
-from longtune.launch.cli import main
+from longtune.launch.cli import main  # first: it takes the folder torchrun started us in off sys.path
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -6,10 +6,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
-import torch
-import yaml
+
+from longtune.launch.isolation import keep_checkout_off_sys_path, safe_env
+
+# `python -m pytest` from the repo root starts with the root on sys.path: take it off before torch or
+# transformers are imported (launch/isolation.py), so `kernels` is the PyPI package transformers imports.
+keep_checkout_off_sys_path()
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 # Triton kernels run on the CPU through the interpreter; it must be on before triton is imported.
 if not torch.cuda.is_available():
@@ -94,17 +102,26 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def cli_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    """The environment of every Python process a test starts (most from the repo root): no implicit folder on
+    its sys.path (launch/isolation.py)."""
+    env = safe_env(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
 
-def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """`longtune ARGS` in a subprocess, as a user runs it."""
+def run_cli(*args: str, timeout: float = 600, env: Optional[dict] = None, **kwargs) -> subprocess.CompletedProcess:
+    """`longtune ARGS` in a subprocess, as a user runs it (`env`: variables on top of cli_env's)."""
     return subprocess.run(
         [sys.executable, "-m", "longtune.launch.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=kwargs.pop("cwd", REPO), **kwargs,
+        capture_output=True, text=True, timeout=timeout, env={**cli_env(), **(env or {})}, cwd=kwargs.pop("cwd", REPO),
+        **kwargs,
     )
+
+
+def start_cli(*args: str, **kwargs) -> subprocess.Popen:
+    """`longtune ARGS` started in a subprocess (stdout and stderr piped, as text), for a test that acts on it."""
+    return subprocess.Popen([sys.executable, "-m", "longtune.launch.cli", *map(str, args)], cwd=REPO, env=cli_env(),
+                            text=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs})
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).parent))  # the runtime tests' module beside this one (PYTHONSAFEPATH adds no folder)
+
 from longtune.offload.runtime import MemoryRuntime, RuntimeOptions
 from longtune.offload.ulysses import SequenceGroup
 from longtune.planner.plan import plan_of
 from longtune.planner.problem import CLASSES, Machine, ModelShape, Tier, build_problem
 from longtune.trainer.data import IGNORE_INDEX, Batch
 from longtune.trainer.sequence_parallel import SequenceParallel
-from test_activation_runtime import build, tiny  # the runtime tests' tiny families (this folder is on sys.path)
+from test_activation_runtime import build, tiny  # noqa: E402  (the runtime tests' tiny families)
 
 SEQ, ROWS, CHUNKS = 64, 2, 2  # tokens per sequence, sequences per data-parallel rank, plan chunks per shard
 

@@ -9,7 +9,6 @@ measured residency equals the plan's prediction; a slow tier is hidden by prefet
 
 from __future__ import annotations
 
-import copy
 import time
 
 import pytest

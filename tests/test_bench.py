@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 from longtune.bench.caps import MemoryCap
 from longtune.bench.runner import longest_fitting

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli_env
 
 from longtune.planner.inventory import LayerShape, class_bytes_per_token, layer_inventory
 from longtune.planner.profile import measure_layer
@@ -78,7 +79,7 @@ def test_from_hf_config():
 
 def test_inventory_imports_no_torch():
     code = "import longtune.planner.inventory, sys; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env=cli_env())
 
 
 def test_runtime_saves_less_than_plain_transformers_in_bf16():

@@ -7,11 +7,10 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, cli_env, run_cli, train_losses, write_yaml
+from conftest import run_cli, start_cli, train_losses, write_yaml
 
 KILLS = 10
 # Enough steps that the run is still going at the tenth kill: a start trains a step or two past the last one
@@ -28,10 +27,6 @@ def _config(tiny_config: dict, output_dir: Path) -> dict:
     cfg["run"]["output_dir"] = str(output_dir)
     return cfg
 
-
-def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "longtune.launch.cli", *map(str, args)], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _temporaries(run: Path) -> list[str]:
@@ -74,12 +69,12 @@ def test_kill_loop_then_resume_is_bitwise_and_leaves_nothing(tmp_path, tiny_conf
     straight_dir, run = tmp_path / "straight", tmp_path / "killed"
     # The uninterrupted run trains beside the kill loop, whose processes run one at a time and mostly start up:
     # its losses are read at the end.
-    straight_proc = _start("train", write_yaml(tmp_path / "straight.yaml", _config(dict(tiny_config), straight_dir)))
+    straight_proc = start_cli("train", write_yaml(tmp_path / "straight.yaml", _config(dict(tiny_config), straight_dir)))
     proc = None
     try:
         rng = random.Random(0)
         config = write_yaml(tmp_path / "killed.yaml", _config(dict(tiny_config), run))
-        proc = _start("train", config)
+        proc = start_cli("train", config)
         # The folder is in use: a second run refuses at once, naming the first's pid, and changes nothing. It starts
         # as soon as the first holds the lock, and starts up while the first does.
         _locked_soon(run, proc)
@@ -99,7 +94,7 @@ def test_kill_loop_then_resume_is_bitwise_and_leaves_nothing(tmp_path, tiny_conf
             mid_write += bool(_checkpoint_writes(run))  # the dead writer's half-written checkpoint is still there
             stdout.append(proc.stdout.read())
             assert "Traceback" not in proc.stderr.read()
-            proc = _start("resume", run)
+            proc = start_cli("resume", run)
         assert sum(kills.values()) >= KILLS and mid_write >= 2, (kills, mid_write)
 
         out, err = proc.communicate(timeout=600)

@@ -12,8 +12,6 @@ squared norms of the shards, then over the ranks).
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import psutil
 import yaml
 import pytest
 
-from conftest import REPO, cli_env, make_tiny_config, read_metrics, run_cli, train_losses, write_yaml
+from conftest import make_tiny_config, read_metrics, run_cli, start_cli, train_losses, write_yaml
 
 STEPS = 10
 LOSS_RTOL, NORM_RTOL = 2e-6, 1e-4
@@ -138,9 +136,7 @@ def test_a_rank_killed_mid_run_is_survived_by_a_torchrun_restart(reference, tmp_
     itself, and ends with the uninterrupted run's losses."""
     out = tmp_path / "run"
     cfg = write_yaml(tmp_path / "c.yaml", _config(tiny_config, out))
-    agent = subprocess.Popen([sys.executable, "-m", "longtune.launch.cli", "train", str(cfg), "--nproc", "2",
-                              "--max-restarts", "1"], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    agent = start_cli("train", cfg, "--nproc", "2", "--max-restarts", "1")
     try:
         victim = None
         deadline = time.monotonic() + 300
@@ -203,11 +199,9 @@ def test_a_rank_failing_alone_stops_the_others_with_its_error(tmp_path, tiny_con
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(_RANK_1_FAILS)
     cfg = write_yaml(tmp_path / "c.yaml", _config(tiny_config, out))
-    env = dict(cli_env(), PYTHONPATH=str(inject))
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "longtune.launch.cli", "train", str(cfg), "--nproc", "2",
-                             "parallel.strategy=ddp", "parallel.timeout_s=600"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_cli("train", cfg, "--nproc", "2", "parallel.strategy=ddp", "parallel.timeout_s=600",
+                     env={"PYTHONPATH": str(inject)}, timeout=300)
     elapsed = time.monotonic() - start
     assert result.returncode == 1, result.stderr[-3000:]
     assert "[rank 1] error: internal error at " in result.stderr

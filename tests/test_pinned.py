@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, cli_env
 
 from longtune.offload.pinned import PAGE, HostPool, Slot, exact_pinned_empty
 
-REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 ODD_LAYOUT = [
     ("a", (1000001,), torch.float32),
@@ -252,7 +252,8 @@ RSS_CHILD = textwrap.dedent(
 
 @needs_proc
 def test_host_rss_tracks_the_bytes_placed():
-    proc = subprocess.run([sys.executable, "-c", RSS_CHILD], capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", RSS_CHILD], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=cli_env())
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     placed, grown = got["placed"], got["after_fill"] - got["before"]

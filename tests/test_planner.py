@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli
+from conftest import cli_env, run_cli
 
 from longtune.planner.evaluate import GPU, RECOMPUTE, evaluate, margin_bytes, places
 from longtune.planner.milp import min_gpu_budget, solve_schedule
@@ -143,7 +143,7 @@ def test_plan_yaml_round_trip_and_version_check():
 
 def test_planner_imports_no_torch():
     code = "import sys, longtune.planner.plan, longtune.planner.milp, longtune.planner.report; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env=cli_env())
 
 
 def test_cli_plan_8b_128k_json(tmp_path):

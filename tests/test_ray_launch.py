@@ -12,14 +12,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, cli_env, read_metrics, run_cli, train_losses, write_yaml
+from conftest import read_metrics, run_cli, start_cli, train_losses, write_yaml
 
 pytest.importorskip("ray.train")
 
@@ -83,10 +82,6 @@ def ray_address():
         assert not left, f"Ray processes left running after ray.shutdown: {left}"
 
 
-def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "longtune.launch.cli", *map(str, args)], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
 
 def _last_step(run: Path) -> int:
     return max(train_losses(run), default=0) if (run / "metrics.jsonl").exists() else 0
@@ -138,7 +133,7 @@ def test_ray_worker_killed_resumes_and_rerun_continues(tiny_config, tmp_path, ra
 
     # 1. Kill one Ray Train worker once step 3 is logged and Ray has registered a checkpoint (step 2 or 4): the
     #    restarted group must resume from Ray's checkpoint, not from the start nor from the run folder alone.
-    proc = _start("train", config, *ray_args, "launch.ray.max_failures=1")
+    proc = start_cli("train", config, *ray_args, "launch.ray.max_failures=1")
     try:
         deadline = time.monotonic() + 300
         while not (_last_step(run) >= 3 and _registered(snapshot)):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO, cli_env, run_cli, train_losses, write_yaml
+from conftest import run_cli, start_cli, train_losses, write_yaml
 
 from longtune.trainer.checkpoint import COMPLETE, is_complete, list_checkpoints, load_checkpoint
 from longtune.trainer.config import validate
@@ -29,10 +28,7 @@ def _resume_config(tiny_config: dict, output_dir) -> dict:
 
 
 def _kill_after_step(config_path, run_dir, step: int) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "longtune.launch.cli", "train", str(config_path)],
-        cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    proc = start_cli("train", config_path, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli_env
 
 from longtune.trainer.errors import ConfigError
 from longtune.trainer.inputs import RunLock, remove_stale_temporaries, stale_temporaries, temp_name, write_atomic
@@ -44,7 +45,8 @@ def test_lock_of_a_dead_owner_is_taken_over_with_a_notice(tmp_path):
 def test_lock_held_by_another_live_process_refuses(tmp_path):
     code = ("import sys, time; from longtune.trainer.inputs import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=cli_env())
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match=rf"in use by pid {holder.pid} "):

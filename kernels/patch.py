@@ -62,16 +62,16 @@ def _install_rope_dispatch(modeling) -> None:
 def _causal_lm_forward(original):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, num_items_in_batch=None, **kwargs):
+        if past_key_values is not None:  # only passed when given: transformers 5.25 deprecates the name
+            kwargs["past_key_values"] = past_key_values
         if labels is None or logits_to_keep:
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                            use_cache=use_cache, logits_to_keep=logits_to_keep, num_items_in_batch=num_items_in_batch, **kwargs)
+                            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                            logits_to_keep=logits_to_keep, num_items_in_batch=num_items_in_batch, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         from .fused_ce import fused_linear_cross_entropy
 
-        if past_key_values is not None:  # only passed when given: transformers 5 deprecates the name
-            kwargs["past_key_values"] = past_key_values
         shift_labels = kwargs.pop("shift_labels", None)  # targets shifted already (a sequence-parallel shard)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)

@@ -64,7 +64,7 @@ def _causal_lm_forward(original):
                 labels=None, use_cache=None, logits_to_keep=0, num_items_in_batch=None, **kwargs):
         if past_key_values is not None:  # only passed when given: transformers 5.25 deprecates the name
             kwargs["past_key_values"] = past_key_values
-        if labels is None or logits_to_keep:
+        if labels is None or not isinstance(logits_to_keep, int) or logits_to_keep:
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                             logits_to_keep=logits_to_keep, num_items_in_batch=num_items_in_batch, **kwargs)

@@ -143,11 +143,12 @@ class Oracle(torch.nn.Module):
         self.vocab, self.shift, self.wrong_last = vocab, shift, wrong_last
         self.dummy = torch.nn.Linear(1, 1)
 
-    def forward(self, input_ids, use_cache=None):
+    def forward(self, input_ids, use_cache=None, logits_to_keep=0):
         target = torch.roll(input_ids, -self.shift, dims=1)
         if self.wrong_last:
             target[:, -2] = (target[:, -2] + 1) % self.vocab  # predicts the last token wrongly
-        return SimpleNamespace(logits=torch.nn.functional.one_hot(target, self.vocab).float() * 30)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # as transformers
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(target[:, keep], self.vocab).float() * 30)
 
 
 def test_passkey_accuracy_on_tiny_model(tok):
@@ -168,6 +169,27 @@ def test_passkey_accuracy_on_tiny_model(tok):
         ref = model(input_ids=s.input_ids[None], labels=s.labels[None]).loss
     one = passkey_accuracy(model, task, 1, torch.device("cpu"))
     assert one["passkey_loss"] == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["plain", "kernels"])
+def test_passkey_accuracy_sends_only_the_answer_positions_through_the_head(tok, kernels):
+    """The logits of the whole sequence would be the largest tensor of a long-context step (Llama-3-8B at 128K:
+    34 GB in bf16, and an fp32 copy): the LM head sees only the positions that predict the answer."""
+    from longtune.kernels.patch import apply_kernels
+
+    task = PasskeyTask(tok, 128, digits=4, split="eval")
+    model = tiny_llama()
+    if kernels:
+        apply_kernels(model, rmsnorm=False, rope=False, swiglu=False)  # the fused loss replaces the forward
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[:-1].numel()))
+    plain = passkey_accuracy(model, task, 2, torch.device("cpu"))
+    assert rows == [int((task[i].labels != IGNORE_INDEX).sum()) for i in range(2)]  # the key's tokens, not 128
+    s = task[0]  # the same loss as transformers' own over the whole sequence
+    with torch.no_grad():
+        ref = model(input_ids=s.input_ids[None], labels=s.labels[None]).loss
+    assert passkey_accuracy(model, task, 1, torch.device("cpu"))["passkey_loss"] == pytest.approx(float(ref), rel=1e-5)
+    assert plain["passkey_loss"] > 0
 
 
 def test_passkey_accuracy_counts_exact_matches(tok):

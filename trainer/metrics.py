@@ -33,6 +33,13 @@ def gpu_memory_gb(device: torch.device) -> dict[str, float]:
     }
 
 
+def reset_gpu_peak(device: torch.device) -> None:
+    """The allocator's peak starts over: each step's logged peak is its own (not an evaluation's, or a
+    checkpoint's gather), and the runtime's plan-vs-measured figure is about training alone."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, sinks: list[str], total_steps: int, start_step: int = 0):
         self.sinks = set(sinks)

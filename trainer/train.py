@@ -21,7 +21,7 @@ from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
-from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, train_flops_per_token
+from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, reset_gpu_peak, train_flops_per_token
 from .model import build_model, build_tokenizer, count_parameters
 from .parallel import Strategy, build_strategy
 from .ranks import Ranks
@@ -232,6 +232,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
             return {}
         metrics = passkey_accuracy(model, eval_task, cfg.data.passkey.eval_samples, device, autocast)
         logger.log(state.step, metrics)
+        reset_gpu_peak(device)
         return metrics
 
     traffic_seen = runtime.traffic()
@@ -273,6 +274,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
                     **share,
                     **runtime.memory_metrics(),
                 })
+                reset_gpu_peak(device)  # the next line's peak is that step's
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
                 save(state, {"loss": last_loss, "step": step})
                 saved_step = step

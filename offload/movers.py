@@ -9,10 +9,18 @@ Without a GPU the device is the CPU: a mover is one worker thread (torch's memcp
 returns a future, and `wait` blocks and measures the time blocked. The same runtime code drives both, so every
 branch of it runs in the CPU tests. `delay_s` slows every copy of a CPU mover down, to test the overlap logic
 with a tier slower than compute.
+
+`lagging=True` (CPU only) is the lagging-device mode: a copy runs as late as a CUDA stream behind compute may
+run it. It is queued, not started, and the queue runs in order only when somebody needs a copy done: compute
+(`wait`), the host (`finish`), or a later copy that must come after it (`after`). On a CPU every copy is
+otherwise done long before the host moves on, so code that reads a copy's destination, or writes its source,
+without waiting for it, is right on a CPU and wrong on a GPU; in this mode it is wrong on the CPU too.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
@@ -21,21 +29,32 @@ import torch
 
 
 class Ticket:
-    """A copy in flight: an event on a GPU, a future on the CPU; `done` is set once waited for."""
+    """A copy in flight: an event on a GPU, a future on the CPU; `done` is set once waited for. `lagging`: the
+    lagging mover whose queue runs it (only when asked to)."""
 
-    __slots__ = ("event", "future", "done")
+    __slots__ = ("event", "future", "done", "lagging")
 
-    def __init__(self, event=None, future: Optional[Future] = None):
-        self.event, self.future, self.done = event, future, False
+    def __init__(self, event=None, future: Optional[Future] = None, lagging: Optional["Mover"] = None):
+        self.event, self.future, self.done, self.lagging = event, future, False, lagging
+
+
+def settle(ticket: Ticket) -> None:
+    """Block the host until a CPU ticket's work is done (running a lagging mover's queue up to it)."""
+    if ticket.lagging is not None:
+        ticket.lagging._run_until(ticket)
+    ticket.future.result()
 
 
 class Mover:
-    def __init__(self, device: torch.device, name: str, delay_s: float = 0.0):
+    def __init__(self, device: torch.device, name: str, delay_s: float = 0.0, lagging: bool = False):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.name, self.delay_s = name, delay_s
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._pool = None if self.cuda else ThreadPoolExecutor(1, thread_name_prefix=f"longtune-{name}")
+        self.lagging = lagging and not self.cuda  # a GPU lags by itself
+        self._pool = None if self.cuda or self.lagging else ThreadPoolExecutor(1, thread_name_prefix=f"longtune-{name}")
+        self._queue: collections.deque = collections.deque()  # lagging: (ticket, copy) not run yet, in order
+        self._queue_lock = threading.RLock()  # the host and an I/O thread may both need a copy done
         self.bytes_moved = 0
         self.wait_s = 0.0  # time compute was blocked (CPU) or stalled (GPU, measured once synchronised)
         self._stalls: list[tuple] = []  # GPU: event pairs around each wait
@@ -58,16 +77,32 @@ class Mover:
                     if t.is_cuda:
                         t.record_stream(self.stream)
                 return Ticket(event=self.stream.record_event())
-        previous = after.future if after is not None else None
 
         def run():
-            if previous is not None:
-                previous.result()
+            if after is not None:
+                settle(after)
             if self.delay_s:
                 time.sleep(self.delay_s)
             dst.copy_(src)
 
+        if self.lagging:
+            ticket = Ticket(future=Future(), lagging=self)
+            with self._queue_lock:
+                self._queue.append((ticket, run))
+            return ticket
         return Ticket(future=self._pool.submit(run))
+
+    def _run_until(self, ticket: Optional[Ticket] = None) -> None:
+        """Lagging mode: run the queued copies in order, up to `ticket` (all of them: None)."""
+        with self._queue_lock:
+            while self._queue and (ticket is None or not ticket.future.done()):
+                queued, run = self._queue.popleft()
+                try:
+                    run()
+                except BaseException as e:  # noqa: BLE001 -- the waiter gets it, as from a pool's future
+                    queued.future.set_exception(e)
+                else:
+                    queued.future.set_result(None)
 
     def wait(self, ticket: Optional[Ticket]) -> None:
         """Compute goes on only after the ticket's copy has landed."""
@@ -80,7 +115,7 @@ class Mover:
             self._stalls.append((before, stream.record_event(torch.cuda.Event(enable_timing=True))))
         else:
             start = time.perf_counter()
-            ticket.future.result()
+            settle(ticket)
             self.wait_s += time.perf_counter() - start
         ticket.done = True
 
@@ -91,7 +126,7 @@ class Mover:
         if self.cuda:
             ticket.event.synchronize()
         else:
-            ticket.future.result()
+            settle(ticket)
 
     def stall_s(self) -> float:
         """Seconds compute waited on this mover so far (GPU: synchronises the recorded event pairs)."""
@@ -103,6 +138,7 @@ class Mover:
         return self.wait_s
 
     def close(self) -> None:
+        self._run_until(None)  # lagging: what nobody waited for still lands, as on a GPU at the next sync
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         elif self.stream is not None:

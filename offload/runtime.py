@@ -57,6 +57,7 @@ class RuntimeOptions:
     numa_weights: dict = field(default_factory=dict)
     numa_activations: dict = field(default_factory=dict)  # tier -> HostPool NUMA kwargs
     copy_delay_s: float = 0.0  # CPU movers only: slow every copy down (tests of the overlap logic)
+    lagging_copies: bool = False  # CPU movers only: copies run as late as a CUDA stream may run them (movers.py)
     galore: Optional["GaloreOptions"] = None  # GaLore AdamW (on the device) instead of AdamW
     galore_layerwise: bool = False
     galore_fused_update: Optional[object] = None  # kernels/galore_update.galore_update where it runs (a GPU)
@@ -72,8 +73,8 @@ class MemoryRuntime:
         self.model, self.plan, self.options = model, plan, options
         self.device = device = torch.device(options.device)
         self.notes: list[str] = []
-        self.d2h = Mover(device, "d2h", options.copy_delay_s)
-        self.h2d = Mover(device, "h2d", options.copy_delay_s)
+        self.d2h = Mover(device, "d2h", options.copy_delay_s, options.lagging_copies)
+        self.h2d = Mover(device, "h2d", options.copy_delay_s, options.lagging_copies)
         self.dispatcher = SavedTensorDispatcher()
         self.store = None
         self.optimizer = None

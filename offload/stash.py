@@ -127,7 +127,8 @@ class ActivationStash:
             ring = HostPool([(f"ring/{i}", (ring_bytes,), torch.uint8) for i in range(slots)], name="act-nvme-ring")
             self._ring_pool = ring
             self._ring = [ring.tensor(f"ring/{i}") for i in range(slots)]
-        self._ring_busy: list[Optional[Future]] = [None] * len(self._ring)
+        self._ring_busy: list[Optional[Future]] = [None] * len(self._ring)  # host work on a slot: a write or read
+        self._ring_h2d: list[Optional[Ticket]] = [None] * len(self._ring)  # the device's copy out of a slot
         self._io = ThreadPoolExecutor(1, thread_name_prefix="longtune-act-io") if self._ring else None
         self._reads: dict[int, Future] = {}
         self._prefetch: dict[int, list[Ticket]] = {}
@@ -145,10 +146,7 @@ class ActivationStash:
             region.used = region.flushed = 0
             region.items = []
             if region.tier == NVME:
-                slot = l % len(self._ring)
-                if self._ring_busy[slot] is not None:
-                    self._ring_busy[slot].result()
-                region.host = self._ring[slot]
+                region.host = self._claim_slot(l % len(self._ring))
 
     def put(self, l: int, place: str, t: torch.Tensor) -> Stored:
         """Stash the storage of t for layer l at `place`."""
@@ -212,6 +210,8 @@ class ActivationStash:
                 after = Ticket(future=read)
             dst = self._prefetch_view(l, region, 0, region.used)
             tickets.append(self.h2d.copy(dst, region.host[: region.used], after=after))
+            if region.tier == NVME:
+                self._ring_h2d[l % len(self._ring)] = tickets[-1]
             self.bytes_to_device += region.used
             for stored in region.items:
                 stored.device = self._prefetch_view(l, region, stored.offset, stored.nbytes)
@@ -229,12 +229,20 @@ class ActivationStash:
             self.store.read(self._key(l), region.host[:n])
             self.nvme_read += n
 
-        if self._ring_busy[slot] is not None and not self._ring_busy[slot].done():
-            self._ring_busy[slot].result()
-        region.host = self._ring[slot]  # before the prefetch that reads it is enqueued
+        region.host = self._claim_slot(slot)  # before the prefetch that reads it is enqueued
         future = self._io.submit(read)
         self._ring_busy[slot] = future
         return future
+
+    def _claim_slot(self, slot: int) -> torch.Tensor:
+        """A ring slot, once nothing reads or writes it any more: neither the host (the slot's last NVMe write
+        or read) nor the device. On a GPU the host runs layers ahead of the device in backward, so the
+        host-to-device copy out of the slot may still be queued behind compute: the host waits for it too."""
+        if self._ring_busy[slot] is not None:
+            self._ring_busy[slot].result()
+        self.h2d.finish(self._ring_h2d[slot])
+        self._ring_h2d[slot] = None
+        return self._ring[slot]
 
     def ready(self, l: int) -> None:
         """Compute waits until layer l's prefetch has landed (prefetching it now if nobody did)."""

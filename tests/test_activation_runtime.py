@@ -67,9 +67,10 @@ def grads_of(model, ids, position_ids=None, labels=None):
     return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def run_plan(model, plan, ids, tmp_path, position_ids=None, depth: int = 1, delay: float = 0.0):
+def run_plan(model, plan, ids, tmp_path, position_ids=None, depth: int = 1, delay: float = 0.0, lagging=False):
     runtime = MemoryRuntime(model, plan, RuntimeOptions(torch.device("cpu"), activations=True, prefetch_depth=depth,
-                                                        nvme_path=str(tmp_path / "nvme"), copy_delay_s=delay))
+                                                        nvme_path=str(tmp_path / "nvme"), copy_delay_s=delay,
+                                                        lagging_copies=lagging))
     try:
         with runtime.step(1):
             got = grads_of(model, ids, position_ids)
@@ -245,3 +246,72 @@ def test_a_slow_tier_is_hidden_when_prefetch_depth_allows(tmp_path):
     # can be waited on. Exposed: each layer's prefetch lands after its backward is ready to start.
     assert waits["hidden"] < 1.5 * delay, waits
     assert waits["exposed"] > 2 * delay, waits
+
+
+# --- copies that lag as on a GPU (offload/movers.py, lagging-device mode) -------------------------------------
+
+LAGGING_LAYERS = 5
+MIXED = [  # every tier and token split somewhere, a different mix per layer
+    uniform(1, input={"nvme": G}, pre={"recompute": 2, "host": 2}, attn={"host": G}, post={"nvme": 1, "gpu": 3})[0],
+    uniform(1, input={"host": G}, pre={"nvme": G}, attn={"nvme": G}, post={"recompute": G})[0],
+    uniform(1, input={"nvme": 2, "gpu": 2}, attn={"nvme": G}, post={"host": 2, "recompute": 2})[0],
+    uniform(1, pre={"host": 1, "gpu": 3}, attn={"host": G}, post={"nvme": G})[0],
+    uniform(1, input={"nvme": G}, pre={"nvme": G}, attn={"nvme": G}, post={"host": G})[0],
+]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_when_copies_lag_as_on_a_gpu(family, depth, tmp_path):
+    """Lagging-device mode: a copy runs only when compute or the host must have it done, so a destination read
+    or a source reused without waiting gives wrong gradients here as it would on a GPU. Every tier, token
+    splits, packed documents, prefetch depth 1-4: the plain model's loss and gradients."""
+    cfg = tiny(family, layers=LAGGING_LAYERS)
+    model = build(cfg)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 256, (1, SEQ))
+    pos = torch.cat([torch.arange(n) for n in (20, 3, 25)]).unsqueeze(0)
+    ref = grads_of(model, ids, pos)
+    plan = plan_of(problem(cfg, depth=depth), MIXED)
+    got, runtime = run_plan(model, plan, ids, tmp_path, pos, depth=depth, lagging=True)
+    assert_same(ref, got)
+    assert runtime.dispatcher.stash.unplanned_bytes == 0
+    assert runtime.h2d.lagging and not runtime.h2d._queue
+
+
+def test_the_nvme_ring_waits_for_the_device_before_reusing_a_slot(tmp_path):
+    """The review's bug: an NVMe read into a ring slot waited for the slot's previous read, not for the
+    host-to-device copy out of it. On a GPU the host runs layers ahead of the device in backward (waits are the
+    compute stream's, not the host's), so that copy may still be queued and then brings another layer's bytes.
+    Here the host issues the whole backward without ever blocking on the device, and each layer's compute is
+    a copy of its prefetched input queued where the compute would be: after its own prefetch, before the next
+    layer's. The device (the lagging mover's queue) runs when the host must wait for it, and at the end."""
+    cfg = tiny("llama", layers=6)
+    model = build(cfg)
+    depth = 1
+    plan = plan_of(problem(cfg, depth=depth), uniform(6, input={"nvme": G}))
+    runtime = MemoryRuntime(model, plan, RuntimeOptions(torch.device("cpu"), activations=True, prefetch_depth=depth,
+                                                        nvme_path=str(tmp_path / "nvme"), lagging_copies=True))
+    try:
+        from longtune.offload.stash import SavedRef
+
+        stash, layers = runtime.dispatcher.stash, range(6)
+        torch.manual_seed(3)
+        saved = [torch.randn(1, SEQ, 32) for _ in layers]  # each layer's input, a chunk's worth of bytes
+        refs = []
+        for l in layers:  # forward
+            stash.begin_forward(l)
+            refs.append(SavedRef(stash.put(l, "nvme", saved[l]), saved[l]))
+            stash.end_forward(l)
+        stash.prefetch(5)  # at the end of the forward, as the runtime does
+        read = [torch.empty_like(t) for t in saved]
+        for l in reversed(layers):  # the host's backward, in the runtime's order
+            stash.prefetch(l - depth)
+            runtime.h2d.copy(read[l], refs[l].tensor())  # layer l's compute reads its input, on the device
+            stash.release(l)
+        stash.finish()  # the host's NVMe reads have landed (the worst case: the device is later still)
+        runtime.h2d.close()  # the device catches up
+        for l in layers:
+            assert torch.equal(read[l], saved[l]), f"layer {l} got another layer's activations"
+    finally:
+        runtime.close()

@@ -111,7 +111,7 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 LAUNCH_FLAGS = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
 
 
-def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+def _torchrun(args: argparse.Namespace, argv: list[str], device: str) -> int:
     """`longtune train CFG --nproc N ...`: torch.distributed.run starting N ranks of the same command."""
     from longtune.launch.distributed import launched_world
 
@@ -120,6 +120,16 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     nproc = args.nproc or 1
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    import torch
+
+    from longtune.trainer.ranks import device_type, gpus_short
+
+    try:
+        short = device_type(device) == "cuda" and gpus_short(nproc, torch.cuda.device_count())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if short:  # before any rank starts: rank 1 would die on a cuda:1 that does not exist
+        raise UsageError(f"--nproc {nproc}: {short}")
     multi_node = args.nnodes not in (None, "1", "1:1")
     if multi_node and not args.rdzv_endpoint:
         raise UsageError("--nnodes over 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
@@ -244,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         if cfg.launch.backend == "ray":
             raise UsageError("--nproc starts torchrun; launch.backend=ray starts Ray workers (launch.ray.num_workers): "
                              "choose one")
-        return _torchrun(args, args.argv)
+        return _torchrun(args, args.argv, cfg.run.device)
     if cfg.launch.backend == "ray":
         from longtune.launch.distributed import launched_world
 
@@ -255,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     from longtune.launch.distributed import init_process_group, launched_world, prefix_output, restarted
 
     if launched_world() > 1 or cfg.parallel.strategy in ("fsdp2", "deepspeed"):
-        init_process_group(cfg.parallel.timeout_s, alone=launched_world() == 1)
+        init_process_group(cfg.parallel.timeout_s, alone=launched_world() == 1, device=cfg.run.device)
         import torch.distributed as dist
 
         prefix_output(dist.get_rank(), dist.get_world_size())

@@ -25,12 +25,15 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
-def init_process_group(timeout_s: float, alone: bool = False) -> None:
-    """Join the launcher's group (gloo on the CPU, NCCL on GPUs); every collective times out after timeout_s, so
-    a lost rank fails the others instead of hanging them. `alone`: a group of this one process (FSDP2 and
-    DeepSpeed need a group even on one GPU), on a free port of 127.0.0.1."""
+def init_process_group(timeout_s: float, alone: bool = False, device: str = "auto") -> None:
+    """Join the launcher's group (gloo on the CPU, NCCL on GPUs: run.device); every collective times out after
+    timeout_s, so a lost rank fails the others instead of hanging them. `alone`: a group of this one process
+    (FSDP2 and DeepSpeed need a group even on one GPU), on a free port of 127.0.0.1."""
     import torch
     import torch.distributed as dist
+
+    from longtune.trainer.errors import ConfigError
+    from longtune.trainer.ranks import device_type, gpus_short
 
     if dist.is_initialized() or (launched_world() <= 1 and not alone):
         return
@@ -41,7 +44,14 @@ def init_process_group(timeout_s: float, alone: bool = False) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if torch.cuda.is_available():
+    try:
+        kind = device_type(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if kind == "cuda":
+        short = gpus_short(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+        if short:  # started by a launcher other than ours (`longtune train --nproc` refuses this up front)
+            raise ConfigError(short)
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:

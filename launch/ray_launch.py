@@ -51,9 +51,12 @@ def run_on_ray(cfg) -> int:
     name = r.name or output_dir.name
     use_gpu = r.use_gpu
     if use_gpu is None:
-        import torch
+        from longtune.trainer.ranks import device_type
 
-        use_gpu = torch.cuda.is_available()
+        try:
+            use_gpu = device_type(cfg.run.device) == "cuda"
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     backend = "nccl" if use_gpu else "gloo"
 
     if r.address:

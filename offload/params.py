@@ -16,6 +16,11 @@ the GPU a layer exists only from its prefetch to the end of its use:
 
 Embeddings, the final norm and the head stay on the GPU. The optimizer writes
 updated weights into the home (`write`), and a fetch waits for that update.
+
+The copies go through the memory runtime's host-to-device `Mover` (one owner of the copy streams): compute
+waits for a fetched layer on the device, the host never does. The host waits only where it reuses what a
+copy reads: the NVMe staging buffer before the next read into it, and a layer's home before the optimizer
+writes its update there (on a GPU the host runs layers ahead of the copies).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .groups import ParamGroup, param_groups
+from .movers import Mover, Ticket
 from .pinned import HostPool, exact_pinned_empty
 
 ALIGN = 64  # bytes: every weight starts aligned for any dtype view
@@ -40,13 +46,12 @@ def _in_backward() -> bool:
 
 class ParamStreamer:
     def __init__(self, model: nn.Module, device: torch.device, *, tier: str = "cpu", nvme_store=None,
-                 numa_nodes=None, interleave: bool = False, copy_stream=None, module_hooks: bool = True):
+                 numa_nodes=None, interleave: bool = False, mover: Optional[Mover] = None, module_hooks: bool = True):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"parameter tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
             raise ValueError("the nvme parameter tier needs an NvmeStore")
         self.device, self.tier, self.store = torch.device(device), tier, nvme_store
-        self.cuda = self.device.type == "cuda"
         groups = param_groups(model)
         self.layers = [g for g in groups if g.index > 0]
         streamed = {id(p) for g in self.layers for p in g.params}
@@ -76,10 +81,13 @@ class ParamStreamer:
                 p.data = p.data.to(self.device)
         for name, b in model.named_buffers():
             b.data = b.data.to(self.device)
-        # The memory runtime's host-to-device stream (one owner of the copy streams); a private one when alone.
-        self.copy_stream = copy_stream if copy_stream is not None or not self.cuda else torch.cuda.Stream(self.device)
+        # The memory runtime's host-to-device mover (one owner of the copy streams); a private one when alone.
+        self._own_mover = mover is None
+        self.mover = Mover(self.device, "params-h2d") if mover is None else mover
+        self._from_staging: Optional[Ticket] = None  # nvme: the last copy out of the staging buffer
+        self._from_home: dict[int, Ticket] = {}  # cpu: layer -> the last copy out of its home
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="longtune-fetch")
-        self._fetches: dict[int, Future] = {}  # layer -> device buffer being filled
+        self._fetches: dict[int, Future] = {}  # layer -> (device buffer, its copy's ticket)
         self._resident: dict[int, torch.Tensor] = {}  # layer -> its device buffer
         self._storage_layer: dict[int, int] = {}  # device buffer storage address -> layer
         self._by_index = {g.index: g for g in self.layers}
@@ -122,6 +130,8 @@ class ParamStreamer:
 
     def write(self, g: ParamGroup, masters: list[torch.Tensor]) -> None:
         """The optimizer's updated fp32 weights of layer g, into its home (runs on the optimizer's worker)."""
+        if self.tier == "cpu":
+            self.mover.finish(self._from_home.pop(g.index, None))  # the device has read the old weights
         flat = self._home(g) if self.tier == "cpu" else self._write_staging[: self._nbytes[g.index]]
         for view, m in zip(self._views(flat, g), masters):
             view.copy_(m)
@@ -133,23 +143,26 @@ class ParamStreamer:
         return {g.index: writer for g in self.layers}
 
     # --- fetch and free ----------------------------------------------------------------------
-    def _fetch(self, g: ParamGroup) -> torch.Tensor:
+    def _fetch(self, g: ParamGroup) -> tuple[torch.Tensor, Ticket]:
+        """On the fetcher thread: the layer's bytes read (NVMe) and their copy to the device enqueued."""
         self.wait_update(g.index)
         n = self._nbytes[g.index]
-        source = self._home(g) if self.tier == "cpu" else self._staging[:n]
         if self.tier == "nvme":
+            self.mover.finish(self._from_staging)  # the device has read the staging buffer's last layer
+            source = self._staging[:n]
             self.store.read(self._key(g), source)
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                # Allocated on the copy stream, so the allocator never hands the copy a block the compute
-                # stream may still be reading; ensure() records the compute stream's use of it.
-                buffer = torch.empty(n, dtype=torch.uint8, device=self.device)
-                buffer.copy_(source, non_blocking=True)
-            self.copy_stream.synchronize()  # the staging buffer is reused by the next fetch
         else:
-            buffer = source.clone()
+            source = self._home(g)
+        # Allocated on the compute stream, which owns it; the mover orders its copy after compute's work so far
+        # (a freed block compute was still using) and records the copy stream's use of it.
+        buffer = torch.empty(n, dtype=torch.uint8, device=self.device)
+        ticket = self.mover.copy(buffer, source)
+        if self.tier == "nvme":
+            self._from_staging = ticket
+        else:
+            self._from_home[g.index] = ticket
         self.bytes_fetched += n
-        return buffer
+        return buffer, ticket
 
     def prefetch(self, index: int) -> None:
         g = self._by_index.get(index)
@@ -162,10 +175,9 @@ class ParamStreamer:
             return
         self.prefetch(index)
         start = time.perf_counter()
-        buffer = self._fetches.pop(index).result()
+        buffer, ticket = self._fetches.pop(index).result()  # the copy is enqueued (NVMe: its read is done)
         self.wait_s += time.perf_counter() - start
-        if self.cuda:
-            buffer.record_stream(torch.cuda.current_stream(self.device))
+        self.mover.wait(ticket)  # compute waits for the copy on the device; the host goes on
         g = self._by_index[index]
         for p, view in zip(g.params, self._views(buffer, g)):
             p.data = view
@@ -254,6 +266,8 @@ class ParamStreamer:
         for h in self._hooks:
             h.remove()
         self._fetcher.shutdown(wait=True)
+        if self._own_mover:
+            self.mover.close()
         if self.pool is not None:
             self.pool.close()
 

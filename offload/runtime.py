@@ -133,7 +133,7 @@ class MemoryRuntime:
                                         module_hooks=False, process_group=o.process_group, **o.numa_optimizer)
         if params_tier != "gpu":
             self.streamer = ParamStreamer(model, self.device, tier=params_tier, nvme_store=self.store,
-                                          copy_stream=self.h2d.stream, module_hooks=False, **o.numa_weights)
+                                          mover=self.h2d, module_hooks=False, **o.numa_weights)
             self.optimizer.set_weight_writers(self.streamer.writers())
             self.streamer.wait_update = self.optimizer.wait_group
         self._install_module_hooks()

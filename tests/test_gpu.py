@@ -77,3 +77,14 @@ def test_galore_moments_on_the_host_match_moments_on_the_device():
                                          if k.startswith("exp_avg"))
     for a, b in zip(on_host.parameters(), on_device.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_more_ranks_than_gpus_are_refused_before_any_rank_starts(tmp_path, tiny_config):
+    import torch
+    from conftest import run_cli, write_yaml
+
+    n = torch.cuda.device_count()
+    result = run_cli("train", write_yaml(tmp_path / "c.yaml", tiny_config), "--nproc", str(n + 1))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--nproc {n + 1}: {n + 1} processes on this machine take a GPU each" in result.stderr
+    assert "[rank" not in result.stdout + result.stderr  # refused by the launcher, not by a dying rank

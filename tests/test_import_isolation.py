@@ -56,6 +56,7 @@ def config(tmp_path_factory, tokenizer_dir) -> Path:
     cfg = make_tiny_config(folder / "run", tokenizer_dir)
     cfg["train"].update(max_steps=1, warmup_steps=0)
     cfg["data"]["passkey"]["eval_samples"] = 0
+    cfg["run"]["device"] = "cpu"  # two processes on a one-GPU machine too
     return write_yaml(folder / "config.yaml", cfg)
 
 

@@ -144,6 +144,49 @@ def test_streamer_keeps_few_layers_on_the_device(tiny_config):
     streamer.close()
 
 
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_streamed_weights_are_exact_when_copies_lag_and_the_host_never_waits_for_one(tiny_config, tier, tmp_path):
+    """The streamer's copies go through the runtime's mover: compute waits for a layer's weights, the host does
+    not (it used to block on the whole copy stream every layer, activation prefetches included). Under the
+    lagging-device mode a copy runs only when someone waits for it: with the weights in host RAM, each one is
+    still queued when compute comes to need it (nothing on the host forced it), and the gradients are the
+    plain model's. (From NVMe, the fetcher thread waits for the copy out of the one staging buffer before it
+    reads the next layer into it.)"""
+    from longtune.offload.dispatch import SavedTensorDispatcher
+    from longtune.offload.movers import Mover
+    from longtune.offload.nvme import NvmeStore
+    from longtune.offload.params import ParamStreamer
+
+    cfg = copy.deepcopy(tiny_config)
+    cfg["model"]["config"]["num_hidden_layers"] = 4
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    plain = build_model(validate(cfg).model)
+    plain(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    torch.manual_seed(0)
+    model = build_model(validate(cfg).model)
+    mover = Mover(torch.device("cpu"), "h2d", lagging=True)
+    store = NvmeStore(str(tmp_path / "nvme")) if tier == "nvme" else None
+    streamer = ParamStreamer(model, torch.device("cpu"), tier=tier, nvme_store=store, mover=mover)
+    dispatcher = SavedTensorDispatcher()
+    dispatcher.params = streamer
+    pending, wait = [], mover.wait
+    mover.wait = lambda ticket: pending.append(not ticket.future.done()) or wait(ticket)
+    with dispatcher.hooks():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert len(pending) == 2 * 4 - 1  # every layer fetched for forward and backward, but the last
+    if tier == "cpu":
+        assert all(pending), pending
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name].grad), name
+    streamer.close()
+    mover.close()
+    if store is not None:
+        store.close()
+
+
 def test_nvme_write_failure_mid_run_is_clear_and_keeps_the_last_checkpoint(tmp_path, offload_config, monkeypatch):
     """ENOSPC injected into the NVMe tier's pwrite at step 4: one clear error; step_2 still loads and resumes."""
     import longtune.offload.nvme as nvme

@@ -30,7 +30,7 @@ def _config(tiny_config: dict, out: Path, **train) -> dict:
     cfg["train"].update(max_steps=STEPS, warmup_steps=2, **train)
     cfg["data"]["passkey"]["eval_samples"] = 0
     cfg["checkpoint"].update(every_n_steps=4, keep_last=3)
-    cfg["run"]["output_dir"] = str(out)
+    cfg["run"].update(output_dir=str(out), device="cpu")  # gloo, on a GPU machine too (fewer GPUs than ranks)
     return cfg
 
 

@@ -136,3 +136,25 @@ def test_a_missing_deepspeed_json_is_refused_before_anything_loads(tiny_config, 
     with pytest.raises(ConfigError, match="parallel.deepspeed_config: .*ds.json is not a file"):
         check(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_more_ranks_than_gpus_are_refused_in_one_line(tiny_config, tmp_path):
+    """rank r takes cuda:LOCAL_RANK: with fewer GPUs than ranks on a machine, rank 1 would die at start-up.
+    `longtune train --nproc` refuses before any rank starts (tests/test_gpu.py on a real GPU machine), a rank
+    another launcher started refuses at its start, and run.device=cpu runs the ranks on the CPU instead."""
+    from conftest import run_cli, write_yaml
+
+    from longtune.trainer.ranks import device_type, gpus_short
+
+    assert gpus_short(1, 1) == gpus_short(8, 8) == ""
+    assert gpus_short(2, 1) == ("2 processes on this machine take a GPU each (cuda:LOCAL_RANK) and it has 1: run 1 "
+                                "process(es) per machine, or run.device=cpu for processes on the CPU (gloo)")
+    assert device_type("cpu") == "cpu"
+    if torch.cuda.is_available():
+        return
+    assert device_type("auto") == "cpu"
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config)
+    result = run_cli("train", cfg, "--nproc", "2", "run.device=cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: run.device=cuda, but torch sees no GPU (a CPU build of "
+                                                  "torch, or no visible device)"]

@@ -112,6 +112,7 @@ def test_ray_worker_killed_resumes_and_rerun_continues(tiny_config, tmp_path, ra
     cfg["train"].update(max_steps=MAX_STEPS, grad_accum_steps=1)
     cfg["data"]["passkey"]["eval_samples"] = 0
     cfg["checkpoint"].update(every_n_steps=2, keep_last=2)
+    cfg["run"]["device"] = "cpu"  # on a GPU machine too
     config = write_yaml(tmp_path / "config.yaml", cfg)
 
     # The reference: one process, two micro-batches a step = two data-parallel ranks of one micro-batch each.

@@ -219,6 +219,9 @@ class CheckpointConfig(_Section):
 class RunConfig(_Section):
     output_dir: str = "runs/quickstart"
     resume: Optional[str] = None  # null | auto | path of a step_N folder
+    # auto: a GPU per process where torch sees one (rank r on cuda:LOCAL_RANK, NCCL), else the CPU (gloo);
+    # cpu: the CPU even on a GPU machine (e.g. more processes than GPUs); cuda: refuse to run without a GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class LogConfig(_Section):

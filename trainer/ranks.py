@@ -14,6 +14,21 @@ import torch
 import torch.distributed as dist
 
 
+def device_type(want: str = "auto") -> str:
+    """run.device resolved: "cuda" or "cpu"."""
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda, but torch sees no GPU (a CPU build of torch, or no visible device)")
+    return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def gpus_short(processes: int, gpus: int) -> str:
+    """Why `processes` ranks on this machine cannot each have a GPU of its own ('' when they can)."""
+    if processes <= gpus:
+        return ""
+    return (f"{processes} processes on this machine take a GPU each (cuda:LOCAL_RANK) and it has {gpus}: run "
+            f"{gpus or 'no'} process(es) per machine, or run.device=cpu for processes on the CPU (gloo)")
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0

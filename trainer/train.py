@@ -24,7 +24,7 @@ from .memory import activations_planned, build_runtime, infeasible_error, live_c
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, reset_gpu_peak, train_flops_per_token
 from .model import build_model, build_tokenizer, count_parameters
 from .parallel import Strategy, build_strategy
-from .ranks import Ranks
+from .ranks import Ranks, device_type
 from .sequence_parallel import SequenceParallel
 
 
@@ -55,8 +55,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps, scheduler_specific_kwargs=extra)
 
 
-def pick_device(ranks: Ranks = Ranks()) -> torch.device:
-    return torch.device("cuda", ranks.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def pick_device(ranks: Ranks = Ranks(), want: str = "auto") -> torch.device:
+    """This rank's device (run.device): cuda:LOCAL_RANK, or the CPU."""
+    try:
+        kind = device_type(want)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return torch.device("cuda", ranks.local_rank) if kind == "cuda" else torch.device("cpu")
 
 
 def forward_backward(model: torch.nn.Module, batches: list, device: torch.device, autocast,
@@ -113,7 +118,7 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     resume_from = ranks.from_main(resolve_resume(cfg, output_dir) if ranks.main else None)
     if resume_from is not None:
         check_same_optimizer(cfg, resume_from)
-    device = pick_device(ranks)
+    device = pick_device(ranks, cfg.run.device)
     try:  # before the model is built: a plan that cannot fit stops here, in seconds
         plan = plan_memory(cfg, live_capacities(cfg, device), world=ranks.world)
     except PlanInfeasible as e:

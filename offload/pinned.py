@@ -123,6 +123,24 @@ def _cuda_pin_wanted(pin: str) -> bool:
     return False
 
 
+def clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error. A failed runtime call leaves its error there, and torch's check
+    after the next kernel launch (cudaGetLastError) would report it as that kernel's own. torch's cudart
+    binding has no cudaGetLastError: it is called in the runtime library torch loaded, through ctypes."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            libraries = sorted({line.split()[-1] for line in f if "libcudart" in line})
+    except OSError:
+        return
+    for path in libraries:
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+        except (OSError, AttributeError):
+            continue
+
+
 class _Mapping:
     """The anonymous mmap and its CUDA registration; holds no tensor, so a finalizer may own it."""
 
@@ -138,6 +156,7 @@ class _Mapping:
         try:
             torch.cuda.check_error(cudart.cudaHostRegister(self.addr, self.nbytes, 0))
         except torch.cuda.CudaError as err:
+            clear_cuda_error()
             raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes for pool {self.label!r} failed: {err}") from None
         self.pinned = True
 

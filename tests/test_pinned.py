@@ -283,3 +283,15 @@ def test_cuda_pool_is_pinned_and_async_copies_round_trip():
         assert torch.equal(back, src)
     staging = exact_pinned_empty((257, 3), torch.bfloat16)
     assert staging.is_pinned()
+
+
+@pytest.mark.gpu
+def test_a_failed_registration_is_not_reported_by_the_next_kernel():
+    """cudaHostRegister of pages registered already fails; the error it leaves as CUDA's last error must not
+    surface as the next kernel launch's own (torch checks cudaGetLastError after each launch)."""
+    pool = HostPool([("a", (1 << 20,), torch.uint8)], pin="on")
+    with pytest.raises(RuntimeError, match="cudaHostRegister of .* failed"):
+        pool._mapping.register()  # the same pages a second time
+    x = torch.ones(1024, device="cuda")
+    assert float((x * 2).sum()) == 2048.0
+    pool.close()

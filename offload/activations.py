@@ -76,6 +76,7 @@ class _LayerState:
     sin: torch.Tensor
     autocast: tuple
     shape: tuple
+    dtype: torch.dtype  # the layer input's
     inputs: list = field(default_factory=list)  # SavedRef per chunk
     pre: list = field(default_factory=list)  # _Graph or None (recompute) per chunk
     post: list = field(default_factory=list)
@@ -83,6 +84,13 @@ class _LayerState:
     lse: object = None
     rope: set = field(default_factory=set)  # storages of cos/sin, kept as they are until the last backward
     params: list = field(default_factory=list)  # the layer's parameters as its forward saw them (see _layer_params)
+
+    @property
+    def attn_dtype(self) -> torch.dtype:
+        """The dtype attention runs in: autocast's where it is on (SDPA under autocast casts q, k and v to it,
+        so the plain model runs bf16 flash attention there), else the layer's."""
+        enabled, dtype = self.autocast
+        return dtype if enabled else self.dtype
 
 
 class _LayerFunction(torch.autograd.Function):
@@ -188,7 +196,7 @@ class ActivationRuntime:
         device_type = x.device.type
         autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         d.half_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else (autocast[1] if autocast[0] else None)
-        st = _LayerState(l, chunk_bounds(s, chunks), self._step["docs"], cos, sin, autocast, (b, s, h))
+        st = _LayerState(l, chunk_bounds(s, chunks), self._step["docs"], cos, sin, autocast, (b, s, h), x.dtype)
         st.rope, st.params = self._step["rope"], params
         weights = _storages(params) - d.passthrough
         d.passthrough |= weights
@@ -197,7 +205,7 @@ class ActivationRuntime:
         leaves: list[torch.Tensor] = []
         aliases: list[int] = []
         with d.hooks():
-            qbuf, kbuf, vbuf = (x.new_empty(b, s, n, hd) for n in (nq, nkv, nkv))
+            qbuf, kbuf, vbuf = (x.new_empty(b, s, n, hd, dtype=st.attn_dtype) for n in (nq, nkv, nkv))
             xs = []
             for i, (a, e) in enumerate(st.bounds):
                 x_i = x[:, a:e].clone() if chunks > 1 else x
@@ -363,11 +371,11 @@ class ActivationRuntime:
                 outs, ins = graph.outs, graph.ins
             dout = dattn.view(b, e - a, nq, hd).transpose(1, 2)
             out_i = _attn_chunk(flat, (a, e), b, nq, hd).transpose(1, 2)
-            dq = attention_backward_chunk(dout, q, K, V, out_i, lse[:, :, a:e], st.docs, a, e,
+            dq = attention_backward_chunk(dout, q.to(st.attn_dtype), K, V, out_i, lse[:, :, a:e], st.docs, a, e,
                                           split.scale, dk, dv)
             del q, dout, dattn
-            grads = torch.autograd.grad(outs, ins + param_edges, [dq, dk[:, :, a:e].to(dy.dtype),
-                                                                  dv[:, :, a:e].to(dy.dtype)], allow_unused=True)
+            grads = torch.autograd.grad(outs, ins + param_edges,
+                                        _as_outputs([dq, dk[:, :, a:e], dv[:, :, a:e]], outs, graph), allow_unused=True)
             del outs, ins
             st.pre[i] = None
             if scope is not None:
@@ -421,7 +429,7 @@ class ActivationRuntime:
                     q = split.pre(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])[0]
             else:
                 q = graph.refs[0].tensor()
-            dq[:, a:e] = attention_backward_shard(dattn.view(b, e - a, nq, hd), q.transpose(1, 2),
+            dq[:, a:e] = attention_backward_shard(dattn.view(b, e - a, nq, hd), q.transpose(1, 2).to(st.attn_dtype),
                                                   _attn_chunk(flat, (a, e), b, nq, hd), kh, vh, lse, st.docs, (a, e),
                                                   s, split.scale, seq, dkh, dvh)
             del q, dattn
@@ -437,7 +445,8 @@ class ActivationRuntime:
                     outs, ins = list(split.pre(xl, st.cos[:, a:e], st.sin[:, a:e])), [xl]
             else:
                 outs, ins = graph.outs, graph.ins
-            grads = torch.autograd.grad(outs, ins + param_edges, [t[:, a:e].transpose(1, 2) for t in (dq, dk, dv)],
+            grads = torch.autograd.grad(outs, ins + param_edges,
+                                        _as_outputs([t[:, a:e].transpose(1, 2) for t in (dq, dk, dv)], outs, graph),
                                         allow_unused=True)
             del outs, ins
             st.pre[i] = None
@@ -468,6 +477,14 @@ class ActivationRuntime:
                 k, v = graph.refs[1].tensor(), graph.refs[2].tensor()
             kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)
         return kbuf, vbuf
+
+
+def _as_outputs(grads: list[torch.Tensor], outs: list, graph: Optional[_Graph]) -> list[torch.Tensor]:
+    """Gradients of q, k, v in their own dtypes (attention may run in autocast's dtype, and q, k, v come out of
+    RoPE in another: the cast back is what autograd does through SDPA's autocast cast). `outs` are tensors
+    (recomputed) or the gradient edges of `graph`, whose stashed outputs say their dtypes."""
+    dtypes = [r.dtype for r in graph.refs] if graph is not None else [o.dtype for o in outs]
+    return [g.to(dtype) for g, dtype in zip(grads, dtypes)]
 
 
 def _layer_params(layer: nn.Module) -> list[torch.Tensor]:

@@ -208,6 +208,26 @@ def test_bf16_plans_match_plain_bf16(tmp_path):
         assert (got[1][name].float() - g.float()).abs().max() <= 2 ** -7 * g.float().norm(), name
 
 
+def test_autocast_runs_attention_in_autocasts_dtype_as_the_plain_model_does(tmp_path):
+    """fp32 weights under bf16 autocast: the plain model's SDPA casts q, k and v to bf16 (flash attention in
+    bf16); the runtime's attention did in fp32 (the slow path on a GPU, twice the bytes of its output). Now it
+    runs in bf16 too: the attention output stashed is bf16 (the planner's bf16 count), and the loss and
+    gradients are the plain autocast model's to bf16 rounding."""
+    cfg = tiny("llama")
+    model = build(cfg)
+    ids = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(4))
+    plan = plan_of(problem(cfg), uniform(2, input={"host": G}, pre={"recompute": 2, "host": 2}, attn={"host": G},
+                                         post={"recompute": G}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = grads_of(model, ids)
+        got, runtime = run_plan(model, plan, ids, tmp_path)
+    bf16 = class_bytes_per_token(LayerShape.from_hf_config(cfg, "bfloat16"))
+    assert runtime.dispatcher.class_bytes[0, "attn"] == bf16["attn"] * SEQ
+    assert got[0].item() == pytest.approx(ref[0].item(), rel=2 ** -7)
+    for name, g in ref[1].items():
+        assert (got[1][name] - g).abs().max() <= 2 ** -6 * g.norm(), name
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     from longtune.offload.layer_split import UnsupportedModel, check_supported
 

@@ -121,6 +121,7 @@ def main() -> None:
     results = {case: run_case(case, groups, world, rank) for case in cases}
     if rank == 0:
         out_path.write_text(json.dumps(results, indent=1))
+    dist.barrier()  # no rank tears the group down while another is still in a collective (gloo aborts: SIGABRT)
     dist.destroy_process_group()
 
 

@@ -277,6 +277,7 @@ def _dp_worker(rank: int, store: str, projector: str, out: str, fsdp: bool) -> N
                 _galore(_model()).attach_layerwise()
         if rank == 0:
             torch.save({"losses": losses, "weights": weights}, out)
+        dist.barrier()  # no rank tears the group down while the other is still in a collective (gloo aborts)
     finally:
         dist.destroy_process_group()
 

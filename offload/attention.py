@@ -175,6 +175,7 @@ def attention_backward_chunk(
                 dq[rows, :, qa:qe].add_(gq)
                 dk[rows, :, ds:a].add_(gk)
                 dv[rows, :, ds:a].add_(gv)
+                del gq, gk, gv  # before the next block's: the largest shares are these, of every earlier key
             # The diagonal block: square, so top-left causal is the right mask.
             gq, gk, gv = _backward(*blk, k[rows, :, a:e], v[rows, :, a:e], True, scale)
             dq[rows, :, qa:qe].add_(gq)
@@ -263,7 +264,10 @@ def _backward(
         dout, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], causal,
         scale=scale,
     )
-    return dq, _sum_groups(dk, nkv), _sum_groups(dv, nkv)
+    del k, v  # the repeated copies, before the group sums
+    dk = _sum_groups(dk, nkv)
+    dv = _sum_groups(dv, nkv)
+    return dq, dk, dv
 
 
 def _is_flash(q: torch.Tensor) -> bool:

@@ -185,6 +185,37 @@ def runtime_inventory(shape: LayerShape, kernels: frozenset[str] = frozenset()) 
     return inv
 
 
+def attention_backward_workspace(shape: LayerShape, keys: int, queries: int) -> dict[str, float]:
+    """Bytes alive at the peak of one query chunk's attention backward on a GPU (offload/attention.py,
+    `attention_backward_chunk`), beside the layer's K, V and their gradient sums. Its largest kernel call is
+    the chunk's `queries` against up to `keys` earlier keys of their document; per item (s = the dtype's bytes,
+    q = nq x d, kv = nkv x d):
+
+      dq_sum          queries x q x 4      the chunk's dq, summed over its kernel calls in fp32
+      block_dq        queries x q x s      the call's shares of dq, dk and dv, before they are added
+      block_dkv       2 x keys x kv x s
+    bf16/fp16, FlashAttention-2's backward (mha_bwd), inside the kernel:
+      kernel_dq_accum queries x (q + nq) x 4   its fp32 dq accumulator and softmax_d
+      kernel_dkv      2 x keys x q x s     grouped heads (nq > nkv): dk, dv per query head before the group sums
+    fp32, the memory-efficient kernel, which takes no grouped heads (the block's items in fp32):
+      repeated_kv     2 x keys x q x 4     K and V repeated to nq heads
+      block_dkv       2 x keys x q x 4     their gradients, per query head (summed per group after)
+
+    What the kernels allocate for themselves is from FlashAttention-2's source; the rest is what
+    tests/test_attention_core.py measures on the meta device (offload/live_bytes.py)."""
+    s, nq, nkv, d = shape.dtype_bytes, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    q, kv = nq * d, nkv * d
+    out = {"dq_sum": queries * q * 4.0, "block_dq": queries * q * float(s), "block_dkv": 2.0 * keys * kv * s}
+    if s < 4:
+        out["kernel_dq_accum"] = queries * (q + nq) * 4.0
+        if nq > nkv:
+            out["kernel_dkv"] = 2.0 * keys * q * s
+    elif nq > nkv:
+        out["repeated_kv"] = 2.0 * keys * q * 4
+        out["block_dkv"] = 2.0 * keys * q * 4
+    return out
+
+
 def class_bytes_per_token(shape: LayerShape, kernels: frozenset[str] = frozenset(), runtime: bool = True) -> dict[str, float]:
     """Bytes per token per class: input, pre, attn, post (one layer) and shared (whole model, once).
 

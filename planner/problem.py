@@ -12,7 +12,7 @@ from typing import Optional
 
 import yaml
 
-from .inventory import LayerShape, class_bytes_per_token
+from .inventory import LayerShape, attention_backward_workspace, class_bytes_per_token
 
 # Activation classes of a decoder layer (see inventory.py), in the order they are made.
 CLASSES = ("input", "attn", "pre", "post")
@@ -463,7 +463,10 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     forward:  the layer input and output, the q/k/v buffers of all tokens, the attention output, the input
               chunk copies, one chunk's transients;
     backward: the output gradient and the input gradient, K and V of all tokens and their gradients (fp32 when
-              the model is bf16/fp16), one chunk's transients, the parameter gradients summed in fp32 and cast.
+              the model is bf16/fp16), one chunk's transients, the parameter gradients summed in fp32 and cast,
+              and the attention backward's own buffers (inventory.attention_backward_workspace: the last
+              chunk's queries against every earlier key; under sequence parallelism, this rank's heads over
+              the whole sequence).
     """
     L = shape.layer
     wb, h, q, kv = L.dtype_bytes, L.hidden, shape.q_dim, shape.kv_dim
@@ -473,8 +476,12 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
     grads = shape.layer_params * (4 + (wb if wb < 4 else 0))
     backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + transient + grads
+    if sequence_parallel == 1:
+        backward += sum(attention_backward_workspace(L, tokens - chunk, chunk).values())
     if sequence_parallel > 1:  # offload/ulysses.py, beside the buffers above
         kvw = kv_heads_on_wire(L.num_kv_heads, sequence_parallel) * L.head_dim
+        heads = replace(L, num_heads=L.num_heads // sequence_parallel, num_kv_heads=kvw // L.head_dim // sequence_parallel)
+        backward += sum(attention_backward_workspace(heads, tokens * sequence_parallel - chunk, chunk).values())
         # forward: the all-to-alls' send, receive and reordered copies, one tensor at a time, beside the head
         # layout's q, k, v and output
         forward += tokens * wb * max(3 * q, q + 4 * kvw, 2 * q + 2 * kvw)

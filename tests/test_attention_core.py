@@ -329,3 +329,39 @@ def test_cuda_matches_sdpa(dtype, native_gqa, monkeypatch):
             err, base_err = _rel(x.cpu(), ref_x), _rel(base_x.cpu(), ref_x)
             assert err <= max(2 * base_err, floor), (name, err, base_err)
         assert _rel(lse.cpu(), ref_lse) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("nq, nkv", [(32, 8), (8, 8)])
+def test_the_planners_attention_backward_workspace_is_what_the_gpu_branch_allocates(dtype, nq, nkv):
+    """The GPU branch of a chunk's attention backward run on the meta device (nothing computed, every buffer
+    allocated): the peak of what it allocates is the planner's description, item for item, but what the
+    flash kernel allocates inside itself (which only its source shows). The planner counts all of it: at
+    Llama-3-8B / 128K, the last chunk's kernel alone needs ~2.1 GB for the dK/dV of its 32 query heads."""
+    from longtune.offload.live_bytes import LiveBytes
+    from longtune.planner.inventory import LayerShape, attention_backward_workspace
+    from longtune.planner.problem import ModelShape, layer_workspace
+
+    d, s, n = 128, 2048, 256
+    q = torch.empty(1, n, nq, d, device="meta", dtype=dtype).transpose(1, 2)
+    k, v = (torch.empty(1, nkv, s, d, device="meta", dtype=dtype) for _ in range(2))
+    out, dout = torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty(1, nq, n, device="meta", dtype=torch.float32)
+    dk, dv = (torch.zeros(1, nkv, s, d, device="meta", dtype=torch.float32) for _ in range(2))
+    with LiveBytes() as allocated:
+        attention_backward_chunk(dout, q, k, v, out, lse, [[(0, s)]], s - n, s, d ** -0.5, dk, dv)
+    shape = LayerShape(nq * d, 4 * nq * d, nq, nkv, d, dtype=str(dtype).removeprefix("torch."))
+    items = attention_backward_workspace(shape, s - n, n)
+    inside_the_kernel = {"kernel_dq_accum", "kernel_dkv"}
+    visible = sum(v for name, v in items.items() if name not in inside_the_kernel)
+    assert allocated.peak == pytest.approx(visible, abs=64)  # (the kernels' RNG seed and offset: 24 bytes)
+
+    llama8b = ModelShape.from_hf_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                                         "num_hidden_layers": 32, "num_attention_heads": 32,
+                                         "num_key_value_heads": 8, "vocab_size": 128256}, "bfloat16")
+    tokens, chunks = 131072, 16
+    saved = {c: 0.0 for c in ("input", "pre", "attn", "post")}
+    attention = attention_backward_workspace(llama8b.layer, tokens - tokens // chunks, tokens // chunks)
+    assert attention["kernel_dkv"] > 2e9
+    k_v_and_sums = tokens * (2 * 1024 * 2 + 2 * 1024 * 4)
+    assert layer_workspace(llama8b, tokens, chunks, saved) >= k_v_and_sums + sum(attention.values())

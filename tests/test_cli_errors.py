@@ -393,7 +393,7 @@ def test_resume_print_config_points_at_the_run(capsys, tmp_path, tiny_config):
     run = run_folder(tmp_path / "run", tiny_config)
     assert main(["resume", str(run), "train.max_steps=8", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["run"] == {"output_dir": str(run), "resume": "auto"}
+    assert cfg["run"] == {"output_dir": str(run), "resume": "auto", "device": "auto"}
     assert cfg["train"]["max_steps"] == 8
 
 

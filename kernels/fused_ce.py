@@ -178,16 +178,21 @@ if triton is not None:
 
 
 
+def _ce_launch(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.Tensor,
+               ignore_index: int, scale: float, compute_grad: bool):
+    """(grid, args, kwargs) of _ce_chunk_kernel over one chunk: the launcher's choices, which kernels/aot.py
+    also compiles for the GPU targets (meta tensors work)."""
+    n_rows, n_cols = logits.shape
+    block = min(triton.next_power_of_2(n_cols), MAX_BLOCK_V)
+    args = (logits, logits.stride(0), labels, loss_out, n_cols, ignore_index, scale)
+    return (n_rows,), args, dict(COMPUTE_GRAD=compute_grad, BLOCK_SIZE=block, num_warps=num_warps(block))
+
+
 def _chunk_ce_triton(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.Tensor,
                      ignore_index: int, scale: float, compute_grad: bool) -> None:
     """The Triton kernel over one chunk; same contract as _chunk_ce_torch."""
-    n_rows, n_cols = logits.shape
-    block = min(triton.next_power_of_2(n_cols), MAX_BLOCK_V)
-    _ce_chunk_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, loss_out,
-        n_cols, ignore_index, scale,
-        COMPUTE_GRAD=compute_grad, BLOCK_SIZE=block, num_warps=num_warps(block),
-    )
+    grid, args, kwargs = _ce_launch(logits, labels, loss_out, ignore_index, scale, compute_grad)
+    _ce_chunk_kernel[grid](*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,8 +249,11 @@ def _forward(
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= v))
     per_chunk = F.pad(valid.int(), (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).sum(1)
-    stats = torch.cat([per_chunk, bad.sum().view(1)]).tolist()
-    counts, n_bad = stats[:-1], stats[-1]
+    if labels.untyped_storage().device.type == "meta":  # a dry run's labels hold no data: every label counts
+        counts, n_bad = [min(chunk_size, n - i * chunk_size) for i in range(n_chunks)], 0
+    else:
+        stats = torch.cat([per_chunk, bad.sum().view(1)]).tolist()
+        counts, n_bad = stats[:-1], stats[-1]
     if n_bad:
         first = labels[bad][0].item()
         raise IndexError(f"fused_linear_cross_entropy: target {first} is out of bounds for vocabulary size {v}")
@@ -316,7 +324,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("fused_linear_cross_entropy: backward can run once per forward "
                                "(its gradients are computed in the forward and scaled in place)")
         grads, ctx.grads = ctx.grads, None
-        if grad_output.ne(1.0).item():
+        if grad_output.untyped_storage().device.type == "meta" or grad_output.ne(1.0).item():  # meta: a dry run
             for g in grads:
                 if g is not None:
                     g.mul_(grad_output)

@@ -42,7 +42,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from .attention import attention_backward_chunk, attention_forward, documents
-from .dispatch import SavedTensorDispatcher
+from .dispatch import SavedTensorDispatcher, storage_key
 from .groups import decoder_layers
 from .layer_split import check_supported, split_layer
 from .stash import DEVICE, ActivationStash
@@ -165,7 +165,7 @@ class ActivationRuntime:
                 docs = self.sequence.docs
             self._step = {"cos": cos, "sin": sin, "docs": docs}
             d = self.dispatcher
-            rope = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+            rope = {storage_key(cos), storage_key(sin)}
             d.passthrough |= rope  # shared by every layer: kept as they are
             self._step["rope"] = rope
             try:
@@ -193,8 +193,7 @@ class ActivationRuntime:
         chunks = len(places["input"])
         if chunks > s:
             raise ValueError(f"the plan cuts {s} tokens into {chunks} chunks")
-        device_type = x.device.type
-        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        autocast = _autocast_state(x.device.type)
         d.half_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else (autocast[1] if autocast[0] else None)
         st = _LayerState(l, chunk_bounds(s, chunks), self._step["docs"], cos, sin, autocast, (b, s, h), x.dtype)
         st.rope, st.params = self._step["rope"], params
@@ -212,7 +211,7 @@ class ActivationRuntime:
                 with d.scope(l, "input", places["input"][i]):
                     ref = d.stash_tensor(x_i)
                 st.inputs.append(ref)
-                aliases.append(x_i.untyped_storage().data_ptr())
+                aliases.append(storage_key(x_i))
                 d.aliases[aliases[-1]] = ref.stored  # a pre/post graph saving the input refers to this copy
                 xs.append(x_i)
                 place = places["pre"][i]
@@ -240,7 +239,7 @@ class ActivationRuntime:
             del out
             with d.scope(l, "attn", places["attn"][0]):
                 st.out, st.lse = d.stash_tensor(flat), d.stash_tensor(lse)
-            aliases.append(flat.untyped_storage().data_ptr())
+            aliases.append(storage_key(flat))
             d.aliases[aliases[-1]] = st.out.stored
             y = x.new_empty(b, s, h)
             for i, (a, e) in enumerate(st.bounds):
@@ -321,11 +320,10 @@ class ActivationRuntime:
         params = st.params
         param_edges = [get_gradient_edge(p) for p in params]
         sums: list[Optional[torch.Tensor]] = [None] * len(params)
-        device_type = dy.device.type
-        autocast = torch.autocast(device_type, dtype=st.autocast[1], enabled=st.autocast[0])
+        autocast = torch.autocast(dy.device.type, dtype=st.autocast[1]) if st.autocast[0] else contextlib.nullcontext()
         dy = dy.contiguous()
         # Every stashed storage on the device now (kept or prefetched) is not recompute memory.
-        resident = {ref.stored.device.untyped_storage().data_ptr() for ref in st.inputs + [st.out]}
+        resident = {storage_key(ref.stored.device) for ref in st.inputs + [st.out]}
         resident |= _storages(params)  # a recompute saves the weights: they are not recompute memory
         resident -= d.passthrough
         d.passthrough |= resident
@@ -494,9 +492,16 @@ def _layer_params(layer: nn.Module) -> list[torch.Tensor]:
     return [p for p in layer.parameters() if p.requires_grad]
 
 
+def _autocast_state(device_type: str) -> tuple[bool, Optional[torch.dtype]]:
+    """(on, dtype) of autocast for this device; the meta device of a dry run has no autocast."""
+    if device_type == "meta":
+        return False, None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
 def _storages(tensors) -> set[int]:
     """Storage addresses of `tensors`: weights autograd saves are kept as they are, never stashed or counted."""
-    return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+    return {storage_key(t) for t in tensors if t.numel()}
 
 
 def _chunk_major(out: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:

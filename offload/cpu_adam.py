@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from .live_bytes import holds_no_data
 
 TORCH_FUSED = "torch fused"
 DEEPSPEED = "deepspeed cpu_adam"
@@ -146,7 +147,7 @@ def _check_tensors(params, grads, exp_avgs, exp_avg_sqs) -> None:
             # update a contiguous copy and drop it.
             if not t.is_contiguous():
                 raise ValueError(f"CpuAdamW.step: {name}[{i}] is not contiguous")
-            if name != "params" and t.data_ptr() == p.data_ptr() and t.numel():
+            if name != "params" and t.numel() and not holds_no_data(t) and t.data_ptr() == p.data_ptr():
                 raise ValueError(f"CpuAdamW.step: {name}[{i}] shares memory with params[{i}]")
 
 

@@ -28,9 +28,17 @@ from typing import Optional
 
 import torch
 
+from .live_bytes import holds_no_data
 from .stash import DEVICE, ActivationStash, SavedRef
 
 DEVICE_KINDS = ("kept", "staging", "prefetch", "recompute")
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Which storage t is a view of: its address, or, for a tensor that holds no data (meta, and the fake host
+    tensors of a dry run, whose addresses are all 0), the storage object's own identity."""
+    storage = t.untyped_storage()
+    return storage._cdata if holds_no_data(t) else storage.data_ptr()
 
 
 class Residency:
@@ -121,7 +129,7 @@ class SavedTensorDispatcher:
     def stash_tensor(self, t: torch.Tensor) -> SavedRef:
         """Keep t (a tensor the layer runtime needs in backward) at the current scope's place."""
         scope = self._scope
-        ptr = t.untyped_storage().data_ptr()
+        ptr = storage_key(t)
         stored = self.aliases.get(ptr) or scope.seen.get(ptr)
         if stored is None:
             stored = self._put(scope, t)
@@ -159,7 +167,7 @@ class SavedTensorDispatcher:
             handle = self.params.pack_param(t)
             if handle is not None:
                 return _ParamHandle(handle)
-        ptr = t.untyped_storage().data_ptr()
+        ptr = storage_key(t)
         if ptr in self.passthrough:
             return t
         stored = self.aliases.get(ptr)
@@ -190,7 +198,7 @@ class SavedTensorDispatcher:
         if source is None:
             return None
         if isinstance(source, torch.Tensor):  # a leaf: the layer input chunk, stashed already
-            stored = self.aliases.get(source.untyped_storage().data_ptr())
+            stored = self.aliases.get(storage_key(source))
             if stored is None:
                 return None
             ref = SavedRef(stored, source)

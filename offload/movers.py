@@ -22,10 +22,32 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Optional
 
 import torch
+
+from .live_bytes import faking
+
+
+class InlineExecutor(Executor):
+    """Runs each job when it is submitted, on the submitting thread. A dry run's fake tensors may not be used by
+    two threads at once (torch's FakeTensorMode is not thread-safe), so its workers run inline."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 -- the waiter gets it, as from a pool's future
+            future.set_exception(e)
+        return future
+
+
+def worker_pool(name: str, workers: int = 1, **kwargs) -> Executor:
+    """The runtime's worker threads: `workers` threads named longtune-<name>; inline in a dry run."""
+    if faking():
+        return InlineExecutor()
+    return ThreadPoolExecutor(workers, thread_name_prefix=f"longtune-{name}", **kwargs)
 
 
 class Ticket:
@@ -52,7 +74,7 @@ class Mover:
         self.name, self.delay_s = name, delay_s
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.lagging = lagging and not self.cuda  # a GPU lags by itself
-        self._pool = None if self.cuda or self.lagging else ThreadPoolExecutor(1, thread_name_prefix=f"longtune-{name}")
+        self._pool = None if self.cuda or self.lagging else worker_pool(name)
         self._queue: collections.deque = collections.deque()  # lagging: (ticket, copy) not run yet, in order
         self._queue_lock = threading.RLock()  # the host and an I/O thread may both need a copy done
         self.bytes_moved = 0

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .movers import worker_pool
 from .nvme_io import (
     ALIGN, NvmeError, aio_is_built, page_aligned_empty,
     _O_DIRECT, _AioIO, _StagingPool, _ThreadsIO, _load_aio, _np, _preallocate, _round_up,
@@ -142,7 +143,7 @@ class NvmeStore:
             raise
         self.backend_name = self._io.name
         self._staging = _StagingPool(staging_buffers, block_bytes, self._io.allocate)
-        self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="nvme")
+        self._pool = worker_pool("nvme", workers)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._entries: dict[str, _Entry] = {}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .live_bytes import faking
 from .pinned import anonymous_mapping
 
 ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the logical block size
@@ -62,7 +63,7 @@ def page_aligned_empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tenso
     through a staging buffer; swap buffers that live for the whole run should come from here."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-    if nbytes == 0:
+    if nbytes == 0 or faking():  # (a dry run's buffers hold no data)
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(anonymous_mapping(_round_up(nbytes)), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 

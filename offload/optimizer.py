@@ -19,7 +19,7 @@ State lives on the host (a `HostPool`, pinned when a GPU exists) or on NVMe
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Callable, Optional
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from .cpu_adam import AdamWHyper, CpuAdamW
 from .groups import ParamGroup, flat_offsets, param_groups
+from .movers import worker_pool
 from .pinned import HostPool, exact_pinned_empty
 
 WeightWriter = Callable[[ParamGroup, list[torch.Tensor]], None]
@@ -74,8 +75,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._offsets = {g.index: flat_offsets(g.shapes) for g in self.groups}
         # OpenMP's thread count is per thread: without this the worker would split the fused kernel
         # differently from the main thread, and chunk edges change the rounding of a few elements.
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="longtune-adam",
-                                          initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self._worker = worker_pool("adam", initializer=torch.set_num_threads,
+                                   initargs=(torch.get_num_threads(),))
         self._pending: dict[int, Future] = {}  # group -> its update in flight
         self._hooks = []
         self._build_state(numa_nodes, interleave)

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .dispatch import storage_key
 from .groups import ParamGroup, param_groups
-from .movers import Mover, Ticket
+from .movers import Mover, Ticket, worker_pool
 from .pinned import HostPool, exact_pinned_empty
 
 ALIGN = 64  # bytes: every weight starts aligned for any dtype view
@@ -86,7 +87,7 @@ class ParamStreamer:
         self.mover = Mover(self.device, "params-h2d") if mover is None else mover
         self._from_staging: Optional[Ticket] = None  # nvme: the last copy out of the staging buffer
         self._from_home: dict[int, Ticket] = {}  # cpu: layer -> the last copy out of its home
-        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="longtune-fetch")
+        self._fetcher = worker_pool("fetch")
         self._fetches: dict[int, Future] = {}  # layer -> (device buffer, its copy's ticket)
         self._resident: dict[int, torch.Tensor] = {}  # layer -> its device buffer
         self._storage_layer: dict[int, int] = {}  # device buffer storage address -> layer
@@ -182,13 +183,13 @@ class ParamStreamer:
         for p, view in zip(g.params, self._views(buffer, g)):
             p.data = view
         self._resident[index] = buffer
-        self._storage_layer[buffer.untyped_storage().data_ptr()] = index
+        self._storage_layer[storage_key(buffer)] = index
 
     def release(self, index: int) -> None:
         buffer = self._resident.pop(index, None)
         if buffer is None:
             return
-        del self._storage_layer[buffer.untyped_storage().data_ptr()]
+        del self._storage_layer[storage_key(buffer)]
         for p in self._by_index[index].params:
             p.data = self._placeholder(p)
 
@@ -229,7 +230,7 @@ class ParamStreamer:
     # --- saved tensors (called by the memory runtime's one saved-tensor dispatcher) -----------------
     def pack_param(self, t: torch.Tensor):
         """A handle for a view of a streamed layer's weights (None for anything else)."""
-        layer = self._storage_layer.get(t.untyped_storage().data_ptr()) if t.device == self.device else None
+        layer = self._storage_layer.get(storage_key(t)) if t.device == self.device else None
         if layer is None:
             return None
         return (layer, t.dtype, t.size(), t.stride(), t.storage_offset())

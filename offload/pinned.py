@@ -31,6 +31,8 @@ from typing import Sequence
 
 import torch
 
+from .live_bytes import faking
+
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
 PIN_MODES = ("auto", "on", "off")
@@ -220,6 +222,10 @@ class HostPool:
         last = list(self._slots.values())[-1]
         self.nbytes = _round_up(last.offset + _round_up(last.nbytes, align), PAGE)
 
+        if faking():  # a dry run: the pool is one fake tensor, no memory behind it
+            self._mapping, self._closed = None, False
+            self._tensors = self._views(torch.empty(self.nbytes, dtype=torch.uint8))
+            return
         self._mapping = _Mapping(self.nbytes, name)
         self._buffer = memoryview(self._mapping.mm)
         # The finalizer owns the mapping but not the memoryview, which every tensor's storage
@@ -241,11 +247,12 @@ class HostPool:
         except BaseException:
             self.close()
             raise
-        self._tensors = {
-            slot.name: self._bytes[slot.offset : slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-            for slot in self._slots.values()
-        }
+        self._tensors = self._views(self._bytes)
         self._closed = False
+
+    def _views(self, pool_bytes: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {slot.name: pool_bytes[slot.offset : slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+                for slot in self._slots.values()}
 
     @property
     def pinned(self) -> bool:

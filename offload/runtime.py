@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from .dispatch import SavedTensorDispatcher
+from .dispatch import SavedTensorDispatcher, storage_key
 from .movers import Mover
 
 if TYPE_CHECKING:
@@ -101,18 +101,18 @@ class MemoryRuntime:
                               f"{'O_DIRECT' if self.store.direct_io else 'buffered'}, "
                               f"checksums {'on' if o.nvme_checksum else 'off'})")
         if opt_tier == "gpu":
-            model.to(self.device)
+            _to_device(model, self.device)
             self.optimizer = _galore_adamw(model, o) if o.galore else _torch_adamw(model, o)
         elif o.galore:  # GaLore's moments on the host, its projections and weights on the device
             if params_tier != "gpu" or opt_tier != "cpu":
                 raise ValueError(f"GaLore keeps its moments on the device or the host, not {opt_tier}")
-            model.to(self.device)
+            _to_device(model, self.device)
             self.optimizer = _galore_adamw(model, o, state_device=torch.device("cpu"))
             self.notes.append("optimizer: GaLore's moments on the host (stepped by the CPU, rank-r traffic)")
         else:
             self._offload_state(opt_tier, params_tier)
         # Parameters on the device are saved by autograd as they are; streamed ones go through the streamer.
-        self.dispatcher.passthrough |= {_local(p).untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
+        self.dispatcher.passthrough |= {storage_key(_local(p)) for p in model.parameters() if p.numel()}
         self.dispatcher.params = self.streamer
         if o.activations:
             self._start_activations()
@@ -124,7 +124,7 @@ class MemoryRuntime:
 
         o, model = self.options, self.model
         if params_tier == "gpu":
-            model.to(self.device)
+            _to_device(model, self.device)
         cpu_adam = CpuAdamW(o.cpu_adam)
         # Built while every weight is still in the model: the master copy starts from them.
         self.optimizer = OffloadedAdamW(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
@@ -305,3 +305,10 @@ def _torch_adamw(model: nn.Module, o: RuntimeOptions) -> torch.optim.Optimizer:
     # the host: the same update rule bit for bit, so moving state off the GPU changes nothing.
     fused = all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+
+
+def _to_device(model: nn.Module, device: torch.device) -> None:
+    """model.to(device), where anything is elsewhere: a dry run builds its fake model on the device already, and
+    Module.to would swap every fake parameter for itself, which torch refuses."""
+    if any(t.device != device for t in (*model.parameters(), *model.buffers())):
+        model.to(device)

@@ -23,7 +23,7 @@ as unplanned, and a warning says by how much the plan was short.
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,7 +31,8 @@ import torch
 
 from longtune.planner.timeline import nvme_ring_slots
 
-from .movers import Mover, Ticket
+from .live_bytes import holds_no_data
+from .movers import Mover, Ticket, worker_pool
 from .pinned import HostPool
 
 ALIGN = 64  # bytes: every stored storage starts aligned for any dtype view
@@ -76,6 +77,8 @@ class SavedRef:
                                "its prefetch was not issued or waited for")
         item = self.dtype.itemsize
         start = buf.storage_offset()  # bytes into the storage (a uint8 view)
+        if holds_no_data(buf):  # a dry run's fake tensors cannot set_ a storage: the same view of the same bytes
+            return buf.view(self.dtype).as_strided(self.size, self.stride, start // item + self.offset)
         return torch.empty(0, dtype=self.dtype, device=buf.device).set_(
             buf.untyped_storage(), start // item + self.offset, self.size, self.stride)
 
@@ -129,7 +132,7 @@ class ActivationStash:
             self._ring = [ring.tensor(f"ring/{i}") for i in range(slots)]
         self._ring_busy: list[Optional[Future]] = [None] * len(self._ring)  # host work on a slot: a write or read
         self._ring_h2d: list[Optional[Ticket]] = [None] * len(self._ring)  # the device's copy out of a slot
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="longtune-act-io") if self._ring else None
+        self._io = worker_pool("act-io") if self._ring else None
         self._reads: dict[int, Future] = {}
         self._prefetch: dict[int, list[Ticket]] = {}
         self.unplanned_bytes = 0  # bytes that did not fit the planned regions and stayed on the device

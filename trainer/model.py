@@ -41,20 +41,21 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def build_model(cfg: ModelConfig, checkpoint: Optional[Path] = None) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, checkpoint: Optional[Path] = None, uninitialised: bool = False) -> torch.nn.Module:
     """A transformers causal LM in training mode.
 
     With `checkpoint` (a step_N folder), the architecture comes from its
     config.json and weights are left uninitialised: the checkpoint overwrites
     every one, and neither a GGUF parse nor a random init is paid for.
+    `uninitialised`: the same without a checkpoint (a dry run's model on the meta device).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     common = {"dtype": torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation}
-    if checkpoint is not None:
-        config_json = Path(checkpoint) / "config.json"
+    if checkpoint is not None or uninitialised:
+        saved = checkpoint is not None and (Path(checkpoint) / "config.json").is_file()
         try:
-            config = AutoConfig.from_pretrained(checkpoint) if config_json.is_file() else build_config(cfg)
+            config = AutoConfig.from_pretrained(checkpoint) if saved else build_config(cfg)
         except (OSError, ValueError) as e:  # transformers reports a broken config.json as either
             raise CheckpointError(f"checkpoint {checkpoint} is unreadable: config.json: {_one_line(e)}") from None
         with _no_init_weights():

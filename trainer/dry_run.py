@@ -1,0 +1,151 @@
+"""One full-size training step on tensors that hold no data: `longtune plan CFG --dry-run`.
+
+The configured model is built on the meta device, which stands for the GPU (no bytes behind a tensor), and the
+real memory runtime carries out the plan on it: the layers' token chunks, the attention ops the GPU takes
+(FlashAttention's forward and backward, whose meta kernels give their outputs), the stash's arena views and
+tiers, the NVMe ring, the optimizer and the weight tiers. Whatever the host allocates is a fake CPU tensor
+(torch's FakeTensorMode): the same shapes, no data. `LiveBytes` counts every storage from the op that makes it
+to the last tensor that refers to it, per device, and keeps the step's timeline. A laptop checks a
+million-token config this way before anybody rents a GPU.
+
+What stands in for what, and what a dry run therefore cannot see:
+- CUDA streams: the lagging movers (movers.py). Copies run in stream order, when compute, the host or a later
+  copy needs them, on the host thread: the order and lifetimes of a stream, not its timing.
+- Worker threads (the optimizer's per-layer step, the weight fetcher, NVMe and ring I/O) run their jobs when
+  they are submitted (FakeTensorMode is not thread-safe): host work never overlaps compute here.
+- NVMe: the store's files are not written (fake tensors hold no bytes); what goes there is counted.
+- Triton kernels do not launch on meta: the torch references run (kernels/backend.py), with their own
+  temporaries. Autocast has no meta device: the step runs in the weights' dtype.
+- Data: positions and labels hold nothing, so every sequence is one document and every label counts.
+- The caching allocator's rounding and fragmentation, and memory a kernel takes for itself (cuBLAS,
+  FlashAttention's workspaces), are not there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .config import Config
+from .memory import build_runtime
+from .model import build_model
+
+GB = 1e9
+GPU, HOST = "meta", "cpu"  # the devices that stand for them
+
+
+@dataclass
+class DryRun:
+    peak_bytes: dict[str, int]  # "gpu" and "host": the largest bytes alive at once during the step
+    ops: int  # torch ops the step ran (forward, backward, optimizer)
+    forward_ops: int  # of which the forward's
+    seconds: float
+    samples: list[tuple[int, dict[str, int]]] = field(default_factory=list)  # (op, bytes per device) on change
+    activation_peak_bytes: int = 0  # the runtime's own count of saved activations on the device (residency)
+    notes: list[str] = field(default_factory=list)
+
+
+def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
+    """Run one step of `cfg` as `plan` says, on meta and fake tensors; returns what it allocated where."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from longtune.offload.live_bytes import LiveBytes
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.memory.cpu_adam = "torch"  # DeepSpeed's C++ Adam walks raw memory; a fake tensor has none
+    start = time.perf_counter()
+    with torch.device(GPU):
+        model = build_model(cfg.model, uninitialised=True)
+    counter = LiveBytes(record=timeline)
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        _make_fake(model, fake)  # before the counter: it adopts them as made, not as there before it
+        counter.adopt([*model.parameters(), *model.buffers()])
+    with fake, counter:
+        if any(getattr(cfg.model.kernels, k) for k in ("rmsnorm", "rope", "swiglu", "fused_ce")):
+            from longtune.kernels.patch import apply_kernels
+
+            k = cfg.model.kernels
+            apply_kernels(model, k.rmsnorm, k.rope, k.swiglu, k.fused_ce, k.ce_chunk_tokens)
+        runtime = build_runtime(cfg, model, plan, torch.device(GPU))
+        try:
+            tokens = cfg.data.seq_len // cfg.parallel.sequence_parallel
+            ids = torch.zeros(cfg.train.micro_batch_size, tokens, dtype=torch.long, device=GPU)
+            with runtime.step(1):
+                out = model(input_ids=ids, labels=ids, num_items_in_batch=ids.numel(), use_cache=False)
+                forward_ops = counter.ops
+                out.loss.backward()
+                del out
+            runtime.clip_and_step()
+            runtime.zero_grad()
+            residency = runtime.dispatcher.residency.device_peak if runtime.activations is not None else 0
+        finally:
+            runtime.close()
+    return DryRun(peak_bytes={"gpu": counter.device_peak[GPU], "host": counter.device_peak[HOST]}, ops=counter.ops,
+                  forward_ops=forward_ops, seconds=time.perf_counter() - start, samples=counter.samples or [],
+                  activation_peak_bytes=residency, notes=list(runtime.notes))
+
+
+def _make_fake(model: torch.nn.Module, fake) -> None:
+    """The meta model's parameters and buffers as fake tensors of the same device (tied weights stay tied)."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table, as_param in ((module._parameters, True), (module._buffers, False)):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in made:
+                    f = fake.from_tensor(t)
+                    made[id(t)] = torch.nn.Parameter(f, requires_grad=t.requires_grad) if as_param else f
+                table[name] = made[id(t)]
+
+
+def compare(plan, run: DryRun) -> list[tuple[str, float, float]]:
+    """(what, the plan's bytes, the dry run's bytes) for the GPU peak, the host peak and saved activations."""
+    pred = plan.predicted
+    return [("GPU peak", pred["peak_bytes"]["gpu"], run.peak_bytes["gpu"]),
+            ("host peak", pred["peak_bytes"].get("host", 0.0), run.peak_bytes["host"]),
+            ("saved activations on the GPU", pred.get("activation_peak_bytes", 0.0), run.activation_peak_bytes)]
+
+
+def format_dry_run(plan, run: DryRun) -> str:
+    lines = [f"dry run: one step, {run.ops:,} ops ({run.forward_ops:,} in the forward), {run.seconds:.1f} s on this "
+             "machine, on meta and fake tensors",
+             f"  {'':<30}{'plan':>10}{'dry run':>10}{'':>9}"]
+    for what, planned, measured in compare(plan, run):
+        ratio = f"{(measured / planned - 1) * 100:+.1f}%" if planned else ""
+        lines.append(f"  {what:<30}{planned / GB:>8.2f}GB{measured / GB:>8.2f}GB{ratio:>9}")
+    budget = plan.problem.budget_bytes
+    lines.append(f"  GPU budget {budget / GB:.2f} GB: the dry run's peak is "
+                 f"{'inside' if run.peak_bytes['gpu'] <= budget else 'OVER'} it")
+    return "\n".join(lines)
+
+
+def draw_timeline(plan, run: DryRun, path: str, title: str) -> None:
+    """Bytes per device over the step's ops (forward | backward and optimizer), the plan's peak beside them, the
+    GPU budget as a line; written to `path` (PNG, SVG or PDF by its suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = [op for op, _ in run.samples]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for device, label, color in ((GPU, "GPU (dry run)", "tab:blue"), (HOST, "host (dry run)", "tab:orange")):
+        ax.step(ops, [live.get(device, 0) / GB for _, live in run.samples], where="post", label=label, color=color)
+    pred = plan.predicted["peak_bytes"]
+    ax.axhline(pred["gpu"] / GB, color="tab:blue", linestyle=":", label="GPU peak (plan)")
+    if pred.get("host"):
+        ax.axhline(pred["host"] / GB, color="tab:orange", linestyle=":", label="host peak (plan)")
+    ax.axhline(plan.problem.budget_bytes / GB, color="tab:red", linestyle="--", label="GPU budget")
+    ax.axvline(run.forward_ops, color="gray", linewidth=0.8)
+    ax.text(run.forward_ops, ax.get_ylim()[1] * 0.97, " backward", va="top", fontsize=8, color="gray")
+    ax.set_xlabel("ops of the step")
+    ax.set_ylabel("GB alive")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

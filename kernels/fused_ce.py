@@ -63,7 +63,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import num_warps, use_triton
+from .backend import launch, num_warps, use_triton
 from .chunking import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, default_chunk_size  # noqa: F401 -- re-exported; torch-free for the planner
 
 try:  # the reference must work without triton
@@ -192,7 +192,7 @@ def _chunk_ce_triton(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch
                      ignore_index: int, scale: float, compute_grad: bool) -> None:
     """The Triton kernel over one chunk; same contract as _chunk_ce_torch."""
     grid, args, kwargs = _ce_launch(logits, labels, loss_out, ignore_index, scale, compute_grad)
-    _ce_chunk_kernel[grid](*args, **kwargs)
+    launch(_ce_chunk_kernel, grid, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import use_triton
+from .backend import launch, use_triton
 
 try:  # the reference must work without triton
     import triton
@@ -74,13 +74,20 @@ def galore_update(w: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tens
     """The update in place on w: the Triton kernel where it runs (a GPU, or the CPU interpreter), else torch."""
     if triton is None or not use_triton(w):
         return galore_update_reference(w, exp_avg, exp_avg_sq, basis, side, step_size, scale, eps, decay)
+    grid, args, kwargs = _launch(w, exp_avg, exp_avg_sq, basis, side, step_size, scale, eps, decay)
+    launch(_galore_update_kernel, grid, *args, **kwargs)
+
+
+def _launch(w: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, basis: torch.Tensor, side: str,
+            step_size: float, scale: float, eps: float, decay: float):
+    """(grid, args, kwargs) of _galore_update_kernel: the launcher's choices, which kernels/aot.py also compiles
+    for the GPU targets (meta tensors work)."""
     rows, cols = w.shape
     inner = exp_avg.shape[1] if side == "right" else exp_avg.shape[0]
     if exp_avg.stride() != exp_avg_sq.stride():
         exp_avg_sq = exp_avg_sq.contiguous()
         exp_avg = exp_avg.contiguous()
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(cols, BLOCK_N))
-    _galore_update_kernel[grid](
-        w, exp_avg, exp_avg_sq, basis, rows, cols, inner, w.stride(0), w.stride(1), exp_avg.stride(0),
-        exp_avg.stride(1), basis.stride(0), basis.stride(1), step_size * scale, eps, 1.0 - decay,
-        MOMENTS_LEFT=side == "right", BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    args = (w, exp_avg, exp_avg_sq, basis, rows, cols, inner, w.stride(0), w.stride(1), exp_avg.stride(0),
+            exp_avg.stride(1), basis.stride(0), basis.stride(1), step_size * scale, eps, 1.0 - decay)
+    return grid, args, dict(MOMENTS_LEFT=side == "right", BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .backend import num_warps, use_triton
+from .backend import launch, num_warps, use_triton
 
 try:  # the reference must work without triton
     import triton
@@ -50,7 +50,12 @@ def _num_backward_programs(x: torch.Tensor, n_rows: int) -> int:
         n = torch.cuda.get_device_properties(x.device).multi_processor_count
     else:  # the interpreter runs programs one after another: a few suffice
         n = 4
-    return max(1, min(n, n_rows))
+    return backward_programs(n, n_rows)
+
+
+def backward_programs(multi_processor_count: int, n_rows: int) -> int:
+    """Programs of the backward kernel: one per SM, no more than rows."""
+    return max(1, min(multi_processor_count, n_rows))
 
 
 if triton is not None:
@@ -126,36 +131,45 @@ if triton is not None:
         tl.store(DW_PARTIAL + pid * dw_stride + cols, dw_acc, mask=mask)
 
 
-def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, offset: float):
+def _forward_launch(x2d: torch.Tensor, weight: torch.Tensor, eps: float, offset: float):
+    """(y, rstd, grid, args, kwargs) of the forward kernel: the launcher's choices, which kernels/aot.py also
+    compiles for the GPU targets (meta tensors work)."""
     n_rows, n_cols = x2d.shape
     llama = offset == 0.0
     out_dtype = torch.promote_types(x2d.dtype, weight.dtype) if llama else x2d.dtype
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
-    if n_rows:
-        block = triton.next_power_of_2(n_cols)
-        _rms_norm_fwd_kernel[(n_rows,)](
-            y, y.stride(0), x2d, x2d.stride(0), weight, rstd,
-            n_cols, eps, offset,
-            LLAMA_CASTS=llama, BLOCK_SIZE=block, num_warps=num_warps(block),
-        )
+    block = triton.next_power_of_2(n_cols)
+    args = (y, y.stride(0), x2d, x2d.stride(0), weight, rstd, n_cols, eps, offset)
+    return y, rstd, (n_rows,), args, dict(LLAMA_CASTS=llama, BLOCK_SIZE=block, num_warps=num_warps(block))
+
+
+def _forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, offset: float):
+    y, rstd, grid, args, kwargs = _forward_launch(x2d, weight, eps, offset)
+    if x2d.shape[0]:
+        launch(_rms_norm_fwd_kernel, grid, *args, **kwargs)
     return y, rstd
 
 
-def _backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float):
+def _backward_launch(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+                     n_prog: int):
+    """(dx, dw_partial, grid, args, kwargs) of the backward kernel over `n_prog` programs (as _forward_launch)."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
-    n_prog = _num_backward_programs(x2d, n_rows)
     dw_partial = torch.zeros((n_prog, n_cols), dtype=torch.float32, device=x2d.device)
-    if n_rows:
-        block = triton.next_power_of_2(n_cols)
-        rows_per_program = math.ceil(n_rows / n_prog)
-        _rms_norm_bwd_kernel[(n_prog,)](
-            dy2d, dy2d.stride(0), dx, dx.stride(0), x2d, x2d.stride(0), weight, rstd,
-            dw_partial, dw_partial.stride(0),
-            n_rows, n_cols, offset, rows_per_program,
-            LLAMA_CASTS=offset == 0.0, BLOCK_SIZE=block, num_warps=num_warps(block),
-        )
+    block = triton.next_power_of_2(n_cols)
+    rows_per_program = math.ceil(n_rows / n_prog)
+    args = (dy2d, dy2d.stride(0), dx, dx.stride(0), x2d, x2d.stride(0), weight, rstd, dw_partial, dw_partial.stride(0),
+            n_rows, n_cols, offset, rows_per_program)
+    return dx, dw_partial, (n_prog,), args, dict(LLAMA_CASTS=offset == 0.0, BLOCK_SIZE=block,
+                                                 num_warps=num_warps(block))
+
+
+def _backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float):
+    n_prog = _num_backward_programs(x2d, x2d.shape[0])
+    dx, dw_partial, grid, args, kwargs = _backward_launch(dy2d, x2d, weight, rstd, offset, n_prog)
+    if x2d.shape[0]:
+        launch(_rms_norm_bwd_kernel, grid, *args, **kwargs)
     dw = dw_partial.sum(dim=0).to(weight.dtype)
     return dx, dw
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import triton_available, use_triton
+from .backend import launch, triton_available, use_triton
 
 try:  # the backend reports a missing triton; the reference stands in then
     import triton
@@ -126,12 +126,9 @@ def _head_axis(unsqueeze_dim: int) -> int | None:
     return u if 0 <= u <= 2 else None
 
 
-def _rope_launch(q, k, cos, sin, head_axis: int, backward: bool, q_dtype, k_dtype):
-    """Rotate q and k (or their gradients) in one launch; outputs have q/k's shapes.
-
-    q, k are 4-D with the heads on `head_axis`; cos, sin are [B or 1, S or 1, D].
-    The outputs are q_dtype and k_dtype; the arithmetic is fp32.
-    """
+def _rope_launch_args(q, k, cos, sin, head_axis: int, backward: bool, q_dtype, k_dtype):
+    """(q_out, k_out, grid, args, kwargs) of _rope_kernel: the launcher's choices, which kernels/aot.py also
+    compiles for the GPU targets (meta tensors work). Arguments as _rope_launch's."""
     # Views with the heads on axis 1: [B, H, S, D]; nothing is copied.
     qv, kv = q.movedim(head_axis, 1), k.movedim(head_axis, 1)
     B, n_qh, S, D = qv.shape
@@ -141,17 +138,23 @@ def _rope_launch(q, k, cos, sin, head_axis: int, backward: bool, q_dtype, k_dtyp
     q_out, k_out = torch.empty_like(q, dtype=q_dtype), torch.empty_like(k, dtype=k_dtype)
     qov, kov = q_out.movedim(head_axis, 1), k_out.movedim(head_axis, 1)
     half = D // 2
-    _rope_kernel[(B * S,)](
-        qv, kv, qov, kov, cos_e, sin_e,
-        *qv.stride(), *kv.stride(), *qov.stride(), *kov.stride(),
-        *cos_e.stride(), *sin_e.stride(),
-        S, n_qh, n_kh,
-        HALF=half,
-        BLOCK_QH=triton.next_power_of_2(n_qh),
-        BLOCK_KH=triton.next_power_of_2(n_kh),
-        BLOCK_D=triton.next_power_of_2(half),
-        BACKWARD=backward,
-    )
+    args = (qv, kv, qov, kov, cos_e, sin_e,
+            *qv.stride(), *kv.stride(), *qov.stride(), *kov.stride(),
+            *cos_e.stride(), *sin_e.stride(),
+            S, n_qh, n_kh)
+    kwargs = dict(HALF=half, BLOCK_QH=triton.next_power_of_2(n_qh), BLOCK_KH=triton.next_power_of_2(n_kh),
+                  BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward)
+    return q_out, k_out, (B * S,), args, kwargs
+
+
+def _rope_launch(q, k, cos, sin, head_axis: int, backward: bool, q_dtype, k_dtype):
+    """Rotate q and k (or their gradients) in one launch; outputs have q/k's shapes.
+
+    q, k are 4-D with the heads on `head_axis`; cos, sin are [B or 1, S or 1, D].
+    The outputs are q_dtype and k_dtype; the arithmetic is fp32.
+    """
+    q_out, k_out, grid, args, kwargs = _rope_launch_args(q, k, cos, sin, head_axis, backward, q_dtype, k_dtype)
+    launch(_rope_kernel, grid, *args, **kwargs)
     return q_out, k_out
 
 

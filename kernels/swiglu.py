@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import use_triton
+from .backend import launch, use_triton
 
 try:  # the reference must work without triton
     import triton
@@ -69,6 +69,17 @@ def _grid(n: int):
     return (triton.cdiv(n, BLOCK_SIZE),)
 
 
+def _forward_launch(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor):
+    """(grid, args, kwargs) of the forward kernel over contiguous tensors: the launcher's choices, which
+    kernels/aot.py also compiles for the GPU targets (meta tensors work)."""
+    return _grid(gate.numel()), (gate, up, y, gate.numel()), dict(BLOCK=BLOCK_SIZE)
+
+
+def _backward_launch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, d_gate: torch.Tensor, d_up: torch.Tensor):
+    """(grid, args, kwargs) of the backward kernel, as _forward_launch."""
+    return _grid(gate.numel()), (dy, gate, up, d_gate, d_up, gate.numel()), dict(BLOCK=BLOCK_SIZE)
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """Triton silu(gate) * up, elementwise over same-shaped tensors of any shape."""
 
@@ -79,9 +90,9 @@ class SwiGLUFunction(torch.autograd.Function):
         gate = gate.contiguous()
         up = up.contiguous()
         y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-        n = gate.numel()
-        if n:
-            _swiglu_fwd_kernel[_grid(n)](gate, up, y, n, BLOCK=BLOCK_SIZE)
+        if gate.numel():
+            grid, args, kwargs = _forward_launch(gate, up, y)
+            launch(_swiglu_fwd_kernel, grid, *args, **kwargs)
         ctx.save_for_backward(gate, up)
         return y
 
@@ -91,9 +102,9 @@ class SwiGLUFunction(torch.autograd.Function):
         dy = dy.contiguous()
         d_gate = torch.empty_like(gate)
         d_up = torch.empty_like(up)
-        n = gate.numel()
-        if n:
-            _swiglu_bwd_kernel[_grid(n)](dy, gate, up, d_gate, d_up, n, BLOCK=BLOCK_SIZE)
+        if gate.numel():
+            grid, args, kwargs = _backward_launch(dy, gate, up, d_gate, d_up)
+            launch(_swiglu_bwd_kernel, grid, *args, **kwargs)
         return (d_gate if ctx.needs_input_grad[0] else None, d_up if ctx.needs_input_grad[1] else None)
 
 

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: launch.ray.num_workers with launch.backend=ray, else parallel.sequence_parallel)")
     plan.add_argument("--longest", action="store_true", help="also search the longest data.seq_len that fits (always "
                       "done with parallel.sequence_parallel > 1)")
+    plan.add_argument("--dry-run", action="store_true", help="then run one full-size step of the plan on tensors "
+                      "that hold no data (meta/fake, no GPU) and print its peak bytes per tier beside the plan's; "
+                      "exit 3 if it passes the budget")
+    plan.add_argument("--timeline", metavar="PNG", help="with --dry-run: draw the step's memory over time (matplotlib)")
 
     probe = sub.add_parser("probe", help="measure this machine's memory tiers and write a machine profile",
                            description="Measure GPU (or CPU) throughput, host and CXL copy bandwidth, and NVMe read/write "
@@ -294,6 +298,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from longtune.trainer.config import load_config
     from longtune.trainer.memory import load_machine, longest_context, plan_memory, profile_capacities
 
+    if args.timeline and not args.dry_run:
+        raise UsageError("longtune plan: --timeline draws the dry run's step; add --dry-run")
     cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
     out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "plan.yaml"
     if out.is_dir():
@@ -328,15 +334,42 @@ def run_plan(args: argparse.Namespace) -> int:
         return EXIT_INFEASIBLE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(plan.to_yaml())
-    if args.json:
-        print(json.dumps({"feasible": True, "plan_file": str(out), **plan.to_dict(),
-                          **({"longest_context": _longest_dict(longest)} if longest else {})}))
-    else:
+    if not args.json:
         print(format_plan(plan))
         print(f"plan written to {out}")
         if longest:
             print(_longest_line(cfg, machine, world, longest))
+    dry = _dry_run(args, cfg, plan, world) if args.dry_run else None
+    if args.json:
+        print(json.dumps({"feasible": True, "plan_file": str(out), **plan.to_dict(),
+                          **({"longest_context": _longest_dict(longest)} if longest else {}),
+                          **({"dry_run": _dry_dict(plan, dry)} if dry else {})}))
+    if dry and dry.peak_bytes["gpu"] > plan.problem.budget_bytes:
+        return EXIT_INFEASIBLE
     return EXIT_OK
+
+
+def _dry_run(args: argparse.Namespace, cfg, plan, world: int):
+    from longtune.trainer.dry_run import draw_timeline, dry_run, format_dry_run
+
+    if world > 1:
+        raise UsageError("longtune plan --dry-run: one process only for now (sequence parallel and data parallel "
+                         "ranks need their collectives, which the dry run does not stand in for yet)")
+    print("dry run: one step of the plan on meta and fake tensors...", file=sys.stderr, flush=True)
+    run = dry_run(cfg, plan, timeline=bool(args.timeline))
+    if not args.json:
+        print(format_dry_run(plan, run))
+    if args.timeline:
+        draw_timeline(plan, run, args.timeline, f"{cfg.run.output_dir}: {cfg.data.seq_len:,} tokens, one step")
+        print(f"timeline drawn to {args.timeline}", file=sys.stderr)
+    return run
+
+
+def _dry_dict(plan, run) -> dict:
+    from longtune.trainer.dry_run import compare
+
+    return {"ops": run.ops, "forward_ops": run.forward_ops, "seconds": run.seconds,
+            "bytes": {what: {"plan": planned, "dry_run": measured} for what, planned, measured in compare(plan, run)}}
 
 
 def _longest_dict(longest) -> dict:

@@ -133,6 +133,19 @@ class _ThreadsIO:
         return done
 
 
+class _DryIO(_ThreadsIO):
+    """A dry run's drive (trainer/dry_run.py): fake tensors hold no bytes, so nothing is written or read; the
+    files are made, empty, and the store counts the bytes as it does for a drive."""
+
+    name = "dry run: no I/O"
+
+    def write(self, fd: int, data: torch.Tensor, offset: int) -> None:
+        pass
+
+    def read(self, fd: int, data: torch.Tensor, offset: int) -> int:
+        return data.numel() * data.element_size()
+
+
 class _AioIO:
     """DeepSpeed's libaio op; one handle per worker thread because a handle's wait() covers all its requests."""
 

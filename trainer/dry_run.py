@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from .config import Config
+from .errors import ConfigError
 from .memory import build_runtime
 from .model import build_model
 
@@ -126,8 +127,10 @@ def format_dry_run(plan, run: DryRun) -> str:
 def draw_timeline(plan, run: DryRun, path: str, title: str) -> None:
     """Bytes per device over the step's ops (forward | backward and optimizer), the plan's peak beside them, the
     GPU budget as a line; written to `path` (PNG, SVG or PDF by its suffix)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("--timeline draws with matplotlib, which is not installed: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

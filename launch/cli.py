@@ -352,9 +352,9 @@ def run_plan(args: argparse.Namespace) -> int:
 def _dry_run(args: argparse.Namespace, cfg, plan, world: int):
     from longtune.trainer.dry_run import draw_timeline, dry_run, format_dry_run
 
-    if world > 1:
-        raise UsageError("longtune plan --dry-run: one process only for now (sequence parallel and data parallel "
-                         "ranks need their collectives, which the dry run does not stand in for yet)")
+    if world != cfg.parallel.sequence_parallel:
+        raise UsageError(f"longtune plan --dry-run: runs one rank of a sequence group (world = "
+                         f"parallel.sequence_parallel), not {world} processes of data parallelism")
     print("dry run: one step of the plan on meta and fake tensors...", file=sys.stderr, flush=True)
     run = dry_run(cfg, plan, timeline=bool(args.timeline))
     if not args.json:

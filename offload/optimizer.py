@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from longtune.planner.problem import NVME_STATE_STAGINGS
+
 from .cpu_adam import AdamWHyper, CpuAdamW
 from .groups import ParamGroup, flat_offsets, param_groups
 from .movers import worker_pool
@@ -91,8 +93,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
         if self.tier == "cpu":
             layout += [(f"state/{g.index}", (3, g.numel), torch.float32) for g in self.groups]
         self.pool = HostPool(layout, numa_nodes=numa_nodes, interleave=interleave, name="optimizer")
-        self._staging = [exact_pinned_empty((3 * biggest,), torch.float32) for _ in range(2)] if self.tier == "nvme" else []
-        self._staging_busy: list[Optional[Future]] = [None, None]
+        self._staging = ([exact_pinned_empty((3 * biggest,), torch.float32) for _ in range(NVME_STATE_STAGINGS)]
+                         if self.tier == "nvme" else [])  # (the planner counts them: problem.optimizer_host_buffers)
+        self._staging_busy: list[Optional[Future]] = [None] * NVME_STATE_STAGINGS
         self._incoming = exact_pinned_empty((biggest,), torch.float32)  # a micro-batch's grad before it is summed
         for g in self.groups:
             state = self._state_buffer(g, 0)
@@ -223,7 +226,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def _step_group(self, g: ParamGroup, coef, lrs: list[float], step: int) -> torch.Tensor:
         self._wait_events(g.index)
-        slot = g.index % 2
+        slot = g.index % NVME_STATE_STAGINGS
         if self.tier == "nvme":
             if self._staging_busy[slot] is not None:
                 self._staging_busy[slot].result()  # its write-back, and the H2D copy that read it
@@ -292,7 +295,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         except BaseException:
             # After a failed update the run stops: report the error once, not again at every later wait.
             self._pending.clear()
-            self._staging_busy = [None, None]
+            self._staging_busy = [None] * NVME_STATE_STAGINGS
             raise
 
     def step(self, closure=None):  # the torch API: a whole step with no overlap

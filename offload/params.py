@@ -37,6 +37,7 @@ from .dispatch import storage_key
 from .groups import ParamGroup, param_groups
 from .movers import Mover, Ticket, worker_pool
 from .pinned import HostPool, exact_pinned_empty
+from .stash import storage_view
 
 ALIGN = 64  # bytes: every weight starts aligned for any dtype view
 
@@ -239,8 +240,7 @@ class ParamStreamer:
         layer, dtype, size, stride, offset = packed
         self.ensure(layer)
         self.prefetch(layer - 1)
-        storage = self._resident[layer].untyped_storage()
-        return torch.empty(0, dtype=dtype, device=self.device).set_(storage, offset, size, stride)
+        return storage_view(self._resident[layer], dtype, size, stride, offset)
 
     @contextlib.contextmanager
     def materialized(self):

@@ -44,10 +44,19 @@ def _round_up(n: int, k: int = ALIGN) -> int:
     return -(-n // k) * k
 
 
+def storage_view(t: torch.Tensor, dtype: torch.dtype, size, stride, offset: int) -> torch.Tensor:
+    """A `dtype` tensor over t's storage with this geometry (`offset` in `dtype` elements), no copy."""
+    storage = t.untyped_storage()
+    if not holds_no_data(t):
+        return torch.empty(0, dtype=dtype, device=t.device).set_(storage, offset, size, stride)
+    # A dry run's fake tensors cannot set_ a storage: the same view, made from t
+    whole = t.as_strided((storage.nbytes() // t.element_size(),), (1,), 0).view(torch.uint8)
+    return whole.view(dtype).as_strided(size, stride, offset)
+
+
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """The whole storage of t as a flat uint8 tensor (no copy)."""
-    storage = t.untyped_storage()
-    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),), (1,))
+    return storage_view(t, torch.uint8, (t.untyped_storage().nbytes(),), (1,), 0)
 
 
 class Stored:
@@ -77,10 +86,7 @@ class SavedRef:
                                "its prefetch was not issued or waited for")
         item = self.dtype.itemsize
         start = buf.storage_offset()  # bytes into the storage (a uint8 view)
-        if holds_no_data(buf):  # a dry run's fake tensors cannot set_ a storage: the same view of the same bytes
-            return buf.view(self.dtype).as_strided(self.size, self.stride, start // item + self.offset)
-        return torch.empty(0, dtype=self.dtype, device=buf.device).set_(
-            buf.untyped_storage(), start // item + self.offset, self.size, self.stride)
+        return storage_view(buf, self.dtype, self.size, self.stride, start // item + self.offset)
 
 
 @dataclass

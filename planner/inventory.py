@@ -207,12 +207,22 @@ def attention_backward_workspace(shape: LayerShape, keys: int, queries: int) -> 
     q, kv = nq * d, nkv * d
     out = {"dq_sum": queries * q * 4.0, "block_dq": queries * q * float(s), "block_dkv": 2.0 * keys * kv * s}
     if s < 4:
-        out["kernel_dq_accum"] = queries * (q + nq) * 4.0
-        if nq > nkv:
-            out["kernel_dkv"] = 2.0 * keys * q * s
+        out |= flash_backward_inside(nq, nkv, d, s, keys, queries)
     elif nq > nkv:
         out["repeated_kv"] = 2.0 * keys * q * 4
         out["block_dkv"] = 2.0 * keys * q * 4
+    return out
+
+
+def flash_backward_inside(nq: int, nkv: int, head_dim: int, dtype_bytes: int, keys: int, queries: int
+                          ) -> dict[str, float]:
+    """What FlashAttention-2's backward (mha_bwd) allocates inside the kernel call for `queries` against `keys`:
+    its fp32 dq accumulator and softmax_d and, with grouped heads, dk and dv per query head before the group
+    sums. A dry run allocates as much around the call on the meta device (offload/attention.py)."""
+    q = nq * head_dim
+    out = {"kernel_dq_accum": queries * (q + nq) * 4.0}
+    if nq > nkv:
+        out["kernel_dkv"] = 2.0 * keys * q * dtype_bytes
     return out
 
 

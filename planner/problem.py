@@ -278,6 +278,14 @@ PLACES = ("gpu", "cpu", "nvme")
 # Host bytes per parameter with the optimizer off the GPU: fp32 master, two moments, the fp32 gradient sum;
 # on NVMe the master and moments go to the drive and the gradient sum stays on the host.
 HOST_OPTIMIZER_BYTES, NVME_OPTIMIZER_BYTES, NVME_HOST_OPTIMIZER_BYTES = 16, 12, 4
+NVME_STATE_STAGINGS = 2  # one group's state is read in while the previous group's is written back
+
+
+def optimizer_host_buffers(tier: str) -> int:
+    """fp32 buffers of the largest parameter group (a decoder layer, or the embeddings, head and final norm) that
+    an optimizer off the GPU holds on the host beside its per-parameter state (offload/optimizer.py): a
+    micro-batch's gradient before it is summed and, on NVMe, the stagings of master weights + two moments."""
+    return {"cpu": 1, "nvme": 1 + NVME_STATE_STAGINGS * 3}.get(tier, 0)
 
 
 @dataclass(frozen=True)
@@ -397,6 +405,8 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
                                            exposed_s=elements / machine.cpu_adam_params_per_s + copies))
                     continue
             host = {"cpu": HOST_OPTIMIZER_BYTES, "nvme": NVME_HOST_OPTIMIZER_BYTES}.get(opt, 0) * p
+            if not sharding.optimizer:  # (a strategy's ZeRO-Offload has its own buffers, not these)
+                host += optimizer_host_buffers(opt) * 4 * max(layer_p, other_p)
             nvme = NVME_OPTIMIZER_BYTES * p if opt == "nvme" else 0.0
             weights = L * layer_p * wb
             host += weights if par == "cpu" else 0.0

@@ -295,8 +295,10 @@ def test_exact_when_copies_lag_as_on_a_gpu(family, depth, tmp_path):
     plan = plan_of(problem(cfg, depth=depth), MIXED)
     got, runtime = run_plan(model, plan, ids, tmp_path, pos, depth=depth, lagging=True)
     assert_same(ref, got)
-    assert runtime.dispatcher.stash.unplanned_bytes == 0
+    stash = runtime.dispatcher.stash
+    assert stash.unplanned_bytes == 0
     assert runtime.h2d.lagging and not runtime.h2d._queue
+    assert 0 < stash.nvme_read == stash.nvme_written  # each layer read back once (not again ahead of a prefetch)
 
 
 def test_the_nvme_ring_waits_for_the_device_before_reusing_a_slot(tmp_path):

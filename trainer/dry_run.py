@@ -17,6 +17,8 @@ What stands in for what, and what a dry run therefore cannot see:
 - Triton kernels do not launch on meta: the torch references run (kernels/backend.py), with their own
   temporaries. Autocast has no meta device: the step runs in the weights' dtype.
 - Data: positions and labels hold nothing, so every sequence is one document and every label counts.
+- Sequence parallelism: one rank of the group runs; torch's fake process group stands for the others (its
+  all-to-alls move nothing, which fake tensors do not need). Data parallel ranks are not run.
 - The caching allocator's rounding and fragmentation, and memory a kernel takes for itself (cuBLAS,
   FlashAttention's workspaces), are not there.
 """
@@ -70,12 +72,20 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
 
             k = cfg.model.kernels
             apply_kernels(model, k.rmsnorm, k.rope, k.swiglu, k.fused_ce, k.ce_chunk_tokens)
-        runtime = build_runtime(cfg, model, plan, torch.device(GPU))
+        P = cfg.parallel.sequence_parallel
+        sp = _one_rank_of(cfg, P) if P > 1 else None
+        if sp is not None:
+            sp.apply(model)
+        runtime = build_runtime(cfg, model, plan, torch.device(GPU), world=P, sequence=sp.group if sp else None)
+        # The step starts here. The model was made on the device, where a run makes it on the host and the
+        # runtime places it: the weights the runtime streamed from the host are gone from the device now.
+        counter.reset_peak()
         try:
-            tokens = cfg.data.seq_len // cfg.parallel.sequence_parallel
-            ids = torch.zeros(cfg.train.micro_batch_size, tokens, dtype=torch.long, device=GPU)
+            ids = torch.zeros(cfg.train.micro_batch_size, cfg.data.seq_len // P, dtype=torch.long, device=GPU)
+            labels = {"shift_labels": ids} if P > 1 else {}  # a shard's targets come shifted over the whole sequence
             with runtime.step(1):
-                out = model(input_ids=ids, labels=ids, num_items_in_batch=ids.numel(), use_cache=False)
+                out = model(input_ids=ids, position_ids=torch.zeros_like(ids), labels=ids,
+                            num_items_in_batch=ids.numel() * P, use_cache=False, **labels)
                 forward_ops = counter.ops
                 out.loss.backward()
                 del out
@@ -84,9 +94,26 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
             residency = runtime.dispatcher.residency.device_peak if runtime.activations is not None else 0
         finally:
             runtime.close()
+            if sp is not None:
+                torch.distributed.destroy_process_group()
     return DryRun(peak_bytes={"gpu": counter.device_peak[GPU], "host": counter.device_peak[HOST]}, ops=counter.ops,
                   forward_ops=forward_ops, seconds=time.perf_counter() - start, samples=counter.samples or [],
                   activation_peak_bytes=residency, notes=list(runtime.notes))
+
+
+def _one_rank_of(cfg: Config, world: int):
+    """Rank 0 of a sequence group of `world` with nobody else there: torch's fake process group stands for the
+    others (its collectives return at once and leave their outputs as they are: a dry run's hold no data)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from .ranks import Ranks
+    from .sequence_parallel import SequenceParallel
+
+    if dist.is_initialized():
+        raise ConfigError("a dry run of sequence parallelism runs in a process of its own, outside any process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    return SequenceParallel.build(cfg, Ranks(0, world))
 
 
 def _make_fake(model: torch.nn.Module, fake) -> None:

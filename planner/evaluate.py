@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .problem import CLASSES, Problem
-from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, activation_residency, nvme_ring_slots, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
+from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, activation_residency, backward_phase_bytes, nvme_ring_slots, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
 
 GPU, RECOMPUTE = "gpu", "recompute"
 # decisions[l][class][place] = number of chunks; place is "gpu", "recompute" or a tier name.
@@ -115,7 +115,7 @@ def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None
     kept, off, recompute = layer_bytes(problem, decisions)
     live = arena_live(problem, layer_bytes(problem, decisions, ARENA_CHUNK_OVERHEAD)[1])
     arena = max(live) if arena_bytes is None else arena_bytes
-    rows = gpu_rows(problem, kept, recompute, arena, option.gpu_total if option else 0.0)
+    rows = gpu_rows(problem, kept, backward_phase_bytes(problem, recompute), arena, option.gpu_total if option else 0.0)
 
     recompute_per_layer = [
         sum(problem.recompute_s[c] * d.get(RECOMPUTE, 0) for c, d in layer.items() if c in problem.recompute_s)

@@ -102,7 +102,11 @@ class _Model:
         for live in arena_live(P, off):
             self.prob += arena >= live
         state_gb = pulp.lpSum(o.gpu_total / GB * y for o, y in y_state)
-        self.rows = gpu_rows(P, kept, recompute, arena, state_gb, unit=1 / GB)
+        # A backward row holds the larger of a layer's two phases (timeline.backward_phase_bytes)
+        backward_phase = pulp.LpVariable("backward_phase_gb", 0)
+        self.prob += backward_phase >= P.layer_workspace_bytes / GB + recompute
+        self.prob += backward_phase >= P.attention_phase_bytes / GB
+        self.rows = gpu_rows(P, kept, backward_phase, arena, state_gb, unit=1 / GB)
         if minimise_peak:
             self.peak = pulp.LpVariable("peak_gb", 0)
             for r in self.rows:

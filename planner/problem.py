@@ -197,7 +197,7 @@ class Problem:
     layer_bwd_s: float
     head_s: float  # the LM head and loss, forward + backward: the first prefetch hides behind it
     fixed_bytes: dict[str, float]  # on the GPU whatever the plan: RoPE tables, ...
-    layer_workspace_bytes: float  # transient of one layer's forward/backward in the runtime
+    layer_workspace_bytes: float  # transient of one layer's forward/backward in the runtime (a chunk's graph phase)
     head_bytes: float  # final norm's saved tensors + logits / loss workspace
     budget_bytes: float
     tiers: tuple[Tier, ...]
@@ -207,6 +207,9 @@ class Problem:
     # Each second of link time (hidden or not) adds this fraction of a second to the objective,
     # so ties go to keeping over moving, and to the faster tier over the slower one.
     transfer_penalty: float = 1e-6
+    # The backward while a chunk's attention backward runs (layer_workspace's attention phase): no chunk graph and
+    # no recomputed chunk are alive then, so a backward row holds the larger of the two phases.
+    attention_phase_bytes: float = 0.0
     meta: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -467,16 +470,20 @@ def all_to_all_bytes(shape: ModelShape, tokens: int, degree: int) -> tuple[float
 
 
 def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str, float], sequence_parallel: int = 1
-                    ) -> float:
-    """Bytes the runtime holds while one layer runs, beyond the saved activations: the larger of
+                    ) -> tuple[float, float]:
+    """Bytes the runtime holds while one layer runs, beyond the saved activations, in its two phases
+    (chunk, attention). The chunk phase is the larger of
 
     forward:  the layer input and output, the q/k/v buffers of all tokens, the attention output, the input
               chunk copies, one chunk's transients;
     backward: the output gradient and the input gradient, K and V of all tokens and their gradients (fp32 when
-              the model is bf16/fp16), one chunk's transients, the parameter gradients summed in fp32 and cast,
-              and the attention backward's own buffers (inventory.attention_backward_workspace: the last
-              chunk's queries against every earlier key; under sequence parallelism, this rank's heads over
-              the whole sequence).
+              the model is bf16/fp16), the parameter gradients summed in fp32 and cast, and one chunk's
+              transients (its graph, run or recomputed, and their gradients).
+    The attention phase is the same backward while a chunk's attention backward runs, which comes between a
+    chunk's post and pre graphs, with neither alive: the attention backward's own buffers instead of the
+    chunk's transients (inventory.attention_backward_workspace: the last chunk's queries against every earlier
+    key, the kernel's own buffers included; under sequence parallelism, this rank's heads over the whole
+    sequence). The dry run measures both (trainer/dry_run.py).
     """
     L = shape.layer
     wb, h, q, kv = L.dtype_bytes, L.hidden, shape.q_dim, shape.kv_dim
@@ -485,13 +492,13 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     transient = chunk * (saved["pre"] + saved["post"])  # a chunk's graph and its gradients, about its saved size
     forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
     grads = shape.layer_params * (4 + (wb if wb < 4 else 0))
-    backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + transient + grads
+    backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + grads
     if sequence_parallel == 1:
-        backward += sum(attention_backward_workspace(L, tokens - chunk, chunk).values())
+        attention = sum(attention_backward_workspace(L, tokens - chunk, chunk).values())
     if sequence_parallel > 1:  # offload/ulysses.py, beside the buffers above
         kvw = kv_heads_on_wire(L.num_kv_heads, sequence_parallel) * L.head_dim
         heads = replace(L, num_heads=L.num_heads // sequence_parallel, num_kv_heads=kvw // L.head_dim // sequence_parallel)
-        backward += sum(attention_backward_workspace(heads, tokens * sequence_parallel - chunk, chunk).values())
+        attention = sum(attention_backward_workspace(heads, tokens * sequence_parallel - chunk, chunk).values())
         # forward: the all-to-alls' send, receive and reordered copies, one tensor at a time, beside the head
         # layout's q, k, v and output
         forward += tokens * wb * max(3 * q, q + 4 * kvw, 2 * q + 2 * kvw)
@@ -500,7 +507,7 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
         # in both layouts with their send buffers, and its dq
         backward += tokens * (2 * (kvw - kv) * (wb + acc) + q * wb + 2 * kvw * wb + 2 * kv * wb) \
             + chunk * q * (8 * wb + acc)
-    return max(forward, backward)
+    return max(forward, backward + transient), backward + attention
 
 
 def build_problem(
@@ -554,6 +561,7 @@ def build_problem(
     layer_bwd_s = 2 * (pre_fwd_s + post_fwd_s) + 2.5 * attn_fwd_s + a2a_bwd_s  # flash backward ~2.5x its forward
     head_s = 3 * 2 * tokens * shape.layer.hidden * shape.vocab / mm
     chunk = tokens / chunks
+    chunk_phase, attention_phase = layer_workspace(shape, tokens, chunks, saved, P)
     return Problem(
         num_layers=shape.num_layers,
         chunks=chunks,
@@ -568,7 +576,8 @@ def build_problem(
         layer_bwd_s=layer_bwd_s,
         head_s=head_s,
         fixed_bytes={"rope": saved["shared"] * tokens},
-        layer_workspace_bytes=layer_workspace(shape, tokens, chunks, saved, P) + extra_workspace,
+        layer_workspace_bytes=chunk_phase + extra_workspace,
+        attention_phase_bytes=attention_phase + extra_workspace,
         head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,

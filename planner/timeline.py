@@ -101,8 +101,9 @@ def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recomp
     return out
 
 
-def gpu_rows(problem: Problem, kept: Sequence, recompute, arena, state_bytes, unit: float = 1.0) -> list:
-    """Total GPU memory at each of `positions()`: fixed + state + workspace + kept + arena (whole) + recompute.
+def gpu_rows(problem: Problem, kept: Sequence, backward_phase, arena, state_bytes, unit: float = 1.0) -> list:
+    """Total GPU memory at each of `positions()`: fixed + state + kept + arena (whole), and the head's bytes or,
+    in a layer's backward, `backward_phase` (the larger of its two phases: backward_phase_bytes).
 
     The per-layer arguments are in the caller's unit; the problem's own byte figures are multiplied by `unit`."""
     L = problem.num_layers
@@ -110,8 +111,14 @@ def gpu_rows(problem: Problem, kept: Sequence, recompute, arena, state_bytes, un
     rows = [fixed + problem.head_bytes * unit + _total(kept) + arena]
     prefixes = _prefix_sums(kept)
     for j in reversed(range(L)):
-        rows.append(fixed + problem.layer_workspace_bytes * unit + prefixes[j] + arena + recompute)
+        rows.append(fixed + prefixes[j] + arena + backward_phase)
     return rows
+
+
+def backward_phase_bytes(problem: Problem, recompute: float) -> float:
+    """A layer's backward beyond its kept activations and the arena: a chunk's graph with the recomputed chunk
+    (layer_workspace + recompute), or a chunk's attention backward (attention_phase), whichever is larger."""
+    return max(problem.layer_workspace_bytes + recompute, problem.attention_phase_bytes)
 
 
 def prefetch_window_s(problem: Problem, j: int, recompute_s: Sequence[float]) -> float:

@@ -29,7 +29,7 @@ def use_triton(t: torch.Tensor) -> bool:
     if not triton_available():
         _notice("triton is not installed")
         return False
-    if t.is_cuda or interpreting() or _holds_no_data(t):  # no data: a dry run, which launches nothing (launch)
+    if t.is_cuda or interpreting() or holds_no_data(t):  # no data: a dry run, which launches nothing (launch)
         return True
     _notice("no GPU and TRITON_INTERPRET is not 1")
     return False
@@ -38,11 +38,12 @@ def use_triton(t: torch.Tensor) -> bool:
 def launch(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), except on tensors that hold no data (a dry run on meta and fake tensors,
     trainer/dry_run.py): there the launcher's buffers are allocated as on a GPU and the kernel does not run."""
-    if not any(isinstance(a, torch.Tensor) and _holds_no_data(a) for a in args):
+    if not any(isinstance(a, torch.Tensor) and holds_no_data(a) for a in args):
         kernel[grid](*args, **kwargs)
 
 
-def _holds_no_data(t: torch.Tensor) -> bool:
+def holds_no_data(t: torch.Tensor) -> bool:
+    """A meta tensor, or a fake one (offload/live_bytes.py has the same test; kernels import nothing of longtune)."""
     return t.untyped_storage().device.type == "meta"
 
 

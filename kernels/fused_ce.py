@@ -63,7 +63,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import launch, num_warps, use_triton
+from .backend import holds_no_data, launch, num_warps, use_triton
 from .chunking import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, default_chunk_size  # noqa: F401 -- re-exported; torch-free for the planner
 
 try:  # the reference must work without triton
@@ -249,7 +249,7 @@ def _forward(
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= v))
     per_chunk = F.pad(valid.int(), (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).sum(1)
-    if labels.untyped_storage().device.type == "meta":  # a dry run's labels hold no data: every label counts
+    if holds_no_data(labels):  # a dry run's labels hold no data: every label counts
         counts, n_bad = [min(chunk_size, n - i * chunk_size) for i in range(n_chunks)], 0
     else:
         stats = torch.cat([per_chunk, bad.sum().view(1)]).tolist()
@@ -324,7 +324,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("fused_linear_cross_entropy: backward can run once per forward "
                                "(its gradients are computed in the forward and scaled in place)")
         grads, ctx.grads = ctx.grads, None
-        if grad_output.untyped_storage().device.type == "meta" or grad_output.ne(1.0).item():  # meta: a dry run
+        if holds_no_data(grad_output) or grad_output.ne(1.0).item():  # (a dry run's holds no data)
             for g in grads:
                 if g is not None:
                     g.mul_(grad_output)

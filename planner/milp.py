@@ -106,6 +106,7 @@ class _Model:
         backward_phase = pulp.LpVariable("backward_phase_gb", 0)
         self.prob += backward_phase >= P.layer_workspace_bytes / GB + recompute
         self.prob += backward_phase >= P.attention_phase_bytes / GB
+        self.prob += backward_phase >= P.forward_workspace_bytes / GB
         self.rows = gpu_rows(P, kept, backward_phase, arena, state_gb, unit=1 / GB)
         if minimise_peak:
             self.peak = pulp.LpVariable("peak_gb", 0)

@@ -197,7 +197,7 @@ class Problem:
     layer_bwd_s: float
     head_s: float  # the LM head and loss, forward + backward: the first prefetch hides behind it
     fixed_bytes: dict[str, float]  # on the GPU whatever the plan: RoPE tables, ...
-    layer_workspace_bytes: float  # transient of one layer's forward/backward in the runtime (a chunk's graph phase)
+    layer_workspace_bytes: float  # one layer's backward in the runtime while a chunk's graph runs (+ the recompute)
     head_bytes: float  # final norm's saved tensors + logits / loss workspace
     budget_bytes: float
     tiers: tuple[Tier, ...]
@@ -207,9 +207,10 @@ class Problem:
     # Each second of link time (hidden or not) adds this fraction of a second to the objective,
     # so ties go to keeping over moving, and to the faster tier over the slower one.
     transfer_penalty: float = 1e-6
-    # The backward while a chunk's attention backward runs (layer_workspace's attention phase): no chunk graph and
-    # no recomputed chunk are alive then, so a backward row holds the larger of the two phases.
+    # The same backward while a chunk's attention backward runs (no chunk graph, no recomputed chunk alive then),
+    # and one layer's forward: a row holds the largest of the three (timeline.backward_phase_bytes).
     attention_phase_bytes: float = 0.0
+    forward_workspace_bytes: float = 0.0
     meta: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -470,21 +471,20 @@ def all_to_all_bytes(shape: ModelShape, tokens: int, degree: int) -> tuple[float
 
 
 def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str, float], sequence_parallel: int = 1
-                    ) -> tuple[float, float]:
-    """Bytes the runtime holds while one layer runs, beyond the saved activations, in its two phases
-    (chunk, attention). The chunk phase is the larger of
+                    ) -> tuple[float, float, float]:
+    """Bytes the runtime holds while one layer runs, beyond the saved activations: (forward, backward while a
+    chunk's graph runs, backward while a chunk's attention backward runs).
 
     forward:  the layer input and output, the q/k/v buffers of all tokens, the attention output, the input
               chunk copies, one chunk's transients;
     backward: the output gradient and the input gradient, K and V of all tokens and their gradients (fp32 when
-              the model is bf16/fp16), the parameter gradients summed in fp32 and cast, and one chunk's
-              transients (its graph, run or recomputed, and their gradients).
-    The attention phase is the same backward while a chunk's attention backward runs, which comes between a
-    chunk's post and pre graphs, with neither alive: the attention backward's own buffers instead of the
-    chunk's transients (inventory.attention_backward_workspace: the last chunk's queries against every earlier
-    key, the kernel's own buffers included; under sequence parallelism, this rank's heads over the whole
-    sequence). The dry run measures both (trainer/dry_run.py).
-    """
+              the model is bf16/fp16), the parameter gradients summed in fp32 and cast, and either one chunk's
+              transients (its graph, run or recomputed, and their gradients; the recomputed chunk adds to it in
+              the rows) or, between a chunk's post and pre graphs, with neither alive, the attention backward's
+              own buffers (inventory.attention_backward_workspace: the last chunk's queries against every
+              earlier key, the kernel's own buffers included; under sequence parallelism, this rank's heads
+              over the whole sequence).
+    The dry run measures them (trainer/dry_run.py)."""
     L = shape.layer
     wb, h, q, kv = L.dtype_bytes, L.hidden, shape.q_dim, shape.kv_dim
     acc = 4 if wb < 4 else wb
@@ -507,7 +507,7 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
         # in both layouts with their send buffers, and its dq
         backward += tokens * (2 * (kvw - kv) * (wb + acc) + q * wb + 2 * kvw * wb + 2 * kv * wb) \
             + chunk * q * (8 * wb + acc)
-    return max(forward, backward + transient), backward + attention
+    return forward, backward + transient, backward + attention
 
 
 def build_problem(
@@ -561,7 +561,7 @@ def build_problem(
     layer_bwd_s = 2 * (pre_fwd_s + post_fwd_s) + 2.5 * attn_fwd_s + a2a_bwd_s  # flash backward ~2.5x its forward
     head_s = 3 * 2 * tokens * shape.layer.hidden * shape.vocab / mm
     chunk = tokens / chunks
-    chunk_phase, attention_phase = layer_workspace(shape, tokens, chunks, saved, P)
+    forward_phase, chunk_phase, attention_phase = layer_workspace(shape, tokens, chunks, saved, P)
     return Problem(
         num_layers=shape.num_layers,
         chunks=chunks,
@@ -578,6 +578,7 @@ def build_problem(
         fixed_bytes={"rope": saved["shared"] * tokens},
         layer_workspace_bytes=chunk_phase + extra_workspace,
         attention_phase_bytes=attention_phase + extra_workspace,
+        forward_workspace_bytes=forward_phase + extra_workspace,
         head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,

@@ -116,9 +116,10 @@ def gpu_rows(problem: Problem, kept: Sequence, backward_phase, arena, state_byte
 
 
 def backward_phase_bytes(problem: Problem, recompute: float) -> float:
-    """A layer's backward beyond its kept activations and the arena: a chunk's graph with the recomputed chunk
-    (layer_workspace + recompute), or a chunk's attention backward (attention_phase), whichever is larger."""
-    return max(problem.layer_workspace_bytes + recompute, problem.attention_phase_bytes)
+    """A layer's workspace beyond its kept activations and the arena, the largest of its phases: a chunk's graph
+    in backward with the recomputed chunk, a chunk's attention backward, and (conservatively, in the same row)
+    the layer's forward (problem.layer_workspace)."""
+    return max(problem.layer_workspace_bytes + recompute, problem.attention_phase_bytes, problem.forward_workspace_bytes)
 
 
 def prefetch_window_s(problem: Problem, j: int, recompute_s: Sequence[float]) -> float:

@@ -34,7 +34,7 @@ import torch
 from .config import Config
 from .errors import ConfigError
 from .memory import build_runtime
-from .model import build_model
+from .model import build_model, patch_model
 
 GB = 1e9
 GPU, HOST = "meta", "cpu"  # the devices that stand for them
@@ -67,11 +67,7 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
         _make_fake(model, fake)  # before the counter: it adopts them as made, not as there before it
         counter.adopt([*model.parameters(), *model.buffers()])
     with fake, counter:
-        if any(getattr(cfg.model.kernels, k) for k in ("rmsnorm", "rope", "swiglu", "fused_ce")):
-            from longtune.kernels.patch import apply_kernels
-
-            k = cfg.model.kernels
-            apply_kernels(model, k.rmsnorm, k.rope, k.swiglu, k.fused_ce, k.ce_chunk_tokens)
+        patch_model(model, cfg)
         P = cfg.parallel.sequence_parallel
         sp = _one_rank_of(cfg, P) if P > 1 else None
         if sp is not None:

@@ -78,6 +78,19 @@ def build_model(cfg: ModelConfig, checkpoint: Optional[Path] = None, uninitialis
     return model
 
 
+def patch_model(model: torch.nn.Module, cfg) -> None:
+    """model.kernels patched in, and gradient checkpointing on where memory.gradient_checkpointing says (a run
+    and a dry run prepare the model alike)."""
+    kernels = cfg.model.kernels
+    if kernels.rmsnorm or kernels.rope or kernels.swiglu or kernels.fused_ce:
+        from longtune.kernels.patch import apply_kernels
+
+        apply_kernels(model, kernels.rmsnorm, kernels.rope, kernels.swiglu, kernels.fused_ce, kernels.ce_chunk_tokens)
+    if cfg.memory.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()  # transformers 5 renamed gradient_checkpointing_enable
+
+
 def _no_init_weights():
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5

@@ -22,7 +22,7 @@ from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, reset_gpu_peak, train_flops_per_token
-from .model import build_model, build_tokenizer, count_parameters
+from .model import build_model, build_tokenizer, count_parameters, patch_model
 from .parallel import Strategy, build_strategy
 from .ranks import Ranks, device_type
 from .sequence_parallel import SequenceParallel
@@ -134,14 +134,7 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
         raise ConfigError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is {vocab:,}: set "
                           f"model.config.vocab_size to at least {len(tokenizer)}, or use the model's own tokenizer")
     n_params = count_parameters(model)  # before streamed weights leave the model
-    kernels = cfg.model.kernels
-    if kernels.rmsnorm or kernels.rope or kernels.swiglu or kernels.fused_ce:
-        from longtune.kernels.patch import apply_kernels
-
-        apply_kernels(model, kernels.rmsnorm, kernels.rope, kernels.swiglu, kernels.fused_ce, kernels.ce_chunk_tokens)
-    if cfg.memory.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()  # transformers 5 renamed gradient_checkpointing_enable
+    patch_model(model, cfg)
     sp = SequenceParallel.build(cfg, ranks)
     sp.apply(model)  # sequence parallel: attention over the group's shards of each sequence
     strategy.shard(model)  # FSDP2 shards the weights before the optimizer is built over them

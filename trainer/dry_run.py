@@ -19,8 +19,9 @@ What stands in for what, and what a dry run therefore cannot see:
 - Data: positions and labels hold nothing, so every sequence is one document and every label counts.
 - Sequence parallelism: one rank of the group runs; torch's fake process group stands for the others (its
   all-to-alls move nothing, which fake tensors do not need). Data parallel ranks are not run.
-- The caching allocator's rounding and fragmentation, and memory a kernel takes for itself (cuBLAS,
-  FlashAttention's workspaces), are not there.
+- FlashAttention's backward allocates inside the kernel: the dry run allocates as much around the call, from
+  the planner's description of it (offload/attention.py). The caching allocator's rounding and fragmentation,
+  and cuBLAS's workspaces, are not there.
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def format_dry_run(plan, run: DryRun) -> str:
 
 
 def draw_timeline(plan, run: DryRun, path: str, title: str) -> None:
-    """Bytes per device over the step's ops (forward | backward and optimizer), the plan's peak beside them, the
-    GPU budget as a line; written to `path` (PNG, SVG or PDF by its suffix)."""
+    """Bytes per device over the step's ops (forward | backward and optimizer), GPU above, host below, the
+    plan's peaks beside them and the GPU budget as lines; written to `path` (PNG, SVG or PDF by its suffix)."""
     try:
         import matplotlib
     except ImportError:
@@ -158,20 +159,24 @@ def draw_timeline(plan, run: DryRun, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ops = [op for op, _ in run.samples]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    for device, label, color in ((GPU, "GPU (dry run)", "tab:blue"), (HOST, "host (dry run)", "tab:orange")):
-        ax.step(ops, [live.get(device, 0) / GB for _, live in run.samples], where="post", label=label, color=color)
     pred = plan.predicted["peak_bytes"]
-    ax.axhline(pred["gpu"] / GB, color="tab:blue", linestyle=":", label="GPU peak (plan)")
-    if pred.get("host"):
-        ax.axhline(pred["host"] / GB, color="tab:orange", linestyle=":", label="host peak (plan)")
-    ax.axhline(plan.problem.budget_bytes / GB, color="tab:red", linestyle="--", label="GPU budget")
-    ax.axvline(run.forward_ops, color="gray", linewidth=0.8)
-    ax.text(run.forward_ops, ax.get_ylim()[1] * 0.97, " backward", va="top", fontsize=8, color="gray")
-    ax.set_xlabel("ops of the step")
-    ax.set_ylabel("GB alive")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    fig, (gpu, host) = plt.subplots(2, 1, sharex=True, figsize=(11, 6), height_ratios=[2, 1])
+    panels = ((gpu, GPU, "GPU", pred["gpu"], "tab:blue"), (host, HOST, "host", pred.get("host", 0.0), "tab:orange"))
+    for ax, device, label, planned, color in panels:  # each side on its own scale: the host's is 10x the GPU's
+        ax.step(ops, [live.get(device, 0) / GB for _, live in run.samples], where="post", color=color,
+                label=f"{label} (dry run)")
+        if planned:
+            ax.axhline(planned / GB, color=color, linestyle=":", label=f"{label} peak (plan)")
+        ax.axvline(run.forward_ops, color="gray", linewidth=0.8)
+        ax.set_ylabel("GB alive")
+        ax.set_ylim(bottom=0)
+    gpu.axhline(plan.problem.budget_bytes / GB, color="tab:red", linestyle="--", label="GPU budget")
+    gpu.set_ylim(0, max(plan.problem.budget_bytes, pred["gpu"], run.peak_bytes["gpu"]) / GB * 1.08)
+    gpu.text(run.forward_ops, gpu.get_ylim()[1] * 0.97, " backward", va="top", fontsize=8, color="gray")
+    host.set_xlabel("ops of the step")
+    gpu.set_title(title)
+    for ax in (gpu, host):
+        ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -166,3 +166,24 @@ def plan_budget_gb(config: dict, fraction: float, world: int = 1) -> float:
     high = plan_of(problem, keep).predicted["peak_bytes"]["gpu"] * (1 + 2e-5) + (2 << 20)
     low = min_gpu_budget(problem)
     return (low + fraction * (high - low)) / 1e9
+
+
+def budget_gb_placing(config: dict, places: set[str], world: int = 1) -> float:
+    """The smallest memory.budget_gb on plan_budget_gb's scale (in steps of 1%) whose solved plan puts chunks in
+    every one of `places`: where a layer's forward workspace bounds its rows, recompute costs no memory and the
+    solver offloads only in a narrow band of budgets."""
+    import copy
+
+    from longtune.trainer.config import validate
+    from longtune.trainer.memory import Capacities, load_machine, plan_memory
+
+    for step in range(31):
+        budget = plan_budget_gb(config, step / 100, world)
+        cfg = copy.deepcopy(config)
+        cfg.setdefault("memory", {})["budget_gb"] = budget
+        cfg = validate(cfg)
+        plan = plan_memory(cfg, Capacities(budget * 1e9, host=64e9), load_machine(cfg.memory.machine),
+                           activations=True, world=world)
+        if places <= {p for layer in plan.layers for d in layer.values() for p in d}:
+            return budget
+    raise AssertionError(f"no budget up to 30% above the smallest makes the plan use {sorted(places)}")

@@ -241,7 +241,7 @@ def test_sharded_strategies_carry_out_a_tight_memory_plan(name, reference, tmp_p
     gradient per parameter and micro-batch. ddp-sp2: sequence parallel 2, each rank's plan made for its shard,
     the attention's all-to-alls inside the runtime's layer; resumed on 2 ranks from step 4. The plain run's
     losses and norms, to the tolerances above."""
-    from conftest import plan_budget_gb
+    from conftest import budget_gb_placing, plan_budget_gb
 
     out = tmp_path / "run"
     sp = name.endswith("sp2")
@@ -253,7 +253,7 @@ def test_sharded_strategies_carry_out_a_tight_memory_plan(name, reference, tmp_p
                                            "attention_efficiency": 1},
                "tiers": {"host": {"capacity_gb": 64, "to_gpu_gbps": 1000, "from_gpu_gbps": 1000}}}
     cfg["memory"] = {"plan_chunks": 4, "machine": str(write_yaml(tmp_path / "machine.yaml", machine))}
-    budget = plan_budget_gb(cfg, 0.1, world=2)
+    budget = plan_budget_gb(cfg, 0.1, world=2) if sp else budget_gb_placing(cfg, {"recompute", "host"}, world=2)
     result = run_cli("train", write_yaml(tmp_path / "c.yaml", cfg), "--nproc", "2", f"memory.budget_gb={budget}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "activations: the plan's decisions run" in result.stdout

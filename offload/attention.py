@@ -62,12 +62,12 @@ def documents(position_ids: torch.Tensor | None, seq_len: int, batch: int) -> Do
 
     A document starts at token 0 and wherever ``position_ids == 0``. ``position_ids`` may be
     [batch, seq_len], [1, seq_len] or [seq_len] (the last two shared by every row); ``None``
-    means one document per row, and so do positions that hold no data (meta). Runs on a CPU copy with a single ``.tolist()`` (one device sync).
+    means one document per row, and so do positions that hold no data (a dry run's: the boundaries cannot
+    be read). Runs on a CPU copy with a single ``.tolist()`` (one device sync).
     """
     if seq_len < 1 or batch < 1:
         raise ValueError(f"seq_len and batch must be positive, got seq_len={seq_len}, batch={batch}")
     if position_ids is None or holds_no_data(position_ids):
-        # positions that hold no data (a dry run's): the boundaries cannot be read, one document per row
         return [[(0, seq_len)] for _ in range(batch)]
     pos = position_ids.detach()
     if pos.dim() == 1:

@@ -49,7 +49,6 @@ class DryRun:
     seconds: float
     samples: list[tuple[int, dict[str, int]]] = field(default_factory=list)  # (op, bytes per device) on change
     activation_peak_bytes: int = 0  # the runtime's own count of saved activations on the device (residency)
-    notes: list[str] = field(default_factory=list)
 
 
 def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
@@ -95,7 +94,7 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
                 torch.distributed.destroy_process_group()
     return DryRun(peak_bytes={"gpu": counter.device_peak[GPU], "host": counter.device_peak[HOST]}, ops=counter.ops,
                   forward_ops=forward_ops, seconds=time.perf_counter() - start, samples=counter.samples or [],
-                  activation_peak_bytes=residency, notes=list(runtime.notes))
+                  activation_peak_bytes=residency)
 
 
 def _one_rank_of(cfg: Config, world: int):

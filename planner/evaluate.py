@@ -115,7 +115,7 @@ def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None
     kept, off, recompute = layer_bytes(problem, decisions)
     live = arena_live(problem, layer_bytes(problem, decisions, ARENA_CHUNK_OVERHEAD)[1])
     arena = max(live) if arena_bytes is None else arena_bytes
-    rows = gpu_rows(problem, kept, backward_phase_bytes(problem, recompute), arena, option.gpu_total if option else 0.0)
+    rows = gpu_rows(problem, kept, backward_phase_bytes(problem, recompute), arena, [option.gpu_at(i) for i in range(L + 1)] if option else 0.0)
 
     recompute_per_layer = [
         sum(problem.recompute_s[c] * d.get(RECOMPUTE, 0) for c, d in layer.items() if c in problem.recompute_s)

@@ -101,7 +101,7 @@ class _Model:
         arena = pulp.LpVariable("arena_gb", 0)
         for live in arena_live(P, off):
             self.prob += arena >= live
-        state_gb = pulp.lpSum(o.gpu_total / GB * y for o, y in y_state)
+        state_gb = [pulp.lpSum(o.gpu_at(i) / GB * y for o, y in y_state) for i in range(L + 1)]
         # A backward row holds the larger of a layer's two phases (timeline.backward_phase_bytes)
         backward_phase = pulp.LpVariable("backward_phase_gb", 0)
         self.prob += backward_phase >= P.layer_workspace_bytes / GB + recompute

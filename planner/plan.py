@@ -112,7 +112,8 @@ def problem_from_dict(d: dict[str, Any]) -> Problem:
     d = dict(d)
     d["tiers"] = tuple(Tier(**t) for t in d["tiers"])
     d["all_or_nothing"] = tuple(d["all_or_nothing"])
-    d["state_options"] = tuple(StateOption(**o) for o in d.get("state_options", ()))
+    d["state_options"] = tuple(StateOption(**{**o, "gpu_rows": tuple(o.get("gpu_rows", ()))})
+                               for o in d.get("state_options", ()))
     return Problem(**d)
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import yaml
 
 from .inventory import LayerShape, attention_backward_workspace, class_bytes_per_token
+from .timeline import state_rows
 
 # Activation classes of a decoder layer (see inventory.py), in the order they are made.
 CLASSES = ("input", "attn", "pre", "post")
@@ -170,6 +171,9 @@ class StateOption:
     fwd_h2d_s: float = 0.0
     bwd_h2d_s: float = 0.0
     bwd_d2h_s: float = 0.0
+    # GPU bytes at each of timeline.positions() where they change over the step (timeline.state_rows); empty:
+    # gpu_bytes at every one. gpu_bytes then holds each part's peak, for the reports.
+    gpu_rows: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
@@ -177,7 +181,12 @@ class StateOption:
 
     @property
     def gpu_total(self) -> float:
-        return sum(self.gpu_bytes.values())
+        """The state's GPU bytes at their peak."""
+        return max(self.gpu_rows) if self.gpu_rows else sum(self.gpu_bytes.values())
+
+    def gpu_at(self, position: int) -> float:
+        """GPU bytes at timeline.positions()[position]."""
+        return self.gpu_rows[position] if self.gpu_rows else sum(self.gpu_bytes.values())
 
 
 @dataclass(frozen=True)
@@ -438,24 +447,48 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
                 tier_bytes = {k: v / sharding.world for k, v in tier_bytes.items()}
             gpu = sharding.apply(gpu, layer_p * wb)
             exposed /= sharding.world if sharding.optimizer else 1  # each rank steps its shard
-            out.append(StateOption(opt, par, gpu, tier_bytes, exposed, fwd, bwd_in, bwd_out))
+            rows = ()
+            if opt != "gpu" and not (sharding.optimizer or sharding.grads or sharding.weights):
+                rows, gpu = _off_gpu_state_rows(shape, par != "gpu")
+            out.append(StateOption(opt, par, gpu, tier_bytes, exposed, fwd, bwd_in, bwd_out, rows))
     if not out:
         raise ValueError(f"no placement of memory.optimizer={optimizer} memory.params={params} is possible on a machine "
                          f"with tiers {', '.join(tiers) or 'none'}")
     return tuple(out)
 
 
+def _off_gpu_state_rows(shape: ModelShape, streamed: bool) -> tuple[tuple[float, ...], dict[str, float]]:
+    """The state's GPU bytes per position with the optimizer off the GPU (timeline.state_rows), and each part's
+    peak over the step."""
+    wb, L = shape.layer.dtype_bytes, shape.num_layers
+    embedding = shape.vocab * shape.layer.hidden * wb
+    head = embedding + shape.layer.hidden * wb  # the head's weight (the embeddings' when tied) and the final norm
+    sizes = dict(rest_weights=(shape.params - L * shape.layer_params) * wb, layer_weights=shape.layer_params * wb,
+                 streamed=streamed, head_grads=head, embedding_grads=embedding, layer_grads=shape.layer_params * wb,
+                 tied=shape.tied_embeddings)
+    total = state_rows(L, **sizes)
+    weights = state_rows(L, **{**sizes, "head_grads": 0.0, "embedding_grads": 0.0, "layer_grads": 0.0})
+    peaks = {"weights": max(weights), "grads": max(t - w for t, w in zip(total, weights)), "optimizer": 0.0}
+    return tuple(float(t) for t in total), peaks
+
+
+BATCH_TOKEN_BYTES = 24  # the micro-batch on the GPU: input ids, labels and positions, int64
+LOSS_TOKEN_BYTES = 24  # the fused loss's per-token bookkeeping, with its temporaries
+
+
 def head_bytes(shape: ModelShape, tokens: int, kernels: frozenset[str] = frozenset(),
                loss_chunk_tokens: Optional[int] = None) -> float:
-    """GPU bytes of the LM head's step: the final norm's saved tensors, the loss's logits workspace and, for the
-    fused loss, the gradients it computes during the forward (hidden states and the head's weight)."""
+    """GPU bytes of the LM head's step: the final norm's saved tensors, the loss's logits workspace and the head's
+    weight gradient (the fused loss computes it, with the hidden states', during the forward). An optimizer off
+    the GPU takes that gradient in its hook, so the state counts it only after the head (timeline.state_rows)."""
     h, v, wb = shape.layer.hidden, shape.vocab, shape.layer.dtype_bytes
     # final norm, as the layer's post norm: its input (stored once), rstd, normed (stock only), output
     norm = tokens * (wb * h + 4 + (0 if "rmsnorm" in kernels else wb * h) + wb * h)
-    if loss_chunk_tokens:  # logits of one chunk (fp32 and the model dtype), grad_hidden, grad_weight (fp32 + dtype)
-        loss = min(loss_chunk_tokens, tokens) * v * (4 + wb) + tokens * h * wb + v * h * (4 + wb)
-    else:  # full logits in the model dtype, their fp32 copy and the fp32 softmax grad
-        loss = tokens * v * (wb + 8)
+    if loss_chunk_tokens:  # logits of one chunk (fp32 and the model dtype), grad_hidden, grad_weight (fp32 + dtype),
+        # and per token the fp32 loss, the label masks and the per-chunk counts (kernels/fused_ce.py)
+        loss = min(loss_chunk_tokens, tokens) * v * (4 + wb) + tokens * h * wb + v * h * (4 + wb) + tokens * LOSS_TOKEN_BYTES
+    else:  # full logits in the model dtype, their fp32 copy and the fp32 softmax grad, the head's weight grad
+        loss = tokens * v * (wb + 8) + v * h * wb
     return norm + loss
 
 
@@ -575,7 +608,7 @@ def build_problem(
         layer_fwd_s=layer_fwd_s,
         layer_bwd_s=layer_bwd_s,
         head_s=head_s,
-        fixed_bytes={"rope": saved["shared"] * tokens},
+        fixed_bytes={"rope": saved["shared"] * tokens, "batch": BATCH_TOKEN_BYTES * tokens},
         layer_workspace_bytes=chunk_phase + extra_workspace,
         attention_phase_bytes=attention_phase + extra_workspace,
         forward_workspace_bytes=forward_phase + extra_workspace,

@@ -23,9 +23,10 @@ backward ones (fewer kept chunks, the same or a smaller workspace).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .problem import Problem
+if TYPE_CHECKING:  # problem.py builds the state's rows with state_rows below
+    from .problem import Problem
 
 # The runtime aligns each stored storage (a dozen a chunk) to 64 bytes: a layer's region for a tier holds its
 # chunks' bytes plus this slack per chunk, rounded up to 512 bytes (arena.layer_region_bytes). The arena rows
@@ -101,17 +102,46 @@ def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recomp
     return out
 
 
-def gpu_rows(problem: Problem, kept: Sequence, backward_phase, arena, state_bytes, unit: float = 1.0) -> list:
+def state_rows(num_layers: int, *, rest_weights: float, layer_weights: float, streamed: bool, head_grads: float,
+               embedding_grads: float, layer_grads: float, tied: bool) -> list[float]:
+    """GPU bytes of the weights and gradients at each of `positions()` when the optimizer is off the GPU
+    (offload/optimizer.py, offload/params.py); with it on the GPU every gradient lives the whole step instead.
+
+    Weights: the embeddings, final norm and head always; the decoder layers too, unless streamed
+    (ParamStreamer): then each from its prefetch to its last use, so at the head the last layer alone (backward
+    starts with it), in the backward of layer j that layer and the one prefetched below it, in the backward of
+    layer 0 that layer alone.
+    Gradients: each leaves for the host in its hook as soon as it is complete; the unit being back-propagated
+    holds its own in its workspace (the head's in head_bytes, a layer's fp32 sum and cast in layer_workspace),
+    so a row counts the gradient of the unit before it, whose copy the device may still be running as the next
+    begins: the head's in the backward of the last layer, a layer's in the next one's. The backward of layer 0
+    also bounds the embeddings' backward after it (their gradient beside layer 0's, nothing kept then). Tied
+    embeddings: autograd holds the head's contribution until the embeddings' is added, through every row.
+    The forward rows are implied as before: two layers' weights, no gradient, no more kept chunks."""
+    L = num_layers
+    rows = [rest_weights + (1 if streamed else L) * layer_weights + (head_grads if tied else 0.0)]
+    for j in reversed(range(L)):
+        weights = rest_weights + ((2 if j > 0 else 1) if streamed else L) * layer_weights
+        grads = (0.0 if tied else head_grads) if j == L - 1 else layer_grads
+        if j == 0:
+            grads += embedding_grads
+        rows.append(weights + grads + (head_grads if tied else 0.0))
+    return rows
+
+
+def gpu_rows(problem: Problem, kept: Sequence, backward_phase, arena, state, unit: float = 1.0) -> list:
     """Total GPU memory at each of `positions()`: fixed + state + kept + arena (whole), and the head's bytes or,
-    in a layer's backward, `backward_phase` (the larger of its two phases: backward_phase_bytes).
+    in a layer's backward, `backward_phase` (the larger of its two phases: backward_phase_bytes). `state`: the
+    optimizer state's GPU bytes at each position (a list, StateOption.gpu_at), or one figure for all.
 
     The per-layer arguments are in the caller's unit; the problem's own byte figures are multiplied by `unit`."""
     L = problem.num_layers
-    fixed = problem.fixed_total * unit + state_bytes
-    rows = [fixed + problem.head_bytes * unit + _total(kept) + arena]
+    at = state if isinstance(state, (list, tuple)) else [state] * (L + 1)
+    fixed = problem.fixed_total * unit
+    rows = [fixed + at[0] + problem.head_bytes * unit + _total(kept) + arena]
     prefixes = _prefix_sums(kept)
-    for j in reversed(range(L)):
-        rows.append(fixed + prefixes[j] + arena + backward_phase)
+    for i, j in enumerate(reversed(range(L)), start=1):
+        rows.append(fixed + at[i] + prefixes[j] + arena + backward_phase)
     return rows
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from longtune.trainer.config import load_config
-from longtune.trainer.dry_run import draw_timeline, dry_run
+from longtune.trainer.dry_run import draw_timeline, dry_run, rows_beside_plan
 from longtune.trainer.memory import load_machine, plan_memory, profile_capacities
 
 # Llama-3-8B's config (Adam state on the host) at a small width and 4K tokens, a budget that makes the plan recompute.
@@ -12,8 +12,10 @@ SMALL = ["model.config.num_hidden_layers=2", "model.config.hidden_size=256", "mo
          "data.seq_len=4096", "memory.budget_gb=0.06"]
 
 
-def test_a_dry_run_allocates_what_the_plan_predicts(tmp_path):
-    cfg = load_config("llama3-8b-128k", SMALL + [f"run.output_dir={tmp_path}"])
+@pytest.mark.parametrize("extra", [[], ["memory.params=cpu", "model.config.tie_word_embeddings=true"]],
+                         ids=["weights-on-gpu", "weights-streamed-tied"])
+def test_a_dry_run_allocates_what_the_plan_predicts(tmp_path, extra):
+    cfg = load_config("llama3-8b-128k", SMALL + extra + [f"run.output_dir={tmp_path}"])
     machine = load_machine(cfg.memory.machine)
     plan = plan_memory(cfg, profile_capacities(cfg, machine, 1), machine, activations=True)
     places = {p for layer in plan.layers for d in layer.values() for p in d}
@@ -29,6 +31,10 @@ def test_a_dry_run_allocates_what_the_plan_predicts(tmp_path):
     # the bundled configs' full-size dry runs are within 5%: README, bench/results/dry_run-*.json)
     assert run.peak_bytes["gpu"] <= pred["peak_bytes"]["gpu"]
     assert run.forward_ops < run.ops and run.samples[-1][0] <= run.ops
+    # Row by row (the head, each layer's backward): the dry run never holds more than the plan's row says
+    rows = rows_beside_plan(plan, run)
+    assert [name for name, _, _ in rows] == ["head", "backward 1", "backward 0"]
+    assert all(0 < measured <= planned for _, planned, measured in rows), rows
     picture = tmp_path / "timeline.png"
     draw_timeline(plan, run, str(picture), "small")
     assert picture.stat().st_size > 10_000

@@ -20,7 +20,8 @@ LLAMA_8B = dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, inte
                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
 
 
-def small_problem(layers: int, chunks: int, tiers=("host",), link_gbps: float = 2.0, loss_chunk_tokens: int = 4096):
+def small_problem(layers: int, chunks: int, tiers=("host",), link_gbps: float = 2.0, loss_chunk_tokens: int = 4096,
+                  optimizer: str = "cpu"):
     """A few 8B-sized layers at 32K tokens on a machine with a slow link, so every
     kind of decision (keep, offload, recompute, exposed transfer) can be optimal."""
     shape = ModelShape.from_hf_config({**LLAMA_8B, "num_hidden_layers": layers}, "bfloat16")
@@ -29,7 +30,7 @@ def small_problem(layers: int, chunks: int, tiers=("host",), link_gbps: float = 
              link_gbps * 1e9 * (1 if name == "host" else 0.5))
         for name in tiers
     ))
-    return build_problem(shape, 32768, machine, chunks=chunks, optimizer="cpu", loss_chunk_tokens=loss_chunk_tokens)
+    return build_problem(shape, 32768, machine, chunks=chunks, optimizer=optimizer, loss_chunk_tokens=loss_chunk_tokens)
 
 
 def all_decisions(problem):
@@ -95,8 +96,9 @@ def test_tiny_budget_recomputes_everything():
     row below them), every byte that can be recomputed is, and the layer input and attention
     output leave the GPU, except in the last two layers: an offloaded layer occupies the rows of
     its own backward and the next one's, so there keeping costs no more and saves the copies
-    (MEMO's rule "the last 2 layers are never swapped", found by the solver)."""
-    base = small_problem(6, 4, ("host",), link_gbps=50, loss_chunk_tokens=128)
+    (MEMO's rule "the last 2 layers are never swapped", found by the solver). The optimizer is on the GPU, so
+    its state is the same in every row (off it, the gradients in flight differ by row: timeline.state_rows)."""
+    base = small_problem(6, 4, ("host",), link_gbps=50, loss_chunk_tokens=128, optimizer="gpu")
     plan = make_plan(base.with_budget(min_gpu_budget(base, gap=0) * (1 + 1e-6)), gap=0, with_arena=False)
     for l, layer in enumerate(plan.layers):
         assert layer["pre"] == {RECOMPUTE: 4} and layer["post"] == {RECOMPUTE: 4}

@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from longtune.planner.timeline import positions
+
 from .config import Config
 from .errors import ConfigError
 from .memory import build_runtime
@@ -49,6 +51,9 @@ class DryRun:
     seconds: float
     samples: list[tuple[int, dict[str, int]]] = field(default_factory=list)  # (op, bytes per device) on change
     activation_peak_bytes: int = 0  # the runtime's own count of saved activations on the device (residency)
+    # The op at which each decoder layer's backward began (its output's gradient arrived), by layer, and (-1) the
+    # head's forward: where the plan's rows (timeline.positions) start on the op axis.
+    backward_starts: dict[int, int] = field(default_factory=dict)
 
 
 def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
@@ -73,6 +78,8 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
         if sp is not None:
             sp.apply(model)
         runtime = build_runtime(cfg, model, plan, torch.device(GPU), world=P, sequence=sp.group if sp else None)
+        backward_starts: dict[int, int] = {}
+        marks = _mark_backward_starts(model, counter, backward_starts)
         # The step starts here. The model was made on the device, where a run makes it on the host and the
         # runtime places it: the weights the runtime streamed from the host are gone from the device now.
         counter.reset_peak()
@@ -89,12 +96,33 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
             runtime.zero_grad()
             residency = runtime.dispatcher.residency.device_peak if runtime.activations is not None else 0
         finally:
+            for mark in marks:
+                mark.remove()
             runtime.close()
             if sp is not None:
                 torch.distributed.destroy_process_group()
     return DryRun(peak_bytes={"gpu": counter.device_peak[GPU], "host": counter.device_peak[HOST]}, ops=counter.ops,
                   forward_ops=forward_ops, seconds=time.perf_counter() - start, samples=counter.samples or [],
-                  activation_peak_bytes=residency)
+                  activation_peak_bytes=residency, backward_starts=backward_starts)
+
+
+def _mark_backward_starts(model: torch.nn.Module, counter, starts: dict[int, int]) -> list:
+    """Forward hooks that note, in `starts`, the op count when each decoder layer's output gradient arrives."""
+    from longtune.offload.groups import decoder_layers
+
+    layers = decoder_layers(model)
+
+    def note(index: int) -> None:
+        starts.setdefault(index, counter.ops)  # the first time: a recomputed forward is not a new position
+
+    def hook(module, args, output, index):
+        out = output if isinstance(output, torch.Tensor) else output[0]
+        if torch.is_grad_enabled() and out.requires_grad:
+            out.register_hook(lambda grad: note(index))
+            if index == len(layers) - 1:
+                note(-1)  # the head (final norm, loss) runs from here
+
+    return [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i, layer in enumerate(layers)]
 
 
 def _one_rank_of(cfg: Config, world: int):
@@ -147,6 +175,33 @@ def format_dry_run(plan, run: DryRun) -> str:
     return "\n".join(lines)
 
 
+def _plan_rows_over_ops(plan, run: DryRun) -> Optional[tuple[list[int], list[float]]]:
+    """The plan's GPU rows (the head, then each layer's backward) as a step function over the dry run's ops: the
+    head's from the end of the last layer's forward, each layer's from the op its backward began at, to the
+    step's end. (The forward's rows are bounded by the backward's: the plan has none of its own.)"""
+    L = plan.problem.num_layers
+    if sorted(run.backward_starts) != list(range(-1, L)):
+        return None
+    rows = plan.evaluation().gpu_rows  # at timeline.positions(): head, backward of L-1 ... 0
+    xs = [run.backward_starts[j] for j in [-1, *reversed(range(L))]] + [run.samples[-1][0]]
+    ys = [r / GB for r in rows] + [rows[-1] / GB]
+    return xs, ys
+
+
+def rows_beside_plan(plan, run: DryRun) -> list[tuple[str, float, int]]:
+    """(position, the plan's GPU row, the dry run's GPU peak over that position's ops) for each of the plan's
+    rows (needs a run with timeline=True); empty where the positions were not all seen."""
+    steps = _plan_rows_over_ops(plan, run)
+    if steps is None:
+        return []
+    xs, ys = steps
+    out = []
+    for name, start, end, row in zip(positions(plan.problem.num_layers), xs, xs[1:], ys):
+        live = [b.get(GPU, 0) for op, b in run.samples if start <= op < end]
+        out.append((name, row * GB, max(live, default=0)))
+    return out
+
+
 def draw_timeline(plan, run: DryRun, path: str, title: str) -> None:
     """Bytes per device over the step's ops (forward | backward and optimizer), GPU above, host below, the
     plan's peaks beside them and the GPU budget as lines; written to `path` (PNG, SVG or PDF by its suffix)."""
@@ -159,12 +214,15 @@ def draw_timeline(plan, run: DryRun, path: str, title: str) -> None:
 
     ops = [op for op, _ in run.samples]
     pred = plan.predicted["peak_bytes"]
+    rows = _plan_rows_over_ops(plan, run)
     fig, (gpu, host) = plt.subplots(2, 1, sharex=True, figsize=(11, 6), height_ratios=[2, 1])
     panels = ((gpu, GPU, "GPU", pred["gpu"], "tab:blue"), (host, HOST, "host", pred.get("host", 0.0), "tab:orange"))
     for ax, device, label, planned, color in panels:  # each side on its own scale: the host's is 10x the GPU's
         ax.step(ops, [live.get(device, 0) / GB for _, live in run.samples], where="post", color=color,
                 label=f"{label} (dry run)")
-        if planned:
+        if planned and device == GPU and rows:
+            ax.step(*rows, where="post", color=color, linestyle=":", label="GPU (plan, at each of its rows)")
+        elif planned:
             ax.axhline(planned / GB, color=color, linestyle=":", label=f"{label} peak (plan)")
         ax.axvline(run.forward_ops, color="gray", linewidth=0.8)
         ax.set_ylabel("GB alive")

@@ -37,6 +37,7 @@ from typing import Iterable, Optional, Sequence
 import pulp
 
 from .evaluate import GPU, RECOMPUTE, Decisions
+from .milp import quiet_stdout
 from .problem import Problem
 from .timeline import REGION_SLACK_BYTES, prefetch_lifetime, staging_lifetime
 
@@ -273,7 +274,8 @@ def _solve_items(
         prob += off[i] + u[i] <= off[j] + big_m * (1 - z)
         prob += off[j] + u[j] <= off[i] + big_m * z
     try:
-        prob.solve(_solver(time_limit, gap, solver))
+        with quiet_stdout():
+            prob.solve(_solver(time_limit, gap, solver))
     except pulp.PulpSolverError:
         return _Packed(bf, bf_size, lb, "best_fit")
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):

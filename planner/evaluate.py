@@ -68,8 +68,14 @@ def check_shape(problem: Problem, decisions: Decisions) -> list[str]:
         return [f"{len(decisions)} layers decided, the model has {problem.num_layers}"]
     valid = set(places(problem))
     for l, layer in enumerate(decisions):
+        if not isinstance(layer, dict):
+            errors.append(f"layer {l}: {layer!r} is not a mapping of activation class to places")
+            continue
         for c in CLASSES:
             d = layer.get(c, {})
+            if not isinstance(d, dict) or not all(isinstance(n, int) and not isinstance(n, bool) for n in d.values()):
+                errors.append(f"layer {l} {c}: {d!r} is not a mapping of place to a whole number of chunks")
+                continue
             if set(d) - valid:
                 errors.append(f"layer {l} {c}: unknown place {sorted(set(d) - valid)}")
             if sum(d.values()) != problem.chunks or any(n < 0 for n in d.values()):

@@ -179,7 +179,7 @@ class _Model:
 
 
 @contextlib.contextmanager
-def _quiet_stdout():
+def quiet_stdout():
     """HiGHS prints a banner from C++ even with msg=False; keep stdout clean (e.g. for --json)."""
     sys.stdout.flush()
     saved = os.dup(1)
@@ -201,7 +201,7 @@ def _solve(model: _Model, solver: Optional[str], time_limit: float, gap: float) 
     for name in names:
         start = time.perf_counter()
         try:
-            with _quiet_stdout():
+            with quiet_stdout():
                 model.prob.solve(_solver(name, time_limit, gap))
         except pulp.PulpSolverError as e:
             last_error = f"{name}: {e}"

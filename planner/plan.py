@@ -328,6 +328,27 @@ def _arena_summary(problem: Problem, decisions: Decisions) -> dict[str, Any]:
 # --- a plan given as a file ------------------------------------------------------------------
 
 
+def as_this_runs_plan(plan: Plan, problem: Problem) -> Plan:
+    """A plan file's decisions made this run's plan: its placement of the state must be one this run allows, its
+    decisions valid for this run's problem, and fit it as costed with this run's own bytes; its arena is packed
+    again. What runs, and what is logged as the plan, is then this run's, never the file's figures. Raises
+    ValueError saying, in one line, why the file's decisions cannot run here (after `mismatches` is empty)."""
+    allowed = [o.name for o in problem.state_options]
+    if plan.state is not None and allowed and plan.state not in allowed:
+        raise ValueError(f"it places the state as {plan.state}, which this run's memory.optimizer and memory.params "
+                         f"do not allow (they allow {' | '.join(allowed)})")
+    errors = check_shape(problem, plan.layers)
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise ValueError(f"its decisions are not valid: {'; '.join(errors[:3])}{more}")
+    given = plan_of(problem, plan.layers, plan.state, how="plan file")
+    ev = given.evaluation()
+    if not ev.feasible:
+        raise ValueError(f"its decisions do not fit this run: {'; '.join(ev.violations)}")
+    given.solver.update({k: v for k, v in plan.solver.items() if k in ("name", "status", "gap")}, given="plan file")
+    return given
+
+
 def mismatches(plan_problem: Problem, expected: Problem) -> list[str]:
     """How a plan's inputs differ from the problem this run would solve (empty: the plan fits this run)."""
     out = []
@@ -348,13 +369,21 @@ def mismatches(plan_problem: Problem, expected: Problem) -> list[str]:
         out.append(f"activation sizes per chunk differ (another model, dtype or kernels: {sizes} bytes)")
     if a.budget_bytes > b.budget_bytes * (1 + 1e-9):  # a plan for less memory than this run has still fits
         out.append(f"a GPU budget of {a.budget_bytes / 1e9:.2f} GB, this run's is {b.budget_bytes / 1e9:.2f} GB")
-    caps_a = {t.name: t.capacity_bytes for t in a.tiers}
-    caps_b = {t.name: t.capacity_bytes for t in b.tiers}
-    for name in sorted(set(caps_a) | set(caps_b)):
-        if name not in caps_b:
-            out.append(f"a {name} tier this machine does not have")
-        elif name in caps_a and caps_a[name] > caps_b[name] * (1 + 1e-6):
-            out.append(f"{caps_a[name] / 1e9:.1f} GB of {name}, this machine offers {caps_b[name] / 1e9:.1f} GB")
+    # (the tiers' capacities are not compared: what the plan's decisions use of them is, by as_this_runs_plan)
     if a.prefetch_depth != b.prefetch_depth:
         out.append(f"prefetch depth {a.prefetch_depth}, memory.prefetch_depth is {b.prefetch_depth}")
+    for key, what, none in (("world", "ranks", 1), ("sharded", "sharded state", "none"),
+                            ("sequence_parallel", "sequence-parallel ranks", 1), ("kernels", "kernels", "none")):
+        ma, mb = a.meta.get(key) or none, b.meta.get(key) or none  # absent: one rank, nothing sharded, no kernels
+        if ma != mb:
+            words = lambda x: ", ".join(x) if isinstance(x, list) else str(x)  # noqa: E731
+            out.append(f"{what}: {words(ma)}, this run has {words(mb)}")
+    if not out and differ(a.head_bytes, b.head_bytes):
+        out.append(f"an LM head step of {a.head_bytes / 1e9:.2f} GB, this run's is {b.head_bytes / 1e9:.2f} GB "
+                   "(another loss chunk, or model.kernels.fused_ce)")
+    if a.offload_activations != b.offload_activations:
+        out.append("activations " + ("planned" if a.offload_activations else "kept by autograd") + ", this run "
+                   + ("plans them" if b.offload_activations else "keeps them with autograd"))
     return out
+
+

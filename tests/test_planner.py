@@ -262,6 +262,79 @@ def test_a_plan_made_for_another_run_is_refused(tmp_path, capsys):
         assert "was made for another run" in err and fragment in err, err
 
 
+def _edited(path, tmp_path, name, edit):
+    """The plan file at `path`, changed by edit(plan dict), written to tmp_path/name."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    out = tmp_path / name
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def _set_layer(l, c, d):
+    return lambda data: data["layers"][l].__setitem__(c, d)
+
+
+def test_a_plan_file_is_a_contract(tmp_path, capsys):
+    """A plan file runs only if it is valid for this run: its decisions are checked and costed with this run's own
+    bytes (a hand edit that breaks the budget, chunk counts that do not add up, a place that does not exist, a
+    split attention output), and the settings the bytes depend on are compared (ranks and sharding, the fused
+    loss, the state's placement). Each is refused in one line naming it. Before: they ran (with a warning, or to
+    an internal error after the model had loaded)."""
+    cfg = "configs/llama3-8b-128k.yaml"
+    code, _, err = plan_cli(capsys, cfg, "--out", tmp_path / "plan.yaml")
+    assert code == 0, err
+    plan = tmp_path / "plan.yaml"
+    everything_kept = lambda data: data.__setitem__("layers", [{c: {"gpu": 16} for c in CLASSES}] * 32)  # noqa: E731
+    cases = [
+        (_edited(plan, tmp_path, "kept.yaml", everything_kept), [],
+         "its decisions do not fit this run: GPU peak"),
+        (_edited(plan, tmp_path, "sum.yaml", _set_layer(0, "pre", {"gpu": 3})), [],
+         "layer 0 pre: chunks {'gpu': 3} do not add up to 16"),
+        (_edited(plan, tmp_path, "attn.yaml", _set_layer(1, "attn", {"recompute": 16})), [],
+         "layer 1 attn: cannot be recomputed"),
+        (_edited(plan, tmp_path, "disk.yaml", _set_layer(2, "input", {"disk": 16})), [],
+         "layer 2 input: unknown place ['disk']"),
+        (_edited(plan, tmp_path, "split.yaml", _set_layer(3, "attn", {"gpu": 8, "host": 8})), [],
+         "layer 3 attn: must go whole to one place"),
+        (_edited(plan, tmp_path, "word.yaml", _set_layer(4, "post", "lots")), [],
+         "layer 4 post: 'lots' is not a mapping of place to a whole number of chunks"),
+        (plan, ["model.kernels.fused_ce=false"], "an LM head step of"),
+        (plan, ["memory.optimizer=gpu"], "it places the state as optimizer=cpu params=gpu, which this run's"),
+    ]
+    for path, overrides, fragment in cases:
+        code, _, err = plan_cli(capsys, cfg, f"memory.plan={path}", *overrides, "--out", tmp_path / "other.yaml")
+        assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, (path.name, overrides, err)
+
+    on_gpu = "memory.optimizer=gpu"  # FSDP2 owns the state
+    code, _, err = plan_cli(capsys, cfg, on_gpu, "--nproc", "8", "parallel.strategy=fsdp2", "--out", tmp_path / "fsdp8.yaml")
+    assert code == 0, err
+    code, _, err = plan_cli(capsys, cfg, on_gpu, f"memory.plan={tmp_path / 'fsdp8.yaml'}", "--out", tmp_path / "other.yaml")
+    assert code == 2 and "ranks: 8, this run has 1" in err and "sharded state: optimizer, grads, weights" in err, err
+
+
+def test_a_plan_file_is_costed_for_this_run_and_its_arena_packed_again(tmp_path):
+    """The documented flow, `longtune plan CFG memory.budget_gb=X --out p.yaml` then a run with memory.plan=p.yaml on
+    this machine: the file's tiers were the profile's (1000 GB of host, an NVMe drive), this machine has less,
+    and the plan uses a few MB of host; it is accepted, compared by what it uses. A hand edit that offloads more
+    than the file's arena holds runs too: the arena is packed again for the decisions (before: an internal
+    error in the movers after the model had loaded). One training step runs it."""
+    quick = ["data.seq_len=256", "train.max_steps=1", "checkpoint.every_n_steps=0", "data.passkey.eval_samples=0",
+             "memory.budget_gb=3", "memory.plan_chunks=2"]
+    out = run_cli("plan", "configs/quickstart.yaml", *quick, "--out", tmp_path / "plan.yaml", timeout=300)
+    assert out.returncode == 0, out.stderr
+    to_host = lambda data: data.__setitem__("layers", [{**layer, "input": {"host": 2}, "post": {"host": 2}}  # noqa: E731
+                                                       for layer in data["layers"]])
+    edited = _edited(tmp_path / "plan.yaml", tmp_path, "edited.yaml", to_host)
+    run = run_cli("train", "configs/quickstart.yaml", *quick, f"memory.plan={edited}", f"run.output_dir={tmp_path / 'run'}",
+                  timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m for m in metrics)
+
+
 def test_a_machine_without_a_host_tier_keeps_the_state_on_the_gpu():
     """State on NVMe is stepped and staged in host memory: with only an NVMe tier, `auto` leaves the optimizer
     and the weights on the GPU (it used to reach for the missing host link and fail)."""

@@ -19,7 +19,7 @@ from typing import Optional
 
 import psutil
 
-from longtune.planner.plan import Plan, PlanInfeasible, make_plan, mismatches
+from longtune.planner.plan import Plan, PlanInfeasible, as_this_runs_plan, make_plan, mismatches
 from longtune.planner.problem import (GaloreSizing, Machine, ModelShape, ProfileError, Sharding, build_problem,
                                       drives_shared, ranks_per_node)
 
@@ -224,7 +224,11 @@ def plan_memory(cfg: Config, caps: Capacities, machine: Optional[Machine] = None
         if wrong:
             raise ConfigError(f"memory.plan: {mem.plan} was made for another run: it has {'; '.join(wrong)} "
                               "(solve a new one with `longtune plan`, or memory.plan=auto)")
-        return plan
+        try:
+            return as_this_runs_plan(plan, problem)
+        except ValueError as e:
+            raise ConfigError(f"memory.plan: {mem.plan}: {e} (solve a new one with `longtune plan`, or "
+                              "memory.plan=auto)") from None
     solve = lambda p: make_plan(p, time_limit=mem.plan_time_limit_s, gap=mem.plan_gap)  # noqa: E731
     try:
         return solve(problem)

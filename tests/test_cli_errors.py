@@ -86,6 +86,8 @@ def run_folder(path: Path, cfg: dict, steps: dict[int, bool] | None = None) -> P
     pytest.param(["memory.budget_gb=2", "memory.gradient_checkpointing=true"],
                  ["memory.gradient_checkpointing and a memory plan", "drop gradient_checkpointing"], id="plan-and-checkpointing"),
     pytest.param(["memory.prefetch_depth=0"], ["memory.prefetch_depth", "expected a number >= 1"], id="prefetch-depth"),
+    pytest.param(['run.output_dir=""'], ["run.output_dir", "an empty path would train into the current folder"],
+                 id="empty-output-dir"),
 ])
 def test_bad_override(capsys, cfg_path, overrides, expected):
     message = cli_error(capsys, "train", cfg_path, *overrides)

@@ -223,6 +223,13 @@ class RunConfig(_Section):
     # cpu: the CPU even on a GPU machine (e.g. more processes than GPUs); cuda: refuse to run without a GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a folder for the run (an empty path would train into the current folder)")
+        return v
+
 
 class LogConfig(_Section):
     every_n_steps: int = Field(1, gt=0)

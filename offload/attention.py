@@ -11,8 +11,8 @@ The same identity makes the backward *blockwise exact*: for any block of queries
 of keys, the kernel given the GLOBAL O and L (not ones recomputed from that block alone) returns
 that block's exact share of dq, dk, dv; the shares add up. Two uses follow:
 
-* Packed documents: tokens attend causally within their document only. A document starts where
-  ``position_ids == 0`` (and at token 0). Each (batch row, document) is its own causal call, so
+* Packed documents: tokens attend causally within their document only. A document starts wherever
+  the positions do not step by +1 (and at token 0), as in transformers. Each (batch row, document) is its own causal call, so
   no mask tensor is built and no work is spent on masked-out blocks.
 * A backward one query chunk at a time (``attention_backward_chunk``): the runtime frees the
   chunk's activations as soon as the chunk is done. Within a document, the chunk's queries
@@ -60,7 +60,8 @@ _EFFICIENT_LSE_ALIGN = 32
 def documents(position_ids: torch.Tensor | None, seq_len: int, batch: int) -> Documents:
     """Per batch row, the ``[start, end)`` of each document, in order, covering ``[0, seq_len)``.
 
-    A document starts at token 0 and wherever ``position_ids == 0``. ``position_ids`` may be
+    A document starts at token 0 and wherever the positions do not step by +1 (transformers' rule for packed
+    sequences, masking_utils.find_packed_sequence_indices: a restart at 0, or any jump). ``position_ids`` may be
     [batch, seq_len], [1, seq_len] or [seq_len] (the last two shared by every row); ``None``
     means one document per row, and so do positions that hold no data (a dry run's: the boundaries cannot
     be read). Runs on a CPU copy with a single ``.tolist()`` (one device sync).
@@ -79,7 +80,7 @@ def documents(position_ids: torch.Tensor | None, seq_len: int, batch: int) -> Do
         )
     starts: list[list[int]] = [[0] for _ in range(pos.shape[0])]
     # Nonzero positions come back row-major, so each row's starts arrive in increasing order.
-    for row, col in torch.nonzero(pos[:, 1:].cpu() == 0).tolist():
+    for row, col in torch.nonzero((pos[:, 1:] - pos[:, :-1]).cpu() != 1).tolist():
         starts[row].append(col + 1)
     rows = [list(zip(st, st[1:] + [seq_len])) for st in starts]
     if len(rows) == 1 and batch > 1:

@@ -98,6 +98,8 @@ def test_documents_tricky_position_ids():
         [(0, 2), (2, 8)],  # the first document starts mid-sequence (positions 7, 8)
     ]
     assert documents(torch.zeros(1, 3, dtype=torch.long), 3, 1) == [[(0, 1), (1, 2), (2, 3)]]
+    # transformers' rule: a document starts wherever positions do not step by +1, not only at 0
+    assert documents(torch.tensor([[5, 6, 7, 20, 21, 3, 4, 5]]), 8, 1) == [[(0, 3), (3, 5), (5, 8)]]
     # [1, s] and [s] are shared by every row, each row getting its own list.
     shared = documents(torch.tensor([[0, 1, 0, 1]]), 4, 3)
     assert shared == [[(0, 2), (2, 4)]] * 3 and shared[0] is not shared[1]

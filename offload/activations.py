@@ -54,7 +54,7 @@ CLASSES = ("input", "pre", "attn", "post")
 
 
 def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
-    """[start, end) of each of `chunks` near-equal token chunks."""
+    """[start, end) of each of `chunks` near-equal token chunks, none over planner.problem.chunk_tokens."""
     return [(i * tokens // chunks, (i + 1) * tokens // chunks) for i in range(chunks)]
 
 

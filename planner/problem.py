@@ -503,6 +503,13 @@ def all_to_all_bytes(shape: ModelShape, tokens: int, degree: int) -> tuple[float
     return share * (2 * q + 2 * kv), share * (4 * q + 4 * kv)
 
 
+def chunk_tokens(tokens: int, chunks: int) -> int:
+    """Tokens of the largest of a layer's chunks: the runtime cuts [0, tokens) at i * tokens // chunks
+    (offload/activations.chunk_bounds), so chunks differ by at most a token; the plan sizes every chunk as the
+    largest, so whichever chunks a decision moves fit their region."""
+    return -(-tokens // chunks)
+
+
 def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str, float], sequence_parallel: int = 1
                     ) -> tuple[float, float, float]:
     """Bytes the runtime holds while one layer runs, beyond the saved activations: (forward, backward while a
@@ -521,7 +528,7 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     L = shape.layer
     wb, h, q, kv = L.dtype_bytes, L.hidden, shape.q_dim, shape.kv_dim
     acc = 4 if wb < 4 else wb
-    chunk = tokens / chunks
+    chunk = chunk_tokens(tokens, chunks)
     transient = chunk * (saved["pre"] + saved["post"])  # a chunk's graph and its gradients, about its saved size
     forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
     grads = shape.layer_params * (4 + (wb if wb < 4 else 0))
@@ -593,7 +600,7 @@ def build_problem(
     layer_fwd_s = pre_fwd_s + attn_fwd_s + post_fwd_s + a2a_fwd_s
     layer_bwd_s = 2 * (pre_fwd_s + post_fwd_s) + 2.5 * attn_fwd_s + a2a_bwd_s  # flash backward ~2.5x its forward
     head_s = 3 * 2 * tokens * shape.layer.hidden * shape.vocab / mm
-    chunk = tokens / chunks
+    chunk = chunk_tokens(tokens, chunks)
     forward_phase, chunk_phase, attention_phase = layer_workspace(shape, tokens, chunks, saved, P)
     return Problem(
         num_layers=shape.num_layers,

@@ -164,6 +164,26 @@ def test_solver_plans_at_several_budgets_are_exact_and_measured_as_predicted(tmp
     assert {"gpu", "recompute", "host"} <= seen  # the budgets spanned real trade-offs
 
 
+def test_uneven_chunks_fit_their_planned_regions(tmp_path):
+    """With the tokens not a multiple of the chunk count, chunks differ by a token (offload/activations.chunk_bounds);
+    the plan sizes every chunk as the largest (planner/problem.chunk_tokens), so offloaded chunks fit their regions
+    and the device holds no more than the plan says. Before: the plan sized each as tokens/chunks, the larger last
+    chunks did not fit and stayed on the device, unplanned."""
+    cfg = tiny("llama")
+    model = build(cfg)
+    torch.manual_seed(3)
+    seq = 4 * G + 3
+    ids = torch.randint(0, 256, (1, seq))
+    ref = grads_of(model, ids)
+    P = problem(cfg, tokens=seq)
+    plan = plan_of(P, uniform(2, input={"gpu": 1, "host": 3}, attn={"nvme": G}, pre={"gpu": 2, "host": 2},
+                              post={"gpu": 1, "nvme": 3}))
+    got, runtime = run_plan(model, plan, ids, tmp_path)
+    assert_same(ref, got)
+    assert runtime.dispatcher.stash.unplanned_bytes == 0
+    assert runtime.dispatcher.residency.device_peak <= plan.predicted["activation_peak_bytes"]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_runtime_stashes_the_planners_inventory_byte_for_byte(family, dtype, tmp_path):

@@ -150,6 +150,25 @@ class GaloreAdamW(torch.optim.Optimizer):
     def layerwise(self) -> bool:
         return bool(self._hooks)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, then two repairs, without which a resumed run is not the run it continues:
+        - it replaces the param-group dicts with new ones: `_group` still pointed at the old ones, so the updates
+          read their learning rate from dicts the LR scheduler no longer sets (frozen at the rate the scheduler
+          gave them when it was built: 0 at the start of a warmup, and the resumed run never moved again);
+        - it casts every state tensor to its parameter's dtype, which fits Adam's moments but turns the 8-bit
+          moments (uint8 codes, fp32 block scales) into floats: each tensor keeps the dtype it was saved with."""
+        super().load_state_dict(state_dict)
+        self._group = {p: g for g in self.param_groups for p in g["params"]}
+        params = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
+                          (p for g in self.param_groups for p in g["params"])))
+        for i, saved in state_dict["state"].items():
+            if i not in params:  # torch keeps such entries as they are
+                continue
+            state = self.state[params[i]]
+            for k, v in saved.items():
+                if torch.is_tensor(v) and state[k].dtype != v.dtype:
+                    state[k] = v.to(state[k].device, copy=True)
+
     # --- the basis --------------------------------------------------------------------------------------
     def _offset(self, p) -> int:
         gap = self.options.update_proj_gap

@@ -363,6 +363,7 @@ class ActivationRuntime:
                 xl = st.inputs[i].tensor().detach().requires_grad_()
                 with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
                     q, k, v = split.pre(xl, cos_i, sin_i)
+                d.count_recomputed(scope, (q, k, v))
                 outs, ins = [q, k, v], [xl]
             else:
                 q = graph.refs[0].tensor()
@@ -441,6 +442,7 @@ class ActivationRuntime:
                 xl = st.inputs[i].tensor().detach().requires_grad_()
                 with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
                     outs, ins = list(split.pre(xl, st.cos[:, a:e], st.sin[:, a:e])), [xl]
+                d.count_recomputed(scope, outs)
             else:
                 outs, ins = graph.outs, graph.ins
             grads = torch.autograd.grad(outs, ins + param_edges,

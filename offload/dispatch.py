@@ -120,6 +120,17 @@ class SavedTensorDispatcher:
                 self.stash.flush(layer)
             scope.hold.clear()
 
+    def count_recomputed(self, scope: _Scope, outputs) -> None:
+        """A recompute's outputs (a pre chunk's q, k, v: the graph's ends, which no saved-tensor hook sees) are
+        recompute memory too, until the scope is released, as the plan's recompute chunk counts them."""
+        for t in outputs:
+            ptr = storage_key(t)
+            if ptr not in scope.seen:
+                n = t.untyped_storage().nbytes()
+                scope.seen[ptr] = n
+                scope.counted += n
+                self.residency.add("recompute", n)
+
     def release_recompute(self, scope: _Scope) -> None:
         """A recompute scope's tensors are gone (its graph was freed)."""
         self.residency.sub("recompute", scope.counted)

@@ -164,6 +164,20 @@ def test_solver_plans_at_several_budgets_are_exact_and_measured_as_predicted(tmp
     assert {"gpu", "recompute", "host"} <= seen  # the budgets spanned real trade-offs
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_recomputed_chunks_queries_keys_and_values_are_counted(family, models, tmp_path):
+    """The runtime's count of device bytes holds a recomputed pre chunk's q, k and v (the graph's outputs, not
+    saved tensors) while it lives, as the plan's recompute row does: measured equals planned at every position.
+    Before: 16 KB short on the tiny Llama, 24 KB on Qwen3, where pre is recomputed."""
+    model, ids, ref, _, _ = models[family]
+    plan = plan_of(problem(tiny(family)), uniform(2, pre={"recompute": G}))
+    got, runtime = run_plan(model, plan, ids, tmp_path)
+    assert_same(ref, got)
+    measured = runtime.dispatcher.residency.phase_peaks
+    for position, kinds in plan.evaluation().residency.items():
+        assert measured.get(position, 0) == pytest.approx(sum(kinds.values()), abs=64 * G * 8), position
+
+
 def test_uneven_chunks_fit_their_planned_regions(tmp_path):
     """With the tokens not a multiple of the chunk count, chunks differ by a token (offload/activations.chunk_bounds);
     the plan sizes every chunk as the largest (planner/problem.chunk_tokens), so offloaded chunks fit their regions

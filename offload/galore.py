@@ -79,6 +79,11 @@ def _bnb():
 _CODES: dict = {}
 
 
+# The state that lives on `state_device` when one is set (the moments, as they are or 8-bit); the rest (the step,
+# the projection bases) stays with its parameter.
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
+
+
 def _codes(device) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' dynamic quantisation maps: signed for the first moment, unsigned for the second."""
     if device not in _CODES:
@@ -168,6 +173,10 @@ class GaloreAdamW(torch.optim.Optimizer):
             for k, v in saved.items():
                 if torch.is_tensor(v) and state[k].dtype != v.dtype:
                     state[k] = v.to(state[k].device, copy=True)
+                if self.state_device is not None and k in MOMENT_KEYS and state[k].device != self.state_device:
+                    # torch's load moves state to its parameter's device; host moments (state_device) go back
+                    moment = state[k].to(self.state_device)
+                    state[k] = moment.pin_memory() if params[i].device.type == "cuda" else moment
 
     # --- the basis --------------------------------------------------------------------------------------
     def _offset(self, p) -> int:
@@ -248,6 +257,7 @@ class GaloreAdamW(torch.optim.Optimizer):
             return
         update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
         self._keep_moments(state, exp_avg, exp_avg_sq)
+        update = update.to(g.dtype)  # 8-bit moments compute in fp32; the basis and the weight are in g's dtype
         if update.device != device:
             self.bytes_to_device += update.numel() * update.element_size()
             update = update.to(device, non_blocking=True)

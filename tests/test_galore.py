@@ -3,6 +3,7 @@ exact resume from a weights_only checkpoint, and the trainer's galore_adamw runs
 
 from __future__ import annotations
 
+import math
 import io
 import os
 
@@ -490,3 +491,38 @@ def test_trainer_layerwise_and_with_an_activation_plan_give_the_same_losses(tmp_
     torch.testing.assert_close(torch.tensor(layerwise), torch.tensor(after_backward), rtol=1e-6, atol=0)
     torch.testing.assert_close(torch.tensor(planned), torch.tensor(after_backward), rtol=1e-6, atol=0)
     assert "lr_scheduler.step()" not in capsys.readouterr().err  # the scheduler sees the optimizer's steps
+
+
+@pytest.mark.gpu
+def test_host_moments_stay_on_the_host_after_a_resume():
+    """memory.optimizer=cpu keeps GaLore's moments on the host; torch's load_state_dict moves every state tensor to
+    its parameter's device, so a resumed run would step GPU moments with host gradients. They go back to the host
+    (pinned), and the resumed steps equal the straight ones."""
+    model = _model().cuda()
+    opt = GaloreAdamW(model.named_parameters(), GaloreOptions(rank=4, update_proj_gap=5, scale=0.25),
+                      state_device=torch.device("cpu"), **OPTS)
+    batches = [b.cuda() for b in _batches(5)]
+    _train(model, opt, batches[:2])
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "optim": opt.state_dict()}
+    expected = _train(model, opt, batches[2:])
+    model.load_state_dict(saved["model"])
+    resumed = GaloreAdamW(model.named_parameters(), GaloreOptions(rank=4, update_proj_gap=5, scale=0.25),
+                          state_device=torch.device("cpu"), **OPTS)
+    resumed.load_state_dict(saved["optim"])
+    moments = [t for s in resumed.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(t.device.type == "cpu" and t.is_pinned() for t in moments)
+    assert _train(model, resumed, batches[2:]) == expected
+
+
+def test_eight_bit_moments_step_a_bf16_model(monkeypatch):
+    """8-bit moments are dequantised to fp32 for the step; the update goes back to the weights' dtype before it is
+    projected back (a bf16 model's first step raised "expected m1 and m2 to have the same dtype" before)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    import longtune.offload.galore as galore
+
+    monkeypatch.setattr(galore, "MIN_8BIT_NUMEL", 0)
+    model = _model().to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = _train(model, _galore(model, eight_bit=True), _batches(3))
+    assert all(math.isfinite(x) for x in losses)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())

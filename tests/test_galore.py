@@ -3,8 +3,8 @@ exact resume from a weights_only checkpoint, and the trainer's galore_adamw runs
 
 from __future__ import annotations
 
-import math
 import io
+import math
 import os
 
 import pytest

@@ -86,18 +86,44 @@ class PasskeyConfig(_Section):
     eval_samples: int = Field(8, ge=0)
 
 
+class ChatConfig(_Section):
+    """data.kind=chat: conversations rendered with the tokenizer's chat template, the loss on the assistant's turns."""
+
+    # The file kind of data.path: auto finds it (.jsonl/.json, .parquet, or a datasets save_to_disk folder).
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
+    messages_field: str = "messages"  # a list of {role, content}; role: system, user, assistant or tool
+    prompt_field: str = "prompt"  # or a prompt/completion pair: the loss on the completion
+    completion_field: str = "completion"
+    # A conversation longer than data.seq_len: error (the default: say how many, and which first), truncate to its
+    # first seq_len tokens, or drop it. Never silent: truncated and dropped counts are printed once.
+    too_long: Literal["error", "truncate", "drop"] = "error"
+
+    @model_validator(mode="after")
+    def _distinct_fields(self) -> "ChatConfig":
+        names = (self.messages_field, self.prompt_field, self.completion_field)
+        if len(set(names)) < 3:
+            raise ValueError(f"messages_field, prompt_field and completion_field must differ, got {list(names)}")
+        return self
+
+
 class DataConfig(_Section):
-    kind: Literal["passkey", "jsonl", "text", "parquet", "hf_disk"] = "passkey"
+    kind: Literal["passkey", "jsonl", "text", "parquet", "hf_disk", "chat"] = "passkey"
     path: Optional[str] = None  # a file, a folder of files, or a `datasets` save_to_disk folder
     text_field: str = "text"
     seq_len: int = Field(1024, gt=0)
-    packing: bool = True  # False: one document per sequence, truncated and padded
+    packing: bool = True  # False: one document (conversation) per sequence, truncated and padded
     passkey: PasskeyConfig = PasskeyConfig()
+    chat: ChatConfig = ChatConfig()
 
     @model_validator(mode="after")
     def _path_for_files(self) -> "DataConfig":
         if self.kind != "passkey" and not self.path:
             raise ValueError(f"data.kind={self.kind} needs data.path")
+        if self.kind != "chat" and self.chat != ChatConfig():
+            raise ValueError(f"data.chat is set but data.kind={self.kind}: set data.kind=chat to use it, or drop it")
+        if self.kind == "chat" and self.text_field != "text":
+            raise ValueError("data.text_field names a document's text; chat records are read from "
+                             "data.chat.messages_field (or data.chat.prompt_field and data.chat.completion_field)")
         return self
 
 

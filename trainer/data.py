@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
-from .inputs import _files, check_data_config, read_text  # noqa: F401 (check_data_config: re-exported)
+from .inputs import _files, check_data_config, data_format, read_text  # noqa: F401 (check_data_config: re-exported)
 
 IGNORE_INDEX = -100  # labels transformers' loss skips
 
@@ -124,7 +124,25 @@ def read_documents(cfg: DataConfig) -> list[str]:
     if not path.exists():
         raise ConfigError(f"data.path: {cfg.path} does not exist")
     field = cfg.text_field
-    if cfg.kind == "hf_disk":
+    docs: list[str] = []
+    if cfg.kind == "text":
+        docs = [read_text(file) for file in _files(path, "text")]
+    else:
+        for where, record in read_records(path, cfg.kind, (field,), "data.text_field", repr(field)):
+            if field not in record:
+                raise ConfigError(f"data.text_field: {where} has no field {field!r}")
+            if record[field] is not None:
+                docs.append(_text(record[field], where, field))
+    if not docs:
+        raise ConfigError(f"data.path: {cfg.path} holds no documents")
+    return docs
+
+
+def read_records(path: Path, kind: str, columns: tuple[str, ...], key: str, wanted: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) of every record of a jsonl, parquet or hf_disk source at `path`, in order; `where` names the
+    file and line (`file:3`) or row (`file row 2`). A JSONL record comes whole; a parquet file or a data set gives
+    the `columns` it has, and must have one of them (`key`, `wanted`: the setting and the fields, for the error)."""
+    if kind == "hf_disk":
         import datasets
 
         try:
@@ -133,14 +151,14 @@ def read_documents(cfg: DataConfig) -> list[str]:
             raise ConfigError(f"data.path: {path} is not a datasets save_to_disk folder ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        if field not in ds.column_names:
-            raise ConfigError(f"data.text_field: column {field!r} not in {ds.column_names}")
-        return [_text(t, f"{path} row {i}", field) for i, t in enumerate(ds[field]) if t is not None]
-    docs: list[str] = []
-    for file in _files(path, cfg.kind):
-        if cfg.kind == "text":
-            docs.append(read_text(file))
-        elif cfg.kind == "jsonl":
+        present = [c for c in columns if c in ds.column_names]
+        if not present:
+            raise ConfigError(f"{key}: column {wanted} not in {path} (columns: {ds.column_names})")
+        for i, record in enumerate(ds.select_columns(present).to_list()):
+            yield f"{path} row {i}", record
+        return
+    for file in _files(path, kind):
+        if kind == "jsonl":
             for n, line in enumerate(read_text(file).splitlines(), 1):
                 if not line.strip():
                     continue
@@ -150,26 +168,22 @@ def read_documents(cfg: DataConfig) -> list[str]:
                     raise ConfigError(f"data.path: {file}:{n} is not valid JSON ({e.msg})") from None
                 if not isinstance(record, dict):
                     raise ConfigError(f"data.path: {file}:{n} is a JSON {type(record).__name__}, not an object with a "
-                                      f"{field!r} field")
-                if field not in record:
-                    raise ConfigError(f"data.text_field: {file}:{n} has no field {field!r}")
-                if record[field] is not None:
-                    docs.append(_text(record[field], f"{file}:{n}", field))
+                                      f"{columns[0]!r} field")
+                yield f"{file}:{n}", record
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
             try:
                 schema = pq.read_schema(file)
-                if field not in schema.names:
-                    raise ConfigError(f"data.text_field: column {field!r} not in {file} (columns: {schema.names})")
-                values = pq.read_table(file, columns=[field]).column(field).to_pylist()
+                present = [c for c in columns if c in schema.names]
+                if not present:
+                    raise ConfigError(f"{key}: column {wanted} not in {file} (columns: {schema.names})")
+                rows = pq.read_table(file, columns=present).to_pylist()
             except (pa.ArrowException, OSError) as e:
                 raise ConfigError(f"data.path: {file} is not a readable parquet file ({_first_line(e)})") from None
-            docs.extend(_text(t, f"{file} row {i}", field) for i, t in enumerate(values) if t is not None)
-    if not docs:
-        raise ConfigError(f"data.path: {cfg.path} holds no documents")
-    return docs
+            for i, record in enumerate(rows):
+                yield f"{file} row {i}", record
 
 
 def _text(value, where: str, field: str) -> str:
@@ -242,6 +256,249 @@ def tokenize_documents(tokenizer, docs: list[str]) -> list[list[int]]:
     encoded = tokenizer(docs, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return [ids + ([eos] if eos is not None else []) for ids in encoded if ids]
+
+
+# --- conversations -----------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Conversation:
+    where: str  # the file and line (or row) it was read from
+    messages: list[dict]  # checked {role, content, ...} records
+    pair: bool = False  # a prompt/completion record, as [user: prompt, assistant: completion]
+
+
+def read_conversations(cfg: DataConfig) -> list[Conversation]:
+    """The records of a data.kind=chat source, each checked: a bad one is a one-line error naming file and line."""
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data.path: {cfg.path} does not exist")
+    c = cfg.chat
+    wanted = f"{c.messages_field!r} (or {c.prompt_field!r} and {c.completion_field!r})"
+    fields = (c.messages_field, c.prompt_field, c.completion_field)
+    out = [_conversation(record, where, cfg) for where, record in
+           read_records(path, data_format(cfg), fields, "data.chat.messages_field", wanted)]
+    if not out:
+        raise ConfigError(f"data.path: {cfg.path} holds no conversations")
+    return out
+
+
+def _conversation(record: dict, where: str, cfg: DataConfig) -> Conversation:
+    c = cfg.chat
+    field = c.messages_field
+    messages, prompt, completion = (record.get(k) for k in (field, c.prompt_field, c.completion_field))
+    if messages is None:
+        if prompt is None and completion is None:
+            raise ConfigError(f"data.chat.messages_field: {where} has no field {field!r} (nor {c.prompt_field!r} and "
+                              f"{c.completion_field!r})")
+        for setting, name, value, other in (("prompt_field", c.prompt_field, prompt, c.completion_field),
+                                            ("completion_field", c.completion_field, completion, c.prompt_field)):
+            if value is None:
+                raise ConfigError(f"data.chat.{setting}: {where} has {other!r} but no {name!r}")
+            if not isinstance(value, str):
+                raise ConfigError(f"data.path: {where}: {name!r} holds a {type(value).__name__}, not text")
+        return Conversation(where, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                            pair=True)
+    if prompt is not None or completion is not None:
+        raise ConfigError(f"data.path: {where} has both {field!r} and {c.prompt_field!r}/{c.completion_field!r}; "
+                          "give one form per record")
+    if not isinstance(messages, list):
+        raise ConfigError(f"data.path: {where}: {field!r} holds a {type(messages).__name__}, not a list of "
+                          "{role, content} messages")
+    if not messages:
+        raise ConfigError(f"data.path: {where}: {field!r} is an empty conversation")
+    checked = []
+    for j, m in enumerate(messages):
+        what = f"data.path: {where}: {field}[{j}]"
+        if not isinstance(m, dict):
+            raise ConfigError(f"{what} is a {type(m).__name__}, not a {{role, content}} object")
+        m = {k: v for k, v in m.items() if v is not None}  # parquet and datasets fill absent struct keys with null
+        if "role" not in m:
+            raise ConfigError(f"{what} has no 'role'")
+        if m["role"] not in CHAT_ROLES:
+            raise ConfigError(f"{what} has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if "content" not in m:
+            raise ConfigError(f"{what} ({m['role']}) has no 'content'")
+        if not isinstance(m["content"], str):
+            raise ConfigError(f"{what} ({m['role']}): 'content' holds a {type(m['content']).__name__}, not text")
+        checked.append(m)
+    roles = [m["role"] for m in checked]
+    if "assistant" not in roles:
+        raise ConfigError(f"data.path: {where}: {field!r} has no assistant message, so nothing to learn")
+    if roles[0] == "assistant":
+        raise ConfigError(f"data.path: {where}: {field!r} starts with an assistant message; the template marks where "
+                          "an answer begins only after a turn before it")
+    return Conversation(where, checked)
+
+
+def _tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def _render(tokenizer, messages: list[dict], generation: bool, where: str) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    except Exception as e:  # noqa: BLE001 -- a template's raise_exception (jinja), or transformers' ValueError
+        raise ConfigError(f"data.path: {where}: the chat template of {_tokenizer_name(tokenizer)} refused the "
+                          f"conversation: {_first_line(e)}") from None
+    if not isinstance(text, str):
+        raise ConfigError(f"data.kind=chat: the chat template of {_tokenizer_name(tokenizer)} rendered a "
+                          f"{type(text).__name__}, not text")
+    return text
+
+
+def render_conversation(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the template renders it, and the character spans the assistant's messages add.
+
+    The span of assistant message i runs from the end of messages[:i] rendered with the generation prompt (the
+    template's header of an assistant turn) to the end of messages[:i+1]: the content and whatever the template
+    closes the turn with (its end-of-turn token, which the model must learn to emit). Each render must be the
+    start of the next and of the whole, or the spans would not be the whole's."""
+    msgs = conv.messages
+    full = _render(tokenizer, msgs, False, conv.where)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, msgs[:i], True, conv.where)
+        after = full if i == len(msgs) - 1 else _render(tokenizer, msgs[:i + 1], False, conv.where)
+        if not (after.startswith(before) and full.startswith(after)):
+            raise ConfigError(f"data.kind=chat: the chat template of {_tokenizer_name(tokenizer)} does not render "
+                              f"{conv.where} prefix by prefix (the text before message {i} changes as the "
+                              "conversation goes on), so the assistant's tokens cannot be told apart")
+        spans.append((len(before), len(after)))
+    return full, spans
+
+
+def _tokens_in_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """The text's tokens, and which of them start inside a span. A fast tokenizer reads the whole text (the ids
+    are the ones the model sees at inference); a slow one, without offsets, reads span by span."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        inside, k = [], 0
+        for start, _ in enc["offset_mapping"]:
+            while k < len(spans) and spans[k][1] <= start:
+                k += 1
+            inside.append(k < len(spans) and spans[k][0] <= start)
+        return list(enc["input_ids"]), inside
+    ids, inside, pos = [], [], 0
+    for a, b in [*spans, (len(text), len(text))]:
+        for piece, flag in ((text[pos:a], False), (text[a:b], True)):
+            if piece:
+                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += piece_ids
+                inside += [flag] * len(piece_ids)
+        pos = b
+    return ids, inside
+
+
+def tokenize_conversation(tokenizer, conv: Conversation) -> tuple[list[int], list[int]]:
+    """ids, and labels: the id on every token of the assistant's turns, IGNORE_INDEX elsewhere (and on the first
+    token, as every packed piece). Without a chat template a prompt/completion pair is the prompt's tokens, then
+    the completion's and EOS, which carry the loss."""
+    if getattr(tokenizer, "chat_template", None):
+        text, spans = render_conversation(tokenizer, conv)
+        ids, inside = _tokens_in_spans(tokenizer, text, spans)
+        labels = [t if flag else IGNORE_INDEX for t, flag in zip(ids, inside)]
+    elif conv.pair:
+        prompt = tokenizer(conv.messages[0]["content"], add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        completion = tokenizer(conv.messages[1]["content"], add_special_tokens=False)["input_ids"] + eos
+        ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+    else:
+        raise ConfigError(_no_template(tokenizer, conv))
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return ids, labels
+
+
+def _no_template(tokenizer, conv: Conversation) -> str:
+    return (f"data.kind=chat: the tokenizer {_tokenizer_name(tokenizer)} has no chat template, so the conversation "
+            f"at {conv.where} cannot be rendered; use a tokenizer that has one (model.tokenizer), or "
+            "prompt/completion records")
+
+
+class PackedConversations(PackedDocuments):
+    """Tokenised conversations, whole, in `seq_len` rows: with packing as many as fit in a row, in order, else one
+    per row. Every conversation starts at position 0 with no label on its first token, as packed documents do, so
+    attention and loss stay inside it; rows are padded with ignored labels."""
+
+    def __init__(self, convs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, packing: bool = True):
+        self.seq_len = seq_len
+        self.rows = []
+        ids, labels, pos = [], [], []
+        for conv_ids, conv_labels in convs:
+            if len(conv_ids) > seq_len:
+                raise ValueError(f"a conversation of {len(conv_ids)} tokens does not fit rows of {seq_len}")
+            if ids and (not packing or len(ids) + len(conv_ids) > seq_len):
+                self._pad_and_add(ids, labels, pos, pad_id)
+                ids, labels, pos = [], [], []
+            ids.extend(conv_ids)
+            labels.extend([IGNORE_INDEX] + list(conv_labels[1:]))
+            pos.extend(range(len(conv_ids)))
+        if ids:
+            self._pad_and_add(ids, labels, pos, pad_id)
+
+
+def build_chat_source(cfg: DataConfig, tokenizer) -> PackedConversations:
+    """data.kind=chat: read, render, tokenise, apply data.chat.too_long, pack; one line says what became of it."""
+    convs = read_conversations(cfg)
+    if not getattr(tokenizer, "chat_template", None):
+        first = next((c for c in convs if not c.pair), None)
+        if first is not None:  # before any tokenising: the first such record is the one to name
+            raise ConfigError(_no_template(tokenizer, first))
+    tokenized = [(c.where, *tokenize_conversation(tokenizer, c)) for c in convs]
+    seq_len, policy = cfg.seq_len, cfg.chat.too_long
+    long = [(where, len(ids)) for where, ids, _ in tokenized if len(ids) > seq_len]
+    if long and policy == "error":
+        raise ConfigError(f"data.chat.too_long=error: {len(long)} of {len(tokenized)} conversations are longer than "
+                          f"data.seq_len={seq_len} tokens (the first: {long[0][0]}, {long[0][1]} tokens); set "
+                          "data.chat.too_long=truncate (keep each one's first seq_len tokens) or drop, or raise "
+                          "data.seq_len")
+    kept, emptied = [], 0
+    for _, ids, labels in tokenized:
+        if len(ids) > seq_len:
+            if policy == "drop":
+                continue
+            ids, labels = ids[:seq_len], labels[:seq_len]
+            if all(label == IGNORE_INDEX for label in labels):
+                emptied += 1  # truncated before the first answer: nothing left to learn
+                continue
+        kept.append((ids, labels))
+    if not kept:
+        raise ConfigError(f"data.path: {cfg.path}: no conversation is left to train on (data.chat.too_long={policy}, "
+                          f"{len(long)} longer than data.seq_len={seq_len})")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    source = PackedConversations(kept, seq_len, pad, cfg.packing)
+    # What became of the conversations longer than seq_len (tests and callers read these; the line below says them).
+    source.conversations, source.truncated = len(kept), (len(long) - emptied if policy == "truncate" else 0)
+    source.dropped = len(long) if policy == "drop" else emptied
+    tokens = sum(len(ids) for ids, _ in kept)
+    loss = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in kept)
+    line = (f"data.kind=chat: {_count(len(kept), 'conversation')} from {cfg.path}, {tokens:,} tokens ({loss:,} of "
+            f"them the assistant's, which carry the loss) in {_count(len(source), 'row')} of {seq_len}")
+    if long and policy == "truncate":
+        line += f"; {len(long)} longer than data.seq_len truncated to it"
+        if emptied:
+            line += f" ({emptied} of them dropped: no assistant token was left)"
+    elif long:
+        line += f"; {len(long)} longer than data.seq_len dropped"
+    _print_once(line)
+    return source
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _print_once(line: str) -> None:
+    """On the main rank only: every rank builds the same source."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(line, flush=True)
 
 
 # --- the loader ----------------------------------------------------------------------------
@@ -320,6 +577,8 @@ class DataLoader:
 def build_source(cfg: DataConfig, tokenizer, seed: int, split: str = "train") -> Source:
     if cfg.kind == "passkey":
         return PasskeyTask(tokenizer, cfg.seq_len, cfg.passkey.digits, seed, split)
+    if cfg.kind == "chat":
+        return build_chat_source(cfg, tokenizer)
     docs = tokenize_documents(tokenizer, read_documents(cfg))
     if not docs:
         raise ConfigError(f"data.path: {cfg.path} has no tokens after tokenization")

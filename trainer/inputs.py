@@ -220,8 +220,39 @@ def check_data_config(cfg: DataConfig) -> None:
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise ConfigError(f"data.path: {cfg.path} does not exist")
-        if cfg.kind != "hf_disk":
-            _files(path, cfg.kind)
+        kind = data_format(cfg)
+        if kind != "hf_disk":
+            _files(path, kind)
+
+
+HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets' save_to_disk writes
+
+
+def data_format(cfg: DataConfig) -> str:
+    """The file kind data.path is read as: data.kind, or for chat data data.chat.format, found from the path when
+    auto (a .jsonl/.json or .parquet file; a save_to_disk folder; a folder of .jsonl/.json or of .parquet files)."""
+    if cfg.kind != "chat":
+        return cfg.kind
+    if cfg.chat.format != "auto":
+        return cfg.chat.format
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        for kind in ("jsonl", "parquet"):
+            if path.suffix in _SUFFIXES[kind]:
+                return kind
+        raise ConfigError(f"data.path: {path} is neither a .jsonl/.json nor a .parquet file; rename it or set "
+                          "data.chat.format")
+    if any((path / marker).is_file() for marker in HF_DISK_MARKERS):
+        return "hf_disk"
+    suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+    found = [kind for kind in ("jsonl", "parquet") if suffixes & set(_SUFFIXES[kind])]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ConfigError(f"data.path: {path} holds both .jsonl/.json and .parquet files; set data.chat.format to the "
+                          "kind to read")
+    raise ConfigError(f"data.path: no .jsonl/.json or .parquet files under {path}, and it is not a datasets "
+                      "save_to_disk folder")
 
 
 # --- checkpoints, as folders (reading and writing them is checkpoint.py's) -------------------------

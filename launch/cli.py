@@ -93,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_arguments(bench)
 
     export = sub.add_parser("export", help="write a transformers save_pretrained folder",
-                            description="Write a run's newest complete checkpoint as a transformers folder (weights, config, tokenizer).")
+                            description="Write a run's newest complete checkpoint as a transformers folder (weights, config, tokenizer); "
+                                        "a run with adapters as a peft adapter folder, or merged with --merge.")
     export.add_argument("run_dir", help="the run's output_dir")
     export.add_argument("--out", required=True, help="folder to write")
     export.add_argument("--step", type=int, default=None, help="export step_N instead of the newest complete checkpoint")
     export.add_argument("--force", action="store_true", help="write into --out even if it holds files already")
+    export.add_argument("--merge", action="store_true", help="a run with adapters: write the merged model, not a "
+                                                             "peft adapter folder")
     return parser
 
 
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         check_export_out(args.out, args.force, run)
         from longtune.trainer.train import export
 
-        path = export(run, Path(args.out), step if step is not None else args.step)
+        path = export(run, Path(args.out), step if step is not None else args.step, merge=args.merge)
         print(f"exported {path} -> {args.out}")
         return EXIT_OK
     if args.command == "plan":

@@ -373,7 +373,8 @@ def mismatches(plan_problem: Problem, expected: Problem) -> list[str]:
     if a.prefetch_depth != b.prefetch_depth:
         out.append(f"prefetch depth {a.prefetch_depth}, memory.prefetch_depth is {b.prefetch_depth}")
     for key, what, none in (("world", "ranks", 1), ("sharded", "sharded state", "none"),
-                            ("sequence_parallel", "sequence-parallel ranks", 1), ("kernels", "kernels", "none")):
+                            ("sequence_parallel", "sequence-parallel ranks", 1), ("kernels", "kernels", "none"),
+                            ("adapter", "adapters", "none")):
         ma, mb = a.meta.get(key) or none, b.meta.get(key) or none  # absent: one rank, nothing sharded, no kernels
         if ma != mb:
             words = lambda x: ", ".join(x) if isinstance(x, list) else str(x)  # noqa: E731

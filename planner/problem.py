@@ -301,6 +301,58 @@ def optimizer_host_buffers(tier: str) -> int:
     return {"cpu": 1, "nvme": 1 + NVME_STATE_STAGINGS * 3}.get(tier, 0)
 
 
+LAYER_MATRIX_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layer_matrices order
+
+
+@dataclass(frozen=True)
+class AdapterSizing:
+    """LoRA adapters (trainer/adapters.py) on the named projections of every decoder layer: rank-r A [r, in] and
+    B [out, r] in the weights' dtype; they alone train, so only they have gradients and optimizer state."""
+
+    rank: int
+    targets: tuple[str, ...] = LAYER_MATRIX_NAMES
+
+    def layer_params(self, shape: ModelShape) -> int:
+        return sum(self.rank * (m + n) for name, (m, n) in zip(LAYER_MATRIX_NAMES, shape.layer_matrices())
+                   if name in self.targets)
+
+    def params(self, shape: ModelShape) -> int:
+        return shape.num_layers * self.layer_params(shape)
+
+    def saved_bytes_per_token(self, shape: ModelShape) -> dict[str, float]:
+        """What adapters add to a layer's saved activations per token: each target's rank-r A output, saved for
+        B's gradient (A's input is the projection's, saved already). A frozen projection that is not a target
+        saves no input for a weight gradient, which the plan does not subtract (it over-counts there)."""
+        per_target = self.rank * shape.layer.dtype_bytes
+        pre = sum(t in self.targets for t in LAYER_MATRIX_NAMES[:3])
+        return {"pre": float(pre * per_target), "post": float((sum(t in self.targets for t in LAYER_MATRIX_NAMES) - pre)
+                                                                * per_target)}
+
+
+def _adapter_state_options(shape: ModelShape, machine: Machine, optimizer: str, adapter: AdapterSizing,
+                           sharding: Sharding) -> tuple[StateOption, ...]:
+    """The placements of an adapter run's state: the frozen base and the adapters on the GPU; the adapters' AdamW
+    state there or on the host (their few MB never need a drive)."""
+    wb, p, L = shape.layer.dtype_bytes, shape.params, shape.num_layers
+    a, layer_a = adapter.params(shape), adapter.layer_params(shape)
+    host_link = {t.name: t for t in machine.tiers}.get("host")
+    out = []
+    for opt in (("gpu", "cpu") if optimizer == "auto" else (optimizer,)):
+        if opt == "nvme" or (opt == "cpu" and host_link is None):
+            continue
+        gpu = {"weights": (p + a) * wb, "grads": a * wb if opt == "gpu" else 2 * layer_a * wb,
+               "optimizer": 2 * wb * a if opt == "gpu" else 0.0}
+        tier, exposed, fwd, bwd_out = {}, 4 * wb * a * 2 / machine.hbm_bps, 0.0, 0.0
+        if opt == "cpu":
+            tier = {"host": HOST_OPTIMIZER_BYTES * a + optimizer_host_buffers("cpu") * 4 * layer_a}
+            exposed = a / machine.cpu_adam_params_per_s
+            fwd = bwd_out = layer_a * wb / host_link.to_gpu_bps
+        out.append(StateOption(opt, "gpu", sharding.apply(gpu, layer_a * wb), tier, exposed, fwd, 0.0, bwd_out))
+    if not out:
+        raise ValueError(f"adapters keep their optimizer state on the GPU or the host, not memory.optimizer={optimizer}")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class GaloreSizing:
     """What the GaLore optimizer keeps (offload/galore.py), for the state's GPU bytes: the decoder layers'
@@ -381,9 +433,11 @@ def kv_heads_on_wire(num_kv_heads: int, degree: int) -> int:
 
 def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optimizer: str = "auto",
                   params: str = "auto", galore: Optional[GaloreSizing] = None,
-                  sharding: Sharding = Sharding()) -> tuple[StateOption, ...]:
+                  sharding: Sharding = Sharding(), adapter: Optional[AdapterSizing] = None) -> tuple[StateOption, ...]:
     """Every placement of optimizer state and weights the config allows (`auto` lets the MILP choose), with
     its GPU and tier bytes and its time costs. Weights off the GPU need the optimizer off it too."""
+    if adapter is not None:
+        return _adapter_state_options(shape, machine, optimizer, adapter, sharding)
     wb, p, layer_p, L = shape.layer.dtype_bytes, shape.params, shape.layer_params, shape.num_layers
     other_p = p - L * layer_p  # embeddings, LM head, final norm: always on the GPU
     tiers = {t.name: t for t in machine.tiers}
@@ -477,18 +531,21 @@ LOSS_TOKEN_BYTES = 24  # the fused loss's per-token bookkeeping, with its tempor
 
 
 def head_bytes(shape: ModelShape, tokens: int, kernels: frozenset[str] = frozenset(),
-               loss_chunk_tokens: Optional[int] = None) -> float:
+               loss_chunk_tokens: Optional[int] = None, head_trains: bool = True) -> float:
     """GPU bytes of the LM head's step: the final norm's saved tensors, the loss's logits workspace and the head's
     weight gradient (the fused loss computes it, with the hidden states', during the forward). An optimizer off
-    the GPU takes that gradient in its hook, so the state counts it only after the head (timeline.state_rows)."""
+    the GPU takes that gradient in its hook, so the state counts it only after the head (timeline.state_rows).
+    `head_trains` False (adapters: the head is frozen): no weight gradient."""
     h, v, wb = shape.layer.hidden, shape.vocab, shape.layer.dtype_bytes
+    weight_grad = 1 if head_trains else 0
     # final norm, as the layer's post norm: its input (stored once), rstd, normed (stock only), output
     norm = tokens * (wb * h + 4 + (0 if "rmsnorm" in kernels else wb * h) + wb * h)
     if loss_chunk_tokens:  # logits of one chunk (fp32 and the model dtype), grad_hidden, grad_weight (fp32 + dtype),
         # and per token the fp32 loss, the label masks and the per-chunk counts (kernels/fused_ce.py)
-        loss = min(loss_chunk_tokens, tokens) * v * (4 + wb) + tokens * h * wb + v * h * (4 + wb) + tokens * LOSS_TOKEN_BYTES
+        loss = (min(loss_chunk_tokens, tokens) * v * (4 + wb) + tokens * h * wb + weight_grad * v * h * (4 + wb)
+                + tokens * LOSS_TOKEN_BYTES)
     else:  # full logits in the model dtype, their fp32 copy and the fp32 softmax grad, the head's weight grad
-        loss = tokens * v * (wb + 8) + v * h * wb
+        loss = tokens * v * (wb + 8) + weight_grad * v * h * wb
     return norm + loss
 
 
@@ -510,8 +567,8 @@ def chunk_tokens(tokens: int, chunks: int) -> int:
     return -(-tokens // chunks)
 
 
-def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str, float], sequence_parallel: int = 1
-                    ) -> tuple[float, float, float]:
+def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str, float], sequence_parallel: int = 1,
+                    trained_params: Optional[int] = None) -> tuple[float, float, float]:
     """Bytes the runtime holds while one layer runs, beyond the saved activations: (forward, backward while a
     chunk's graph runs, backward while a chunk's attention backward runs).
 
@@ -531,7 +588,8 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     chunk = chunk_tokens(tokens, chunks)
     transient = chunk * (saved["pre"] + saved["post"])  # a chunk's graph and its gradients, about its saved size
     forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
-    grads = shape.layer_params * (4 + (wb if wb < 4 else 0))
+    # (trained_params: of a layer, where not all of it trains: adapters)
+    grads = (shape.layer_params if trained_params is None else trained_params) * (4 + (wb if wb < 4 else 0))
     backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + grads
     if sequence_parallel == 1:
         attention = sum(attention_backward_workspace(L, tokens - chunk, chunk).values())
@@ -567,6 +625,7 @@ def build_problem(
     galore: Optional[GaloreSizing] = None,
     sharding: Sharding = Sharding(),
     sequence_parallel: int = 1,
+    adapter: Optional[AdapterSizing] = None,
 ) -> Problem:
     """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory.
 
@@ -580,6 +639,8 @@ def build_problem(
     buffers add to the layer's workspace."""
     kernels = frozenset(kernels)
     saved = class_bytes_per_token(shape.layer, kernels)
+    if adapter is not None:
+        saved = {c: b + adapter.saved_bytes_per_token(shape).get(c, 0.0) for c, b in saved.items()}
     extra_workspace = 0.0
     if not offload_activations and checkpointed:  # the checkpoint is the layer input in the model dtype
         extra_workspace = sum(saved[c] for c in CLASSES) * tokens  # the one layer being recomputed
@@ -601,7 +662,8 @@ def build_problem(
     layer_bwd_s = 2 * (pre_fwd_s + post_fwd_s) + 2.5 * attn_fwd_s + a2a_bwd_s  # flash backward ~2.5x its forward
     head_s = 3 * 2 * tokens * shape.layer.hidden * shape.vocab / mm
     chunk = chunk_tokens(tokens, chunks)
-    forward_phase, chunk_phase, attention_phase = layer_workspace(shape, tokens, chunks, saved, P)
+    forward_phase, chunk_phase, attention_phase = layer_workspace(
+        shape, tokens, chunks, saved, P, adapter.layer_params(shape) if adapter is not None else None)
     return Problem(
         num_layers=shape.num_layers,
         chunks=chunks,
@@ -619,14 +681,15 @@ def build_problem(
         layer_workspace_bytes=chunk_phase + extra_workspace,
         attention_phase_bytes=attention_phase + extra_workspace,
         forward_workspace_bytes=forward_phase + extra_workspace,
-        head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens),
+        head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens, head_trains=adapter is None),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
-        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding),
+        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding, adapter),
         prefetch_depth=prefetch_depth,
         offload_activations=offload_activations,
         meta={"tokens": tokens, "machine": machine.name, "params": shape.params, "kernels": sorted(kernels),
               **({"world": sharding.world, "sharded": [k for k in ("optimizer", "grads", "weights") if getattr(sharding, k)]}
                  if sharding.world > 1 else {}),
-              **({"sequence_parallel": P, "sequence_tokens": tokens * P} if P > 1 else {})},
+              **({"sequence_parallel": P, "sequence_tokens": tokens * P} if P > 1 else {}),
+              **({"adapter": [f"lora rank {adapter.rank}", *adapter.targets]} if adapter is not None else {})},
     )

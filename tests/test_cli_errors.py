@@ -379,7 +379,7 @@ def test_print_config_applies_typed_overrides(capsys, cfg_path):
     assert cfg["optim"]["betas"] == [0.9, 0.99]
     assert cfg["data"]["seq_len"] == 128  # untouched keys keep the file's value
     assert set(cfg) == {"model", "data", "train", "optim", "memory", "checkpoint", "run", "log", "parallel",
-                        "launch"}
+                        "launch", "adapter"}
 
 
 def test_print_config_defaults_to_quickstart_when_only_overrides_are_given(capsys):

@@ -21,14 +21,16 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .adapters import trainable_state
 from .errors import CheckpointError
 from .inputs import (  # noqa: F401 (latest_complete: re-exported)
     COMPLETE, is_complete, latest_complete, list_checkpoints, remove_stale_temporaries, step_dir, temp_name,
 )
 
 MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"  # a model with frozen base weights (adapters): the parameters that train
 
 
 
@@ -66,17 +68,41 @@ class TorchParts:
         # streamed weights are gathered into the model around a save or a load (MemoryRuntime.materialized)
         self.materialized = materialized or contextlib.nullcontext
 
+    @property
+    def trains_a_part(self) -> bool:
+        """Frozen base weights (adapters): a checkpoint holds only the parameters that train; the base is rebuilt
+        from model.* (trainer/adapters.py)."""
+        return any(not p.requires_grad for p in self.model.parameters())
+
     def nbytes(self) -> int:
         if not self.main:
             return 0
-        return _tensor_bytes(self.model.state_dict()) + (_tensor_bytes(self.optimizer.state_dict()) if self.optimizer else 0)
+        weights = _tensor_bytes(trainable_state(self.model) if self.trains_a_part else self.model.state_dict())
+        return weights + (_tensor_bytes(self.optimizer.state_dict()) if self.optimizer else 0)
 
     def save(self, folder: Path) -> None:
         if self.main:
             optimizer_state = self.optimizer.state_dict()  # first: an offloaded optimizer finishes its updates
             with self.materialized():
-                save_model(self.model, str(folder / MODEL_FILE))
+                if self.trains_a_part:
+                    save_file({k: v.contiguous() for k, v in trainable_state(self.model).items()},
+                              str(folder / ADAPTER_FILE))
+                else:
+                    save_model(self.model, str(folder / MODEL_FILE))
             _torch_save(optimizer_state, folder / "optimizer.pt")
+
+    def _load_trainable(self, folder: Path) -> None:
+        if not (folder / ADAPTER_FILE).is_file():
+            raise CheckpointError(f"checkpoint {folder} holds a whole model ({MODEL_FILE}) and this run trains adapters "
+                                  "(adapter.kind): resume it without adapter.*, or start adapters from its export "
+                                  "(longtune export, then model.path)")
+        state = load_file(str(folder / ADAPTER_FILE))
+        expected = set(trainable_state(self.model))
+        if set(state) != expected:
+            raise CheckpointError(f"checkpoint {folder} does not match this run's adapters: missing "
+                                  f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]} "
+                                  "(another adapter.rank or adapter.target_modules?)")
+        self.model.load_state_dict(state, strict=False)
 
     def load(self, folder: Path) -> None:
         kind = checkpoint_format(folder)
@@ -91,6 +117,13 @@ class TorchParts:
                 raise CheckpointError(f"checkpoint {folder} was written by DeepSpeed ZeRO: resume it with "
                                       "parallel.strategy=deepspeed (or export it: longtune export)")
             return load_deepspeed_weights(folder, self.model)
+        if self.trains_a_part:
+            self._load_trainable(folder)
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(_torch_load(folder / "optimizer.pt"))
+            return
+        if (folder / ADAPTER_FILE).is_file():
+            raise CheckpointError(f"checkpoint {folder} holds adapters only: resume it with its adapter.* settings")
         with self.materialized():
             missing, unexpected = load_model(self.model, str(folder / MODEL_FILE), strict=False)
             if missing or unexpected:

@@ -298,6 +298,20 @@ class LaunchConfig(_Section):
     ray: RayLaunchConfig = RayLaunchConfig()
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class AdapterConfig(_Section):
+    """adapter.kind=lora: low-rank adapters (peft's LoRA) beside frozen base weights; only they train, only they and
+    their optimizer state are checkpointed (trainer/adapters.py)."""
+
+    kind: Literal["none", "lora"] = "none"
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
 class Config(_Section):
     model: ModelConfig
     data: DataConfig = DataConfig()
@@ -309,6 +323,24 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     parallel: ParallelConfig = ParallelConfig()
     launch: LaunchConfig = LaunchConfig()
+    adapter: AdapterConfig = AdapterConfig()
+
+    @model_validator(mode="after")
+    def _adapter_fits_the_rest(self):
+        a = self.adapter
+        if a.kind == "none":
+            if a != AdapterConfig():
+                raise ValueError("adapter.* is set but adapter.kind is none: set adapter.kind=lora to use it")
+            return self
+        if self.optim.name != "adamw":
+            raise ValueError(f"adapter.kind={a.kind} trains the adapters with AdamW; optim.name={self.optim.name} projects "
+                             "full weights' gradients: use one or the other")
+        if self.memory.params in ("cpu", "nvme"):
+            raise ValueError(f"adapter.kind={a.kind}: the frozen base weights stay on the GPU (memory.params="
+                             f"{self.memory.params} streams trained weights); set memory.params to gpu or auto")
+        if self.parallel.strategy == "deepspeed":
+            raise ValueError(f"adapter.kind={a.kind} runs with parallel.strategy single, ddp or fsdp2, not deepspeed")
+        return self
 
     @model_validator(mode="after")
     def _strategy_fits_the_rest(self):

@@ -34,6 +34,7 @@ import torch
 
 from longtune.planner.timeline import positions
 
+from .adapters import apply_adapter
 from .config import Config
 from .errors import ConfigError
 from .memory import build_runtime
@@ -67,6 +68,7 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
     start = time.perf_counter()
     with torch.device(GPU):
         model = build_model(cfg.model, uninitialised=True)
+        apply_adapter(model, cfg.adapter)
     counter = LiveBytes(record=timeline)
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         _make_fake(model, fake)  # before the counter: it adopts them as made, not as there before it

@@ -20,7 +20,7 @@ from typing import Optional
 import psutil
 
 from longtune.planner.plan import Plan, PlanInfeasible, as_this_runs_plan, make_plan, mismatches
-from longtune.planner.problem import (GaloreSizing, Machine, ModelShape, ProfileError, Sharding, build_problem,
+from longtune.planner.problem import (AdapterSizing, GaloreSizing, Machine, ModelShape, ProfileError, Sharding, build_problem,
                                       drives_shared, ranks_per_node)
 
 from .config import Config, ConfigError
@@ -157,6 +157,11 @@ def zero_stage_of(cfg: Config) -> int:
     return stage
 
 
+def adapter_sizing(cfg: Config) -> Optional[AdapterSizing]:
+    a = cfg.adapter
+    return AdapterSizing(a.rank, tuple(a.target_modules)) if a.kind == "lora" else None
+
+
 def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None,
                      count_activations: bool = True, world: int = 1):
     """The planner's Problem for this config on `machine` with `caps`."""
@@ -187,7 +192,8 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
             kernels=kernels, prefetch_depth=mem.prefetch_depth,
             offload_activations=activations_planned(cfg) if activations is None else activations,
             checkpointed=mem.gradient_checkpointing, count_activations=count_activations, galore=galore_sizing(cfg),
-            sharding=sharding_of(cfg, world), sequence_parallel=cfg.parallel.sequence_parallel)
+            sharding=sharding_of(cfg, world), sequence_parallel=cfg.parallel.sequence_parallel,
+            adapter=adapter_sizing(cfg))
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
 

@@ -22,6 +22,7 @@ from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
 from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, reset_gpu_peak, train_flops_per_token
+from .adapters import apply_adapter, export_adapter, merge_adapter
 from .model import build_model, build_tokenizer, count_parameters, patch_model
 from .parallel import Strategy, build_strategy
 from .ranks import Ranks, device_type
@@ -128,7 +129,7 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     config_yaml = dump_config(cfg)
     # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it (see write_run_files).
     tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR if resume_from else None)
-    model = build_model(cfg.model, checkpoint=resume_from)  # on the host: the runtime places it
+    model = build_base_model(cfg, resume_from)  # on the host: the runtime places it
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:  # a token id past the embedding would fail deep in the first forward
         raise ConfigError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is {vocab:,}: set "
@@ -212,8 +213,10 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
     peak = peak_flops(device)
     peak = peak * ranks.world if peak else peak  # the step's tokens are every rank's: so is the peak
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * ranks.world // sp.size
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapters = f" ({trainable / 1e6:.2f}M in {cfg.adapter.kind} adapters train)" if cfg.adapter.kind != "none" else ""
     print(
-        f"model {n_params / 1e6:.1f}M params on {device} | {cfg.data.kind} data, {cfg.data.seq_len:,} tokens/seq, "
+        f"model {n_params / 1e6:.1f}M params{adapters} on {device} | {cfg.data.kind} data, {cfg.data.seq_len:,} tokens/seq, "
         f"{tokens_per_step:,} tokens/step | steps {state.step + 1}..{t.max_steps} | run folder {output_dir}"
     )
     logger = MetricsLogger(output_dir, cfg.log.sinks, t.max_steps, state.step) if ranks.main else _NoLogger()
@@ -309,6 +312,17 @@ class _NoLogger:
         pass
 
 
+def build_base_model(cfg: Config, checkpoint: Optional[Path]) -> torch.nn.Module:
+    """The model a run trains, before its checkpoint (if any) loads into it: built from the checkpoint's architecture
+    alone (every weight is in the checkpoint), or, with adapters, from model.* (the frozen base is not in it) with the
+    adapters injected."""
+    if cfg.adapter.kind == "none":
+        return build_model(cfg.model, checkpoint=checkpoint)
+    model = build_model(cfg.model)
+    apply_adapter(model, cfg.adapter)
+    return model
+
+
 def load_trained(run_dir: Path, step: Optional[int] = None):
     """(config, model, tokenizer, checkpoint path) of a run's newest complete (or given) checkpoint."""
     from .config import read_yaml, validate
@@ -325,24 +339,32 @@ def load_trained(run_dir: Path, step: Optional[int] = None):
     if not (path / "config.resolved.yaml").is_file():
         raise ckpt.CheckpointError(f"checkpoint {path} has no config.resolved.yaml")
     cfg = validate(read_yaml(path / "config.resolved.yaml"))
-    model = build_model(cfg.model, checkpoint=path)
+    model = build_base_model(cfg, path)
     ckpt.load_checkpoint(path, model, restore_rng=False)
     return cfg, model, build_tokenizer(cfg.model, saved=run_dir / TOKENIZER_DIR), path
 
 
-def export(run_dir: Path, out_dir: Path, step: Optional[int] = None) -> Path:
+def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, merge: bool = False) -> Path:
     """A transformers save_pretrained folder (weights, config, tokenizer), written beside --out and moved into place
-    when complete, so a failed export leaves nothing that looks like a model."""
+    when complete, so a failed export leaves nothing that looks like a model. A run with adapters exports a peft
+    adapter folder (PeftModel.from_pretrained loads it over the base model), or with `merge` the merged model."""
     import os
     import shutil
 
-    _, model, tokenizer, path = load_trained(run_dir, step)
+    cfg, model, tokenizer, path = load_trained(run_dir, step)
     out_dir = Path(out_dir)
     model.config.use_cache = True  # for generation with the exported model
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    adapters = cfg.adapter.kind != "none"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        if adapters and not merge:
+            tmp.mkdir(parents=True)
+            export_adapter(model, cfg.adapter, cfg.model.path or "", tmp)
+        else:
+            if adapters:
+                merge_adapter(model)
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in tmp.iterdir():

@@ -109,6 +109,32 @@ def test_two_ranks_match_one_process(name, reference, tmp_path, tiny_config):
         _assert_exported_is_trained(tmp_path / "hf", step)
 
 
+LORA = ["adapter.kind=lora", "adapter.rank=4", "train.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory, tokenizer_dir) -> dict[int, dict]:
+    """One process with LoRA adapters, two micro-batches per step."""
+    out = tmp_path_factory.mktemp("lora-reference") / "run"
+    cfg = _config(make_tiny_config(out, tokenizer_dir), out, grad_accum_steps=2)
+    result = run_cli("train", write_yaml(out.parent / "c.yaml", cfg), *LORA)
+    assert result.returncode == 0, result.stderr
+    return {m["step"]: m for m in read_metrics(out) if "loss" in m}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lora_on_two_ranks_matches_one_process(strategy, lora_reference, tmp_path, tiny_config):
+    """LoRA adapters under DDP and FSDP2 (frozen base weights beside trained adapters) give one process's losses with
+    the same global batch; each checkpoint holds the adapters only (DDP) or its shards (FSDP2)."""
+    out = tmp_path / "run"
+    result = run_cli("train", write_yaml(tmp_path / "c.yaml", _config(tiny_config, out)), "--nproc", "2",
+                     f"parallel.strategy={strategy}", *LORA)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_matches(lora_reference, out)
+    if strategy == "ddp":
+        assert (out / f"step_{STEPS}" / "adapter.safetensors").is_file()
+
+
 def _assert_exported_is_trained(hf: Path, step: Path) -> None:
     """The export holds the checkpoint's weights: its logits are those of the model loaded from the sharded
     checkpoint in one process (whose state the resume above shows to be the run's)."""

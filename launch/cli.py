@@ -124,7 +124,7 @@ def _torchrun(args: argparse.Namespace, argv: list[str], device: str) -> int:
 
     if launched_world() > 1:
         raise UsageError("--nproc and the torchrun flags start processes; this one is a rank of a launched group already")
-    nproc = args.nproc or 1
+    nproc = 1 if args.nproc is None else args.nproc  # (--nproc 0 is an error, not 1)
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
     import torch
@@ -309,7 +309,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"longtune plan: {'--out' if args.out else 'run.output_dir/plan.yaml'} {out} is a folder; give a file name")
     machine = load_machine(args.machine or cfg.memory.machine)
     sp = cfg.parallel.sequence_parallel
-    world = args.nproc or (cfg.launch.ray.num_workers if cfg.launch.backend == "ray" else sp)
+    world = args.nproc if args.nproc is not None else (cfg.launch.ray.num_workers if cfg.launch.backend == "ray" else sp)
     if world < 1:
         raise UsageError(f"longtune plan: --nproc must be at least 1, got {world}")
     if world % sp:

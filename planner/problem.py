@@ -5,6 +5,7 @@ Nothing here imports torch: `longtune plan` builds a Problem from a config alone
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -41,8 +42,8 @@ def _number(d: dict, key: str, where: str, *, positive: bool = True, default=Non
     value = d.get(key, default)
     if value is None:
         raise ProfileError(f"{where}.{key} is missing")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ProfileError(f"{where}.{key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProfileError(f"{where}.{key} must be a finite number, got {value!r}")
     if (value <= 0) if positive else (value < 0):
         raise ProfileError(f"{where}.{key} must be {'> 0' if positive else '>= 0'}, got {value}")
     if at_most is not None and value > at_most:

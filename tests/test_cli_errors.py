@@ -86,6 +86,10 @@ def run_folder(path: Path, cfg: dict, steps: dict[int, bool] | None = None) -> P
     pytest.param(["memory.budget_gb=2", "memory.gradient_checkpointing=true"],
                  ["memory.gradient_checkpointing and a memory plan", "drop gradient_checkpointing"], id="plan-and-checkpointing"),
     pytest.param(["memory.prefetch_depth=0"], ["memory.prefetch_depth", "expected a number >= 1"], id="prefetch-depth"),
+    pytest.param(["memory.budget_gb=.nan"], ["memory.budget_gb: got nan; must be a finite number"], id="budget-nan"),
+    pytest.param(["memory.budget_gb=.inf"], ["memory.budget_gb: got inf; must be a finite number"], id="budget-inf"),
+    pytest.param(["train.lr=.nan"], ["train.lr: got nan; expected a finite number"], id="lr-nan"),
+    pytest.param(["parallel.timeout_s=1e300"], ["parallel.timeout_s", "expected a number <= 10000000"], id="timeout-huge"),
     pytest.param(['run.output_dir=""'], ["run.output_dir", "an empty path would train into the current folder"],
                  id="empty-output-dir"),
 ])
@@ -433,3 +437,9 @@ def test_explicit_bad_resume_creates_no_output_dir(capsys, tmp_path, tiny_config
     message = cli_error(capsys, "train", write_yaml(tmp_path / "c.yaml", tiny_config))
     assert message == f"run.resume: checkpoint {tmp_path / 'step_4'} does not exist"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_nproc_zero_is_refused_not_run_as_one(capsys, cfg_path, command):
+    """`--nproc 0` ran as 1 (argparse's 0 read as 'not given')."""
+    assert "--nproc must be at least 1, got 0" in cli_error(capsys, command, cfg_path, "--nproc", "0")

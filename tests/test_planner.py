@@ -224,7 +224,9 @@ def plan_cli(capsys, *args) -> tuple[int, str, str]:
 @pytest.mark.parametrize("tier, expected", [
     ("{capacity_gb: 100, to_gpu_gbps: 0, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps must be > 0, got 0"),
     ("{capacity_gb: 100, to_gpu_gbps: -5, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps must be > 0, got -5"),
-    ("{capacity_gb: lots, to_gpu_gbps: 5, from_gpu_gbps: 50}", "tiers.host.capacity_gb must be a number, got 'lots'"),
+    ("{capacity_gb: lots, to_gpu_gbps: 5, from_gpu_gbps: 50}", "tiers.host.capacity_gb must be a finite number, got 'lots'"),
+    ("{capacity_gb: .inf, to_gpu_gbps: 5, from_gpu_gbps: 50}", "tiers.host.capacity_gb must be a finite number, got inf"),
+    ("{capacity_gb: .nan, to_gpu_gbps: 5, from_gpu_gbps: 50}", "tiers.host.capacity_gb must be a finite number, got nan"),
     ("{capacity_gb: 100, from_gpu_gbps: 50}", "tiers.host.to_gpu_gbps is missing"),
 ])
 def test_machine_profiles_are_checked_on_load(tmp_path, capsys, tier, expected):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -24,7 +25,9 @@ from .errors import ConfigError  # noqa: F401  (re-exported: the config's error)
 
 class _Section(BaseModel):
     # Overrides arrive typed by YAML; `run.output_dir=2024` still means a string.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True)
+    # allow_inf_nan=False: `memory.budget_gb=.nan` or `.inf` is a config error, not a number the solver chokes on
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -217,6 +220,13 @@ class MemoryConfig(_Section):
             raise ValueError("must be auto or 1..64")
         return value
 
+    @field_validator("budget_gb", mode="before")
+    @classmethod
+    def _finite_budget(cls, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"got {value}; must be a finite number > 0 (GB), auto, or null")
+        return value
+
     @field_validator("budget_gb")
     @classmethod
     def _positive_budget(cls, value):
@@ -268,7 +278,7 @@ class ParallelConfig(_Section):
     # auto: single with one process, ddp with more. ddp: torch DDP (or, where the optimizer takes each gradient
     # during backward, its own all-reduce); fsdp2: fully_shard per decoder layer; deepspeed: ZeRO stage 1-3.
     strategy: Literal["auto", "single", "ddp", "fsdp2", "deepspeed"] = "auto"
-    timeout_s: float = Field(600.0, gt=0)  # a collective waiting longer fails the run (a lost rank) instead of hanging
+    timeout_s: float = Field(600.0, gt=0, le=1e7)  # a collective waiting longer fails the run (a lost rank) instead of hanging
     fsdp_bf16: bool = False  # FSDP2: bf16 parameters in forward/backward, gradients reduced in fp32
     fsdp_reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward
     zero_stage: int = Field(2, ge=1, le=3)  # DeepSpeed ZeRO stage

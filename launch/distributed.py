@@ -37,7 +37,9 @@ def init_process_group(timeout_s: float, alone: bool = False, device: str = "aut
 
     if dist.is_initialized() or (launched_world() <= 1 and not alone):
         return
-    if launched_world() <= 1:
+    if launched_world() <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # Run directly: a group of one on a private port. Under torchrun (--nproc 1) the group's store is the agent's,
+        # at torchrun's MASTER_PORT: moving the port made the rank wait for a store nobody serves (a hang).
         import socket
 
         with socket.socket() as s:

@@ -109,6 +109,19 @@ def test_two_ranks_match_one_process(name, reference, tmp_path, tiny_config):
         _assert_exported_is_trained(tmp_path / "hf", step)
 
 
+def test_one_rank_under_torchrun_joins_the_agents_store(tmp_path, tiny_config):
+    """`--nproc 1` with a strategy that needs a process group (FSDP2): the rank joins torchrun's group. It used to
+    move MASTER_PORT to a private port while torchrun's agent store served the old one, and waited out
+    parallel.timeout_s for a store nobody served (then failed with 40 lines of C++ frames)."""
+    out = tmp_path / "run"
+    cfg = _config(tiny_config, out)
+    cfg["train"]["max_steps"] = 2
+    result = run_cli("train", write_yaml(tmp_path / "c.yaml", cfg), "--nproc", "1", "parallel.strategy=fsdp2",
+                     "parallel.timeout_s=20", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(train_losses(out)) == 2
+
+
 LORA = ["adapter.kind=lora", "adapter.rank=4", "train.lr=3e-3"]
 
 

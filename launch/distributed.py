@@ -25,6 +25,24 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
+def die_with_parent() -> None:
+    """A rank ends when the process that started it does (`longtune train --nproc` or torchrun killed with SIGKILL:
+    an out-of-memory killer, a scheduler), instead of training on with no parent: Linux's parent-death signal.
+    SIGKILL, since a rank may be blocked in a collective; its checkpoint writes are atomic. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_process_group(timeout_s: float, alone: bool = False, device: str = "auto") -> None:
     """Join the launcher's group (gloo on the CPU, NCCL on GPUs: run.device); every collective times out after
     timeout_s, so a lost rank fails the others instead of hanging them. `alone`: a group of this one process

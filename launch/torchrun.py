@@ -8,8 +8,10 @@ complete checkpoint by itself. `longtune train CFG --nproc N` starts this throug
 import sys
 
 from longtune.launch.cli import main  # first: it takes the folder torchrun started us in off sys.path
+from longtune.launch.distributed import die_with_parent
 
 if __name__ == "__main__":
+    die_with_parent()  # a rank does not outlive its launcher
     argv = sys.argv[1:]
     debug = ["--debug"] if "--debug" in argv[:1] else []
     argv = argv[len(debug):]

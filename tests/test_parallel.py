@@ -122,6 +122,33 @@ def test_one_rank_under_torchrun_joins_the_agents_store(tmp_path, tiny_config):
     assert len(train_losses(out)) == 2
 
 
+def test_ranks_die_with_their_launcher(tmp_path, tiny_config):
+    """SIGKILL of `longtune train --nproc 2` (an out-of-memory killer, a scheduler) ends its ranks too; they used
+    to be reparented to PID 1 and train to the end, writing checkpoints with no parent."""
+    out = tmp_path / "run"
+    cfg = _config(tiny_config, out)
+    cfg["train"]["max_steps"] = 100_000
+    proc = start_cli("train", write_yaml(tmp_path / "c.yaml", cfg), "--nproc", "2")
+    ranks = []
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "longtune.launch.torchrun" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        proc.send_signal(signal.SIGKILL)
+        gone, alive = psutil.wait_procs(ranks, timeout=20)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        for p in [proc, *ranks]:  # orphans would hold the pipes open (and train on)
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        proc.communicate()
+
+
 LORA = ["adapter.kind=lora", "adapter.rank=4", "train.lr=3e-3"]
 
 

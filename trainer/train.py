@@ -129,6 +129,7 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     config_yaml = dump_config(cfg)
     # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it (see write_run_files).
     tokenizer = build_tokenizer(cfg.model, saved=output_dir / TOKENIZER_DIR if resume_from else None)
+    train_source = build_source(cfg.data, tokenizer, cfg.train.seed)  # before the model: a bad record stops in seconds
     model = build_base_model(cfg, resume_from)  # on the host: the runtime places it
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:  # a token id past the embedding would fail deep in the first forward
@@ -139,7 +140,6 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     sp = SequenceParallel.build(cfg, ranks)
     sp.apply(model)  # sequence parallel: attention over the group's shards of each sequence
     strategy.shard(model)  # FSDP2 shards the weights before the optimizer is built over them
-    train_source = build_source(cfg.data, tokenizer, cfg.train.seed)
     eval_task = None
     if isinstance(train_source, PasskeyTask) and cfg.data.passkey.eval_samples:
         eval_task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")

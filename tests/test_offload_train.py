@@ -248,7 +248,7 @@ def test_smollm2_offloaded_equal_in_memory(tmp_path, smollm2_dir):
         "data": {"kind": "passkey", "seq_len": 96, "passkey": {"digits": 3, "eval_samples": 0}},
         "train": {"max_steps": SMOLLM2_STEPS, "lr": 1e-4, "warmup_steps": 2, "seed": 0},
         "checkpoint": {"every_n_steps": 0},
-        "run": {"output_dir": ""},
+        "run": {"output_dir": str(tmp_path / "run")},  # each _run sets its own
         "log": {"sinks": ["jsonl"]},
     }
     plain = _run(cfg, tmp_path, "plain")

@@ -347,7 +347,7 @@ def _adapter_state_options(shape: ModelShape, machine: Machine, optimizer: str, 
         if opt == "cpu":
             tier = {"host": HOST_OPTIMIZER_BYTES * a + optimizer_host_buffers("cpu") * 4 * layer_a}
             exposed = a / machine.cpu_adam_params_per_s
-            fwd = bwd_out = layer_a * wb / host_link.to_gpu_bps
+            fwd, bwd_out = layer_a * wb / host_link.to_gpu_bps, layer_a * wb / host_link.from_gpu_bps
         out.append(StateOption(opt, "gpu", sharding.apply(gpu, layer_a * wb), tier, exposed, fwd, 0.0, bwd_out))
     if not out:
         raise ValueError(f"adapters keep their optimizer state on the GPU or the host, not memory.optimizer={optimizer}")

@@ -291,6 +291,8 @@ CASES = {
     "state-of-wrong-shape": resume_damaged(lambda r: (newest(r) / "trainer_state.json").write_text("[1, 2, 3]")),
     "state-not-json": resume_damaged(lambda r: (newest(r) / "trainer_state.json").write_text("{step: ")),
     "state-with-bad-step": resume_damaged(lambda r: (newest(r) / "trainer_state.json").write_text('{"step": "two"}')),
+    "state-without-data": resume_damaged(lambda r: (newest(r) / "trainer_state.json").write_text(
+        '{"step": 2, "tokens_seen": 512}')),
     "optimizer-missing": resume_damaged(lambda r: next(newest(r).glob("optimizer*")).unlink()),
     "optimizer-truncated": resume_damaged(lambda r: truncate(next(newest(r).glob("optimizer*")))),
     "weights-missing-on-export": export_damaged(lambda r: (newest(r) / "model.safetensors").unlink()),

@@ -419,6 +419,9 @@ def read_train_state(path: Path) -> TrainState:
             or not (data.get("data") is None or isinstance(data["data"], dict))):
         raise CheckpointError(f"{path} does not hold a trainer state (step, tokens_seen >= 0, data a mapping): "
                               f"{str(data)[:80]}")
+    if data["step"] > 0 and not data.get("data"):  # every checkpoint after a step records where the data is
+        raise CheckpointError(f"{path} has no data position ('data'), so the run cannot go on with its data order: "
+                              "resume from another checkpoint")
     return TrainState(**data)
 
 

@@ -124,12 +124,14 @@ class SavedTensorDispatcher:
         """A recompute's outputs (a pre chunk's q, k, v: the graph's ends, which no saved-tensor hook sees) are
         recompute memory too, until the scope is released, as the plan's recompute chunk counts them."""
         for t in outputs:
-            ptr = storage_key(t)
-            if ptr not in scope.seen:
-                n = t.untyped_storage().nbytes()
-                scope.seen[ptr] = n
-                scope.counted += n
-                self.residency.add("recompute", n)
+            self._count_recomputed(scope, t, storage_key(t))
+
+    def _count_recomputed(self, scope: _Scope, t: torch.Tensor, ptr: int) -> None:
+        if ptr not in scope.seen:
+            n = t.untyped_storage().nbytes()
+            scope.seen[ptr] = n
+            scope.counted += n
+            self.residency.add("recompute", n)
 
     def release_recompute(self, scope: _Scope) -> None:
         """A recompute scope's tensors are gone (its graph was freed)."""
@@ -192,11 +194,7 @@ class SavedTensorDispatcher:
             if upcast is not None:
                 return upcast
         if scope.recompute:
-            if ptr not in scope.seen:
-                n = t.untyped_storage().nbytes()
-                scope.seen[ptr] = n
-                scope.counted += n
-                self.residency.add("recompute", n)
+            self._count_recomputed(scope, t, ptr)
             return t
         return self.stash_tensor(t)
 

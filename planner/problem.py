@@ -641,7 +641,8 @@ def build_problem(
     kernels = frozenset(kernels)
     saved = class_bytes_per_token(shape.layer, kernels)
     if adapter is not None:
-        saved = {c: b + adapter.saved_bytes_per_token(shape).get(c, 0.0) for c, b in saved.items()}
+        added = adapter.saved_bytes_per_token(shape)
+        saved = {c: b + added.get(c, 0.0) for c, b in saved.items()}
     extra_workspace = 0.0
     if not offload_activations and checkpointed:  # the checkpoint is the layer input in the model dtype
         extra_workspace = sum(saved[c] for c in CLASSES) * tokens  # the one layer being recomputed

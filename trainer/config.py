@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from longtune.planner.problem import LAYER_MATRIX_NAMES  # the projections of a decoder layer: LoRA's default targets
+
 from .errors import ConfigError  # noqa: F401  (re-exported: the config's error)
 
 
@@ -308,9 +310,6 @@ class LaunchConfig(_Section):
     ray: RayLaunchConfig = RayLaunchConfig()
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 class AdapterConfig(_Section):
     """adapter.kind=lora: low-rank adapters (peft's LoRA) beside frozen base weights; only they train, only they and
     their optimizer state are checkpointed (trainer/adapters.py)."""
@@ -319,7 +318,7 @@ class AdapterConfig(_Section):
     rank: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LAYER_MATRIX_NAMES), min_length=1)
 
 
 class Config(_Section):

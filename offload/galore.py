@@ -38,6 +38,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .groups import decay_groups
 from .galore_projection import (PROJECTORS, project, project_back, random_basis, randomized_basis,
                                 rotate_moments, side_of, svd_basis)
 
@@ -125,10 +126,8 @@ class GaloreAdamW(torch.optim.Optimizer):
             raise ValueError(f"optim.galore.targets {list(options.targets)} match no 2-D weight (names look like {example})")
         galore = [p for n, p in named if n in targets]
         rest = [p for n, p in named if n not in targets]
-        groups = [{"params": galore, "galore": True, "weight_decay": weight_decay},
-                  {"params": [p for p in rest if p.ndim >= 2], "galore": False, "weight_decay": weight_decay},
-                  {"params": [p for p in rest if p.ndim < 2], "galore": False, "weight_decay": 0.0}]
-        super().__init__([g for g in groups if g["params"]], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        groups = [{"params": galore, "galore": True, "weight_decay": weight_decay}]
+        super().__init__([g for g in groups if g["params"]] + decay_groups(rest, weight_decay, galore=False), dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.options, self.clip_grad_norm = options, clip_grad_norm
         # Data parallel without a DDP wrapper: the gradients are averaged over `process_group` here, a target
         # weight's in its rank-r projection (r/n of the bytes) between refreshes.
@@ -394,7 +393,3 @@ class GaloreAdamW(torch.optim.Optimizer):
         if last:
             self._update(p, self._low.pop(p))
 
-    def detach_layerwise(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()

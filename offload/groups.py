@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from longtune.models.layers import decoder_layers
+
 
 @dataclass
 class ParamGroup:
@@ -25,14 +27,6 @@ class ParamGroup:
     @property
     def numel(self) -> int:
         return sum(s.numel() for s in self.shapes)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder layers: the longest ModuleList (model.model.layers in every HF decoder)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers; offload needs one")
-    return max(lists, key=len)
 
 
 def param_groups(model: nn.Module) -> list[ParamGroup]:
@@ -50,6 +44,14 @@ def param_groups(model: nn.Module) -> list[ParamGroup]:
             g.names.append(name)
             g.shapes.append(p.shape)
     return [g for g in groups if g.params]
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float, drop_empty: bool = True, **extra) -> list[dict]:
+    """AdamW's two torch param groups, as every longtune optimizer makes them (so checkpoints move between them):
+    decay on matrices, none on norms and biases (1-D), in that order; `extra` goes into both."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"] or not drop_empty]
 
 
 def flat_offsets(shapes: list[torch.Size]) -> list[int]:

@@ -28,7 +28,7 @@ from torch import nn
 from longtune.planner.problem import NVME_STATE_STAGINGS
 
 from .cpu_adam import AdamWHyper, CpuAdamW
-from .groups import ParamGroup, flat_offsets, param_groups
+from .groups import ParamGroup, decay_groups, flat_offsets, param_groups
 from .movers import worker_pool
 from .pinned import HostPool, exact_pinned_empty
 
@@ -43,6 +43,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  clip_grad_norm: Optional[float] = None, tier: str = "cpu", nvme_store=None,
                  cpu_adam: Optional[CpuAdamW] = None, numa_nodes=None, interleave: bool = False,
+                 numa_local_share: Optional[float] = None,
                  weight_writers: Optional[dict[int, WeightWriter]] = None, device: Optional[torch.device] = None,
                  copy_stream=None, module_hooks: bool = True, process_group=None):
         if tier not in ("cpu", "nvme"):
@@ -55,10 +56,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         # The same two torch param groups, in the same order, as the in-memory optimizer (checkpoints are
         # interchangeable): decay on matrices, none on norms and biases.
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        torch_groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        super().__init__([g for g in torch_groups if g["params"]], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(decay_groups(params, weight_decay), dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.tier, self.store, self.clip = tier, nvme_store, clip_grad_norm
         self.cpu_adam = cpu_adam or CpuAdamW()
         self.writers = weight_writers or {}
@@ -81,18 +79,19 @@ class OffloadedAdamW(torch.optim.Optimizer):
                                    initargs=(torch.get_num_threads(),))
         self._pending: dict[int, Future] = {}  # group -> its update in flight
         self._hooks = []
-        self._build_state(numa_nodes, interleave)
+        self._build_state(numa_nodes, interleave, numa_local_share)
         self._begin(1)
         self._install_hooks(module_hooks)
 
     # --- state -----------------------------------------------------------------------------
-    def _build_state(self, numa_nodes, interleave) -> None:
+    def _build_state(self, numa_nodes, interleave, numa_local_share=None) -> None:
         biggest = max(g.numel for g in self.groups)
         # Gradients are summed on the host in fp32 whatever the tier: the GPU keeps no gradient past its hook.
         layout = [(f"grad/{g.index}", (g.numel,), torch.float32) for g in self.groups]
         if self.tier == "cpu":
             layout += [(f"state/{g.index}", (3, g.numel), torch.float32) for g in self.groups]
-        self.pool = HostPool(layout, numa_nodes=numa_nodes, interleave=interleave, name="optimizer")
+        self.pool = HostPool(layout, numa_nodes=numa_nodes, interleave=interleave, numa_local_share=numa_local_share,
+                             name="optimizer")
         self._staging = ([exact_pinned_empty((3 * biggest,), torch.float32) for _ in range(NVME_STATE_STAGINGS)]
                          if self.tier == "nvme" else [])  # (the planner counts them: problem.optimizer_host_buffers)
         self._staging_busy: list[Optional[Future]] = [None] * NVME_STATE_STAGINGS

@@ -48,7 +48,8 @@ def _in_backward() -> bool:
 
 class ParamStreamer:
     def __init__(self, model: nn.Module, device: torch.device, *, tier: str = "cpu", nvme_store=None,
-                 numa_nodes=None, interleave: bool = False, mover: Optional[Mover] = None, module_hooks: bool = True):
+                 numa_nodes=None, interleave: bool = False, numa_local_share: Optional[float] = None,
+                 mover: Optional[Mover] = None, module_hooks: bool = True):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"parameter tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -66,7 +67,8 @@ class ParamStreamer:
                 at += -(-spans[-1][1] // ALIGN) * ALIGN
             self._layout[g.index], self._nbytes[g.index] = spans, at
         self.pool = HostPool([(f"w/{g.index}", (self._nbytes[g.index],), torch.uint8) for g in self.layers],
-                             numa_nodes=numa_nodes, interleave=interleave, name="params") if tier == "cpu" else None
+                             numa_nodes=numa_nodes, interleave=interleave, numa_local_share=numa_local_share,
+                             name="params") if tier == "cpu" else None
         biggest = max(self._nbytes.values())
         self._staging = exact_pinned_empty((biggest,), torch.uint8) if tier == "nvme" else None
         self._write_staging = exact_pinned_empty((biggest,), torch.uint8) if tier == "nvme" else None

@@ -206,6 +206,7 @@ class HostPool:
         pin: str = "auto",
         numa_nodes: Sequence[int] | None = None,
         interleave: bool = False,
+        numa_local_share: float | None = None,
         align: int = 64,
         name: str = "host",
     ):
@@ -219,6 +220,7 @@ class HostPool:
         elif interleave:
             raise ValueError(f"pool {name!r}: interleave=True needs numa_nodes to interleave over")
         self._numa = (numa_nodes, interleave)
+        self._local_share = numa_local_share
         last = list(self._slots.values())[-1]
         self.nbytes = _round_up(last.offset + _round_up(last.nbytes, align), PAGE)
 
@@ -238,9 +240,15 @@ class HostPool:
         try:
             if numa_nodes is not None:
                 from longtune.offload.numa import bind_memory
+                from longtune.offload.placement import Placement, bind_placement
 
                 # Pages take their node at first touch, so the policy must be set before anything writes.
-                bind_memory(self._mapping.addr, self.nbytes, numa_nodes, interleave)
+                if self._local_share is None:
+                    bind_memory(self._mapping.addr, self.nbytes, numa_nodes, interleave)
+                else:  # the planned local share below an even split: head interleaved, tail on CXL
+                    local = int(self._local_share * self.nbytes)
+                    bind_placement(self._mapping.addr, self.nbytes,
+                                   Placement(name, tuple(numa_nodes), interleave, local, self.nbytes - local))
             if want_pin:
                 torch.cuda.init()  # register under torch's primary context, not a fresh one
                 self._mapping.register()

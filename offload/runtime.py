@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .dispatch import SavedTensorDispatcher, storage_key
+from .groups import decay_groups
 from .movers import Mover
 
 if TYPE_CHECKING:
@@ -297,10 +298,7 @@ def _torch_adamw(model: nn.Module, o: RuntimeOptions) -> torch.optim.Optimizer:
     # No weight decay on norms and biases (1-D tensors), as is standard; the same two groups, in the same
     # order, as OffloadedAdamW, so checkpoints move between tiers.
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    groups = decay_groups(params, o.weight_decay, drop_empty=False)  # as checkpoints written so far hold them
     # The fused kernel (CUDA and CPU) is torch's fastest AdamW, and the one the offloaded optimizer runs on
     # the host: the same update rule bit for bit, so moving state off the GPU changes nothing.
     fused = all(p.device.type in ("cuda", "cpu") for p in params)

@@ -1,4 +1,4 @@
-"""Analytic activation inventory of one Llama-family decoder layer (llama, mistral, qwen2, qwen3).
+"""Analytic activation inventory of one decoder layer of a supported family (longtune.models.families).
 
 Lists the tensors autograd saves for backward in transformers 5.24 with attn_implementation="sdpa", per token,
 so the planner can price keeping / offloading / recomputing each activation class without importing torch.
@@ -19,6 +19,8 @@ Per token (s = dtype_bytes, h = hidden, I = intermediate, d = head_dim, nq/nkv =
   shared (once per model) = 2s*d               (RoPE cos, sin)
 
 Rules behind these numbers:
+* Gemma's norm multiplies in fp32 (`(x * rstd) * (1 + w)`, cast after): it keeps its normalised values in fp32,
+  4 bytes per element where Llama's keeps s (`LayerShape.norm_fp32_product`).
 * RMSNorm computes in fp32: `x.float()`, pow/mul save the fp32 x (a copy in bf16, x itself in fp32: 4 bytes either way),
   rsqrt saves its fp32 result (1 float per normalised row), `weight * y.to(dtype)` saves y in the model dtype, and the
   Linear after the norm saves the norm's output weight*y: a norm keeps 4 + s + s bytes per element, not s.
@@ -35,7 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# The one torch-free module of longtune the planner reads: which families exist and how their layers differ.
+from longtune.models.families import family, head_dim as config_head_dim
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 PARTS = ("input", "pre", "attn", "post")  # per-layer classes the planner chooses among; "shared" is model-level
@@ -58,6 +61,7 @@ class LayerShape:
     head_dim: int
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     dtype: str = "bfloat16"
+    norm_fp32_product: bool = False  # Gemma: the norms keep their normalised values in fp32
 
     @property
     def dtype_bytes(self) -> int:
@@ -66,21 +70,16 @@ class LayerShape:
     @classmethod
     def from_hf_config(cls, d: dict, dtype: str) -> LayerShape:
         """From a transformers config dict (`config.to_dict()` or config.json)."""
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED:
-            # other families add norms / gates (gemma, olmo, ...) that this formula does not count
-            raise ValueError(f"model_type {model_type!r} not supported; expected one of {SUPPORTED}")
-        heads = d["num_attention_heads"]
-        # head_dim absent/None: transformers derives hidden // heads, except Qwen3Config which defaults to 128
-        head_dim = d.get("head_dim") or (128 if model_type == "qwen3" else d["hidden_size"] // heads)
+        f = family(d.get("model_type"))  # other families add norms / gates that these formulas do not count
         return cls(
             hidden=d["hidden_size"],
             intermediate=d["intermediate_size"],
-            num_heads=heads,
+            num_heads=d["num_attention_heads"],
             num_kv_heads=d["num_key_value_heads"],  # required: the absent default differs per config class
-            head_dim=head_dim,
-            qk_norm=model_type == "qwen3",
+            head_dim=config_head_dim(d),
+            qk_norm=f.qk_norm,
             dtype=normalize_dtype(dtype),
+            norm_fp32_product=f.norm_offset != 0,
         )
 
 
@@ -97,6 +96,7 @@ def layer_inventory(shape: LayerShape) -> list[SavedTensor]:
     h, inter, d = shape.hidden, shape.intermediate, shape.head_dim
     q, kv = shape.num_heads * d, shape.num_kv_heads * d
     s, dt, f32 = shape.dtype_bytes, normalize_dtype(shape.dtype), "float32"
+    normed_bytes, normed_dtype = (4, f32) if shape.norm_fp32_product else (s, dt)
 
     def t(name, part, nbytes, dtype=dt):
         return SavedTensor(name, part, float(nbytes), dtype)
@@ -105,7 +105,7 @@ def layer_inventory(shape: LayerShape) -> list[SavedTensor]:
         # x upcast to fp32 (saved by pow and mul), rsqrt per row (fp32), normalised y cast back to the model dtype
         # (saved by `weight * y`), and the output weight*y if the next op saves it (a Linear saves its input)
         out = [t(f"{name}.x_fp32", part_x, 4 * width, f32), t(f"{name}.rstd", part_rest, 4 * rows, f32),
-               t(f"{name}.normed", part_rest, s * width)]
+               t(f"{name}.normed", part_rest, normed_bytes * width, normed_dtype)]
         return out + [t(f"{name}.out", part_rest, s * width)] if out_saved else out
 
     # input: what the input RMSNorm keeps of the layer input -- its fp32 upcast (4h even in bf16, where a checkpoint
@@ -153,6 +153,7 @@ def runtime_inventory(shape: LayerShape, kernels: frozenset[str] = frozenset()) 
     q, kv = shape.num_heads * d, shape.num_kv_heads * d
     s, dt, f32 = shape.dtype_bytes, normalize_dtype(shape.dtype), "float32"
     fused_norm, fused_mlp = "rmsnorm" in kernels, "swiglu" in kernels
+    normed_bytes, normed_dtype = (4, f32) if shape.norm_fp32_product else (s, dt)
 
     def t(name, part, nbytes, dtype=dt):
         return SavedTensor(name, part, float(nbytes), dtype)
@@ -164,7 +165,7 @@ def runtime_inventory(shape: LayerShape, kernels: frozenset[str] = frozenset()) 
         out = [t(f"{name}.x", part, s * width)] if x_new else []
         out.append(t(f"{name}.rstd", part, 4 * rows, f32))
         if not fused_norm:
-            out.append(t(f"{name}.normed", part, s * width))
+            out.append(t(f"{name}.normed", part, normed_bytes * width, normed_dtype))
         return out + ([t(f"{name}.out", part, s * width)] if out_saved else [])
 
     inv = [t("input", "input", s * h)]

@@ -42,6 +42,8 @@ def tiny_model_config(model_type: str = "llama") -> dict:
     }
     if model_type == "qwen3":
         cfg["head_dim"] = 8
+    if model_type == "gemma":
+        cfg["head_dim"] = 8  # GemmaConfig's default is 256
     return cfg
 
 

@@ -22,7 +22,7 @@ from longtune.planner.milp import min_gpu_budget
 from longtune.planner.plan import make_plan, plan_of
 from longtune.planner.problem import CLASSES, Machine, ModelShape, Tier, build_problem
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 G = 4  # chunks per class
 SEQ = 48
 
@@ -33,6 +33,8 @@ def tiny(model_type: str, layers: int = 2) -> dict:
            "tie_word_embeddings": False}
     if model_type == "qwen3":
         cfg["head_dim"] = 16  # != hidden / heads
+    if model_type == "gemma":
+        cfg["head_dim"] = 8  # GemmaConfig's default is 256
     return cfg
 
 
@@ -212,12 +214,13 @@ def test_runtime_stashes_the_planners_inventory_byte_for_byte(family, dtype, tmp
             assert runtime.dispatcher.class_bytes[l, cls] == per_token[cls] * 64, (l, cls)
 
 
-@pytest.mark.parametrize("kernels", [("rmsnorm",), ("swiglu",), ("rmsnorm", "rope", "swiglu")])
-def test_inventory_with_kernels(kernels, tmp_path):
+@pytest.mark.parametrize("family,kernels", [("qwen3", ("rmsnorm",)), ("qwen3", ("swiglu",)),
+                                            ("qwen3", ("rmsnorm", "rope", "swiglu")), ("gemma", ("rmsnorm", "rope"))])
+def test_inventory_with_kernels(family, kernels, tmp_path):
     """With longtune's kernels patched in, the runtime saves what the kernels save, as the planner counts."""
-    from longtune.kernels.patch import apply_kernels
+    from longtune.models.patch import apply_kernels
 
-    cfg = tiny("qwen3")
+    cfg = tiny(family)
     model = build(cfg)
     apply_kernels(model, **{k: k in kernels for k in ("rmsnorm", "rope", "swiglu")}, fused_ce=False)
     ids = torch.randint(0, 256, (1, 32))
@@ -265,7 +268,7 @@ def test_autocast_runs_attention_in_autocasts_dtype_as_the_plain_model_does(tmp_
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    from longtune.offload.layer_split import UnsupportedModel, check_supported
+    from longtune.models.layers import UnsupportedModel, check_supported
 
     with pytest.raises(UnsupportedModel, match="llama, mistral, qwen2, qwen3"):
         check_supported(AutoConfig.for_model("gpt2"), 64)

@@ -182,7 +182,7 @@ def test_inline_config_without_model_type(capsys, cfg_path):
 
 def test_inline_config_with_unsupported_model_type(capsys, cfg_path):
     message = cli_error(capsys, "train", cfg_path, "model.config.model_type=gpt2")
-    assert message == "model.config.model_type: got 'gpt2'; expected one of ('llama', 'qwen2', 'qwen3', 'mistral')"
+    assert message == "model.config.model_type: got 'gpt2'; expected one of ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma')"
 
 
 def test_missing_model_file(capsys, cfg_path):

@@ -175,7 +175,7 @@ def test_passkey_accuracy_on_tiny_model(tok):
 def test_passkey_accuracy_sends_only_the_answer_positions_through_the_head(tok, kernels):
     """The logits of the whole sequence would be the largest tensor of a long-context step (Llama-3-8B at 128K:
     34 GB in bf16, and an fp32 copy): the LM head sees only the positions that predict the answer."""
-    from longtune.kernels.patch import apply_kernels
+    from longtune.models.patch import apply_kernels
 
     task = PasskeyTask(tok, 128, digits=4, split="eval")
     model = tiny_llama()

@@ -20,6 +20,8 @@ def tiny(model_type: str) -> dict:
            "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 512}
     if model_type == "qwen3":
         cfg["head_dim"] = 16
+    if model_type == "gemma":
+        cfg["head_dim"] = 8  # GemmaConfig's default is 256
     return cfg
 
 
@@ -31,7 +33,7 @@ def by_part(tensors) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "gemma"])
 def test_analytic_matches_measured(model_type, dtype):
     cfg = tiny(model_type)
     measured = measure_layer(cfg, dtype, seq_len=32)
@@ -74,7 +76,7 @@ def test_from_hf_config():
     assert (s.qk_norm, s.head_dim, s.dtype_bytes) == (True, 128, 2)  # Qwen3Config's head_dim default
     assert not LayerShape.from_hf_config(tiny("llama"), "float32").qk_norm
     with pytest.raises(ValueError):
-        LayerShape.from_hf_config(tiny("llama") | {"model_type": "gemma"}, "bfloat16")
+        LayerShape.from_hf_config(tiny("llama") | {"model_type": "gpt2"}, "bfloat16")
 
 
 def test_inventory_imports_no_torch():

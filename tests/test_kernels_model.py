@@ -13,7 +13,7 @@ from conftest import tiny_model_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from longtune.kernels import backend
-from longtune.kernels.patch import apply_kernels
+from longtune.models.patch import apply_kernels
 
 FP32 = dict(atol=1e-5, rtol=5e-4)  # Liger's fp32 tolerances
 
@@ -59,6 +59,35 @@ def test_tiny_models_with_every_kernel_match_transformers(model_type):
     _assert_same_training_signal(plain, patched, ids, labels)
     # num_items_in_batch (gradient accumulation) is honoured the same way
     _assert_same_training_signal(plain, patched, ids, labels, num_items_in_batch=50)
+
+
+def test_gemma_takes_the_kernels_that_compute_it_exactly():
+    """Gemma's MLP is GELU, not the swiglu kernel's formula: refused by name. Its norm (x * (1 + w) in fp32) is the
+    RMSNorm kernel with offset 1; RoPE (called from stock attention through the dispatcher) and the fused loss
+    are the same as for Llama: all exact."""
+    from longtune.kernels import rope as rope_kernel
+
+    fields = tiny_model_config("gemma")
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields), attn_implementation="sdpa")
+    with torch.no_grad():  # GemmaRMSNorm starts at weight 0 (a scale of 1): make the offset matter
+        for name, p in plain.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    with pytest.raises(ValueError, match="model.kernels.swiglu: .* gemma takes rmsnorm, rope, fused_ce"):
+        apply_kernels(copy.deepcopy(plain))
+    patched = copy.deepcopy(plain)
+    calls = []
+    original = rope_kernel.apply_rope
+    rope_kernel.apply_rope = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        counts = apply_kernels(patched, swiglu=False)
+        assert counts == {"rmsnorm": 2 * 2 + 1, "rope": 2, "swiglu": 0, "fused_ce": 1}
+        ids, labels = _inputs(plain.config.vocab_size)
+        _assert_same_training_signal(plain, patched, ids, labels)
+    finally:
+        rope_kernel.apply_rope = original
+    assert calls, "stock attention must reach the RoPE kernel"
 
 
 def test_smollm2_with_every_kernel_is_as_exact_as_plain_fp32(smollm2_dir):

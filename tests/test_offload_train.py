@@ -302,6 +302,10 @@ def test_cxl_machine_puts_optimizer_state_local_and_weights_on_cxl(tmp_path, off
     assert any("weights pool on NUMA nodes [1]" in n for n in notes)
     optimizer, *_ = _numa_placement(cfg, plan, 10_000_000_000, 2)  # 160 GB of state straddles 100 GB
     assert optimizer == {"numa_nodes": [0, 1], "interleave": True}
+    # 320 GB of state, 100 GB local: below an even split, so the pool binds its head interleaved and its tail to
+    # CXL (placement_ranges), the split the policy documents
+    optimizer, *_ = _numa_placement(cfg, plan, 20_000_000_000, 2)
+    assert optimizer["numa_nodes"] == [0, 1] and optimizer["numa_local_share"] == pytest.approx(100 / 320, rel=0.01)
 
 
 def _relative(a: float, b: float) -> float:

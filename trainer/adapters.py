@@ -22,16 +22,7 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.j
 PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the base model's own parameter names
 
 
-def _quiet_bitsandbytes() -> None:
-    """peft imports bitsandbytes where installed; on a CPU with AVX512-BF16 it tries to fetch a 4-bit kernel from
-    the Hugging Face hub at import and logs a warning when it cannot. LoRA uses none of it."""
-    import logging
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
 def lora_config(a: AdapterConfig):
-    _quiet_bitsandbytes()
     from peft import LoraConfig
 
     return LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=list(a.target_modules),
@@ -42,7 +33,6 @@ def apply_adapter(model: torch.nn.Module, a: AdapterConfig) -> None:
     """LoRA layers into `model` in place, and every other parameter frozen; a no-op for adapter.kind=none."""
     if a.kind == "none":
         return
-    _quiet_bitsandbytes()
     from peft import inject_adapter_in_model
 
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

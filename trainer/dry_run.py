@@ -110,7 +110,7 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
 
 def _mark_backward_starts(model: torch.nn.Module, counter, starts: dict[int, int]) -> list:
     """Forward hooks that note, in `starts`, the op count when each decoder layer's output gradient arrives."""
-    from longtune.offload.groups import decoder_layers
+    from longtune.models.layers import decoder_layers
 
     layers = decoder_layers(model)
 

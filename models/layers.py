@@ -1,5 +1,6 @@
-"""A decoder layer cut where the activation runtime needs it: pre-attention part, attention core, post part.
+"""The decoder layers of a model, and one layer cut where the activation runtime needs it.
 
+    layers = decoder_layers(model)
     y = post(x, attention(*pre(x)))
 
 - pre(x):  input norm, q/k/v projections, q/k norms (Qwen3), RoPE -> q [b, nq, t, d], k and v [b, nkv, t, d]
@@ -8,8 +9,9 @@
   as [b, t, nq * d]
 
 Both token-wise parts run on any chunk of tokens, and call the layer's own modules (so a kernel that
-`model.kernels` patched into a norm, the MLP or RoPE runs inside them). The formulas are transformers'
-LlamaDecoderLayer / LlamaAttention (Mistral and Qwen2 are the same layer; Qwen3 adds the q/k norms), with the
+`model.kernels` patched into a norm or the MLP runs inside them; RoPE is the one `patch.rope_of` names for the
+attention module). The formulas are transformers' LlamaDecoderLayer / LlamaAttention, which every family in
+`families.FAMILIES` shares (Qwen3 adds the q/k norms; Gemma's norm and MLP differ inside their modules), with the
 attention interface and the mask left out: attention is the runtime's.
 """
 
@@ -21,23 +23,36 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+from .families import SUPPORTED, UnsupportedModel, activation_error, family, sliding_window
+from .patch import rope_of
+
+__all__ = ["SUPPORTED", "UnsupportedModel", "LayerSplit", "check_supported", "decoder", "decoder_layers", "split_layer"]
 
 
-class UnsupportedModel(ValueError):
-    """The activation runtime cannot split this model's layers; the message says why and what is supported."""
+def decoder(model: nn.Module) -> nn.Module:
+    """The decoder under a causal LM's head (model.model: embeddings, layers, final norm, rotary embedding), found
+    through transformers' `base_model`, so a LoRA-injected or FSDP-sharded model is found alike."""
+    base = getattr(model, "base_model", None)
+    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):
+        raise UnsupportedModel(f"{type(model).__name__}: cannot find the decoder layers (expected model.model.layers, "
+                               f"as in transformers' {', '.join(SUPPORTED)} models)")
+    return base
 
 
-def _rope(self, q, k, cos, sin, modeling):
-    # `self` is the attention module on purpose: the kernels' RoPE dispatch (kernels/patch.py) asks its caller's
-    # frame for `self` to know whether that module opted into the kernel.
-    return modeling.apply_rotary_pos_emb(q, k, cos, sin)
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder layers of a transformers causal LM (model.model.layers)."""
+    return decoder(model).layers
+
+
+def modeling_module(model_type: str):
+    """transformers' modeling module of a family (its classes and module-level RoPE)."""
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
 @dataclass
 class LayerSplit:
     layer: nn.Module
-    modeling: object  # the transformers modeling module of the family, for its (maybe patched) RoPE
+    modeling: object  # the transformers modeling module of the family, for its stock RoPE
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -46,6 +61,9 @@ class LayerSplit:
     @property
     def attn(self) -> nn.Module:
         return self.layer.self_attn
+
+    def _rope(self, q, k, cos, sin):
+        return rope_of(self.attn, self.modeling)(q, k, cos, sin)
 
     def pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         attn = self.attn
@@ -57,7 +75,7 @@ class LayerSplit:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
-        q, k = _rope(attn, q, k, cos, sin, self.modeling)
+        q, k = self._rope(q, k, cos, sin)
         return q, k, v
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -71,7 +89,7 @@ class LayerSplit:
             k = attn.k_norm(k)
         k = k.transpose(1, 2)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
-        _, k = _rope(attn, k, k, cos, sin, self.modeling)  # RoPE takes q and k together; k stands in for q
+        _, k = self._rope(k, k, cos, sin)  # RoPE takes q and k together; k stands in for q
         return k, v
 
     def post(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -81,30 +99,19 @@ class LayerSplit:
 
 def check_supported(config, seq_len: int) -> None:
     """Raise UnsupportedModel, naming the reason, for a model the split would get wrong."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
-        raise UnsupportedModel(f"the activation runtime splits {', '.join(SUPPORTED)} decoder layers, not {model_type!r}")
+    family(getattr(config, "model_type", None), "the activation runtime: model_type")
     if getattr(config, "attention_dropout", 0.0):
         raise UnsupportedModel(f"attention_dropout={config.attention_dropout}: the activation runtime's attention has no dropout")
-    window = _sliding_window(config)
+    window = sliding_window(config)
     if window is not None and seq_len > window:
         raise UnsupportedModel(f"sliding-window attention ({window} tokens) at {seq_len} tokens is not supported by the "
                                f"activation runtime's attention; use data.seq_len <= {window}")
-    act = getattr(config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise UnsupportedModel(f"hidden_act={act!r}: the split expects the gated SiLU MLP of {', '.join(SUPPORTED)}")
-
-
-def _sliding_window(config):
-    window = getattr(config, "sliding_window", None)
-    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
-        return None
-    return window
+    reason = activation_error(config)
+    if reason:
+        raise UnsupportedModel(reason)
 
 
 def split_layer(layer: nn.Module, config) -> LayerSplit:
     check_supported(config, 0)
-    head_dim = layer.self_attn.head_dim
-    modeling = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
-    return LayerSplit(layer, modeling, config.num_attention_heads, config.num_key_value_heads, head_dim,
-                      float(layer.self_attn.scaling))
+    return LayerSplit(layer, modeling_module(config.model_type), config.num_attention_heads,
+                      config.num_key_value_heads, layer.self_attn.head_dim, float(layer.self_attn.scaling))

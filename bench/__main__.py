@@ -1,7 +1,7 @@
-"""python -m longtune.bench NAME [--quick]: the same as `longtune bench`."""
+"""python -m longtune.bench NAME [--quick]: the same as `longtune bench`, which it runs in this process's place
+(the command is launch/cli.py's: it imports bench, and bench imports nothing of launch)."""
 
+import os
 import sys
 
-from .runner import main
-
-sys.exit(main())
+os.execv(sys.executable, [sys.executable, "-m", "longtune.launch.cli", "bench", *sys.argv[1:]])

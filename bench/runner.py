@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from longtune.launch.isolation import safe_env
 from longtune.trainer.errors import ConfigError
 
 from .caps import GB, MemoryCap
@@ -79,10 +78,10 @@ SUITES = {
 
 
 # --- one probe --------------------------------------------------------------------------------------------
-def run_probe(spec: dict, cap_gb: Optional[float], timeout_s: float) -> dict:
-    """One system at one length in its own process, under the cap: the child's RESULT, or why there is none."""
+def run_probe(spec: dict, cap_gb: Optional[float], timeout_s: float, env: dict[str, str]) -> dict:
+    """One system at one length in its own process, under the cap: the child's RESULT, or why there is none.
+    `env`: the child's environment (run's, kept off the repo root it runs in)."""
     cap = MemoryCap(cap_gb * GB) if cap_gb else None
-    env = safe_env(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **PROBE_ENV)  # run from the repo root
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "longtune.bench.systems", json.dumps(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
@@ -133,7 +132,7 @@ def longest_fitting(ladder: tuple[int, ...], fits: Callable[[int], bool], start:
 
 
 # --- the suite ----------------------------------------------------------------------------------------------
-def run_suite(name: str, suite: Suite, log=print) -> dict:
+def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
     results = {"suite": name, "config": asdict(suite), "models": {}}
     deadline = time.monotonic() + suite.deadline_s if suite.deadline_s else None
     total = len(suite.models) * len(suite.systems)
@@ -157,7 +156,7 @@ def run_suite(name: str, suite: Suite, log=print) -> dict:
                     probes.append({"seq": seq, "ok": False, "reason": "not run", "error": "the suite's deadline"})
                     raise _Broken(probes[-1])
                 log(f"[{done}/{total}] {model} {system} @ {seq:,} tokens ...")
-                r = run_probe(spec, suite.cap_gb if suite.device == "cpu" else None, min(suite.probe_timeout_s, left))
+                r = run_probe(spec, suite.cap_gb if suite.device == "cpu" else None, min(suite.probe_timeout_s, left), env)
                 r["seq"] = seq
                 probes.append(r)
                 log("    " + _probe_line(r))
@@ -270,12 +269,6 @@ def device_name(env: dict, device: str) -> str:
 
 
 # --- the command ---------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longtune bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(n for n in SUITES if not n.endswith("-quick")), help="the suite")
     parser.add_argument("--quick", action="store_true", help="the suite's short form (minutes)")
@@ -284,7 +277,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="the JSON to write (default: bench/results/<device>-<date>-<name>.json)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, isolated_env: Callable[..., dict[str, str]]) -> int:
+    """`longtune bench` (launch/cli.py). `isolated_env(**extra)`: the environment of a Python child that must not
+    see the repo root's folders under their bare names (launch.isolation.safe_env, handed in by the command:
+    launch imports bench, so bench imports nothing of launch)."""
     name = f"{args.name}-quick" if args.quick and f"{args.name}-quick" in SUITES else args.name
     suite = SUITES[name]
     if args.systems:
@@ -304,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
           f"{suite.ladder[0]:,}..{suite.ladder[-1]:,}, " + (f"{suite.cap_gb:g} GB cap" if suite.cap_gb else "the GPU's memory"),
           flush=True)
     started = datetime.datetime.now()
-    results = run_suite(name, suite, log=lambda s: print(s, flush=True))
+    child_env = isolated_env(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **PROBE_ENV)  # run from the repo root
+    results = run_suite(name, suite, child_env, log=lambda s: print(s, flush=True))
     print(table(results, suite))
     out = Path(args.out) if args.out else \
         REPO / "bench" / "results" / f"{device_name(env, suite.device)}-{started.date()}-{name}.json"
@@ -319,11 +316,3 @@ def run(args: argparse.Namespace) -> int:
     tmp.replace(out)
     print(f"results in {out}")
     return 0
-
-
-def main(argv=None) -> int:
-    try:
-        return run(build_parser().parse_args(argv))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

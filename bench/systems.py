@@ -5,7 +5,7 @@ probe its own process, under a memory cap). Prints `RESULT {json}` as its last l
 
 Systems (every one trains: forward, backward and an AdamW step on every weight, batch 1):
 
-  longtune        `longtune train` itself, with a memory plan for the probe's budget (activations, optimizer
+  longtune        what `longtune train` runs, with a memory plan for the probe's budget (activations, optimizer
                   and weights placed by the solver; on the CPU the tier off the "device" is NVMe only, since
                   host RAM is the device there) and the fused chunked loss
   hf              transformers as is (SDPA attention; FlashAttention-2 where installed on a GPU)
@@ -26,7 +26,6 @@ longtune the plan's predicted peak beside the runtime's own accounting.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import sys
@@ -234,28 +233,16 @@ class Infeasible(Exception):
     """longtune's planner found no plan for the budget: it says so before loading anything (a data point)."""
 
 
-class _Tee(io.TextIOBase):
-    """stderr as it is, and its `error: ...` lines kept."""
-
-    def __init__(self, stream):
-        self.stream, self.lines = stream, []
-
-    def write(self, text: str) -> int:
-        self.lines += [line for line in text.splitlines() if line.startswith("error: ")]
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def last_error(self) -> str:
-        return self.lines[-1][len("error: "):] if self.lines else ""
-
-
 def longtune(spec) -> dict:
-    """`longtune train` in this process, on a config made for the probe; figures from its metrics.jsonl."""
+    """What `longtune train CONFIG` runs in one process (the config loaded and checked, then trained), in this
+    process, on a config made for the probe; figures from its metrics.jsonl. The trainer is called directly, not
+    through launch/cli.py: the command imports bench (`longtune bench`), so bench imports nothing of launch."""
     import yaml
 
-    from longtune.launch.cli import main
+    from longtune.trainer.config import load_config
+    from longtune.trainer.errors import ConfigError
+    from longtune.trainer.inputs import check
+    from longtune.trainer.train import train
 
     work = Path(spec.get("workdir") or tempfile.mkdtemp(prefix="longtune-bench-"))
     cpu = _device().type == "cpu"
@@ -284,13 +271,17 @@ def longtune(spec) -> dict:
            "memory": memory, "checkpoint": {"every_n_steps": 0, "save_final": False},
            "run": {"output_dir": str(work / "run")}, "log": {"every_n_steps": 1, "sinks": ["jsonl"]}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
-    rss, errors = _PeakRss(), _Tee(sys.stderr)
-    with contextlib.redirect_stderr(errors):
-        code = main(["train", str(work / "config.yaml")])
-    peak_rss, finished = rss.stop(), _since_process_start()
-    error = errors.last_error()
-    if code != 0:
-        raise (Infeasible if "no plan fits" in error else RuntimeError)(error or f"longtune train exited with {code}")
+    rss = _PeakRss()
+    try:
+        config = load_config(work / "config.yaml")
+        check(config)  # as the command does: the model, data and run folder, before anything heavy
+        train(config)
+    except ConfigError as e:
+        if "no plan fits" in str(e):  # the planner's, as `longtune train` reports it (exit 2)
+            raise Infeasible(str(e)) from None
+        raise
+    finally:
+        peak_rss, finished = rss.stop(), _since_process_start()
     steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "loss" in m]
     last = steps[-1]

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from longtune.launch.isolation import keep_checkout_off_sys_path
+from longtune.launch.isolation import keep_checkout_off_sys_path, safe_env
 
 # First, before anything could import one of our folders under its bare name: `python -m longtune.launch.cli`,
 # and torchrun's ranks (launch/torchrun.py imports this module), start with the current folder on sys.path.
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from longtune.bench.runner import run as run_bench
 
-        return run_bench(args)
+        return run_bench(args, safe_env)  # its probes are Python children, kept off the repo root like ours
     if args.command == "train":
         cfg = load_config(*_split_config_and_overrides(args.config, args.overrides))
     else:

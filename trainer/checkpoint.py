@@ -167,7 +167,9 @@ def save_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 def load_deepspeed_weights(folder: Path, model: torch.nn.Module) -> None:
     """The fp32 weights of a DeepSpeed ZeRO checkpoint, gathered from its shards in this one process."""
-    from .deepspeed_strategy import fp32_state_dict
+    # here, not at the top: importing it sets DS_ACCELERATOR on a machine without CUDA, and a run that reads no
+    # DeepSpeed checkpoint leaves DeepSpeed's own accelerator detection (its CPU Adam and NVMe ops) alone
+    from .deepspeed_files import fp32_state_dict
 
     state = fp32_state_dict(folder / DEEPSPEED_DIR, DEEPSPEED_TAG)
     missing, unexpected = model.load_state_dict(state, strict=False)

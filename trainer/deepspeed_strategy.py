@@ -12,20 +12,15 @@ compiled with ninja on first use (~3 min), so it is switched off there.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # said once here, not as DeepSpeed's warning on every import
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .parallel import Strategy
+from .deepspeed_files import weights_only_engine  # (it picks DeepSpeed's accelerator on a CPU machine)
+from .strategy import Strategy
 
 
 class DeepSpeed(Strategy):
@@ -48,7 +43,7 @@ class DeepSpeed(Strategy):
         if self.device.type == "cpu":
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build; gloo does the work
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=runtime.optimizer, config=self.ds_config())
-        self.engine.checkpoint_engine = _weights_only_engine(self.engine)
+        self.engine.checkpoint_engine = weights_only_engine(self.engine)
         return self.engine
 
     def ds_config(self) -> dict:
@@ -135,51 +130,3 @@ class _DeepSpeedParts:
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise ckpt.CheckpointError(f"checkpoint {folder} holds no DeepSpeed state under {ckpt.DEEPSPEED_DIR}/")
-
-
-def _safe_globals() -> list:
-    """The only non-tensor objects DeepSpeed pickles into its checkpoints (every stage, with and without offload)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _weights_only_engine(engine):
-    """DeepSpeed's torch checkpoint engine, loading with weights_only=True (it unpickles anything otherwise)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    allowed = _safe_globals()
-
-    class WeightsOnly(TorchCheckpointEngine):
-        def load(self, path, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return WeightsOnly(engine._config)
-
-
-@contextlib.contextmanager
-def _weights_only_loads():
-    """torch.load with weights_only=True and DeepSpeed's three classes, whatever the caller asks (zero_to_fp32)."""
-    real = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_safe_globals()):
-            return real(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real
-
-
-def fp32_state_dict(folder: Path, tag: str) -> dict:
-    """The full fp32 weights of a ZeRO checkpoint, gathered in this one process (no process group): export."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with _weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)

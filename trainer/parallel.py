@@ -13,12 +13,12 @@ The loss convention: each rank's loss is its own target tokens' summed loss over
 the ranks' gradients sum to the gradient of the global mean. DDP, FSDP2 and DeepSpeed average over the ranks,
 so backward scales the loss by the world size (exact for powers of two; otherwise to the dtype's rounding).
 Checkpoints: `parts()` says how the strategy writes its weights and optimizer state (checkpoint.py).
+The base class (the interface, and the single-process strategy) is in strategy.py, which DeepSpeed extends.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from torch import nn
@@ -27,54 +27,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .memory import activations_planned, strategy_of, zero_stage_of
 from .ranks import Ranks
-
-
-class Strategy:
-    """One process, or data parallel ranks that all-reduce every gradient themselves (see DDP)."""
-
-    name = "single"
-
-    def __init__(self, cfg: Config, ranks: Ranks, device: torch.device):
-        self.cfg, self.ranks, self.device = cfg, ranks, device
-        self.model: Optional[nn.Module] = None
-        self.runtime = None
-
-    def shard(self, model: nn.Module) -> None:
-        """Before the optimizer exists: what changes the parameters themselves."""
-
-    def wrap(self, model: nn.Module, runtime) -> nn.Module:
-        """The module the step calls (a wrapper for DDP, an engine for DeepSpeed)."""
-        self.model, self.runtime = model, runtime
-        return model
-
-    @property
-    def optimizer(self):
-        return self.runtime.optimizer
-
-    def micro_batch(self, last: bool):
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.ranks.world if self.ranks.world > 1 else loss).backward()
-
-    def clip_and_step(self):
-        return self.runtime.clip_and_step()
-
-    def zero_grad(self) -> None:
-        self.runtime.zero_grad()
-
-    def parts(self):
-        """How this strategy's weights and optimizer state go into a checkpoint."""
-        return ckpt.TorchParts(self.model, self.optimizer, main=self.ranks.main, materialized=self.runtime.materialized)
-
-    def check_resume(self, state: ckpt.TrainState, path) -> None:
-        kind = ckpt.checkpoint_format(path)
-        if kind == "deepspeed":
-            raise ConfigError(f"checkpoint {path} was written by DeepSpeed ZeRO (parallel.strategy=deepspeed): resume "
-                              f"it with that strategy, or export it (longtune export) and start from the export")
-
-    def close(self) -> None:
-        pass
+from .strategy import Strategy
 
 
 class DDP(Strategy):

@@ -1,6 +1,6 @@
 """Keep a source checkout's top-level folders off `sys.path`, so that they are only ever `longtune.*`.
 
-The repo keeps trainer/, offload/, planner/, kernels/, launch/ and bench/ at its root and installs them as
+The repo keeps trainer/, offload/, planner/, kernels/, models/, launch/ and bench/ at its root and installs them as
 `longtune.<folder>`. Under their bare names they shadow real packages: transformers imports the PyPI package
 `kernels`, and from the repo root `import kernels` finds ours. A folder of the checkout reaches `sys.path`
 three ways: Python puts the current folder first for `python -m` and `python -c` (and the script's folder for
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 # The folders of the repo root that are packages of longtune (pyproject.toml maps each to longtune.<name>).
-TOP_LEVEL = ("trainer", "offload", "planner", "kernels", "launch", "bench")
+TOP_LEVEL = ("trainer", "offload", "planner", "kernels", "models", "launch", "bench")
 
 
 def is_checkout(folder: str) -> bool:

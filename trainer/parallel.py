@@ -23,6 +23,8 @@ import contextlib
 import torch
 from torch import nn
 
+from longtune.models.layers import decoder_layers
+
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .memory import activations_planned, strategy_of, zero_stage_of
@@ -113,15 +115,6 @@ class _DcpParts:
 
     def load(self, folder) -> None:
         ckpt.load_dcp(folder, self.model, self.optimizer)
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a transformers causal LM (Llama, Qwen, Mistral: model.model.layers)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ConfigError(f"parallel.strategy: cannot find the decoder layers of {type(model).__name__} "
-                          "(expected model.model.layers)")
-    return list(layers)
 
 
 def build_strategy(cfg: Config, ranks: Ranks, device: torch.device) -> Strategy:

@@ -74,7 +74,8 @@ def child(mode: str, seq: int, nvme_path: str) -> dict:
         from longtune.offload.runtime import MemoryRuntime, RuntimeOptions
         from longtune.planner.milp import min_gpu_budget
         from longtune.planner.plan import make_plan, plan_of
-        from longtune.trainer.memory import Capacities, planning_problem
+        from longtune.trainer.capacities import Capacities
+        from longtune.trainer.planning import planning_problem
 
         kind, frac = mode.split(":")
         machine = machine_profile(nvme_only=kind == "nvme")

@@ -549,7 +549,8 @@ def predict_longest(path: str, arch: str, machine_name: str, small: bool, gpu_fr
 
     from longtune.bench.gpu_context import config
     from longtune.trainer.config import validate
-    from longtune.trainer.memory import load_machine, longest_context
+    from longtune.trainer.capacities import load_machine
+    from longtune.trainer.longest import longest_context
 
     start = time.perf_counter()
     cfg = validate(config(arch, 1024 if small else 65536, "longtune", "auto", machine_name))
@@ -559,8 +560,9 @@ def predict_longest(path: str, arch: str, machine_name: str, small: bool, gpu_fr
     caps = {"gpu_gb": gpu / 1e9, "host_gb": host / 1e9}
     cfg = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={
         "budget_gb": gpu / 1e9, "tiers": cfg.memory.tiers.model_copy(update={"host_gb": host / 1e9})})})
-    n, plan = longest_context(cfg, machine, 1)
-    out = {"seq_len": n, "capacities": caps, "machine": machine_name, "arch": arch,
+    found = longest_context(cfg, machine, 1)
+    n, plan = found.seq_len, found.plan
+    out = {"seq_len": n, "next_failure": found.next_failure, "capacities": caps, "machine": machine_name, "arch": arch,
            "predicted_step_s": plan.predicted.get("step_time_s") if plan is not None else None,
            "seconds": time.perf_counter() - start}
     Path(path).write_text(json.dumps(out))

@@ -299,7 +299,9 @@ def run_plan(args: argparse.Namespace) -> int:
     from longtune.planner.plan import PlanInfeasible
     from longtune.planner.report import format_plan
     from longtune.trainer.config import load_config
-    from longtune.trainer.memory import load_machine, longest_context, plan_memory, profile_capacities
+    from longtune.trainer.capacities import load_machine, profile_capacities
+    from longtune.trainer.longest import longest_over_placements
+    from longtune.trainer.planning import plan_memory
 
     if args.timeline and not args.dry_run:
         raise UsageError("longtune plan: --timeline draws the dry run's step; add --dry-run")
@@ -324,15 +326,15 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"  {n:>12,} tokens: {'fits' if fits else 'does not fit'}", file=sys.stderr, flush=True)
 
         print(f"searching the longest context on {world} GPU(s) of {machine.name}...", file=sys.stderr, flush=True)
-        longest = longest_context(cfg, machine, world, progress, solved={cfg.data.seq_len: plan})
+        longest = longest_over_placements(cfg, machine, world, progress, solved={cfg.data.seq_len: plan})
     if infeasible is not None:
         e = infeasible
         if args.json:
             print(json.dumps({"feasible": False, "budget_bytes": e.budget_bytes, "min_budget_bytes": e.min_budget_bytes,
                               "missing_bytes": e.missing_bytes, "reason": str(e),
-                              **({"longest_context": _longest_dict(longest)} if longest else {})}))
+                              **(_longest_json(longest) if longest else {})}))
         elif longest:
-            print(_longest_line(cfg, machine, world, longest))
+            print(_longest_lines(cfg, machine, world, longest))
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INFEASIBLE
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -341,11 +343,11 @@ def run_plan(args: argparse.Namespace) -> int:
         print(format_plan(plan))
         print(f"plan written to {out}")
         if longest:
-            print(_longest_line(cfg, machine, world, longest))
+            print(_longest_lines(cfg, machine, world, longest))
     dry = _dry_run(args, cfg, plan, world) if args.dry_run else None
     if args.json:
         print(json.dumps({"feasible": True, "plan_file": str(out), **plan.to_dict(),
-                          **({"longest_context": _longest_dict(longest)} if longest else {}),
+                          **(_longest_json(longest) if longest else {}),
                           **({"dry_run": _dry_dict(plan, dry)} if dry else {})}))
     if dry and dry.peak_bytes["gpu"] > plan.problem.budget_bytes:
         return EXIT_INFEASIBLE
@@ -375,24 +377,39 @@ def _dry_dict(plan, run) -> dict:
             "bytes": {what: {"plan": planned, "dry_run": measured} for what, planned, measured in compare(plan, run)}}
 
 
-def _longest_dict(longest) -> dict:
-    n, plan = longest
-    return {"seq_len": n, "step_time_s": plan.predicted["step_time_s"] if plan else None,
-            "tokens_per_s": plan.predicted["tokens_per_s"] if plan else None}
+def _longest_dict(found) -> dict:
+    plan = found.plan
+    return {"seq_len": found.seq_len, "step_time_s": plan.predicted["step_time_s"] if plan else None,
+            "tokens_per_s": plan.predicted["tokens_per_s"] if plan else None, "placement": found.placement,
+            "optimizer_tier": plan.optimizer_tier if plan else None, "params_tier": plan.params_tier if plan else None,
+            "binding": plan.binding if plan else None, "next_failure": found.next_failure}
 
 
-def _longest_line(cfg, machine, world: int, longest) -> str:
-    from longtune.trainer.memory import SEARCH_STEP_TOKENS
+def _longest_json(longest: list) -> dict:
+    """`longest_context`: with the config's placement (what `longtune train` with this config can run);
+    `longest_by_placement`: that, and with the solver placing the state."""
+    return {"longest_context": _longest_dict(longest[0]), "longest_by_placement": [_longest_dict(f) for f in longest]}
 
-    n, plan = longest
+
+def _longest_lines(cfg, machine, world: int, longest: list) -> str:
+    from longtune.trainer.longest import SEARCH_STEP_TOKENS
+
     sp = cfg.parallel.sequence_parallel
     split = f" ({world // sp} x sequence parallel {sp})" if sp > 1 else ""
-    if plan is None:
-        return f"longest context on {world} GPU(s) of {machine.name}{split}: none fits"
-    p = plan.predicted
-    return (f"longest context on {world} GPU(s) of {machine.name}{split}: {n:,} tokens per sequence "
-            f"(predicted step {p['step_time_s']:.1f} s, {p['tokens_per_s']:,.0f} tokens/s per sequence group; "
-            f"{n + SEARCH_STEP_TOKENS * sp:,} does not fit)")
+    lines = []
+    for found in longest:
+        n, plan = found.seq_len, found.plan
+        if plan is None:
+            lines.append(f"longest context on {world} GPU(s) of {machine.name}{split} with {found.placement}: none fits")
+            continue
+        p = plan.predicted
+        lines.append(f"longest context on {world} GPU(s) of {machine.name}{split} with {found.placement}: {n:,} tokens "
+                     f"per sequence, {found.state_placement} (predicted step {p['step_time_s']:.1f} s, "
+                     f"{p['tokens_per_s']:,.0f} tokens/s per sequence group)")
+        binding = "; ".join(plan.binding) or "no limit is tight"
+        why = f": {found.next_failure}" if found.next_failure else ""
+        lines.append(f"  at {n:,} tokens the plan presses on: {binding}; {n + SEARCH_STEP_TOKENS * sp:,} does not fit{why}")
+    return "\n".join(lines)
 
 
 def run_probe(args: argparse.Namespace) -> int:

@@ -157,7 +157,8 @@ def plan_budget_gb(config: dict, fraction: float, world: int = 1) -> float:
     from longtune.planner.milp import min_gpu_budget
     from longtune.planner.plan import plan_of
     from longtune.trainer.config import validate
-    from longtune.trainer.memory import Capacities, load_machine, planning_problem
+    from longtune.trainer.capacities import Capacities, load_machine
+    from longtune.trainer.planning import planning_problem
 
     cfg = copy.deepcopy(config)
     cfg.setdefault("memory", {})["budget_gb"] = 1.0
@@ -177,7 +178,8 @@ def budget_gb_placing(config: dict, places: set[str], world: int = 1) -> float:
     import copy
 
     from longtune.trainer.config import validate
-    from longtune.trainer.memory import Capacities, load_machine, plan_memory
+    from longtune.trainer.capacities import Capacities, load_machine
+    from longtune.trainer.planning import plan_memory
 
     for step in range(31):
         budget = plan_budget_gb(config, step / 100, world)

@@ -4,7 +4,8 @@ import pytest
 
 from longtune.trainer.config import load_config
 from longtune.trainer.dry_run import draw_timeline, dry_run, rows_beside_plan
-from longtune.trainer.memory import load_machine, plan_memory, profile_capacities
+from longtune.trainer.capacities import load_machine, profile_capacities
+from longtune.trainer.planning import plan_memory
 
 # Llama-3-8B's config (Adam state on the host) at a small width and 4K tokens, a budget that makes the plan recompute.
 SMALL = ["model.config.num_hidden_layers=2", "model.config.hidden_size=256", "model.config.intermediate_size=512",

@@ -450,7 +450,7 @@ def test_the_fused_update_kernel_gives_the_optimizers_steps():
 def test_moments_on_the_host_train_as_on_the_device_and_the_plan_counts_them(tmp_path, tiny_config):
     from longtune.launch.cli import main
     from longtune.planner.problem import GaloreSizing, ModelShape, state_options
-    from longtune.trainer.memory import load_machine
+    from longtune.trainer.capacities import load_machine
 
     def run(name, where):
         c = {**tiny_config, "optim": {"name": "galore_adamw", "galore": {"rank": 4, "update_proj_gap": 2}}}

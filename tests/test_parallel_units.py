@@ -9,7 +9,16 @@ import torch
 from longtune.planner.problem import GaloreSizing, ModelShape, Sharding, state_options
 from longtune.trainer.config import ConfigError, validate
 from longtune.trainer.data import DataLoader, Sample
-from longtune.trainer.memory import load_machine, sharding_of, strategy_of
+from longtune.trainer.capacities import load_machine
+from longtune.trainer.layout import ParallelLayout
+
+
+def sharding_of(cfg, world):
+    return ParallelLayout.of(cfg, world).sharding
+
+
+def strategy_of(cfg, world):
+    return ParallelLayout.of(cfg, world).strategy
 
 
 class _Numbers:
@@ -112,7 +121,6 @@ def test_a_multi_process_launch_without_a_strategy_for_it_is_refused(tiny_config
 
 
 def test_the_zero_stage_of_a_users_deepspeed_json_sizes_the_plan(tiny_config, tmp_path):
-    from longtune.trainer.memory import sharding_of
     from longtune.trainer.parallel import build_strategy
     from longtune.trainer.ranks import Ranks
 
@@ -158,3 +166,22 @@ def test_more_ranks_than_gpus_are_refused_in_one_line(tiny_config, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: run.device=cuda, but torch sees no GPU (a CPU build of "
                                                   "torch, or no visible device)"]
+
+
+def test_the_longest_context_is_searched_with_the_state_placed_by_the_solver_too():
+    """`longtune plan --longest`: the config's placement (optimizer on the host, weights on the GPU) and the solver's
+    (auto, auto); each says where the state went, what its plan presses on, and why one step more fails."""
+    from longtune.trainer.config import load_config
+    from conftest import REPO
+
+    from longtune.trainer.longest import SEARCH_STEP_TOKENS, longest_over_placements
+
+    cfg = load_config(str(REPO / "configs" / "llama3-8b-128k.yaml"), [])
+    own, auto = longest_over_placements(cfg, load_machine(cfg.memory.machine), 1)
+    assert own.placement == "memory.optimizer=cpu memory.params=gpu" and own.plan.params_tier == "gpu"
+    assert auto.placement == "memory.optimizer=auto memory.params=auto"
+    assert auto.seq_len > own.seq_len > 131072  # moving the weights too buys context (predicted)
+    for found in (own, auto):
+        assert found.seq_len % SEARCH_STEP_TOKENS == 0 and found.plan.problem.meta["tokens"] == found.seq_len
+        assert any("GPU budget" in b for b in found.plan.binding)
+        assert found.next_failure.startswith("no plan fits a GPU budget of 70.00 GB")

@@ -134,7 +134,8 @@ def test_longtune_plan_llama3_8b_at_a_million_tokens_on_8_h100(tmp_path):
     (the planner's prediction, not a measurement)."""
     from longtune.planner.plan import PlanInfeasible
     from longtune.trainer.config import load_config
-    from longtune.trainer.memory import load_machine, plan_memory, profile_capacities
+    from longtune.trainer.capacities import load_machine, profile_capacities
+    from longtune.trainer.planning import plan_memory
 
     result = run_cli("plan", REPO / "configs" / "llama3-8b-128k.yaml", *SP8, "data.seq_len=1048576",
                      "--out", tmp_path / "plan.yaml")

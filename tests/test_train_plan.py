@@ -99,7 +99,8 @@ def test_cli_writes_the_plan_and_prints_it(config, tmp_path):
 def test_activations_that_autograd_keeps_are_a_warning_not_a_refusal(config):
     """Without memory.budget_gb the plan only places the state; activations that would not fit the device are
     for the user to hear about (with the fix), not a reason to refuse the run."""
-    from longtune.trainer.memory import Capacities, plan_memory
+    from longtune.trainer.capacities import Capacities
+    from longtune.trainer.planning import plan_memory
 
     cfg = validate({**config, "memory": {"plan_chunks": 4}})
     fits = plan_memory(cfg, Capacities(gpu=100e9, host=64e9))

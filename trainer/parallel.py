@@ -27,7 +27,8 @@ from longtune.models.layers import decoder_layers
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .memory import activations_planned, strategy_of, zero_stage_of
+from .layout import ParallelLayout
+from .planning import activations_planned
 from .ranks import Ranks
 from .strategy import Strategy
 
@@ -118,8 +119,9 @@ class _DcpParts:
 
 
 def build_strategy(cfg: Config, ranks: Ranks, device: torch.device) -> Strategy:
-    name = strategy_of(cfg, ranks.world)
-    if name == "deepspeed" and activations_planned(cfg) and zero_stage_of(cfg) >= 3:  # `longtune plan` shows it
+    layout = ParallelLayout.of(cfg, ranks.world, ranks.rank)
+    name = layout.strategy
+    if name == "deepspeed" and activations_planned(cfg) and layout.zero_stage >= 3:  # `longtune plan` shows it
         # ZeRO-3 gathers each Linear's weights in its own hooks and autograd Function; the layer runtime's
         # chunked graphs and gradient edges do not follow them (FSDP2 gathers per layer, and does).
         raise ConfigError("the activation runtime (memory.budget_gb / memory.plan) trains under DeepSpeed ZeRO "

@@ -26,6 +26,7 @@ from typing import Optional
 from torch import nn
 
 from .config import Config, ConfigError
+from .layout import ParallelLayout
 from .data import Batch
 from .ranks import Ranks
 
@@ -43,9 +44,10 @@ class SequenceParallel:
 
     @staticmethod
     def build(cfg: Config, ranks: Ranks) -> "SequenceParallel":
-        P = cfg.parallel.sequence_parallel
+        layout = ParallelLayout.of(cfg, ranks.world, ranks.rank)
+        P = layout.sequence
         if P == 1:
-            return SequenceParallel(1, 0, ranks.rank, ranks.world)
+            return SequenceParallel(1, 0, layout.dp_rank, layout.dp_world)
         if ranks.world % P:
             raise ConfigError(f"parallel.sequence_parallel={P} does not divide the {ranks.world} processes launched: "
                               f"launch a multiple of {P} (world = data parallel x sequence parallel)")
@@ -59,8 +61,8 @@ class SequenceParallel:
             pg = dist.new_group(members)
             if ranks.rank in members:
                 mine = pg
-        return SequenceParallel(P, ranks.rank % P, ranks.rank // P, ranks.world // P,
-                                SequenceGroup(P, ranks.rank % P, mine))
+        return SequenceParallel(P, layout.sp_rank, layout.dp_rank, layout.dp_world,
+                                SequenceGroup(P, layout.sp_rank, mine))
 
     def shard(self, batch: Batch) -> Batch:
         return batch if self.size == 1 else batch.shard(self.rank, self.size)

@@ -20,7 +20,9 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
-from .memory import activations_planned, build_runtime, infeasible_error, live_capacities, plan_memory
+from .capacities import live_capacities
+from .memory import build_runtime
+from .planning import infeasible_error, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, reset_gpu_peak, train_flops_per_token
 from .adapters import apply_adapter, export_adapter, merge_adapter
 from .model import build_model, build_tokenizer, count_parameters, patch_model
@@ -155,11 +157,11 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
         write_atomic(output_dir / "config.resolved.yaml", config_yaml)
         if resume_from is None:
             tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
-        if activations_planned(cfg):
+        if plan.problem.offload_activations:  # decided once, by plan_memory
             write_atomic(output_dir / "plan.yaml", plan.to_yaml())
             print(f"plan written to {output_dir / 'plan.yaml'}")
 
-    if activations_planned(cfg):
+    if plan.problem.offload_activations:
         print(describe_plan(plan))
     for note in runtime.notes:
         print(note)

@@ -1,7 +1,8 @@
 """`longtune` command line.
 
 Exit codes: 0 success; 2 bad config, input or usage (one line on stderr); 1 runtime failure (one line);
-3 (plan) no plan fits the memory budget. `--debug` prints the traceback behind any error.
+3 (plan) no plan fits the memory budget; 130 interrupted (SIGINT); 143 stopped by SIGTERM (a checkpoint saved
+first, where the run checkpoints). `--debug` prints the traceback behind any error.
 
 Nothing heavy is imported before the command line and the config are checked: `--help`, usage errors and
 config errors answer without loading torch.
@@ -23,7 +24,8 @@ from longtune.launch.isolation import keep_checkout_off_sys_path, safe_env
 # and torchrun's ranks (launch/torchrun.py imports this module), start with the current folder on sys.path.
 keep_checkout_off_sys_path()
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_RUN_DIR: Optional[str] = None  # the run folder `train` or `resume` works in, for the line an interrupt prints
 MAX_ERROR_CHARS = 500
 
 EPILOG = "Overrides are dotted keys typed as YAML: train.max_steps=12 train.lr=3e-4 log.sinks=[console,jsonl]"
@@ -118,7 +120,7 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 LAUNCH_FLAGS = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
 
 
-def _torchrun(args: argparse.Namespace, argv: list[str], device: str) -> int:
+def _torchrun(args: argparse.Namespace, argv: list[str], device: str, grace_s: float) -> int:
     """`longtune train CFG --nproc N ...`: torch.distributed.run starting N ranks of the same command."""
     from longtune.launch.distributed import launched_world
 
@@ -163,10 +165,14 @@ def _torchrun(args: argparse.Namespace, argv: list[str], device: str) -> int:
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     from torch.distributed.run import main as torchrun_main
 
+    from longtune.launch.distributed import pass_sigterm_to_ranks
+
     print(f"torchrun {' '.join(launcher)} -m longtune.launch.torchrun {' '.join(rank_argv)}", flush=True)
+    stop = pass_sigterm_to_ranks(grace_s)
     try:
         torchrun_main([*launcher, "-m", "longtune.launch.torchrun", *rank_argv])
     except Exception as e:  # noqa: BLE001 -- torchrun's ChildFailedError: the ranks printed their own errors
+        stop.raise_if_stopped()
         failures = getattr(e, "failures", None) or {}
         which = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(failures.items())) or _first_line(e)
         raise _RanksFailed(f"the training processes failed ({which}); each rank's own error is above") from None
@@ -256,12 +262,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     from longtune.trainer.inputs import check
 
+    global _RUN_DIR
+    _RUN_DIR = cfg.run.output_dir
     check(cfg)  # model, data, resume and run folder, before torch is imported
     if args.nproc is not None or any(getattr(args, k) is not None for k in LAUNCH_FLAGS):
         if cfg.launch.backend == "ray":
             raise UsageError("--nproc starts torchrun; launch.backend=ray starts Ray workers (launch.ray.num_workers): "
                              "choose one")
-        return _torchrun(args, args.argv, cfg.run.device)
+        return _torchrun(args, args.argv, cfg.run.device, cfg.parallel.timeout_s)
     if cfg.launch.backend == "ray":
         from longtune.launch.distributed import launched_world
 
@@ -270,7 +278,9 @@ def run(args: argparse.Namespace) -> int:
 
             return run_on_ray(cfg)
     from longtune.launch.distributed import init_process_group, launched_world, prefix_output, restarted
+    from longtune.trainer.errors import install_stop_handlers
 
+    install_stop_handlers()  # SIGTERM: a checkpoint at the next step boundary, then exit 143
     if launched_world() > 1 or cfg.parallel.strategy in ("fsdp2", "deepspeed"):
         init_process_group(cfg.parallel.timeout_s, alone=launched_world() == 1, device=cfg.run.device)
         import torch.distributed as dist
@@ -432,7 +442,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from longtune.trainer.errors import ConfigError, RunError
+    from longtune.trainer.errors import ConfigError, RunError, Stopped
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -445,14 +455,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(e, EXIT_USAGE, debug)
     except (RunError, FloatingPointError, OSError, _RanksFailed) as e:
         return _fail(e, EXIT_RUNTIME, debug)
+    except Stopped as e:  # SIGTERM: the message says where the run stopped and what it saved
+        if str(e) and _is_rank_zero():
+            print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        if _is_rank_zero():
+            on = f": nothing half-written is left; longtune resume {_RUN_DIR} goes on from its newest complete " \
+                "checkpoint" if _RUN_DIR else ""
+            print(f"error: interrupted (SIGINT){on}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as e:  # a bug of ours or of a library: still one line, the traceback on request
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
         return _fail(f"internal error{at}: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)",
                      EXIT_RUNTIME, debug, e)
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 says why the group stopped; the other ranks, stopped the same way, stay quiet."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _first_line(e: BaseException) -> str:

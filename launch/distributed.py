@@ -43,6 +43,102 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def pass_sigterm_to_ranks(grace_s: float) -> "_SigtermToRanks":
+    """In `longtune train --nproc N` (torchrun's agent runs in this process): SIGTERM, a scheduler's, goes on to the
+    ranks, which save a checkpoint at their next step boundary and exit 143; the launcher waits up to grace_s
+    (parallel.timeout_s) for them. torchrun's agent would wait its TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) here and
+    after a rank failed alike; that wait now only ends a group that already failed (a rank that stopped answering
+    cannot take a signal), and is 5 s unless set."""
+    import signal
+    import threading
+
+    stop = _SigtermToRanks(grace_s)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")
+    if threading.current_thread() is threading.main_thread():
+        for name in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE"):  # torchrun's flag, its agent's
+            os.environ.setdefault(name, "SIGINT,SIGHUP,SIGQUIT")  # SIGTERM is ours
+        signal.signal(signal.SIGTERM, stop.handle)
+    return stop
+
+
+class _SigtermToRanks:
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.outcome: str | None = None  # what happened, once SIGTERM was handled ("" when rank 0 said it)
+
+    def handle(self, signum, frame) -> None:
+        import logging
+        import signal
+        import time
+
+        from torch.distributed.elastic.multiprocessing import SignalException
+
+        if self.outcome is not None:  # a second SIGTERM while the ranks stop
+            return
+        self.outcome = ""
+        for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+            logging.getLogger(name).setLevel(logging.ERROR)  # its "shutting down workers" lines: ours says it
+        ranks = _child_processes()
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.grace_s
+        while time.monotonic() < deadline and any(_exit_status(pid) is None for pid in ranks):
+            time.sleep(0.05)
+        late = [r for pid, r in ranks.items() if _exit_status(pid) is None]
+        failed = [f"rank {r} exited with code {_exit_status(pid)}" for pid, r in ranks.items()
+                  if _exit_status(pid) not in (None, 0, 128 + signal.SIGTERM)]
+        if not ranks:
+            self.outcome = "stopped by SIGTERM before the ranks started: nothing trained"
+        elif late or failed:
+            what = [*failed, *([f"rank(s) {', '.join(map(str, sorted(late)))} did not stop within {self.grace_s:g} s "
+                                "(parallel.timeout_s) and were killed"] if late else [])]
+            self.outcome = (f"stopped by SIGTERM: {'; '.join(what)}; longtune resume goes on from the newest complete "
+                            "checkpoint")
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+    def raise_if_stopped(self) -> None:
+        if self.outcome is not None:
+            from longtune.trainer.errors import Stopped
+
+            raise Stopped(self.outcome)
+
+
+def _child_processes() -> dict[int, int]:
+    """{pid: rank} of this process's children (the ranks torchrun started here), from /proc."""
+    out = {}
+    for stat in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not stat.isdigit():
+            continue
+        try:
+            with open(f"/proc/{stat}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            if int(fields[1]) != os.getpid():
+                continue
+            with open(f"/proc/{stat}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            out[int(stat)] = int(env.get(b"RANK", b"-1"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _exit_status(pid: int) -> int | None:
+    """A child's exit code (128 + N for signal N) once it has exited and before it is reaped; None while it
+    runs. A child already reaped counts as exited (0)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0
+    if fields[0] not in ("Z", "X"):
+        return None
+    status = int(fields[49]) if len(fields) > 49 else 0  # field 52: the exit status as waitpid reports it
+    return (status >> 8) & 0xFF if status & 0x7F == 0 else 128 + (status & 0x7F)
+
+
 def init_process_group(timeout_s: float, alone: bool = False, device: str = "auto") -> None:
     """Join the launcher's group (gloo on the CPU, NCCL on GPUs: run.device); every collective times out after
     timeout_s, so a lost rank fails the others instead of hanging them. `alone`: a group of this one process

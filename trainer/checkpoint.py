@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .adapters import trainable_state
-from .errors import CheckpointError
+from .errors import CheckpointError, signal_behind, signals_received
 from .inputs import (  # noqa: F401 (latest_complete: re-exported)
     COMPLETE, is_complete, latest_complete, list_checkpoints, remove_stale_temporaries, step_dir, temp_name,
 )
@@ -265,17 +265,18 @@ def save_checkpoint(
     tmp = output_dir / ranks.from_main(temp_name(state.step))
 
     def on_every_rank(work) -> None:
-        error = None
+        error, mark = None, signals_received()
         try:
             work()
         except BaseException as e:  # torch.save reports ENOSPC as a RuntimeError; Ctrl-C must clean up too
-            error = e
+            error = signal_behind(e, mark) or e  # an interrupt that a library turned into its own error is one
         if not ranks.all_ok(error is None):
             if ranks.main:
                 shutil.rmtree(tmp, ignore_errors=True)
             if error is not None and (not isinstance(error, Exception) or isinstance(error, CheckpointError)):
                 raise error
-            cause = _root_cause(error) if error is not None else "another rank failed to write its part"
+            cause = write_failure(error, output_dir, keep_last) if error is not None else \
+                "another rank failed to write its part"
             raise CheckpointError(f"could not write checkpoint {final}: {cause}") from error
 
     need = ranks.sum_int(parts.nbytes())  # a collective: outside the steps that may fail on one rank
@@ -283,7 +284,7 @@ def save_checkpoint(
     def prepare() -> None:
         if ranks.main:
             remove_stale_temporaries(output_dir)
-            _check_room(output_dir, final, need)
+            _make_room(output_dir, final, need, keep_last)
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
@@ -293,7 +294,10 @@ def save_checkpoint(
         if ranks.world > 1 and not ranks.main:
             _torch_save(rng_state(), tmp / f"rng_rank{ranks.rank}.pt")
 
+    renamed = False
+
     def finish() -> None:
+        nonlocal renamed
         if not ranks.main:
             return
         if hasattr(model, "config"):  # the architecture, so loading needs no GGUF parse
@@ -307,13 +311,21 @@ def save_checkpoint(
         if final.exists():  # an incomplete leftover of an earlier, interrupted run
             _remove(final)
         os.rename(tmp, final)
+        renamed = True
         _write_text(final / COMPLETE, "")
         _fsync_dir(final)
         _fsync_dir(output_dir)
 
-    on_every_rank(prepare)
-    on_every_rank(write_parts)
-    on_every_rank(finish)
+    try:
+        on_every_rank(prepare)
+        on_every_rank(write_parts)
+        on_every_rank(finish)
+    except BaseException:  # a failure, or a signal between the steps: nothing half-written stays
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if renamed and not is_complete(final):
+                shutil.rmtree(final, ignore_errors=True)
+        raise
     if keep_last and ranks.main:
         prune(output_dir, keep_last)
     ranks.barrier()  # nobody goes on (or reads the folder) before it is complete and pruned
@@ -330,15 +342,64 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _check_room(output_dir: Path, final: Path, need: int) -> None:
-    """Refuse a checkpoint the disk cannot hold, before writing anything. Older checkpoints do not count as free:
-    they are pruned only once the new one is complete."""
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _make_room(output_dir: Path, final: Path, need: int, keep_last: Optional[int]) -> None:
+    """Refuse a checkpoint the disk cannot hold, before writing anything. When the older checkpoints that keep_last
+    prunes once this one is complete are what makes room, they are pruned first; the newest complete one always
+    stays until the new one is complete (a failed write must leave something to resume from)."""
     need += 1 << 20
     free = shutil.disk_usage(output_dir).free
-    if need > free:
-        raise CheckpointError(f"could not write checkpoint {final}: it needs {need / 1e9:.2f} GB and "
-                              f"{free / 1e9:.2f} GB are free under {output_dir} (free some space, lower "
-                              "checkpoint.keep_last, or move run.output_dir)")
+    if need <= free:
+        return
+    found = list_checkpoints(output_dir)
+    complete = [p for _, p in found if is_complete(p) and p != final]
+    junk = [p for _, p in found if not is_complete(p) and p != final]  # never loaded: interrupted renames
+    sizes = {p: _folder_bytes(p) for p in [*junk, *complete]}
+
+    def room_keeping(k: int) -> tuple[list[Path], int]:
+        """What goes, and the free bytes after, when the newest k older checkpoints stay."""
+        gone = [*junk, *complete[:max(len(complete) - k, 0)]]
+        return gone, free + sum(sizes[p] for p in gone)
+
+    keep = max((keep_last or len(complete) + 1) - 1, 1)  # what keep_last keeps besides the new one
+    gone, after = room_keeping(keep)
+    if after >= need:
+        removed = []
+        for p in gone:
+            _remove(p)
+            removed.append(p.name)
+            if shutil.disk_usage(output_dir).free >= need:
+                break
+        print(f"the disk under {output_dir} had {free / 1e9:.2f} GB free and checkpoint {final.name} needs "
+              f"{need / 1e9:.2f} GB: removed {', '.join(removed)} first (checkpoint.keep_last={keep_last} prunes "
+              "them once it is complete anyway)")
+        return
+    raise CheckpointError(f"could not write checkpoint {final}: it needs {need / 1e9:.2f} GB and {free / 1e9:.2f} GB "
+                          f"are free under {output_dir} ({_room_advice(room_keeping, need, keep_last, keep)})")
+
+
+def _room_advice(room_keeping, need: int, keep_last: Optional[int], keep: int) -> str:
+    """What would make room: a lower keep_last where pruning more would, else space."""
+    for k in range(keep - 1, 0, -1):
+        if room_keeping(k)[1] >= need:
+            return f"free some space, move run.output_dir, or lower checkpoint.keep_last to {k + 1}"
+    return "free some space or move run.output_dir"
+
+
+def write_failure(error: BaseException, output_dir: Path, keep_last: Optional[int]) -> str:
+    """Why a file could not be written, in a few words, with what to do where it is space."""
+    cause = _root_cause(error)
+    full = cause in ("No space left on device", "File too large", "Disk quota exceeded")
+    if not full and "unexpected pos" in cause:  # torch.save's zip writer on a short write (ENOSPC, EFBIG)
+        cause, full = "the disk is full (torch.save could not write the whole file)", True
+    if not full:
+        return cause
+    found = [p for _, p in list_checkpoints(output_dir) if is_complete(p)]
+    lower = f", or lower checkpoint.keep_last (now {keep_last})" if keep_last and keep_last > 1 and len(found) > 1 else ""
+    return f"{cause} (free some space under {output_dir}, or move run.output_dir{lower})"
 
 
 def _root_cause(err: BaseException) -> str:
@@ -348,7 +409,7 @@ def _root_cause(err: BaseException) -> str:
         if isinstance(seen, OSError) and seen.strerror:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
-    return str(err)
+    return _one_line(err) if not str(err).strip() else str(err).strip().splitlines()[0]
 
 
 def _remove(path: Path) -> None:

@@ -1,7 +1,11 @@
-"""The errors a user sees as one line: ConfigError (exit 2: what they gave is wrong) and RunError (exit 1: what
-happened while running). Nothing here imports torch, so the CLI can report either before loading it."""
+"""The errors a user sees as one line: ConfigError (exit 2: what they gave is wrong), RunError (exit 1: what
+happened while running) and Stopped (exit 143: SIGTERM), and how a training process stops on a signal. Nothing
+here imports torch, so the CLI can report any of them before loading it."""
 
 from __future__ import annotations
+
+import contextlib
+import signal
 
 
 class ConfigError(ValueError):
@@ -14,3 +18,82 @@ class RunError(RuntimeError):
 
 class CheckpointError(RunError):
     """A checkpoint could not be written or read; the message says which and why."""
+
+
+# --- stopping on a signal ------------------------------------------------------------------------------------
+# SIGTERM is what a scheduler sends (SLURM at the end of a job's time, Kubernetes when it evicts a pod), SIGINT
+# is Ctrl-C. A training process records both (install_stop_handlers). SIGINT stops at once (KeyboardInterrupt,
+# exit 130). SIGTERM stops at once too (Stopped, exit 143), except while the training loop runs (stop_deferred):
+# there it only asks the loop to stop at the next step boundary, after saving a checkpoint.
+
+
+class Stopped(BaseException):
+    """The run stopped on SIGTERM; the CLI prints the message as one line and exits 128 + the signal's number.
+    A BaseException like KeyboardInterrupt, so that no `except Exception` on the way turns it into a failure."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_received: list[int] = []  # the stop signals received, in order
+_deferring = False
+
+
+def _on_signal(signum: int, frame) -> None:
+    _received.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    if not _deferring:
+        raise Stopped(f"stopped by {signal.Signals(signum).name} before training started: no checkpoint written", signum)
+
+
+def install_stop_handlers() -> None:
+    """Record SIGTERM and SIGINT in this process (the main thread only: elsewhere signals cannot be handled)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _on_signal)
+
+
+@contextlib.contextmanager
+def stop_deferred():
+    """Inside, SIGTERM asks to stop (stop_requested) instead of raising wherever the process happens to be."""
+    global _deferring
+    before, _deferring = _deferring, True
+    try:
+        yield
+    finally:
+        _deferring = before
+
+
+def stop_requested() -> bool:
+    """A SIGTERM arrived (the loop stops at its next step boundary)."""
+    return signal.SIGTERM in _received
+
+
+def signals_received() -> int:
+    """How many stop signals arrived so far: a mark to compare with after a library call (see signal_behind)."""
+    return len(_received)
+
+
+def signal_behind(error: BaseException, mark: int) -> BaseException | None:
+    """The interrupt behind `error`, when a signal stopped the work that failed: a library that catches what a
+    signal raised inside it (torch.save's zip writer: "unexpected pos") reports its own error instead.
+    None when `error` is a failure of its own."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (KeyboardInterrupt, Stopped)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    new = _received[mark:]
+    if signal.SIGINT in new:
+        return KeyboardInterrupt()
+    if signal.SIGTERM in new and not _deferring:
+        return Stopped("stopped by SIGTERM", signal.SIGTERM)
+    return None

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from longtune.models.families import FAMILIES, KERNELS, SUPPORTED, head_dim as config_head_dim, sliding_window
 
 from .config import Config, ConfigError, DataConfig, ModelConfig
+from .errors import RunError
 
 COMPLETE = "COMPLETE"  # the marker a complete checkpoint carries (checkpoint.py writes it last)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -410,11 +411,16 @@ def _read_owner(fd: int) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Write a small file whole or not at all: a killed writer leaves the old version, never half of the new."""
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk's error names no file: this one does
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise RunError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def run_folder_of(path: str, command: str) -> tuple[Path, Optional[int]]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -10,6 +13,27 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from .errors import RunError
+
+
+def _drop_partial_line(f) -> None:
+    """Cut a last line without its newline (what a writer killed mid-line leaves) off a file open for appending."""
+    size = os.fstat(f.fileno()).st_size
+    if not size:
+        return
+    with open(f.name, "rb") as r:
+        r.seek(max(size - (1 << 16), 0))
+        tail = r.read()
+    if tail.endswith(b"\n"):
+        return
+    cut = tail.rfind(b"\n")
+    if cut < 0 and size > len(tail):  # a line longer than the tail read: look further back
+        with open(f.name, "rb") as r:
+            cut = r.read().rfind(b"\n")
+        os.ftruncate(f.fileno(), cut + 1)
+        return
+    os.ftruncate(f.fileno(), size - len(tail) + cut + 1)
 
 
 def host_memory_gb() -> dict[str, float]:
@@ -41,9 +65,19 @@ def reset_gpu_peak(device: torch.device) -> None:
 
 
 class MetricsLogger:
+    """metrics.jsonl holds whole lines only: each is written with one unbuffered append, and one that fails (a full
+    disk) is cut off again; a partial last line (a process killed mid-write) is dropped when the run resumes."""
+
     def __init__(self, output_dir: Path, sinks: list[str], total_steps: int, start_step: int = 0):
         self.sinks = set(sinks)
-        self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a") if "jsonl" in self.sinks else None
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.jsonl = None
+        if "jsonl" in self.sinks:
+            try:
+                self.jsonl = open(self.path, "ab", buffering=0)
+                _drop_partial_line(self.jsonl)
+            except OSError as e:
+                raise RunError(f"could not write {self.path}: {e.strerror or e}") from None
         self.tensorboard = None
         if "tensorboard" in self.sinks:
             from torch.utils.tensorboard import SummaryWriter
@@ -64,8 +98,7 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, Any]) -> None:
         record = {"step": step, **{k: v for k, v in values.items() if v is not None}}
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
+            self._append((json.dumps(record) + "\n").encode())
         if self.tensorboard:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -73,6 +106,18 @@ class MetricsLogger:
             self.tensorboard.flush()
         if "console" in self.sinks:
             self.bar.write(format_line(record))
+
+    def _append(self, line: bytes) -> None:
+        end = os.fstat(self.jsonl.fileno()).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[self.jsonl.write(view):]
+        except OSError as e:
+            with contextlib.suppress(OSError):  # shrinking needs no space
+                os.ftruncate(self.jsonl.fileno(), end)
+            hint = " (free some space, or move run.output_dir)" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+            raise RunError(f"could not write {self.path}: {e.strerror or e}{hint}") from None
 
     def close(self) -> None:
         self.bar.close()

@@ -18,6 +18,7 @@ from longtune.planner.plan import PlanInfeasible
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
+from .errors import Stopped, stop_deferred, stop_requested
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
 from .capacities import live_capacities
@@ -222,6 +223,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
         f"{tokens_per_step:,} tokens/step | steps {state.step + 1}..{t.max_steps} | run folder {output_dir}"
     )
     logger = MetricsLogger(output_dir, cfg.log.sinks, t.max_steps, state.step) if ranks.main else _NoLogger()
+    deferred = contextlib.ExitStack()
     last_loss, eval_metrics, saved_step = None, {}, state.step
 
     def save(state: ckpt.TrainState, metrics: dict) -> None:
@@ -238,10 +240,28 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
         reset_gpu_peak(device)
         return metrics
 
+    def stop_if_asked() -> None:
+        """SIGTERM (a scheduler's): at a step boundary, every rank together, after saving a checkpoint."""
+        if ranks.all_ok(not stop_requested()):  # (one process: no collective)
+            return
+        saving = cfg.checkpoint.every_n_steps or cfg.checkpoint.save_final
+        if saving and saved_step != state.step and state.step > 0:
+            save(state, {"loss": last_loss, "step": state.step})
+        where = f"after step {state.step}" if state.step else "before the first step"
+        if saving and state.step > 0:
+            saved = f"checkpoint {ckpt.step_dir(output_dir, state.step)} saved; continue with: longtune resume {output_dir}"
+        elif state.step > 0:
+            saved = "no checkpoint saved (checkpoint.every_n_steps=0 and checkpoint.save_final=false)"
+        else:
+            saved = "nothing trained"
+        raise Stopped(f"stopped by SIGTERM {where}: {saved}")
+
     traffic_seen = runtime.traffic()
     try:
+        deferred.enter_context(stop_deferred())  # SIGTERM from here on waits for a step boundary
         if state.step == 0:
             evaluate()  # the starting point, so the run shows what training changed
+        stop_if_asked()
         for step in range(state.step + 1, t.max_steps + 1):
             start = time.perf_counter()
             batches = [sp.shard(next(loader)) for _ in range(t.grad_accum_steps)]
@@ -281,12 +301,16 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
                 save(state, {"loss": last_loss, "step": step})
                 saved_step = step
+            stop_if_asked()
             if t.eval_every_n_steps and step % t.eval_every_n_steps == 0 and step != t.max_steps:
                 evaluate()
         if cfg.checkpoint.save_final and saved_step != state.step:
             save(state, {"loss": last_loss, "step": state.step})
+            saved_step = state.step
+        stop_if_asked()
         eval_metrics = evaluate()
     finally:
+        deferred.close()
         logger.close()
     return RunResult(output_dir, state.step, last_loss, eval_metrics)
 

@@ -9,7 +9,8 @@ the largest gradient difference relative to that gradient's norm.
 
     python -m torch.distributed.run --nproc-per-node N tests/sp_worker.py OUT.json CASE [CASE ...]
 
-CASE is family:packed|plain:hf|runtime:SP. With N > SP, the ranks of different sequence groups take different
+CASE is family[+lora]:packed|plain:hf|runtime:SP (+lora: LoRA adapters on every projection, only they train).
+With N > SP, the ranks of different sequence groups take different
 sequences of the batch (data parallel x sequence parallel).
 """
 
@@ -61,18 +62,35 @@ def tight_plan(cfg: dict, tokens: int):
     return plan_of(problem, [layer0, layer1])
 
 
+def build_model(cfg: dict, lora: bool):
+    """The tiny model; with LoRA adapters (their B not zero, so every adapter weight gets a gradient)."""
+    model = build(cfg)
+    if lora:
+        from longtune.trainer.adapters import apply_adapter
+        from longtune.trainer.config import AdapterConfig
+
+        apply_adapter(model, AdapterConfig(kind="lora", rank=4, alpha=8.0))
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    return model
+
+
 def run_case(case: str, groups: dict, world: int, rank: int) -> dict:
     family, packing, path, size = case.split(":")
+    family, lora = family.removesuffix("+lora"), family.endswith("+lora")
     sp = groups[int(size)]
     cfg = tiny(family)
     whole = batch(packing == "packed", ROWS * sp.dp_world)
 
-    reference = build(cfg)
+    reference = build_model(cfg, lora)
     out = reference(input_ids=whole.input_ids, position_ids=whole.position_ids, labels=whole.labels)
     out.loss.backward()
-    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
 
-    model = build(cfg)
+    model = build_model(cfg, lora)
     sp.apply(model)
     rows = slice(sp.dp_rank * ROWS, (sp.dp_rank + 1) * ROWS)
     mine = sp.shard(Batch(whole.input_ids[rows], whole.labels[rows], whole.position_ids[rows]))
@@ -99,6 +117,8 @@ def run_case(case: str, groups: dict, world: int, rank: int) -> dict:
     dist.all_reduce(loss)
     worst, worst_name = 0.0, None
     for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         g = p.grad.clone()
         dist.all_reduce(g)
         rel = float((g - ref_grads[n]).abs().max() / ref_grads[n].norm().clamp_min(1e-12))

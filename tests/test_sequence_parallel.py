@@ -43,7 +43,8 @@ def _assert_exact(results: dict, cases: list[str]) -> None:
 
 def test_sequence_parallel_2_equals_the_unsharded_model(tmp_path):
     cases = [f"{family}:{packing}:hf:2" for family in ("llama", "qwen2", "mistral") for packing in ("plain", "packed")]
-    cases += [f"{family}:packed:runtime:2" for family in ("llama", "qwen2", "mistral", "qwen3")] + ["llama:plain:runtime:2"]
+    cases += [f"{family}:packed:runtime:2" for family in ("llama", "qwen2", "mistral", "qwen3", "gemma")]
+    cases += ["llama:plain:runtime:2", "llama+lora:packed:hf:2", "qwen3+lora:packed:runtime:2"]  # LoRA: adapters only train
     _assert_exact(_run_worker(tmp_path, 2, cases), cases)
 
 

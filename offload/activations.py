@@ -42,15 +42,13 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from longtune.models.layers import check_supported, decoder, decoder_layers, split_layer
-from longtune.planner.problem import CLASSES
+from longtune.planner.plan import CLASSES, RECOMPUTE
 
 from .attention import attention_backward_chunk, attention_forward, documents
 from .dispatch import SavedTensorDispatcher, storage_key
 from .stash import DEVICE, ActivationStash
 from .ulysses import (SequenceGroup, attention_backward_shard, gradient_sums, keys_values_from_heads,
                       keys_values_to_heads, ulysses_forward)
-
-RECOMPUTE = "recompute"
 
 
 def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:

@@ -218,7 +218,7 @@ def _forward(
 def _inside_the_kernel(q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
     """A dry run's stand-in (meta tensors) for what the flash backward allocates inside the kernel, which its
     meta implementation does not: held around the call, so the dry run's count sees it."""
-    from longtune.planner.inventory import flash_backward_inside
+    from longtune.planner.inventory import flash_backward_inside  # a fact of the kernel, not of a plan (its docstring)
 
     (b, nq, sq, d), nkv, sk = q.shape, k.shape[1], k.shape[2]
     sizes = flash_backward_inside(nq, nkv, d, q.element_size(), b * sk, b * sq)

@@ -12,7 +12,8 @@ the workers compute each layer's norm during backward and the updates start
 right after it, in forward order, so the next forward waits on layer 0 only.
 
 State lives on the host (a `HostPool`, pinned when a GPU exists) or on NVMe
-(an `NvmeStore`, read and written through two bounded staging buffers).
+(an `NvmeStore`, read and written through `nvme_stagings` bounded staging buffers: as many as the plan counts,
+Plan.nvme_state_stagings).
 `state_dict()` has torch AdamW's format, so runs move between tiers on resume.
 """
 
@@ -24,8 +25,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-
-from longtune.planner.problem import NVME_STATE_STAGINGS
 
 from .cpu_adam import AdamWHyper, CpuAdamW
 from .groups import ParamGroup, decay_groups, flat_offsets, param_groups
@@ -41,7 +40,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.writers = dict(writers)
 
     def __init__(self, model: nn.Module, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 clip_grad_norm: Optional[float] = None, tier: str = "cpu", nvme_store=None,
+                 clip_grad_norm: Optional[float] = None, tier: str = "cpu", nvme_store=None, nvme_stagings: int = 0,
                  cpu_adam: Optional[CpuAdamW] = None, numa_nodes=None, interleave: bool = False,
                  numa_local_share: Optional[float] = None,
                  weight_writers: Optional[dict[int, WeightWriter]] = None, device: Optional[torch.device] = None,
@@ -50,6 +49,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
             raise ValueError(f"optimizer tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
             raise ValueError("the nvme optimizer tier needs an NvmeStore")
+        if tier == "nvme" and nvme_stagings < 1:
+            raise ValueError("the nvme optimizer tier needs nvme_stagings >= 1 (the plan's nvme_state_stagings)")
+        self.nvme_stagings = nvme_stagings if tier == "nvme" else 0
         self.groups = param_groups(model)
         # The order torch's clip_grad_norm_(model.parameters()) stacks per-tensor norms in: it sets the rounding.
         self._norm_order = [id(p) for p in model.parameters() if p.requires_grad]
@@ -92,9 +94,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
             layout += [(f"state/{g.index}", (3, g.numel), torch.float32) for g in self.groups]
         self.pool = HostPool(layout, numa_nodes=numa_nodes, interleave=interleave, numa_local_share=numa_local_share,
                              name="optimizer")
-        self._staging = ([exact_pinned_empty((3 * biggest,), torch.float32) for _ in range(NVME_STATE_STAGINGS)]
-                         if self.tier == "nvme" else [])  # (the planner counts them: problem.optimizer_host_buffers)
-        self._staging_busy: list[Optional[Future]] = [None] * NVME_STATE_STAGINGS
+        # (the planner counts them: problem.optimizer_host_buffers)
+        self._staging = [exact_pinned_empty((3 * biggest,), torch.float32) for _ in range(self.nvme_stagings)]
+        self._staging_busy: list[Optional[Future]] = [None] * self.nvme_stagings
         self._incoming = exact_pinned_empty((biggest,), torch.float32)  # a micro-batch's grad before it is summed
         for g in self.groups:
             state = self._state_buffer(g, 0)
@@ -225,7 +227,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def _step_group(self, g: ParamGroup, coef, lrs: list[float], step: int) -> torch.Tensor:
         self._wait_events(g.index)
-        slot = g.index % NVME_STATE_STAGINGS
+        slot = g.index % self.nvme_stagings if self.tier == "nvme" else 0
         if self.tier == "nvme":
             if self._staging_busy[slot] is not None:
                 self._staging_busy[slot].result()  # its write-back, and the H2D copy that read it
@@ -294,7 +296,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         except BaseException:
             # After a failed update the run stops: report the error once, not again at every later wait.
             self._pending.clear()
-            self._staging_busy = [None] * NVME_STATE_STAGINGS
+            self._staging_busy = [None] * self.nvme_stagings
             raise
 
     def step(self, closure=None):  # the torch API: a whole step with no overlap

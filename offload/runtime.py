@@ -18,6 +18,8 @@ the NVMe store, the arena block and the accounting. The parts plug into it:
   the dispatcher and the stash (stash.py), when the plan is to be executed.
 
 It knows the Plan and tensors, not the trainer's config: what it needs of the config comes as RuntimeOptions.
+Everything it sizes comes from the Plan object (its arena, `layer_regions()`, `nvme_ring_slots`,
+`nvme_state_stagings`); of the planner it imports planner/plan.py alone, for the words plans are written in.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
+
+from longtune.planner.plan import GPU, NVME, RECOMPUTE, Arena
 
 from .dispatch import SavedTensorDispatcher, storage_key
 from .groups import decay_groups
@@ -91,10 +95,10 @@ class MemoryRuntime:
     # --- construction -----------------------------------------------------------------------------
     def _build(self) -> None:
         plan, o, model = self.plan, self.options, self.model
-        opt_tier, params_tier = ("gpu", "gpu") if o.strategy_owns_state else (plan.optimizer_tier, plan.params_tier)
-        act_tiers = {p for layer in plan.layers for d in layer.values() for p in d} - {"gpu", "recompute"} \
+        opt_tier, params_tier = (GPU, GPU) if o.strategy_owns_state else (plan.optimizer_tier, plan.params_tier)
+        act_tiers = {p for layer in plan.layers for d in layer.values() for p in d} - {GPU, RECOMPUTE} \
             if o.activations else set()
-        if "nvme" in (opt_tier, params_tier) or "nvme" in act_tiers:
+        if NVME in (opt_tier, params_tier) or NVME in act_tiers:
             from .nvme import NvmeStore
 
             self.store = NvmeStore(o.nvme_path, checksum=o.nvme_checksum, backend=o.nvme_backend)
@@ -130,8 +134,9 @@ class MemoryRuntime:
         # Built while every weight is still in the model: the master copy starts from them.
         self.optimizer = OffloadedAdamW(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                         clip_grad_norm=o.clip_grad_norm, tier=opt_tier, nvme_store=self.store,
-                                        cpu_adam=cpu_adam, device=self.device, copy_stream=self.d2h.stream,
-                                        module_hooks=False, process_group=o.process_group, **o.numa_optimizer)
+                                        nvme_stagings=self.plan.nvme_state_stagings, cpu_adam=cpu_adam,
+                                        device=self.device, copy_stream=self.d2h.stream, module_hooks=False,
+                                        process_group=o.process_group, **o.numa_optimizer)
         if params_tier != "gpu":
             self.streamer = ParamStreamer(model, self.device, tier=params_tier, nvme_store=self.store,
                                           mover=self.h2d, module_hooks=False, **o.numa_weights)
@@ -161,23 +166,24 @@ class MemoryRuntime:
                     lambda module, args, out, index=g.index: streamer.after_forward(index, out)))
 
     def _start_activations(self) -> None:
-        from longtune.planner.arena import layer_region_bytes
-
         from .activations import ActivationRuntime, plan_places
         from .pinned import HostPool
         from .stash import ActivationStash
 
         plan, o = self.plan, self.options
-        layout = [layer_region_bytes(plan.problem, layer) for layer in plan.layers]
-        arena = plan.arena or {"size_bytes": 0, "offsets": {}}
-        block = torch.empty(max(int(arena["size_bytes"]), 0), dtype=torch.uint8, device=self.device)
+        if max(1, o.prefetch_depth) != max(1, plan.problem.prefetch_depth):
+            raise ValueError(f"prefetch depth {o.prefetch_depth}, but the plan's arena and NVMe ring are sized for depth "
+                             f"{plan.problem.prefetch_depth}")
+        layout = plan.layer_regions()
+        arena = plan.arena if plan.arena is not None else Arena(0, {})
+        block = torch.empty(max(int(arena.size_bytes), 0), dtype=torch.uint8, device=self.device)
         pools = {}
-        for tier in sorted({t for regions in layout for t in regions} - {"nvme"}):
+        for tier in sorted({t for regions in layout for t in regions} - {NVME}):
             slots = [(f"act/{l}", (regions[tier],), torch.uint8) for l, regions in enumerate(layout) if tier in regions]
             pools[tier] = HostPool(slots, name=f"activations-{tier}", **o.numa_activations.get(tier, {}))
         self._pools = pools
-        stash = ActivationStash(self.device, layout, block, arena["offsets"], self.d2h, self.h2d, pools, self.store,
-                                o.prefetch_depth)
+        stash = ActivationStash(self.device, layout, block, arena, self.d2h, self.h2d, pools, self.store,
+                                o.prefetch_depth, plan.nvme_ring_slots)
         self.dispatcher.stash = stash
         self.activations = ActivationRuntime(self.model, plan_places(plan.layers), self.dispatcher, stash,
                                              o.prefetch_depth, sequence=o.sequence)

@@ -12,9 +12,10 @@ input, q/k/v, the attention output) is stashed as one storage's bytes (`Stored`)
 
 A layer's offloaded bytes sit back to back per tier, so the prefetch of a layer is one host-to-device copy
 per tier (after one NVMe read, issued a layer earlier) into the layer's prefetch buffer. Staging and
-prefetch buffers are views into one device block, at the offsets the planner's arena chose
-(planner/arena.py: staging.<l> lives through forwards l and l+1, prefetch.<l> from the backward of l+depth
-to the end of the backward of l); host regions are sized once, from the plan, at start-up.
+prefetch buffers are views into one device block, at the offsets of the plan's arena (planner/plan.Arena,
+packed by planner/arena.py: staging.<l> lives through forwards l and l+1, prefetch.<l> from the backward of
+l+depth to the end of the backward of l); host regions and the NVMe ring are sized once, from the plan
+(Plan.layer_regions, Plan.nvme_ring_slots), at start-up.
 
 A storage that does not fit the planned region (the plan under-counted) stays on the device, is counted
 as unplanned, and a warning says by how much the plan was short.
@@ -29,15 +30,14 @@ from typing import Optional
 
 import torch
 
-from longtune.planner.timeline import nvme_ring_slots
+from longtune.planner.plan import GPU, NVME, Arena
 
 from .live_bytes import holds_no_data
 from .movers import Mover, Ticket, worker_pool
 from .pinned import HostPool
 
 ALIGN = 64  # bytes: every stored storage starts aligned for any dtype view
-DEVICE = "gpu"
-NVME = "nvme"
+DEVICE = GPU  # the place "gpu": kept on the device
 
 
 def _round_up(n: int, k: int = ALIGN) -> int:
@@ -108,14 +108,16 @@ class _Region:
 class ActivationStash:
     """Device, host and NVMe homes of saved activations, per layer; see the module docstring.
 
-    `layout[l]` is {tier: planned bytes} of layer l's offloaded activations (tiers "host", "cxl", "nvme");
-    `arena` is the device block, `offsets` its staging.<l> / prefetch.<l> offsets (bytes).
+    `layout[l]` is {tier: planned bytes} of layer l's offloaded activations (tiers "host", "cxl", "nvme":
+    Plan.layer_regions()); `block` is the device block, `arena` the plan's Arena (its staging.<l> / prefetch.<l>
+    offsets into the block); `ring_slots` how many host buffers NVMe activations pass through (Plan.nvme_ring_slots:
+    the plan counts them in the host tier).
     """
 
-    def __init__(self, device: torch.device, layout: list[dict[str, int]], arena: torch.Tensor,
-                 offsets: dict[str, int], d2h: Mover, h2d: Mover, host_pools: dict[str, HostPool],
-                 nvme_store=None, depth: int = 1):
-        self.device, self.layout, self.arena, self.offsets = torch.device(device), layout, arena, offsets
+    def __init__(self, device: torch.device, layout: list[dict[str, int]], block: torch.Tensor, arena: Arena,
+                 d2h: Mover, h2d: Mover, host_pools: dict[str, HostPool], nvme_store=None, depth: int = 1,
+                 ring_slots: int = 0):
+        self.device, self.layout, self.block, self.arena = torch.device(device), layout, block, arena
         self.d2h, self.h2d, self.pools, self.store, self.depth = d2h, h2d, host_pools, nvme_store, max(1, depth)
         self.num_layers = len(layout)
         self.regions: list[dict[str, _Region]] = []
@@ -132,10 +134,11 @@ class ActivationStash:
         if ring_bytes:
             if nvme_store is None:
                 raise ValueError("the plan sends activations to nvme but no NVMe store was given")
-            slots = nvme_ring_slots(self.depth)  # the planner counts them in the host tier
-            ring = HostPool([(f"ring/{i}", (ring_bytes,), torch.uint8) for i in range(slots)], name="act-nvme-ring")
+            if ring_slots < 1:
+                raise ValueError("the plan sends activations to nvme but sizes no ring for them")
+            ring = HostPool([(f"ring/{i}", (ring_bytes,), torch.uint8) for i in range(ring_slots)], name="act-nvme-ring")
             self._ring_pool = ring
-            self._ring = [ring.tensor(f"ring/{i}") for i in range(slots)]
+            self._ring = [ring.tensor(f"ring/{i}") for i in range(ring_slots)]
         self._ring_busy: list[Optional[Future]] = [None] * len(self._ring)  # host work on a slot: a write or read
         self._ring_h2d: list[Optional[Ticket]] = [None] * len(self._ring)  # the device's copy out of a slot
         self._io = worker_pool("act-io") if self._ring else None
@@ -296,12 +299,12 @@ class ActivationStash:
         return f"activations-{l}"
 
     def _staging(self, l: int, region: _Region, offset: int, nbytes: int) -> torch.Tensor:
-        start = self.offsets[f"staging.{l}"] + region.base + offset
-        return self.arena[start: start + nbytes]
+        start = self.arena.staging(l) + region.base + offset
+        return self.block[start: start + nbytes]
 
     def _prefetch_view(self, l: int, region: _Region, offset: int, nbytes: int) -> torch.Tensor:
-        start = self.offsets[f"prefetch.{l}"] + region.base + offset
-        return self.arena[start: start + nbytes]
+        start = self.arena.prefetch(l) + region.base + offset
+        return self.block[start: start + nbytes]
 
     def _unplanned(self, l: int, place: str, t: torch.Tensor, nbytes: int, region) -> Stored:
         self.unplanned_bytes += nbytes

@@ -36,10 +36,11 @@ from typing import Iterable, Optional, Sequence
 
 import pulp
 
-from .evaluate import GPU, RECOMPUTE, Decisions
+from .evaluate import Decisions
 from .milp import quiet_stdout
 from .problem import Problem
 from .timeline import REGION_SLACK_BYTES, prefetch_lifetime, staging_lifetime
+from .vocabulary import GPU, RECOMPUTE
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .problem import CLASSES, Problem
+from .problem import Problem
 from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, activation_residency, backward_phase_bytes, nvme_ring_slots, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
+from .vocabulary import CLASSES, GPU, RECOMPUTE
 
-GPU, RECOMPUTE = "gpu", "recompute"
 # decisions[l][class][place] = number of chunks; place is "gpu", "recompute" or a tier name.
 Decisions = list[dict[str, dict[str, int]]]
 

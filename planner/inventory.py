@@ -39,9 +39,11 @@ from dataclasses import dataclass
 
 # The one torch-free module of longtune the planner reads: which families exist and how their layers differ.
 from longtune.models.families import family, head_dim as config_head_dim
+
+from .vocabulary import CLASSES  # the per-layer classes the planner chooses among; "shared" is model-level
+
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-PARTS = ("input", "pre", "attn", "post")  # per-layer classes the planner chooses among; "shared" is model-level
 
 
 def normalize_dtype(dtype: str) -> str:
@@ -219,7 +221,13 @@ def flash_backward_inside(nq: int, nkv: int, head_dim: int, dtype_bytes: int, ke
                           ) -> dict[str, float]:
     """What FlashAttention-2's backward (mha_bwd) allocates inside the kernel call for `queries` against `keys`:
     its fp32 dq accumulator and softmax_d and, with grouped heads, dk and dv per query head before the group
-    sums. A dry run allocates as much around the call on the meta device (offload/attention.py)."""
+    sums. A dry run allocates as much around the call on the meta device (offload/attention.py).
+
+    Why offload/ imports this (the one planner name it reads besides planner/plan.py): it is a fact of the kernel
+    that both sides need, not a decision of a plan. The planner counts these bytes in a layer's attention
+    backward workspace; the dry run, whose meta kernel allocates nothing, holds as much around each call at the
+    shapes that call has (per attention block, which no plan records). One formula, so the count and what the
+    dry run measures against it cannot drift apart; torch-free, so the planner stays so."""
     q = nq * head_dim
     out = {"kernel_dq_accum": queries * (q + nq) * 4.0}
     if nq > nkv:
@@ -228,11 +236,11 @@ def flash_backward_inside(nq: int, nkv: int, head_dim: int, dtype_bytes: int, ke
 
 
 def class_bytes_per_token(shape: LayerShape, kernels: frozenset[str] = frozenset(), runtime: bool = True) -> dict[str, float]:
-    """Bytes per token per class: input, pre, attn, post (one layer) and shared (whole model, once).
+    """Bytes per token per class: the CLASSES of one layer (input, attn, pre, post) and shared (whole model, once).
 
     runtime=True: what the activation runtime stashes (what a plan moves); False: what plain transformers saves.
     """
-    out = dict.fromkeys((*PARTS, "shared"), 0.0)
+    out = dict.fromkeys((*CLASSES, "shared"), 0.0)
     for x in (runtime_inventory(shape, kernels) if runtime else layer_inventory(shape)):
         out[x.part] += x.bytes_per_token
     return out

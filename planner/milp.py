@@ -21,9 +21,10 @@ from typing import Optional
 
 import pulp
 
-from .evaluate import GPU, RECOMPUTE, Decisions, margin_bytes, places
-from .problem import CLASSES, Problem
+from .evaluate import Decisions, margin_bytes, places
+from .problem import Problem
 from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, arena_live, nvme_ring_slots, gpu_rows, prefetch_window_s, state_constant_s
+from .vocabulary import CLASSES, GPU, RECOMPUTE
 
 GB = 1e9
 

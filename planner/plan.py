@@ -3,6 +3,10 @@
     plan = make_plan(problem)          # solve, verify with evaluate(), fall back if needed
     Path("plan.yaml").write_text(plan.to_yaml())
     same = Plan.from_yaml(text)        # versioned round trip
+
+A Plan is all the offload runtime (offload/) needs to carry it out: the decisions, in the words of
+vocabulary.py (re-exported here), the arena's size and offsets (`Arena`), and what sizes the runtime's buffers
+(`layer_regions()`, `nvme_ring_slots`, `nvme_state_stagings`). This is the one planner module offload/ imports.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from typing import Any, Optional
 
 import yaml
 
-from .arena import plan_arena
-from .evaluate import GPU, RECOMPUTE, Decisions, Evaluation, check_shape, evaluate, margin_bytes
+from .arena import ArenaResult, layer_region_bytes, plan_arena
+from .evaluate import Decisions, Evaluation, check_shape, evaluate, margin_bytes
 from .milp import SolverError, TiersTooSmall, min_gpu_budget, solve_schedule
-from .problem import CLASSES, Problem, StateOption, Tier
+from .problem import NVME_STATE_STAGINGS, Problem, StateOption, Tier
+from .timeline import nvme_ring_slots
+# The vocabulary of plans, re-exported: offload/ reads it from here (the one planner module it imports).
+from .vocabulary import CLASSES, CXL, GPU, HOST, NVME, RECOMPUTE, STATE_PLACES, TIER_NAMES  # noqa: F401
 
 PLAN_VERSION = 2
 
@@ -47,6 +54,47 @@ def _round_up_gb(x: float) -> float:
     return math.ceil(x / 1e7) / 100  # up to the next 0.01 GB, so the suggestion is feasible
 
 
+@dataclass(frozen=True)
+class Arena:
+    """The device block the runtime's staging and prefetch buffers are views into, as arena.plan_arena packed it.
+
+    `offsets` holds each buffer's byte offset in the block by its name, "staging.<l>" or "prefetch.<l>" (a layer
+    that offloads nothing has neither); `staging(l)` and `prefetch(l)` read them. The rest records the packing.
+    In a plan file it is the mapping `to_dict` writes: the keys and order plan files have always had."""
+
+    size_bytes: int
+    offsets: dict[str, int]
+    lower_bound_bytes: int = 0  # the most bytes alive at one time: no packing does better
+    gap: float = 0.0  # (size - lower bound) / size
+    method: str = ""  # how it was packed (ArenaResult.method)
+    solve_s: float = 0.0
+
+    def staging(self, layer: int) -> int:
+        """Offset of layer `layer`'s staging buffer (its offloaded bytes on their way out)."""
+        return self.offsets[f"staging.{layer}"]
+
+    def prefetch(self, layer: int) -> int:
+        """Offset of layer `layer`'s prefetch buffer (its offloaded bytes coming back)."""
+        return self.offsets[f"prefetch.{layer}"]
+
+    @classmethod
+    def packed(cls, result: ArenaResult) -> "Arena":
+        return cls(result.size, result.offsets, result.lower_bound, result.gap, result.method, result.solve_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size_bytes": self.size_bytes, "lower_bound_bytes": self.lower_bound_bytes, "gap": self.gap,
+                "method": self.method, "solve_s": self.solve_s, "offsets": dict(self.offsets)}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict[str, Any]]) -> Optional["Arena"]:
+        if d is None:
+            return None
+        if not isinstance(d, dict) or not isinstance(d.get("offsets"), dict) or "size_bytes" not in d:
+            raise ValueError("its arena is not a mapping with size_bytes and offsets")
+        fields = ("lower_bound_bytes", "gap", "method", "solve_s")
+        return cls(d["size_bytes"], d["offsets"], **{k: d[k] for k in fields if k in d})
+
+
 @dataclass
 class Plan:
     problem: Problem
@@ -54,7 +102,7 @@ class Plan:
     predicted: dict[str, Any]
     solver: dict[str, Any]
     binding: list[str]
-    arena: Optional[dict[str, Any]] = None
+    arena: Optional[Arena] = None
     state: Optional[str] = None  # the StateOption chosen: where optimizer state and weights live
     version: int = PLAN_VERSION
     warnings: list[str] = dataclasses.field(default_factory=list)  # for the user; not part of the plan file
@@ -71,8 +119,29 @@ class Plan:
     def params_tier(self) -> str:
         return self.state_option.params if self.state_option else "gpu"
 
+    # --- what the runtime sizes its buffers by (offload/ asks the plan, not the planner's modules) --------------
+
+    def layer_regions(self) -> list[dict[str, int]]:
+        """Per layer, {tier: bytes} of its offloaded activations: the size of its region of that tier's host pool
+        (NVMe: of its file and ring slot) and of that tier's part of its staging and prefetch buffers, each tier's
+        part after the one before (arena.layer_region_bytes: what the arena was packed for); {} for a layer that
+        offloads nothing."""
+        return [layer_region_bytes(self.problem, layer) for layer in self.layers]
+
+    @property
+    def nvme_ring_slots(self) -> int:
+        """Host buffers NVMe activations pass through (timeline.nvme_ring_slots, at the plan's prefetch depth),
+        each the size of the largest layer's NVMe region: the plan counts them in the host tier."""
+        return nvme_ring_slots(self.problem.prefetch_depth)
+
+    @property
+    def nvme_state_stagings(self) -> int:
+        """Staging buffers an optimizer on NVMe reads and writes its state through, each the largest parameter
+        group's fp32 master and moments: the plan counts them in the host tier (problem.optimizer_host_buffers)."""
+        return NVME_STATE_STAGINGS
+
     def evaluation(self) -> Evaluation:
-        arena = self.arena["size_bytes"] if self.arena else None
+        arena = self.arena.size_bytes if self.arena is not None else None
         return evaluate(self.problem, self.layers, self.state, arena_bytes=arena)
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +152,7 @@ class Plan:
             "predicted": self.predicted,
             "solver": self.solver,
             "binding": self.binding,
-            "arena": self.arena,
+            "arena": self.arena.to_dict() if self.arena is not None else None,
             "layers": self.layers,
         }
 
@@ -94,8 +163,8 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version {d.get('version')!r} is not supported (this longtune reads version {PLAN_VERSION})")
-        return cls(problem_from_dict(d["inputs"]), d["layers"], d["predicted"], d["solver"], d["binding"], d.get("arena"),
-                   d.get("state"))
+        return cls(problem_from_dict(d["inputs"]), d["layers"], d["predicted"], d["solver"], d["binding"],
+                   Arena.from_dict(d.get("arena")), d.get("state"))
 
     @classmethod
     def from_yaml(cls, text: str) -> "Plan":
@@ -261,8 +330,8 @@ def make_plan(
         ev = evaluate(problem, decisions, state)
         if not with_arena:
             break
-        arena = _arena_summary(problem, decisions)
-        ev = evaluate(problem, decisions, state, arena_bytes=arena["size_bytes"])
+        arena = Arena.packed(plan_arena(problem, decisions))
+        ev = evaluate(problem, decisions, state, arena_bytes=arena.size_bytes)
         excess = ev.gpu_peak_bytes - problem.budget_bytes
         if excess <= 0:
             break
@@ -282,8 +351,8 @@ def plan_of(problem: Problem, decisions: Decisions, state: Optional[str] = None,
     if errors:
         raise ValueError("; ".join(errors))
     state = state if state is not None else (problem.state(None).name if problem.state_options else None)
-    arena = _arena_summary(problem, decisions)
-    ev = evaluate(problem, decisions, state, arena_bytes=arena["size_bytes"])
+    arena = Arena.packed(plan_arena(problem, decisions))
+    ev = evaluate(problem, decisions, state, arena_bytes=arena.size_bytes)
     return Plan(problem, decisions, predicted(problem, ev, state), {"name": how, "status": "given", "solve_s": 0.0,
                                                                         "gap": None}, binding_constraints(problem, ev),
                 arena, state)
@@ -317,12 +386,6 @@ def _fallback(problem: Problem):
         if ev.feasible:
             return decisions, name, ev
     return None, None, None
-
-
-def _arena_summary(problem: Problem, decisions: Decisions) -> dict[str, Any]:
-    result = plan_arena(problem, decisions)
-    return {"size_bytes": result.size, "lower_bound_bytes": result.lower_bound, "gap": result.gap,
-            "method": result.method, "solve_s": result.solve_s, "offsets": result.offsets}
 
 
 # --- a plan given as a file ------------------------------------------------------------------

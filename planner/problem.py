@@ -15,9 +15,8 @@ import yaml
 
 from .inventory import LayerShape, attention_backward_workspace, class_bytes_per_token
 from .timeline import state_rows
+from .vocabulary import CLASSES, STATE_PLACES, TIER_NAMES
 
-# Activation classes of a decoder layer (see inventory.py), in the order they are made.
-CLASSES = ("input", "attn", "pre", "post")
 GB = 1e9
 
 
@@ -29,9 +28,6 @@ class Tier:
     capacity_bytes: float
     to_gpu_bps: float
     from_gpu_bps: float
-
-
-TIER_NAMES = ("host", "cxl", "nvme")  # what the runtime can hold activations and state in
 
 
 class ProfileError(ValueError):
@@ -288,11 +284,12 @@ class ModelShape:
         return self.num_layers * self.layer_params + embeddings + self.layer.hidden
 
 
-PLACES = ("gpu", "cpu", "nvme")
 # Host bytes per parameter with the optimizer off the GPU: fp32 master, two moments, the fp32 gradient sum;
 # on NVMe the master and moments go to the drive and the gradient sum stays on the host.
 HOST_OPTIMIZER_BYTES, NVME_OPTIMIZER_BYTES, NVME_HOST_OPTIMIZER_BYTES = 16, 12, 4
-NVME_STATE_STAGINGS = 2  # one group's state is read in while the previous group's is written back
+# Staging buffers an optimizer on NVMe reads and writes its state through (offload/optimizer.py, which is told the
+# number by the Plan: Plan.nvme_state_stagings): one group's state is read in while the previous one's is written back.
+NVME_STATE_STAGINGS = 2
 
 
 def optimizer_host_buffers(tier: str) -> int:
@@ -444,8 +441,8 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
     tiers = {t.name: t for t in machine.tiers}
     host_link = tiers.get("host")
     out = []
-    for opt in (PLACES if optimizer == "auto" else (optimizer,)):
-        for par in (PLACES if params == "auto" else (params,)):
+    for opt in (STATE_PLACES if optimizer == "auto" else (optimizer,)):
+        for par in (STATE_PLACES if params == "auto" else (params,)):
             if par != "gpu" and opt == "gpu":
                 continue
             if "nvme" in (opt, par) and "nvme" not in tiers:

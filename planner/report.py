@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from .evaluate import GPU, RECOMPUTE
 from .plan import Plan
-from .problem import CLASSES
+from .vocabulary import CLASSES, GPU, RECOMPUTE
 
 
 def _cell(decision: dict[str, int], chunks: int) -> str:
@@ -63,10 +62,10 @@ def format_plan(plan: Plan) -> str:
     s = plan.solver
     gap = f", gap {s['gap']:.2%}" if s.get("gap") is not None else ""
     lines.append(f"solver: {s['name']} {s['status']} in {s['solve_s']:.2f} s{gap}" + (f" ({s['note']})" if s.get("note") else ""))
-    if plan.arena:
+    if plan.arena is not None:
         a = plan.arena
         lines.append(
-            f"buffer arena: {a['size_bytes'] / 1e9:.3f} GB for the runtime's staging/prefetch buffers "
-            f"(lower bound {a['lower_bound_bytes'] / 1e9:.3f} GB, {a['method']})"
+            f"buffer arena: {a.size_bytes / 1e9:.3f} GB for the runtime's staging/prefetch buffers "
+            f"(lower bound {a.lower_bound_bytes / 1e9:.3f} GB, {a.method})"
         )
     return "\n".join(lines)

@@ -91,7 +91,7 @@ def child(mode: str, seq: int, nvme_path: str) -> dict:
                 for place, n in d.items():
                     counts[place] = counts.get(place, 0) + n
         result.update(budget_gb=budget / GB, plan_places=counts, plan_activation_gb=plan.predicted["activation_peak_bytes"] / GB,
-                      plan_gpu_gb=plan.predicted["peak_bytes"]["gpu"] / GB, arena_gb=plan.arena["size_bytes"] / GB,
+                      plan_gpu_gb=plan.predicted["peak_bytes"]["gpu"] / GB, arena_gb=plan.arena.size_bytes / GB,
                       plan_tier_gb={k: v / GB for k, v in plan.predicted["peak_bytes"].items() if k != "gpu"})
         Path(nvme_path).mkdir(parents=True, exist_ok=True)
         runtime = MemoryRuntime(model, plan, RuntimeOptions(torch.device("cpu"), activations=True, nvme_path=nvme_path))

@@ -465,7 +465,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "checkpoint" if _RUN_DIR else ""
             print(f"error: interrupted (SIGINT){on}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # a bug of ours or of a library: still one line, the traceback on request
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # a bug of ours or of a library (some raise BaseExceptions): still one line
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
         return _fail(f"internal error{at}: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)",

@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -136,9 +137,62 @@ class TorchParts:
 DCP_DIR, DEEPSPEED_DIR, DEEPSPEED_TAG = "dcp", "deepspeed", "zero"
 
 
+@contextlib.contextmanager
+def _dcp_errors():
+    """torch.distributed.checkpoint reports any rank's failure (a missing or truncated file, a full disk) as a
+    CheckpointException, a BaseException that passes every `except Exception`: the failure behind it, raised as
+    itself, is what the caller reports (naming the checkpoint)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        failures = sorted(e.failures.items())
+        if not failures:
+            raise RuntimeError(_one_line(e)) from None
+        rank, (cause, _) = failures[0]
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise RuntimeError(f"rank {rank}: {_one_line(cause)}") from None
+
+
 def load_dcp(folder: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
     """A torch distributed checkpoint into this process's model (and optimizer), whatever the world size it was
     written with and this one runs with: DCP reshards by each tensor's global offsets."""
+    _check_dcp(folder)
+    with _dcp_errors(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process reading it: meant
+        _load_dcp(folder, model, optimizer)
+
+
+def _check_dcp(folder: Path) -> None:
+    """The files a torch distributed checkpoint's metadata names are all there, whole: one line naming the file
+    that is missing or cut short, before DCP fails on it with a traceback per rank in its log."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root = folder / DCP_DIR
+    if not (root / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {folder} is unreadable: {DCP_DIR}/.metadata is missing")
+    try:
+        metadata = FileSystemReader(str(root)).read_metadata()
+    except Exception as e:  # noqa: BLE001 -- a truncated pickle, a file of something else
+        raise CheckpointError(f"checkpoint {folder} is unreadable: {DCP_DIR}/.metadata is damaged ({_one_line(e)})") \
+            from None
+    ends: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if name is not None:
+            ends[name] = max(ends.get(name, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        path = root / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder} is unreadable: {DCP_DIR}/{name} is missing")
+        if path.stat().st_size < end:
+            raise CheckpointError(f"checkpoint {folder} is unreadable: {DCP_DIR}/{name} is truncated "
+                                  f"({path.stat().st_size:,} of at least {end:,} bytes)")
+
+
+def _load_dcp(folder: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -162,7 +216,8 @@ def save_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / DCP_DIR))
+    with _dcp_errors():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / DCP_DIR))
 
 
 def load_deepspeed_weights(folder: Path, model: torch.nn.Module) -> None:
@@ -394,7 +449,7 @@ def write_failure(error: BaseException, output_dir: Path, keep_last: Optional[in
     cause = _root_cause(error)
     full = cause in ("No space left on device", "File too large", "Disk quota exceeded")
     if not full and "unexpected pos" in cause:  # torch.save's zip writer on a short write (ENOSPC, EFBIG)
-        cause, full = "the disk is full (torch.save could not write the whole file)", True
+        cause, full = "the disk is full: torch.save could not write the whole file", True
     if not full:
         return cause
     found = [p for _, p in list_checkpoints(output_dir) if is_complete(p)]

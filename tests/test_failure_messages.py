@@ -62,3 +62,21 @@ def test_a_damaged_or_unwritable_distributed_checkpoint_is_one_line(tmp_path, ti
         assert proc.returncode == 1 and _errors(err) == [
             f"error: checkpoint {tmp_path / name}/step_1 is unreadable: {cause}"], err[-3000:]
         assert not (tmp_path / f"{name}-export").exists()
+
+
+def test_a_resume_on_fewer_ranks_says_how_the_global_batch_changes_and_how_to_keep_it(tiny_config):
+    from longtune.trainer.config import validate
+    from longtune.trainer.train import global_batch_note
+
+    saved = {"train": {"micro_batch_size": 1, "grad_accum_steps": 2}, "data": {"seq_len": 128}}
+    cfg = validate(tiny_config)  # seq_len 128, grad_accum_steps 1
+    assert global_batch_note(saved, cfg, 2, 1) == (
+        "resuming a run of 2 process(es) on 1: the global batch changes from 512 to 128 tokens per step (to keep it, "
+        "resume with train.grad_accum_steps=4); the data order goes on from the same global position")
+    assert global_batch_note(saved, cfg, 3, 2).endswith(
+        "from 768 to 256 tokens per step (to keep it, resume with train.grad_accum_steps=3); the data order goes on "
+        "from the same global position")
+    assert "no whole train.grad_accum_steps keeps it on 4 process(es)" in global_batch_note(saved, cfg, 3, 4)
+    cfg.train.grad_accum_steps = 4
+    assert global_batch_note(saved, cfg, 2, 1) is None  # kept
+    assert global_batch_note({}, cfg, 2, 1) is None  # nothing to compare with

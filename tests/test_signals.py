@@ -140,8 +140,21 @@ def test_sigterm_to_the_nproc_2_launcher_stops_every_rank_with_a_checkpoint(tmp_
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    assert train_losses(run) == train_losses(straight_dir) and sorted(train_losses(run)) == list(range(1, 7))
+    two_ranks = train_losses(run)
+    assert two_ranks == train_losses(straight_dir) and sorted(two_ranks) == list(range(1, 7))
     assert _left_behind(run) == []
+
+    # The DDP checkpoint holds all one process needs: resumed in one (no process group: the single strategy),
+    # with the accumulation that keeps the global batch, it goes on as the two ranks did (to the all-reduce's
+    # rounding). Without it, a line says the global batch changes (test_failure_messages.py).
+    alone = start_cli("resume", run / f"step_{m[1]}", "train.grad_accum_steps=2")
+    out, err = alone.communicate(timeout=600)
+    assert alone.returncode == 0 and _errors(err) == [] and "global batch" not in err, err[-3000:]
+    assert "parallel.strategy=ddp in one process: training as one process (parallel.strategy=single, the same steps " \
+           "without a process group)" in out.splitlines()
+    one = train_losses(run)
+    for step in range(int(m[1]) + 1, 7):
+        assert one[step] == pytest.approx(two_ranks[step], rel=2e-6), step
 
 
 def test_a_full_disk_prunes_first_what_keep_last_would_prune_or_says_what_helps(tmp_path, monkeypatch, capsys):

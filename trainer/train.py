@@ -27,7 +27,8 @@ from .planning import infeasible_error, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, reset_gpu_peak, train_flops_per_token
 from .adapters import apply_adapter, export_adapter, merge_adapter
 from .model import build_model, build_tokenizer, count_parameters, patch_model
-from .parallel import Strategy, build_strategy
+from .parallel import build_strategy
+from .strategy import Strategy
 from .ranks import Ranks, device_type
 from .sequence_parallel import SequenceParallel
 
@@ -128,6 +129,10 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     except PlanInfeasible as e:
         raise infeasible_error(e) from None
     strategy = build_strategy(cfg, ranks, device)
+    if strategy.name == "ddp" and ranks.world == 1:  # DDP would want a process group, and has nothing to reduce
+        strategy = Strategy(cfg, ranks, device)
+        print("parallel.strategy=ddp in one process: training as one process (parallel.strategy=single, the same "
+              "steps without a process group)")
     seed_everything(cfg.train.seed)
     config_yaml = dump_config(cfg)
     # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it (see write_run_files).
@@ -198,7 +203,10 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
     if resume_from is not None:
         strategy.check_resume(ckpt.read_train_state(resume_from / "trainer_state.json"), resume_from)
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, parts=strategy.parts(), rank=ranks.rank)
-        if state.world_size != ranks.world:
+        note = global_batch_note(_saved_config(resume_from), cfg, state.world_size, ranks.world)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
+        elif state.world_size != ranks.world:
             print(f"resuming a run of {state.world_size} process(es) on {ranks.world}: the data order goes on from the "
                   f"same global position")
         loader.load_state_dict(state.data)
@@ -313,6 +321,39 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
         deferred.close()
         logger.close()
     return RunResult(output_dir, state.step, last_loss, eval_metrics)
+
+
+def _saved_config(checkpoint: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((checkpoint / "config.resolved.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def global_batch_note(saved: dict, cfg: Config, was_world: int, world: int) -> Optional[str]:
+    """A line when a resumed run's global batch (tokens per optimizer step) is not its checkpoint's: fewer ranks
+    without more accumulation would change it silently. `saved`: the checkpoint's config."""
+    def section(name):
+        return saved.get(name) if isinstance(saved.get(name), dict) else {}
+
+    was_train, was_sp = section("train"), section("parallel").get("sequence_parallel", 1)
+    was_accum, was_micro = was_train.get("grad_accum_steps", 1), was_train.get("micro_batch_size", 1)
+    was_seq = section("data").get("seq_len")
+    if not all(isinstance(v, int) and v > 0 for v in (was_accum, was_micro, was_seq, was_sp, was_world)):
+        return None
+    t, sp = cfg.train, cfg.parallel.sequence_parallel
+    was = was_micro * was_accum * was_seq * was_world // was_sp
+    now = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * world // sp
+    if was == now:
+        return None
+    ranks = f"resuming a run of {was_world} process(es) on {world}: " if was_world != world else ""
+    per_micro_batch = now // t.grad_accum_steps  # one micro-batch on every data-parallel rank
+    keep = (f"to keep it, resume with train.grad_accum_steps={was // per_micro_batch}" if was % per_micro_batch == 0
+            else f"no whole train.grad_accum_steps keeps it on {world} process(es)")
+    return (f"{ranks}the global batch changes from {was:,} to {now:,} tokens per step ({keep}); the data order goes on "
+            "from the same global position")
 
 
 def _reapply_schedule(scheduler) -> None:

@@ -39,6 +39,7 @@ from typing import Iterable, Optional
 import torch
 
 from .groups import decay_groups
+from .hooks import HookSet
 from .galore_projection import (PROJECTORS, project, project_back, random_basis, randomized_basis,
                                 rotate_moments, side_of, svd_basis)
 
@@ -144,7 +145,7 @@ class GaloreAdamW(torch.optim.Optimizer):
         self.target_names = sorted(targets)
         self._index = {p: i for i, p in enumerate(galore)}  # seeds and stagger offsets
         self._group = {p: g for g in self.param_groups for p in g["params"]}
-        self._hooks: list = []
+        self._hooks: Optional[HookSet] = None  # layer-wise: the HookSet its gradient callbacks are in
         self._micro, self._seen, self._low = 1, {}, {}
         self._sq_norm: Optional[torch.Tensor] = None
         self._norm_group = None
@@ -152,7 +153,7 @@ class GaloreAdamW(torch.optim.Optimizer):
 
     @property
     def layerwise(self) -> bool:
-        return bool(self._hooks)
+        return self._hooks is not None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, then two repairs, without which a resumed run is not the run it continues:
@@ -352,7 +353,7 @@ class GaloreAdamW(torch.optim.Optimizer):
         return norm
 
     # --- layer-wise ------------------------------------------------------------------------------------
-    def attach_layerwise(self) -> None:
+    def attach_layerwise(self, hooks: Optional[HookSet] = None) -> None:
         """Step each parameter in its post-accumulate-grad hook, as soon as its last micro-batch's gradient is
         summed; a target weight's gradient is projected and freed at every micro-batch between refreshes."""
         if self.clip_grad_norm is not None:
@@ -365,9 +366,13 @@ class GaloreAdamW(torch.optim.Optimizer):
             # A DDP wrapper reduces gradients after these hooks have run: the updates would use one rank's.
             raise ValueError("layer-wise GaLore in a multi-process run reduces the gradients itself: pass "
                              "process_group (and do not wrap the model in DDP), or shard the model with FSDP2")
+        # The memory runtime's HookSet (offload/hooks.py), or one of its own, installed now.
+        self._hooks = hooks if hooks is not None else HookSet()
         for group in self.param_groups:
             for p in group["params"]:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+                self._hooks.on_grad(p, "galore", self._on_grad)
+        if hooks is None:
+            self._hooks.install()
 
     def expect_backwards(self, micro_batches: int) -> None:
         self._micro, self._seen, self._low = micro_batches, {}, {}

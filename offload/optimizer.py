@@ -28,6 +28,7 @@ from torch import nn
 
 from .cpu_adam import AdamWHyper, CpuAdamW
 from .groups import ParamGroup, decay_groups, flat_offsets, param_groups
+from .hooks import HookSet
 from .movers import worker_pool
 from .pinned import HostPool, exact_pinned_empty
 
@@ -44,7 +45,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                  cpu_adam: Optional[CpuAdamW] = None, numa_nodes=None, interleave: bool = False,
                  numa_local_share: Optional[float] = None,
                  weight_writers: Optional[dict[int, WeightWriter]] = None, device: Optional[torch.device] = None,
-                 copy_stream=None, module_hooks: bool = True, process_group=None):
+                 copy_stream=None, hooks: Optional[HookSet] = None, process_group=None):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"optimizer tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -80,10 +81,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._worker = worker_pool("adam", initializer=torch.set_num_threads,
                                    initargs=(torch.get_num_threads(),))
         self._pending: dict[int, Future] = {}  # group -> its update in flight
-        self._hooks = []
         self._build_state(numa_nodes, interleave, numa_local_share)
         self._begin(1)
-        self._install_hooks(module_hooks)
+        # The memory runtime's HookSet (installed once every component has added to it), or one of its own.
+        self._hooks = hooks if hooks is not None else HookSet()
+        self._add_hooks(self._hooks)
+        if hooks is None:
+            self._hooks.install()
 
     # --- state -----------------------------------------------------------------------------
     def _build_state(self, numa_nodes, interleave, numa_local_share=None) -> None:
@@ -141,14 +145,12 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.wait_s += time.perf_counter() - start
         self._begin(micro_batches)
 
-    def _install_hooks(self, module_hooks: bool) -> None:
-        """Gradient hooks always; the forward gates too unless the memory runtime owns the module hooks."""
+    def _add_hooks(self, hooks: HookSet) -> None:
+        """Each gradient as it is accumulated, and a gate before each group's forward (offload/hooks.py)."""
         for g in self.groups:
             for i, p in enumerate(g.params):
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(g, i)))
-            if module_hooks:
-                gate = lambda module, args, index=g.index: self.before_forward(index)  # noqa: E731
-                self._hooks.append(g.module.register_forward_pre_hook(gate))
+                hooks.on_grad(p, "optimizer", self._grad_hook(g, i))
+            hooks.before_forward(g.module, "optimizer", lambda index=g.index: self.before_forward(index))
 
     def _grad_hook(self, g: ParamGroup, i: int):
         def hook(p: nn.Parameter) -> None:
@@ -357,8 +359,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         try:
             self.synchronize()
         finally:
-            for h in self._hooks:
-                h.remove()
+            self._hooks.remove()  # the runtime's too: the run is over
             self._worker.shutdown(wait=True)
             self.pool.close()
 

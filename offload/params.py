@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .dispatch import storage_key
+from .hooks import HookSet
 from .groups import ParamGroup, param_groups
 from .movers import Mover, Ticket, worker_pool
 from .pinned import HostPool, exact_pinned_empty
@@ -49,7 +50,7 @@ def _in_backward() -> bool:
 class ParamStreamer:
     def __init__(self, model: nn.Module, device: torch.device, *, tier: str = "cpu", nvme_store=None,
                  numa_nodes=None, interleave: bool = False, numa_local_share: Optional[float] = None,
-                 mover: Optional[Mover] = None, module_hooks: bool = True):
+                 mover: Optional[Mover] = None, hooks: Optional[HookSet] = None):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"parameter tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -100,13 +101,15 @@ class ParamStreamer:
         self.wait_update: Callable[[int], None] = lambda index: None  # the optimizer's gate, set by the trainer
         self.bytes_fetched = 0
         self.wait_s = 0.0  # the training thread blocked on a fetch: transfer time not hidden behind compute
-        self._hooks = []
+        # The memory runtime's HookSet (offload/hooks.py: after the optimizer's callbacks), or one of its own.
+        self._hooks = hooks if hooks is not None else HookSet()
         for g in self.layers:
-            if module_hooks:  # else the memory runtime's per-layer hooks call before/after_forward
-                self._hooks.append(g.module.register_forward_pre_hook(lambda m, a, i=g.index: self.before_forward(i)))
-                self._hooks.append(g.module.register_forward_hook(lambda m, a, out, i=g.index: self.after_forward(i, out)))
+            self._hooks.before_forward(g.module, "streamer", lambda i=g.index: self.before_forward(i))
+            self._hooks.after_forward(g.module, "streamer", lambda out, i=g.index: self.after_forward(i, out))
             for p in g.params:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(g)))
+                self._hooks.on_grad(p, "streamer", self._grad_hook(g))
+        if hooks is None:
+            self._hooks.install()
 
     # --- homes -------------------------------------------------------------------------------
     def _key(self, g: ParamGroup) -> str:
@@ -266,8 +269,7 @@ class ParamStreamer:
                     self.store.write(self._key(g), flat)
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
+        self._hooks.remove()
         self._fetcher.shutdown(wait=True)
         if self._own_mover:
             self.mover.close()

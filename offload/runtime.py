@@ -8,7 +8,10 @@
 
 It owns the copy streams (one device-to-host mover, one host-to-device mover, shared by all parts), the
 single saved-tensor dispatcher (dispatch.py; only the innermost hook context runs, so there is exactly one),
-the NVMe store, the arena block and the accounting. The parts plug into it:
+every module and gradient hook (one HookSet, offload/hooks.py: the parts add callbacks, it installs them once,
+in one documented order), the NVMe store, the arena block and the accounting; each part's worker thread
+(the CPU AdamW step, weight fetches, NVMe I/O, the activation ring's I/O, the CPU movers) is closed with it.
+The parts plug into it:
 
 - optimizer state: torch AdamW (or GaLore AdamW, galore.py) on the device, or `OffloadedAdamW` (host or NVMe, stepped per layer during
   backward) on the device-to-host stream;
@@ -36,6 +39,7 @@ from longtune.planner.plan import GPU, NVME, RECOMPUTE, Arena
 
 from .dispatch import SavedTensorDispatcher, storage_key
 from .groups import decay_groups
+from .hooks import HookSet
 from .movers import Mover
 
 if TYPE_CHECKING:
@@ -81,6 +85,7 @@ class MemoryRuntime:
         self.d2h = Mover(device, "d2h", options.copy_delay_s, options.lagging_copies)
         self.h2d = Mover(device, "h2d", options.copy_delay_s, options.lagging_copies)
         self.dispatcher = SavedTensorDispatcher()
+        self.hooks = HookSet()  # every component's module and gradient callbacks, installed once, in ROLES order
         self.store = None
         self.optimizer = None
         self.streamer = None
@@ -107,18 +112,19 @@ class MemoryRuntime:
                               f"checksums {'on' if o.nvme_checksum else 'off'})")
         if opt_tier == "gpu":
             _to_device(model, self.device)
-            self.optimizer = _galore_adamw(model, o) if o.galore else _torch_adamw(model, o)
+            self.optimizer = _galore_adamw(model, o, self.hooks) if o.galore else _torch_adamw(model, o)
         elif o.galore:  # GaLore's moments on the host, its projections and weights on the device
             if params_tier != "gpu" or opt_tier != "cpu":
                 raise ValueError(f"GaLore keeps its moments on the device or the host, not {opt_tier}")
             _to_device(model, self.device)
-            self.optimizer = _galore_adamw(model, o, state_device=torch.device("cpu"))
+            self.optimizer = _galore_adamw(model, o, self.hooks, state_device=torch.device("cpu"))
             self.notes.append("optimizer: GaLore's moments on the host (stepped by the CPU, rank-r traffic)")
         else:
             self._offload_state(opt_tier, params_tier)
         # Parameters on the device are saved by autograd as they are; streamed ones go through the streamer.
         self.dispatcher.passthrough |= {storage_key(_local(p)) for p in model.parameters() if p.numel()}
         self.dispatcher.params = self.streamer
+        self.hooks.install()
         if o.activations:
             self._start_activations()
 
@@ -135,35 +141,15 @@ class MemoryRuntime:
         self.optimizer = OffloadedAdamW(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                         clip_grad_norm=o.clip_grad_norm, tier=opt_tier, nvme_store=self.store,
                                         nvme_stagings=self.plan.nvme_state_stagings, cpu_adam=cpu_adam,
-                                        device=self.device, copy_stream=self.d2h.stream, module_hooks=False,
+                                        device=self.device, copy_stream=self.d2h.stream, hooks=self.hooks,
                                         process_group=o.process_group, **o.numa_optimizer)
         if params_tier != "gpu":
             self.streamer = ParamStreamer(model, self.device, tier=params_tier, nvme_store=self.store,
-                                          mover=self.h2d, module_hooks=False, **o.numa_weights)
+                                          mover=self.h2d, hooks=self.hooks, **o.numa_weights)
             self.optimizer.set_weight_writers(self.streamer.writers())
             self.streamer.wait_update = self.optimizer.wait_group
-        self._install_module_hooks()
         self.notes.append(f"optimizer on {opt_tier} ({cpu_adam.backend_name} AdamW, stepped per layer during backward)"
                           + (f"; decoder weights streamed from {params_tier}" if params_tier != "gpu" else ""))
-
-    def _install_module_hooks(self) -> None:
-        """One forward pre-hook and one forward hook per parameter group (the decoder layers, and the model for the
-        rest), calling the parts in a fixed order: the optimizer's gate (the group's update has landed), then the
-        weight streamer (fetch this layer, prefetch the next); after the layer, the streamer frees it."""
-        from .groups import param_groups
-
-        opt, streamer = self.optimizer, self.streamer
-        self._hooks = []
-        for g in param_groups(self.model):
-            def before(module, args, index=g.index):
-                opt.before_forward(index)
-                if streamer is not None and index > 0:
-                    streamer.before_forward(index)
-
-            self._hooks.append(g.module.register_forward_pre_hook(before))
-            if streamer is not None and g.index > 0:
-                self._hooks.append(g.module.register_forward_hook(
-                    lambda module, args, out, index=g.index: streamer.after_forward(index, out)))
 
     def _start_activations(self) -> None:
         from .activations import ActivationRuntime, plan_places
@@ -268,8 +254,7 @@ class MemoryRuntime:
         if self._closed:
             return
         self._closed = True
-        for h in getattr(self, "_hooks", []):
-            h.remove()
+        self.hooks.remove()
         errors = []
         parts = [self.activations, self.dispatcher.stash, self.optimizer if hasattr(self.optimizer, "close") else None,
                  self.streamer, self.store, self.d2h, self.h2d, *getattr(self, "_pools", {}).values()]
@@ -288,7 +273,7 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def _galore_adamw(model: nn.Module, o: RuntimeOptions, state_device=None) -> torch.optim.Optimizer:
+def _galore_adamw(model: nn.Module, o: RuntimeOptions, hooks: HookSet, state_device=None) -> torch.optim.Optimizer:
     from .galore import GaloreAdamW
 
     optimizer = GaloreAdamW(model.named_parameters(), o.galore, lr=o.lr, betas=o.betas, eps=o.eps,
@@ -296,7 +281,7 @@ def _galore_adamw(model: nn.Module, o: RuntimeOptions, state_device=None) -> tor
                             fused_update=o.galore_fused_update, state_device=state_device,
                             process_group=o.process_group)
     if o.galore_layerwise:
-        optimizer.attach_layerwise()
+        optimizer.attach_layerwise(hooks)
     return optimizer
 
 

@@ -231,6 +231,15 @@ def test_leaf_folders_import_no_other_folder():
     assert not reach, f"what planner or kernels may import imports nothing of longtune: {reach}"
 
 
+def test_the_runtime_reads_the_plan_not_the_planner():
+    """offload/ sizes everything from the Plan object: of the planner it imports planner/plan.py (the Plan and the
+    words plans are written in) and inventory.py's kernel fact (FlashAttention's own buffers), nothing else."""
+    graph = module_graph()
+    wrong = sorted(f"{m} -> {t}" for m, targets in graph.items() if _folder(m) == "offload" for t in targets
+                   if _folder(t) == "planner" and t not in ("longtune.planner.plan", "longtune.planner.inventory"))
+    assert not wrong, "\n".join(wrong)
+
+
 def _lines(directory: Path) -> int:
     return sum(len(p.read_text(encoding="utf-8").splitlines())
                for p in directory.rglob("*.py") if "__pycache__" not in p.parts)

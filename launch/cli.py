@@ -174,9 +174,19 @@ def _torchrun(args: argparse.Namespace, argv: list[str], device: str, grace_s: f
     except Exception as e:  # noqa: BLE001 -- torchrun's ChildFailedError: the ranks printed their own errors
         stop.raise_if_stopped()
         failures = getattr(e, "failures", None) or {}
-        which = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(failures.items())) or _first_line(e)
+        which = ", ".join(f"rank {r} {_exit_text(f.exitcode)}" for r, f in sorted(failures.items())) or _first_line(e)
         raise _RanksFailed(f"the training processes failed ({which}); each rank's own error is above") from None
     return EXIT_OK
+
+
+def _exit_text(code: int) -> str:
+    """A rank's end as torchrun reports it: an exit code, or (negative) the signal that killed it."""
+    import signal
+
+    try:
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    except ValueError:
+        return f"exit code {code}"
 
 
 def _flags_first(argv: list[str]) -> list[str]:
@@ -468,10 +478,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # a bug of ours or of a library (some raise BaseExceptions): still one line
+        lost = _lost_rank(e)
+        if lost:
+            return _fail(lost, EXIT_RUNTIME, debug, e)
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
         return _fail(f"internal error{at}: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)",
                      EXIT_RUNTIME, debug, e)
+
+
+def _lost_rank(e: BaseException) -> Optional[str]:
+    """A rank's collective that failed because a peer is gone, said as that (not an internal error)."""
+    if "longtune.launch.distributed" not in sys.modules:  # no process group was joined
+        return None
+    from longtune.launch.distributed import collective_failure
+
+    what = collective_failure(e)
+    if what is None:
+        return None
+    on = f"longtune resume {_RUN_DIR}" if _RUN_DIR else "longtune resume"
+    return f"{what}; {on} goes on from the newest complete checkpoint"
 
 
 def _is_rank_zero() -> bool:

@@ -48,17 +48,44 @@ def pass_sigterm_to_ranks(grace_s: float) -> "_SigtermToRanks":
     ranks, which save a checkpoint at their next step boundary and exit 143; the launcher waits up to grace_s
     (parallel.timeout_s) for them. torchrun's agent would wait its TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) here and
     after a rank failed alike; that wait now only ends a group that already failed (a rank that stopped answering
-    cannot take a signal), and is 5 s unless set."""
+    cannot take a signal), and is STOP_WAIT_S unless set."""
     import signal
     import threading
 
     stop = _SigtermToRanks(grace_s)
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_WAIT_S))
+    _shorten_stop_wait()
     if threading.current_thread() is threading.main_thread():
         for name in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE"):  # torchrun's flag, its agent's
             os.environ.setdefault(name, "SIGINT,SIGHUP,SIGQUIT")  # SIGTERM is ours
         signal.signal(signal.SIGTERM, stop.handle)
     return stop
+
+
+STOP_WAIT_S = 5  # how long torchrun's agent waits for the ranks of a failed group to end on SIGTERM, then SIGKILL
+
+
+def _shorten_stop_wait() -> None:
+    """torchrun's agent stops the ranks of a failed group with SIGTERM and waits 30 s before SIGKILL: where a rank
+    fails, its process context closes the others with close()'s default wait, and the agent's _stop_workers with
+    _shutdown()'s, both 30 s, not the shutdown_timeout it was configured with (torch 2.13). A rank that stopped
+    answering (the reason the group failed, often) cannot take the SIGTERM, so each such failure ended 30 s late:
+    torch's default is TORCH_ELASTIC_SHUTDOWN_TIMEOUT (STOP_WAIT_S unless set) instead."""
+    try:
+        from torch.distributed.elastic.multiprocessing.api import PContext
+    except ImportError:
+        return
+    close = PContext.__dict__.get("close")
+    if close is None or getattr(close, "longtune_wait", False):
+        return
+
+    def close_sooner(self, death_sig=None, timeout=30):
+        if timeout == 30:  # torch's hard-coded default
+            timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", STOP_WAIT_S))
+        return close(self, death_sig, timeout)
+
+    close_sooner.longtune_wait = True
+    PContext.close = close_sooner
 
 
 class _SigtermToRanks:
@@ -139,6 +166,37 @@ def _exit_status(pid: int) -> int | None:
     return (status >> 8) & 0xFF if status & 0x7F == 0 else 128 + (status & 0x7F)
 
 
+_GROUP: dict = {}  # the group this process joined: world size and parallel.timeout_s, for collective_failure
+
+
+def collective_failure(error: BaseException) -> str | None:
+    """What a collective's failure means, in words, when a peer is gone: a process that exited (gloo: "Connection
+    closed by peer"; the store: "Connection reset by peer"; NCCL: "remote process exited") or one that stopped
+    answering (a collective past parallel.timeout_s). None for any other error, or without a group of several."""
+    world, timeout_s = _GROUP.get("world", 1), _GROUP.get("timeout_s")
+    if world <= 1:
+        return None
+    texts, seen = [], error
+    while seen is not None:
+        texts.append(f"{type(seen).__name__} {seen}".lower())
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(texts)
+    distributed = any(t in text for t in ("disterror", "distbackenderror", "distnetworkerror", "diststoreerror",
+                                          "gloo", "nccl", "c10d", "processgroup"))
+    if not distributed:
+        return None
+    if any(t in text for t in ("connection closed by peer", "connection reset by peer", "broken pipe",
+                               "remote process exited", "socket closed")):
+        return ("a peer process exited in the middle of a collective (the launcher's line says which rank and "
+                "how)")
+    if any(t in text for t in ("timed out", "timeout")):
+        peer = f"rank {1 - _GROUP['rank']}" if world == 2 else "a rank"
+        waited = f"parallel.timeout_s={timeout_s:g}" if timeout_s is not None else "parallel.timeout_s"
+        return (f"{peer} stopped answering: a collective waited {waited} seconds for it (a hung or stopped process, "
+                "or one far slower than the others)")
+    return None
+
+
 def init_process_group(timeout_s: float, alone: bool = False, device: str = "auto") -> None:
     """Join the launcher's group (gloo on the CPU, NCCL on GPUs: run.device); every collective times out after
     timeout_s, so a lost rank fails the others instead of hanging them. `alone`: a group of this one process
@@ -173,6 +231,7 @@ def init_process_group(timeout_s: float, alone: bool = False, device: str = "aut
     else:
         backend = "gloo"
     dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    _GROUP.update(world=dist.get_world_size(), rank=dist.get_rank(), timeout_s=timeout_s)
 
 
 def prefix_output(rank: int, world: int) -> None:

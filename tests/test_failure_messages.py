@@ -80,3 +80,45 @@ def test_a_resume_on_fewer_ranks_says_how_the_global_batch_changes_and_how_to_ke
     cfg.train.grad_accum_steps = 4
     assert global_batch_note(saved, cfg, 2, 1) is None  # kept
     assert global_batch_note({}, cfg, 2, 1) is None  # nothing to compare with
+
+
+def test_a_lost_or_hung_rank_is_named_and_the_launcher_ends_the_group_in_seconds(monkeypatch):
+    """The errors a rank sees when its peer is gone (torch 2.13 on gloo, as the ranks reported them: the autograd
+    engine re-raises a DDP hook's failure as a RuntimeError) say so, not "internal error"; torchrun's agent waits
+    5 s, not 30, for a failed group's other ranks to end on SIGTERM (a stopped rank never does)."""
+    import signal
+    from types import SimpleNamespace
+
+    from torch.distributed import DistBackendError, DistNetworkError
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    from longtune.launch import cli, distributed
+
+    gloo = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/"
+    killed = RuntimeError(f"{gloo}pair.cc:553] Connection closed by peer [127.0.0.1]:48268. This is typically caused "
+                          "by a remote worker crashing. Check the logs of the remote worker before reporting an error.")
+    hung = RuntimeError(f"{gloo}unbound_buffer.cc:78] Timed out waiting 30000ms for recv operation to complete")
+    store = DistNetworkError("failed to recv, got 0 bytes: Connection reset by peer")
+    backend = DistBackendError(f"{gloo}unbound_buffer.cc:133] Timed out waiting 30000ms for send operation")
+    monkeypatch.setattr(distributed, "_GROUP", {"world": 2, "rank": 0, "timeout_s": 30.0})
+    monkeypatch.setattr(cli, "_RUN_DIR", "runs/x")
+    exited = ("a peer process exited in the middle of a collective (the launcher's line says which rank and how); "
+              "longtune resume runs/x goes on from the newest complete checkpoint")
+    stopped = ("rank 1 stopped answering: a collective waited parallel.timeout_s=30 seconds for it (a hung or stopped "
+               "process, or one far slower than the others); longtune resume runs/x goes on from the newest complete "
+               "checkpoint")
+    assert [cli._lost_rank(e) for e in (killed, store, hung, backend)] == [exited, exited, stopped, stopped]
+    assert cli._lost_rank(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    monkeypatch.setattr(distributed, "_GROUP", {})  # one process, no group: a bug stays an internal error
+    assert cli._lost_rank(killed) is None
+
+    monkeypatch.setattr(PContext, "close", PContext.close)  # put back after the test
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    distributed._shorten_stop_wait()
+    waits = []
+    context = SimpleNamespace(_close=lambda death_sig, timeout: waits.append(timeout), _tail_logs=[],
+                              filtered_stdout=None, filtered_stderr=None)
+    PContext.close(context)  # a rank failed: the others are stopped with close()
+    PContext.close(context, signal.SIGTERM, 30)  # the agent's _stop_workers -> _shutdown(), its 30 s default
+    PContext.close(context, signal.SIGTERM, 120)  # a wait the user configured stays
+    assert waits == [5, 5, 120]

@@ -4,7 +4,6 @@ here imports torch, so the CLI can report any of them before loading it."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 
 
@@ -23,7 +22,7 @@ class CheckpointError(RunError):
 # --- stopping on a signal ------------------------------------------------------------------------------------
 # SIGTERM is what a scheduler sends (SLURM at the end of a job's time, Kubernetes when it evicts a pod), SIGINT
 # is Ctrl-C. A training process records both (install_stop_handlers). SIGINT stops at once (KeyboardInterrupt,
-# exit 130). SIGTERM stops at once too (Stopped, exit 143), except while the training loop runs (stop_deferred):
+# exit 130). SIGTERM stops at once too (Stopped, exit 143), except once the training loop runs (defer_stop):
 # there it only asks the loop to stop at the next step boundary, after saving a checkpoint.
 
 
@@ -61,15 +60,13 @@ def install_stop_handlers() -> None:
             signal.signal(sig, _on_signal)
 
 
-@contextlib.contextmanager
-def stop_deferred():
-    """Inside, SIGTERM asks to stop (stop_requested) instead of raising wherever the process happens to be."""
+def defer_stop() -> None:
+    """From here on (the training loop starts) SIGTERM asks to stop at the next step boundary (stop_requested)
+    instead of raising wherever the process happens to be. For the rest of the process: a SIGTERM after the loop
+    ended (a launcher stopping the group once this rank failed) must not replace the error being reported, nor
+    cut the last checkpoint short."""
     global _deferring
-    before, _deferring = _deferring, True
-    try:
-        yield
-    finally:
-        _deferring = before
+    _deferring = True
 
 
 def stop_requested() -> bool:

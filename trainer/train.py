@@ -18,7 +18,7 @@ from longtune.planner.plan import PlanInfeasible
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
-from .errors import Stopped, stop_deferred, stop_requested
+from .errors import Stopped, defer_stop, stop_requested
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
 from .capacities import live_capacities
@@ -231,7 +231,6 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
         f"{tokens_per_step:,} tokens/step | steps {state.step + 1}..{t.max_steps} | run folder {output_dir}"
     )
     logger = MetricsLogger(output_dir, cfg.log.sinks, t.max_steps, state.step) if ranks.main else _NoLogger()
-    deferred = contextlib.ExitStack()
     last_loss, eval_metrics, saved_step = None, {}, state.step
 
     def save(state: ckpt.TrainState, metrics: dict) -> None:
@@ -266,7 +265,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
 
     traffic_seen = runtime.traffic()
     try:
-        deferred.enter_context(stop_deferred())  # SIGTERM from here on waits for a step boundary
+        defer_stop()  # SIGTERM from here on waits for a step boundary
         if state.step == 0:
             evaluate()  # the starting point, so the run shows what training changed
         stop_if_asked()
@@ -318,7 +317,6 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
         stop_if_asked()
         eval_metrics = evaluate()
     finally:
-        deferred.close()
         logger.close()
     return RunResult(output_dir, state.step, last_loss, eval_metrics)
 

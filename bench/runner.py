@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -277,35 +278,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="the JSON to write (default: bench/results/<device>-<date>-<name>.json)")
 
 
+def _checked_arguments(args: argparse.Namespace, name: str, suite: Suite) -> Suite:
+    """--systems and --cap-gb, checked before the suite runs (it takes minutes to hours; --out too, in run): an empty
+    or unknown system, or a cap that is not a positive number of GB (0 was the default, -1 failed every probe, nan
+    crashed) or leaves longtune no budget, is a usage error."""
+    if args.systems is not None:
+        chosen = [s.strip() for s in args.systems.split(",")]
+        unknown = sorted({repr(s) if not s else s for s in chosen} - set(suite.systems))
+        if unknown:
+            raise ConfigError(f"--systems: {', '.join(unknown)} not in the {name} suite ({', '.join(suite.systems)})")
+        suite = replace(suite, systems=tuple(s for s in suite.systems if s in chosen))
+    if args.cap_gb is not None:
+        if not math.isfinite(args.cap_gb) or args.cap_gb <= 0:
+            raise ConfigError(f"--cap-gb must be a positive number of GB, got {args.cap_gb:g}")
+        suite = replace(suite, cap_gb=args.cap_gb)
+        kept = suite.reserve_gb + suite.host_gb
+        if suite.device == "cpu" and "longtune" in suite.systems and args.cap_gb <= kept:
+            raise ConfigError(f"--cap-gb {args.cap_gb:g} leaves longtune's plan nothing: it keeps {suite.reserve_gb:g} "
+                              f"GB of the cap for its libraries and {suite.host_gb:g} GB as its host tier; give more "
+                              f"than {kept:g}, or --systems without longtune")
+    return suite
+
+
+def _check_out(out: Path) -> None:
+    """The results file can be written: not a folder, in a folder this process can write to (made if missing)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the JSON file to write, e.g. {out / 'bench.json'}")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"--out {out}: {above} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write to {out.parent}: {e.strerror or e}") from None
+
+
 def run(args: argparse.Namespace, isolated_env: Callable[..., dict[str, str]]) -> int:
     """`longtune bench` (launch/cli.py). `isolated_env(**extra)`: the environment of a Python child that must not
     see the repo root's folders under their bare names (launch.isolation.safe_env, handed in by the command:
     launch imports bench, so bench imports nothing of launch)."""
     name = f"{args.name}-quick" if args.quick and f"{args.name}-quick" in SUITES else args.name
     suite = SUITES[name]
-    if args.systems:
-        unknown = sorted(set(args.systems.split(",")) - set(suite.systems))
-        if unknown:
-            raise ConfigError(f"--systems: {', '.join(unknown)} not in the {name} suite ({', '.join(suite.systems)})")
-        suite = replace(suite, systems=tuple(s for s in suite.systems if s in args.systems.split(",")))
-    if args.cap_gb:
-        suite = replace(suite, cap_gb=args.cap_gb)
+    suite = _checked_arguments(args, name, suite)  # all of them, before a probe runs
     if suite.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError(f"the {name} suite needs a CUDA GPU; run `longtune bench cpu` here")
     env = environment(suite.device)
+    started = datetime.datetime.now()
+    out = Path(args.out) if args.out else \
+        REPO / "bench" / "results" / f"{device_name(env, suite.device)}-{started.date()}-{name}.json"
+    _check_out(out)  # the default one too, before the suite runs
     print(f"longtune bench {name}: {len(suite.models)} model(s) x {len(suite.systems)} systems, lengths "
           f"{suite.ladder[0]:,}..{suite.ladder[-1]:,}, " + (f"{suite.cap_gb:g} GB cap" if suite.cap_gb else "the GPU's memory"),
           flush=True)
-    started = datetime.datetime.now()
     child_env = isolated_env(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **PROBE_ENV)  # run from the repo root
     results = run_suite(name, suite, child_env, log=lambda s: print(s, flush=True))
     print(table(results, suite))
-    out = Path(args.out) if args.out else \
-        REPO / "bench" / "results" / f"{device_name(env, suite.device)}-{started.date()}-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"bench": "longtune bench", "date": started.isoformat(timespec="seconds"),
               "duration_s": (datetime.datetime.now() - started).total_seconds(), "commit": git_commit(),
               "command": " ".join(["longtune", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else

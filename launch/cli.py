@@ -139,6 +139,10 @@ def _torchrun(args: argparse.Namespace, argv: list[str], device: str, grace_s: f
         raise UsageError(str(e)) from None
     if short:  # before any rank starts: rank 1 would die on a cuda:1 that does not exist
         raise UsageError(f"--nproc {nproc}: {short}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device_type(device) == "cpu" and nproc > cores:
+        print(f"warning: --nproc {nproc} on {cores} CPU core(s): the ranks share them, each step waits for the "
+              f"slowest, and the run is slower than with --nproc {cores} (run.device=cpu)", file=sys.stderr)
     multi_node = args.nnodes not in (None, "1", "1:1")
     if multi_node and not args.rdzv_endpoint:
         raise UsageError("--nnodes over 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
@@ -240,6 +244,38 @@ def _resume_config(run_dir: str, overrides: list[str]):
     return load_config(run / "config.resolved.yaml", [*overrides, f"run.output_dir={run}", *resume])
 
 
+# What a resumed run cannot change: the model is rebuilt from its checkpoint's config.json, the tokenizer from the
+# run's own copy, so these overrides would be recorded in config.resolved.yaml but not trained. With adapters the
+# frozen base is built from model.* (it is not in the checkpoint), and a base of another shape fails to load.
+RESUME_FIXED_MODEL = ("path", "gguf_file", "config", "rope_scaling", "max_position_embeddings", "tokenizer")
+
+
+def _refuse_what_a_resume_ignores(cfg, run: Path) -> None:
+    """After the overrides' own checks (a value that is wrong in itself says so first)."""
+    from longtune.trainer.config import load_config
+
+    if cfg.adapter.kind != "none":
+        return
+    was = load_config(run / "config.resolved.yaml")
+    for key in RESUME_FIXED_MODEL:
+        old, new = getattr(was.model, key), getattr(cfg.model, key)
+        if old != new:
+            where, old, new = _first_difference(f"model.{key}", old, new)
+            raise UsageError(f"longtune resume: {where}={new} cannot change in a resumed run ({run} has {where}={old}; "
+                             "its checkpoint holds the model as it was, and the model is rebuilt from it): start a "
+                             f"new run for it (from this run's weights: longtune export {run} --out DIR, then "
+                             "model.path=DIR)")
+
+
+def _first_difference(where: str, old, new):
+    """The dotted key of the first place two values differ, and their values there."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            if old.get(k) != new.get(k):
+                return _first_difference(f"{where}.{k}", old.get(k), new.get(k))
+    return where, old, new
+
+
 def run(args: argparse.Namespace) -> int:
     from longtune.trainer.config import dump_config, load_config
 
@@ -275,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
     global _RUN_DIR
     _RUN_DIR = cfg.run.output_dir
     check(cfg)  # model, data, resume and run folder, before torch is imported
+    if args.command == "resume" and args.overrides:
+        _refuse_what_a_resume_ignores(cfg, Path(cfg.run.output_dir))
     if args.nproc is not None or any(getattr(args, k) is not None for k in LAUNCH_FLAGS):
         if cfg.launch.backend == "ray":
             raise UsageError("--nproc starts torchrun; launch.backend=ray starts Ray workers (launch.ray.num_workers): "
@@ -452,6 +490,15 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    code = _main(argv)
+    if code != EXIT_OK and "longtune.trainer.inputs" in sys.modules:  # a start that failed: no empty run folder
+        from longtune.trainer.inputs import remove_created_run_folders
+
+        remove_created_run_folders()
+    return code
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     from longtune.trainer.errors import ConfigError, RunError, Stopped
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO, cli_env, write_yaml
+from conftest import REPO, SMOLLM2_GGUF, cli_env, write_yaml
 
 FAULT_HOOK = REPO / "tests" / "fault_hook"
 
@@ -122,3 +122,67 @@ def test_a_lost_or_hung_rank_is_named_and_the_launcher_ends_the_group_in_seconds
     PContext.close(context, signal.SIGTERM, 30)  # the agent's _stop_workers -> _shutdown(), its 30 s default
     PContext.close(context, signal.SIGTERM, 120)  # a wait the user configured stays
     assert waits == [5, 5, 120]
+
+
+def test_nothing_silent_at_the_command_line(tmp_path, tiny_config, capsys, monkeypatch):
+    """What used to pass without a word: bench arguments that ran the whole suite wrongly (or crashed, or failed at
+    the end), --nproc beyond the CPU cores, an empty run folder left by a start that failed, a resume override that
+    was recorded but not trained."""
+    import signal
+
+    from longtune.launch.cli import main
+
+    def cli(*args) -> tuple[int, list[str]]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, err.splitlines()
+
+    for args, message in [
+        (["--systems", ""], "--systems: '' not in the smoke suite (longtune, hf)"),
+        (["--systems", "hf,"], "--systems: '' not in the smoke suite (longtune, hf)"),
+        (["--cap-gb", "0"], "--cap-gb must be a positive number of GB, got 0"),
+        (["--cap-gb", "-1"], "--cap-gb must be a positive number of GB, got -1"),
+        (["--cap-gb", "nan"], "--cap-gb must be a positive number of GB, got nan"),
+        (["--cap-gb", "2"], "--cap-gb 2 leaves longtune's plan nothing: it keeps 1 GB of the cap for its libraries and "
+                            "1.5 GB as its host tier; give more than 2.5, or --systems without longtune"),
+        (["--out", tmp_path], f"--out {tmp_path} is a folder; give the JSON file to write, e.g. {tmp_path}/bench.json"),
+        (["--out", tmp_path / "file" / "x.json"], f"--out {tmp_path}/file/x.json: {tmp_path}/file is a file, not a "
+                                                  "folder"),
+    ]:
+        (tmp_path / "file").write_text("")
+        assert cli("bench", "smoke", *args) == (2, [f"error: {message}"]), args
+
+    # --nproc beyond the cores (the launch then stops at a usage error of its own, before any rank starts)
+    cores = len(os.sched_getaffinity(0))
+    config = write_yaml(tmp_path / "tiny.yaml", {**tiny_config, "run": {"output_dir": str(tmp_path / "new" / "run")}})
+    code, err = cli("train", config, "--nproc", cores + 1, "--nnodes", "2")
+    assert code == 2 and err == [
+        f"warning: --nproc {cores + 1} on {cores} CPU core(s): the ranks share them, each step waits for the slowest, "
+        f"and the run is slower than with --nproc {cores} (run.device=cpu)",
+        "error: --nnodes over 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)"]
+    assert not (tmp_path / "new").exists()  # the run folder (and its parent) it made, empty, are gone
+
+    # a start that fails once the run folder is made (here: a vocabulary that the tokenizer does not fit in)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code, err = cli("train", config, "model.config.vocab_size=100", "train.max_steps=1")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert code == 2 and err[-1].startswith("error: the tokenizer has 49,152 tokens but the model's vocab_size is 100")
+    assert not (tmp_path / "new").exists()
+
+    # overrides a resume cannot carry out: refused, naming the key, what the run has and why (after the checks of
+    # the values themselves)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_yaml(run / "config.resolved.yaml", {**tiny_config, "run": {"output_dir": str(run)}})
+    advice = f"start a new run for it (from this run's weights: longtune export {run} --out DIR, then model.path=DIR)"
+    assert cli("resume", run, "model.config.num_hidden_layers=4") == (2, [
+        f"error: longtune resume: model.config.num_hidden_layers=4 cannot change in a resumed run ({run} has "
+        "model.config.num_hidden_layers=2; its checkpoint holds the model as it was, and the model is rebuilt from "
+        f"it): {advice}"])
+    assert cli("resume", run, f"model.tokenizer={SMOLLM2_GGUF}") == (2, [
+        f"error: longtune resume: model.tokenizer={SMOLLM2_GGUF} cannot change in a resumed run ({run} has "
+        f"model.tokenizer={tiny_config['model']['tokenizer']}; its checkpoint holds the model as it was, and the "
+        f"model is rebuilt from it): {advice}"])

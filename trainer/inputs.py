@@ -455,16 +455,29 @@ def check_export_out(out: str, force: bool, run: Optional[Path] = None) -> None:
         raise ConfigError(f"longtune export: --out {out} is not empty; add --force to write into it anyway")
 
 
+_CREATED: list[Path] = []  # run folders (and their parents) this process made, outermost first
+
+
 def prepare_output_dir(path: str) -> Path:
     out = Path(path).expanduser()
     probe = out / f".write-test-{uuid.uuid4().hex}"
     try:
+        missing = [p for p in [out, *out.parents] if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)
+        _CREATED.extend(p.absolute() for p in reversed(missing) if p.absolute() not in _CREATED)
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"run.output_dir: cannot write to {path}: {e.strerror or e}") from None
     return out
+
+
+def remove_created_run_folders() -> None:
+    """After a start that failed: the run folder (and parents) this process made, where still empty, go again,
+    so a mistyped setting leaves nothing behind."""
+    while _CREATED:
+        with contextlib.suppress(OSError):  # not empty (the run wrote something), or gone already
+            os.rmdir(_CREATED.pop())
 
 
 def resolve_resume(cfg: Config, output_dir: Path) -> Optional[Path]:

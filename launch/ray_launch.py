@@ -5,9 +5,15 @@ a lost worker (`launch.ray.max_failures`). Each worker runs `trainer.train.train
 torchrun; longtune still writes its own step_N checkpoints into run.output_dir, and after each complete one every
 rank reports it to Ray (rank 0 with the folder, which Ray copies to `launch.ray.storage_path`). A restarted group,
 or a re-run with the same `launch.ray.name` and `storage_path`, gets Ray's latest checkpoint back and continues
-from it: Ray's copy says where to resume, and is copied back into the run folder when that lacks it. (One gap
-is filled from the run folder: a group that dies after writing its first checkpoint but before Ray registered
-its report continues from that checkpoint, instead of refusing a run folder that holds one.)
+from it: Ray's copy says where to resume, and is copied back into the run folder when that lacks it. The run
+folder's own newest complete checkpoint is taken instead when it is newer (or Ray has none) and this run's: a
+group, or the driver, that dies after a checkpoint is complete but before Ray has its copy loses nothing
+(launch/ray_checks.resume_choice).
+
+What cannot work is refused before a worker starts, in one line: a malformed launch.ray key (launch/ray_checks),
+and resources the cluster does not have (Ray would wait for them forever). A ConfigError on any rank ends the run
+at once, whatever launch.ray.max_failures says: only faults (a lost worker, a crash) are retried. The workers'
+tracebacks stay in Ray's logs unless --debug.
 
 Ray is imported only here, inside run_on_ray: the CLI answers --help and config errors without it.
 """
@@ -28,9 +34,26 @@ PROPAGATED_ENV = ("TRITON_INTERPRET", "TOKENIZERS_PARALLELISM")
 MAX_ERROR_CHARS = 400
 
 
-def run_on_ray(cfg) -> int:
-    """Run `cfg` on Ray Train workers; 0 when the run finished. A failed run raises RunError (ConfigError when
-    every failing worker rejected the config) with the worker's own message."""
+def run_on_ray(cfg, debug: Optional[bool] = None) -> int:
+    """Run `cfg` on Ray Train workers; 0 when the run finished. A failed run raises RunError (ConfigError when a
+    worker rejected the config) with the worker's own message. `debug` (None: `--debug` on the command line):
+    the workers print their tracebacks too."""
+    import sys
+
+    from longtune.launch.ray_checks import (check_launch, check_storage, newest_complete, resolve_storage, step_of,
+                                            unreachable, written_by)
+
+    if debug is None:
+        debug = "--debug" in sys.argv[1:]
+    check_launch(cfg)  # before Ray is imported: nothing starts for a config that cannot work
+    r = cfg.launch.ray
+    # Absolute before it travels: the workers run in Ray's session folders, not in this directory.
+    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
+    cfg.run.output_dir = str(output_dir)
+    storage = resolve_storage(r.storage_path, output_dir)
+    name = r.name or output_dir.name
+    if "://" not in storage:
+        check_storage(storage, name)
     try:
         import ray
         from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
@@ -39,29 +62,31 @@ def run_on_ray(cfg) -> int:
     except ImportError:
         raise ConfigError("launch.backend=ray needs ray: pip install 'ray[train]'") from None
     from longtune.trainer.config import dump_config
-    from longtune.trainer.inputs import latest_complete
 
-    r = cfg.launch.ray
-    # Absolute before it travels: the workers run in Ray's session folders, not in this directory.
-    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
-    cfg.run.output_dir = str(output_dir)
-    storage = r.storage_path or str(output_dir / "ray")
-    if "://" not in storage:  # a local or shared-filesystem path (s3://, gs://... go as given)
-        storage = str(Path(storage).expanduser().resolve())
-    name = r.name or output_dir.name
+    if "://" in storage:
+        _check_storage_uri(storage)
+    # The run folder records the Ray run that writes it (config.resolved.yaml): a re-run knows its checkpoints.
+    r.storage_path, r.name = storage, name
     use_gpu = r.use_gpu
     if use_gpu is None:
         from longtune.trainer.ranks import device_type
 
         try:
-            use_gpu = device_type(cfg.run.device) == "cuda"
+            use_gpu = (r.resources_per_worker or {}).get("GPU", 0) > 0 or device_type(cfg.run.device) == "cuda"
         except ValueError as e:
             raise ConfigError(str(e)) from None
     backend = "nccl" if use_gpu else "gloo"
+    at_launch = newest_complete(output_dir)
 
     if r.address:
+        why = unreachable(r.address)
+        if why:
+            raise RunError(why)
         env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
-        _ray_init(ray, address=r.address, **({"runtime_env": {"env_vars": env}} if env else {}))
+        try:
+            _ray_init(ray, address=r.address, **({"runtime_env": {"env_vars": env}} if env else {}))
+        except ConnectionError as e:  # auto, and no cluster on this machine
+            raise RunError(f"launch.ray.address={r.address}: {str(e).strip().splitlines()[0]}") from None
         where = f"the Ray cluster at {r.address}"
     else:
         # Our own machine: give Ray at least the CPUs the workers ask for (like torchrun --nproc N on fewer cores),
@@ -70,13 +95,17 @@ def run_on_ray(cfg) -> int:
         start_local_cluster(max(os.cpu_count() or 1, math.ceil(r.num_workers * per_worker)))
         where = f"a local Ray cluster at {ray.get_runtime_context().gcs_address}"
     try:
-        trainer = TorchTrainer(
+        _check_cluster(ray, cfg, use_gpu)
+        trainer = _trainer_class(TorchTrainer)(
             _worker,
             train_loop_config={
                 "config_yaml": dump_config(cfg),
                 "cwd": os.getcwd(),  # relative paths in the config (model, data) mean what they mean here
-                # no checkpoint in the run folder at launch: any that appears later is this run's own
-                "fresh": cfg.run.resume is None and latest_complete(output_dir) is None,
+                # the run folder's newest complete checkpoint at launch (a newer one is this run's own), and
+                # whether the run folder was written by this Ray run (a re-run of the same command)
+                "launch_step": None if at_launch is None else step_of(str(at_launch)),
+                "folder_is_this_run": written_by(output_dir, storage, name),
+                "debug": debug,
             },
             torch_config=TorchConfig(backend=backend, timeout_s=int(math.ceil(cfg.parallel.timeout_s))),
             scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
@@ -94,6 +123,8 @@ def run_on_ray(cfg) -> int:
             result = trainer.fit()
         except TrainingFailedError as e:
             raise _failure(e) from None
+        except ray.exceptions.RayError as e:  # e.g. the controller could not start (its storage)
+            raise RunError(f"the Ray run failed: {_one_line(_cause(e))}") from None
         if getattr(result, "error", None) is not None:
             raise _failure(result.error)
     finally:
@@ -106,10 +137,81 @@ def run_on_ray(cfg) -> int:
     return 0
 
 
+def _check_storage_uri(storage: str) -> None:
+    """A storage URI Ray's filesystem layer (pyarrow) cannot open is refused here, not in Ray's controller."""
+    try:
+        import pyarrow.fs
+
+        pyarrow.fs.FileSystem.from_uri(storage)
+    except ImportError:
+        return
+    except Exception as e:  # noqa: BLE001 -- pyarrow's errors (ArrowInvalid, OSError) say what is wrong
+        text = str(e).strip().splitlines()
+        raise ConfigError(f"launch.ray.storage_path {storage}: {text[0] if text else type(e).__name__}") from None
+
+
+def _check_cluster(ray, cfg, use_gpu: bool) -> None:
+    """Refuse resources the cluster cannot give, before a worker is asked for: Ray Train would wait for them
+    forever (a WorkerGroupStartupTimeoutError a minute, retried without end)."""
+    from longtune.launch.ray_checks import unavailable
+
+    nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    totals = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:  # a cluster that scales: what its node types can add
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 -- another Ray's internals: judge by the nodes there are
+        config = None
+    for group in getattr(config, "node_group_configs", None) or []:
+        if group.max_count == 0:
+            continue
+        resources = {k: float(v) for k, v in group.resources.items()}
+        nodes.append(resources)
+        for k, v in resources.items():
+            totals[k] = totals.get(k, 0.0) + (v * group.max_count if group.max_count > 0 else math.inf)
+    why = unavailable(cfg, use_gpu, nodes, totals)
+    if why:
+        raise ConfigError(why)
+
+
+def _trainer_class(torch_trainer):
+    """TorchTrainer whose failure policy ends the run on a ConfigError (see ConfigErrorsEndTheRun)."""
+
+    class Trainer(torch_trainer):
+        def _initialize_and_run_controller(self, **kwargs):
+            if "failure_policy" in kwargs:
+                kwargs["failure_policy"] = ConfigErrorsEndTheRun(kwargs["failure_policy"])
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return Trainer
+
+
+class ConfigErrorsEndTheRun:
+    """Ray Train's failure policy, but a worker group in which a rank raised ConfigError is not restarted: the same
+    config fails the same way again (launch.ray.max_failures=-1 would retry it forever). Faults, a lost worker or
+    a crash, go to Ray's own policy (max_failures). Runs in Ray's controller actor."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.failure_config = getattr(policy, "failure_config", None)
+
+    def make_decision(self, training_failed_error):
+        failures = getattr(training_failed_error, "worker_failures", None) or {}
+        if any(isinstance(_cause(e), ConfigError) for e in failures.values()):
+            from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+            return FailureDecision.RAISE
+        return self.policy.make_decision(training_failed_error)
+
+
 def start_local_cluster(num_cpus: int) -> None:
     """A Ray cluster of this machine alone, owned by this process (ray.shutdown stops it): every service
     listens on 127.0.0.1 only, and there is no dashboard."""
     _loopback_only()
+    # Ray Train's preemption watcher is for cloud nodes taken back; a machine's own cluster has none. Its actor
+    # makes the controller log an error line ("PreemptionWatcher ... max_restarts > 0") on every run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
 
     # address="local": a new cluster even when `ray start` left one running here (address=None would join it)
@@ -144,18 +246,24 @@ def _ray_init(ray, **kwargs) -> None:
 
 
 def _failure(error: BaseException) -> Exception:
-    """One line for the user: each failing worker's own exception, not Ray's traceback around it."""
+    """One line for the user: the failing workers' own exceptions, not Ray's traceback around them; ranks that
+    failed the same way share one mention. A ConfigError on any rank is the run's error (exit 2): the other ranks'
+    errors (a collective whose peer left) follow from it."""
     failures = getattr(error, "worker_failures", None) or {}
     if not failures:
         cause = getattr(error, "controller_failure", None) or error
         return RunError(f"the Ray run failed: {_one_line(cause)}")
     causes = {rank: _cause(e) for rank, e in sorted(failures.items())}
-    text = "; ".join(f"rank {rank}: {_one_line(e)}" for rank, e in causes.items())
+    refused = {rank: e for rank, e in causes.items() if isinstance(e, ConfigError)}
+    ranks_of: dict[str, list[int]] = {}
+    for rank, e in (refused or causes).items():
+        ranks_of.setdefault(_one_line(e), []).append(rank)
+    text = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {line}"
+                     for line, rs in ranks_of.items())
     if len(text) > MAX_ERROR_CHARS:
         text = text[:MAX_ERROR_CHARS].rstrip() + " ..."
     # A config the workers refuse is the user's to fix (exit 2), like the same error in a local run.
-    kind = ConfigError if all(isinstance(e, ConfigError) for e in causes.values()) else RunError
-    return kind(f"the Ray run failed: {text}")
+    return (ConfigError if refused else RunError)(f"the Ray run failed: {text}")
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -183,6 +291,7 @@ def _worker(loop_config: dict[str, Any]):
     from longtune.launch.isolation import keep_checkout_off_sys_path
 
     keep_checkout_off_sys_path()  # Ray put the driver's folder first on this worker's sys.path
+    _quiet_worker_logs(loop_config["debug"])
     import ray.train
     import yaml
 
@@ -195,8 +304,8 @@ def _worker(loop_config: dict[str, Any]):
     cfg = validate(yaml.safe_load(loop_config["config_yaml"]))
     ranks = Ranks.current()  # Ray set up the process group before calling us
     prefix_output(ranks.rank, ranks.world)
-    _quiet_reports()
-    resume = _resume_point(cfg, ranks, ray.train.get_checkpoint(), loop_config["fresh"])
+    resume = _resume_point(cfg, ranks, ray.train.get_checkpoint(), loop_config["launch_step"],
+                           loop_config["folder_is_this_run"])
     if resume is not None:
         cfg.run.resume = resume
 
@@ -212,9 +321,14 @@ def _worker(loop_config: dict[str, Any]):
     return {"step": result.step, "last_loss": result.last_loss, "eval": result.eval}  # rank 0's is Result.return_value
 
 
-def _quiet_reports() -> None:
-    """Ray Train logs an INFO line per `ray.train.report` on every worker (logger named after its file): our
-    own progress line says the same, so keep only its warnings."""
+# Ray Train's logger on a worker that logs the traceback of an exception in the training function ("Error in
+# training function:", 30-40 lines per rank before the driver's one-line error, which says the same).
+TRACEBACK_LOGGER = "ray.train.v2._internal.util"
+
+
+def _quiet_worker_logs(debug: bool) -> None:
+    """Ray Train's lines on a worker that repeat what the user reads once: an INFO line per `ray.train.report`
+    (logger named after its file; our progress line says it), and, unless --debug, a failing rank's traceback."""
     import logging
 
     try:
@@ -222,28 +336,38 @@ def _quiet_reports() -> None:
     except ImportError:  # another Ray layout: the lines stay
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    if not debug:
+        logging.getLogger(TRACEBACK_LOGGER).setLevel(logging.CRITICAL)
 
 
-def _resume_point(cfg, ranks, checkpoint, fresh: bool) -> Optional[str]:
+def _resume_point(cfg, ranks, checkpoint, launch_step: Optional[int], folder_is_this_run: bool) -> Optional[str]:
     """What run.resume becomes on this (re)started worker group: Ray's latest checkpoint as a step_N folder of
-    the run folder, or None to keep the configured run.resume. Rank 0 decides (and copies); the others learn."""
-    from longtune.trainer.inputs import latest_complete
+    the run folder, or the run folder's newest complete checkpoint when that is newer and this run's own
+    (ray_checks.resume_choice), or None to keep the configured run.resume. Rank 0 decides (and copies); the
+    others learn."""
+    from longtune.launch.ray_checks import newest_complete, resume_choice, step_of
 
     output_dir = Path(cfg.run.output_dir)
     decision: tuple[str, Optional[str]] = ("keep", None)
     if ranks.main:
         try:
-            if checkpoint is not None:
+            newest = newest_complete(output_dir)
+            folder_step = None if newest is None else step_of(str(newest))
+            ray_step = None if checkpoint is None else step_of(checkpoint.path)
+            choice = resume_choice(ray_step, folder_step, launch_step, folder_is_this_run)
+            if checkpoint is not None and ray_step is None:  # a checkpoint Ray names otherwise: Ray's word
+                choice = "ray"
+            if choice == "ray":
                 with checkpoint.as_directory() as src:  # the storage folder itself when it is on this filesystem
                     path = _place(Path(src), output_dir)
                 print(f"resuming from Ray's checkpoint {checkpoint.path} as {path}")
                 decision = ("resume", str(path))
-            elif fresh and latest_complete(output_dir) is not None:
-                # The group failed between writing a checkpoint and reporting its first: the checkpoint is this
-                # run's own (the run folder held none at launch, and only this run holds its lock).
-                print("the restarted group continues from the run folder's newest complete checkpoint, written by "
-                      "its previous attempt before it could report one to Ray")
-                decision = ("resume", "auto")
+            elif choice == "folder":
+                # Complete in the run folder, but Ray has no copy of it (or an older one): the group, or the
+                # driver, died between writing it and Ray registering its report.
+                than = "Ray has no checkpoint of this run" if ray_step is None else f"Ray's latest is step {ray_step}"
+                print(f"resuming from the run folder's newest complete checkpoint {newest} ({than})")
+                decision = ("resume", str(newest))
         except Exception as e:  # noqa: BLE001 -- every rank fails with rank 0's message instead of waiting for it
             decision = ("error", f"{type(e).__name__}: {e}" if not isinstance(e, (RunError, ConfigError)) else str(e))
     kind, value = ranks.from_main(decision)

@@ -4,6 +4,11 @@ The story, on one local Ray cluster (started once for the module, every service 
 train; one of them is SIGKILLed mid-run; Ray restarts the group from the last checkpoint it registered and the
 run ends with the losses of an uninterrupted run; a second `longtune train` with the same Ray name and storage
 continues from Ray's latest checkpoint instead of starting over.
+
+Issue 27 (no hang, no traceback, nothing silent), on the same cluster: resources the cluster lacks are refused
+before a worker starts (Ray Train would wait for them forever); a ConfigError on a worker ends the run at once
+even with max_failures=-1, in one line without the workers' tracebacks. Config-only refusals (address, name,
+storage, amounts, world size) are checked without Ray at all.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ def ray_address():
     of it left running."""
     from longtune.launch.ray_launch import start_local_cluster
 
-    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    names = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    saved = {k: os.environ.get(k) for k in names}
     before = frozenset(p.pid for p in psutil.Process().children(recursive=True))
     start_local_cluster(num_cpus=2)
     import ray
@@ -71,10 +77,11 @@ def ray_address():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-        if saved is None:  # start_local_cluster set it (the CLI drivers joining the cluster read it too)
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
+        for k, v in saved.items():  # start_local_cluster set them (the CLI drivers joining the cluster read them too)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         deadline = time.monotonic() + 30
         while _ray_processes(me, before) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -154,7 +161,9 @@ def test_ray_worker_killed_resumes_and_rerun_continues(tiny_config, tmp_path, ra
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-    resumed = re.findall(r"resuming from Ray's checkpoint \S+ as (\S+)", out)
+    # Ray's checkpoint, or the run folder's newer one when the kill fell between its COMPLETE and Ray's copy
+    resumed = re.findall(r"resuming from (?:Ray's checkpoint \S+ as |the run folder's newest complete checkpoint )"
+                         r"(\S+)", out)
     assert len(resumed) == 1, out[-3000:]
     step = int(re.search(r"step_(\d+)$", resumed[0]).group(1))
     assert 2 <= step <= killed_at and step % 2 == 0, (step, killed_at)
@@ -185,8 +194,8 @@ def test_ray_worker_killed_resumes_and_rerun_continues(tiny_config, tmp_path, ra
 
 
 def test_worker_errors_are_one_line():
-    """A failed fit is one line per failing rank with the worker's own message (ConfigError when every rank
-    refused the config), not Ray's traceback."""
+    """A failed fit is one line with the workers' own messages (ranks that failed alike named together), not Ray's
+    traceback; a ConfigError on any rank is the run's error (exit 2), the other ranks' collateral errors left out."""
     from ray.train import WorkerGroupError
 
     from longtune.launch.ray_launch import _failure
@@ -195,8 +204,216 @@ def test_worker_errors_are_one_line():
     refused = _failure(WorkerGroupError("tb", {0: ConfigError("run.output_dir x is in use"), 1: ConfigError("same")}))
     assert isinstance(refused, ConfigError) and str(refused) == \
         "the Ray run failed: rank 0: run.output_dir x is in use; rank 1: same"
+    alike = _failure(WorkerGroupError("tb", {0: ConfigError("bad"), 1: RuntimeError("gloo: connection closed"),
+                                             2: ConfigError("bad")}))
+    assert isinstance(alike, ConfigError) and str(alike) == "the Ray run failed: ranks 0, 2: bad"
     crashed = _failure(WorkerGroupError("tb", {1: RuntimeError("Traceback (most recent call last):\n  x\nValueError: boom")}))
     assert isinstance(crashed, RunError) and str(crashed) == "the Ray run failed: rank 1: RuntimeError: ValueError: boom"
+
+
+def test_a_config_error_is_not_retried_a_fault_is():
+    """launch.ray.max_failures=-1 retried a ConfigError forever: the failure policy raises it at once, and leaves
+    a lost worker (or a crash) to Ray's own policy."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+    from longtune.launch.ray_launch import ConfigErrorsEndTheRun
+    from longtune.trainer.errors import ConfigError
+
+    class Ray:  # Ray's policy with max_failures=-1: retry everything
+        failure_config = "theirs"
+
+        def make_decision(self, error):
+            return FailureDecision.RETRY
+
+    policy = ConfigErrorsEndTheRun(Ray())
+    assert policy.failure_config == "theirs"
+    config = WorkerGroupError("tb", {0: ConfigError("run.output_dir x is in use"), 1: RuntimeError("gloo")})
+    assert policy.make_decision(config) == FailureDecision.RAISE
+    fault = WorkerGroupError("tb", {1: RuntimeError("The actor died unexpectedly")})
+    assert policy.make_decision(fault) == FailureDecision.RETRY
+
+
+def test_launch_keys_refused_before_ray_is_imported(monkeypatch, tiny_config, tmp_path):
+    """Each malformed launch.ray key (and a world the trainer would refuse) is a ConfigError naming it, before
+    Ray is even imported: no cluster starts, nothing is written (a name with .. wrote outside storage_path)."""
+    from longtune.launch.ray_launch import run_on_ray
+    from longtune.trainer.config import validate
+    from longtune.trainer.errors import ConfigError
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = {
+        "launch.ray.address=notaurl": {"ray": {"address": "notaurl"}},
+        "launch.ray.address=127.0.0.1:99999": {"ray": {"address": "127.0.0.1:99999"}},
+        "launch.ray.name='../../escaped'": {"ray": {"name": "../../escaped"}},
+        "launch.ray.name='a/b'": {"ray": {"name": "a/b"}},
+        f"launch.ray.storage_path {a_file} is a file": {"ray": {"storage_path": str(a_file)}},
+        f"launch.ray.storage_path {a_file / 'sub'}: {a_file} is a file": {"ray": {"storage_path": str(a_file / "sub")}},
+        "launch.ray.resources_per_worker.CPU=-1": {"ray": {"resources_per_worker": {"CPU": -1}}},
+        "launch.ray.resources_per_worker asks for GPU: 1 per worker, but launch.ray.use_gpu=false":
+            {"ray": {"use_gpu": False, "resources_per_worker": {"GPU": 1}}},
+        "parallel.strategy=single runs one process, but launch.ray.num_workers=2": {"strategy": "single"},
+        "parallel.sequence_parallel=2 does not divide launch.ray.num_workers=3":
+            {"ray": {"num_workers": 3}, "sequence_parallel": 2},
+    }
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    cases[f"launch.ray.storage_path {read_only / 'ray'}: cannot write in {read_only}"] = \
+        {"ray": {"storage_path": str(read_only / "ray")}}
+    cases["launch.ray.use_gpu=true gives each worker a GPU, but run.device=cpu"] = \
+        {"ray": {"use_gpu": True}, "run": {"device": "cpu"}}
+    if os.geteuid() == 0:  # root writes anywhere: the folder answers as a read-only filesystem would
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and access(p, mode))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError: the refusal must come first
+    for expected, given in cases.items():
+        launch = {"backend": "ray", "ray": given.get("ray", {})}
+        parallel = {k: v for k, v in given.items() if k not in ("ray", "run")}
+        cfg = validate({**tiny_config, "launch": launch, "parallel": parallel,
+                        "run": {**tiny_config["run"], **given.get("run", {})}})
+        with pytest.raises(ConfigError) as refused:
+            run_on_ray(cfg)
+        assert str(refused.value).startswith(expected), (expected, str(refused.value))
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "run").exists()
+
+    # Through the CLI: exit 2, one line, in about a second.
+    out = run_cli("train", write_yaml(tmp_path / "config.yaml", tiny_config), "launch.backend=ray",
+                  "launch.ray.name=../../escaped", timeout=60)
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "error: launch.ray.name='../../escaped' is not a name: Ray keeps the run in storage_path/NAME, so it is one "
+        "folder name (no /, \\ or ..)"], out.stderr
+
+
+def test_resources_the_cluster_lacks(tiny_config):
+    """What a worker asks that no node has, or more than all of them hold: the one line names the key, the amount
+    and what the cluster has (Ray would wait for it forever)."""
+    from longtune.launch.ray_checks import unavailable
+    from longtune.trainer.config import validate
+
+    def why(use_gpu=False, nodes=({"CPU": 2.0, "memory": 4 * 2.0**30, "node:127.0.0.1": 1.0},), **ray):
+        cfg = validate({**tiny_config, "launch": {"backend": "ray", "ray": ray}})
+        nodes = [dict(n) for n in nodes]
+        totals = {k: sum(n.get(k, 0) for n in nodes) for n in nodes for k in n}
+        return unavailable(cfg, use_gpu, nodes, totals)
+
+    assert why() is None and why(resources_per_worker={"CPU": 1}) is None
+    assert why(use_gpu=True) == ("launch.ray.use_gpu=true asks for GPU: 1 per worker, 2 for the 2 workers, but the "
+                                 "Ray cluster has no GPU (it has CPU: 2, memory: 4.0 GiB): Ray would wait for it "
+                                 "forever")
+    assert why(resources_per_worker={"foo": 1}).startswith(
+        "launch.ray.resources_per_worker asks for foo: 1 per worker, 2 for the 2 workers, but the Ray cluster has no foo")
+    assert why(use_gpu=True, resources_per_worker={"GPU": 1},
+               nodes=[{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}]) is None
+    assert why(num_workers=3).startswith("launch.ray.num_workers=3 asks for CPU: 1 per worker, 3 for the 3 workers, "
+                                         "but the Ray cluster has CPU: 2")
+    assert why(resources_per_worker={"CPU": 1}, nodes=[]).startswith("launch.ray.resources_per_worker asks for CPU: 1")
+    # Enough in all, but a worker's share is on no single node.
+    assert why(num_workers=1, resources_per_worker={"CPU": 3}, nodes=[{"CPU": 2}, {"CPU": 2}]) == (
+        "launch.ray.resources_per_worker asks for CPU: 3 per worker, and no node of the Ray cluster holds that much "
+        "(its nodes: CPU: 2; CPU: 2): Ray would wait for one forever")
+
+
+def test_an_address_nothing_answers_at():
+    """ray.init retried an address with no cluster for minutes (a warning every 5 s): one line at once instead."""
+    from longtune.launch.ray_checks import unreachable
+
+    assert unreachable("127.0.0.1:1").startswith("launch.ray.address=127.0.0.1:1: no Ray cluster answers there (")
+    assert unreachable("auto") is None
+
+
+def test_which_checkpoint_a_group_continues_from(tiny_config, tmp_path, capsys):
+    """Issue 27: the driver killed after a checkpoint was complete in the run folder but before Ray copied it; the
+    same command again continues from the run folder's newest complete checkpoint (it refused the run folder:
+    "already holds checkpoints of an earlier run"). Reproduced by hand: SIGKILL to the driver's process group the
+    moment step_2/COMPLETE appeared left Ray's storage with no checkpoint."""
+    from longtune.launch.ray_checks import resume_choice, same_ray_run, step_of
+    from longtune.launch.ray_launch import _resume_point
+    from longtune.trainer.config import validate
+    from longtune.trainer.inputs import COMPLETE
+    from longtune.trainer.ranks import Ranks
+
+    # rank 0 of a re-run: the run folder's step_4 is complete (step_6 is not), Ray has step_2 or nothing
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        (run / f"step_{step}").mkdir(parents=True)
+    for step in (2, 4):
+        (run / f"step_{step}" / COMPLETE).write_text("")
+    cfg = validate(tiny_config)
+
+    class RayCheckpoint:  # Ray's older copy: never opened when the run folder's is newer
+        path = str(tmp_path / "storage" / "run" / "step_2")
+
+        def as_directory(self):
+            raise AssertionError("Ray's older checkpoint was copied")
+
+    assert _resume_point(cfg, Ranks(), None, 4, True) == str(run / "step_4")
+    assert _resume_point(cfg, Ranks(), RayCheckpoint(), 4, True) == str(run / "step_4")
+    assert _resume_point(cfg, Ranks(), None, 4, False) is None  # another run's checkpoints: run.resume decides
+    assert capsys.readouterr().out.splitlines() == [
+        f"resuming from the run folder's newest complete checkpoint {run / 'step_4'} (Ray has no checkpoint of this run)",
+        f"resuming from the run folder's newest complete checkpoint {run / 'step_4'} (Ray's latest is step 2)"]
+
+    # (Ray's latest, the run folder's newest complete, the run folder's newest at launch, written by this Ray run)
+    assert resume_choice(None, 4, 4, True) == "folder"  # a re-run: Ray never had a copy
+    assert resume_choice(2, 4, 4, True) == "folder"  # a re-run: Ray has an older one
+    assert resume_choice(4, 4, 4, True) == "ray"
+    assert resume_choice(6, 4, 4, True) == "ray"
+    assert resume_choice(None, 2, None, False) == "folder"  # a restart: written by this launch's first attempt
+    assert resume_choice(2, 6, 4, False) == "folder"  # ... newer than anything at launch
+    assert resume_choice(2, 4, 4, False) == "ray"  # the run folder's was there before this launch
+    assert resume_choice(None, 4, 4, False) == "keep"  # another run's: the trainer refuses or uses run.resume
+    assert resume_choice(None, None, None, False) == "keep"
+    assert step_of("/s/story/step_12/") == 12 and step_of("/s/story/checkpoint_2024") is None
+
+    saved = {"run": {"output_dir": "/r/run"}, "launch": {"backend": "ray", "ray": {"storage_path": None, "name": None}}}
+    assert same_ray_run(saved, "/r/run/ray", "run")
+    assert not same_ray_run(saved, "/r/run/ray", "other") and not same_ray_run(saved, "/elsewhere", "run")
+    assert not same_ray_run({**saved, "launch": {"backend": "local", "ray": {}}}, "/r/run/ray", "run")
+    assert not same_ray_run(None, "/r/run/ray", "run")
+
+
+@pytest.mark.slow
+def test_refused_before_workers_and_config_errors_not_retried(tiny_config, tmp_path, ray_address):
+    """On the shared cluster, through the CLI: (1) a resource no node has is refused before a worker starts (Ray
+    Train waited for it forever, a WorkerGroupStartupTimeoutError a minute); (2) a ConfigError on a worker (the
+    run folder held by another process) with max_failures=-1 ends the run at once (it was restarted forever),
+    and (3) the user reads one line, not the workers' tracebacks."""
+    me = psutil.Process()
+    tiny_config["run"]["device"] = "cpu"
+    config = write_yaml(tmp_path / "config.yaml", tiny_config)
+    run = tmp_path / "run"
+    joined = ["launch.backend=ray", f"launch.ray.address={ray_address}", f"run.output_dir={run}"]
+
+    start = time.monotonic()
+    out = run_cli("train", config, *joined, "launch.ray.resources_per_worker={foo: 1}", timeout=120)
+    refused_s = time.monotonic() - start
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.fullmatch(r"error: launch.ray.resources_per_worker asks for foo: 1 per worker, 2 for the 2 workers, but "
+                        r"the Ray cluster has no foo \(it has CPU: 2, .*\): Ray would wait for it forever\n",
+                        out.stderr), out.stderr
+    assert "ray:" not in out.stdout and not _train_workers(me)  # nothing was started
+
+    from longtune.trainer.inputs import RunLock
+
+    run.mkdir(exist_ok=True)  # (check() made it already)
+    lock = RunLock(run)
+    lock.acquire()
+    start = time.monotonic()
+    try:
+        out = run_cli("train", config, *joined, "launch.ray.max_failures=-1", timeout=240)
+    finally:
+        lock.release()
+    failed_s = time.monotonic() - start
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert re.fullmatch(rf"error: the Ray run failed: rank 0: run.output_dir {run} is in use by pid {os.getpid()} .*"
+                        r"pick another run.output_dir\n", out.stderr), out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    deadline = time.monotonic() + 30
+    while _train_workers(me) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _train_workers(me), "the workers outlived the run"
+    print(f"refused in {refused_s:.1f} s, ConfigError on a worker ended the run in {failed_s:.1f} s")
 
 
 def test_without_ray_the_error_says_how_to_install(monkeypatch, tiny_config):

@@ -177,10 +177,25 @@ def _torchrun(args: argparse.Namespace, argv: list[str], device: str, grace_s: f
         torchrun_main([*launcher, "-m", "longtune.launch.torchrun", *rank_argv])
     except Exception as e:  # noqa: BLE001 -- torchrun's ChildFailedError: the ranks printed their own errors
         stop.raise_if_stopped()
+        _raise_for_signal(getattr(e, "sigval", None))  # torchrun's agent took SIGINT, SIGHUP or SIGQUIT
         failures = getattr(e, "failures", None) or {}
         which = ", ".join(f"rank {r} {_exit_text(f.exitcode)}" for r, f in sorted(failures.items())) or _first_line(e)
         raise _RanksFailed(f"the training processes failed ({which}); each rank's own error is above") from None
     return EXIT_OK
+
+
+def _raise_for_signal(sigval) -> None:
+    """The launcher stopped on a signal (passed on to the ranks): an interrupt for SIGINT, a stop for the others."""
+    if sigval is None:
+        return
+    import signal
+
+    from longtune.trainer.errors import Stopped
+
+    if sigval == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Stopped(f"stopped by {signal.Signals(sigval).name}: the ranks were stopped with it; longtune resume goes "
+                  "on from the newest complete checkpoint", sigval)
 
 
 def _exit_text(code: int) -> str:
@@ -517,14 +532,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        if _is_rank_zero():
-            on = f": nothing half-written is left; longtune resume {_RUN_DIR} goes on from its newest complete " \
-                "checkpoint" if _RUN_DIR else ""
-            print(f"error: interrupted (SIGINT){on}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # a bug of ours or of a library (some raise BaseExceptions): still one line
+        from longtune.trainer.errors import signal_behind
+
+        if isinstance(signal_behind(e, 0), KeyboardInterrupt):  # Ctrl-C, and a collective broke on the way out
+            return _interrupted()
         lost = _lost_rank(e)
         if lost:
             return _fail(lost, EXIT_RUNTIME, debug, e)
@@ -532,6 +547,17 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
         return _fail(f"internal error{at}: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)",
                      EXIT_RUNTIME, debug, e)
+
+
+def _interrupted() -> int:
+    """SIGINT: one line, from the launcher when there is one (every rank of its group got the signal too)."""
+    from longtune.launch.distributed import launched_world
+
+    if launched_world() == 1:
+        on = f": nothing half-written is left; longtune resume {_RUN_DIR} goes on from its newest complete " \
+            "checkpoint" if _RUN_DIR else ""
+        print(f"error: interrupted (SIGINT){on}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _lost_rank(e: BaseException) -> Optional[str]:
@@ -548,7 +574,7 @@ def _lost_rank(e: BaseException) -> Optional[str]:
 
 
 def _is_rank_zero() -> bool:
-    """Rank 0 says why the group stopped; the other ranks, stopped the same way, stay quiet."""
+    """Rank 0 says why the group stopped on SIGTERM; the other ranks, stopped the same way, stay quiet."""
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -204,7 +204,7 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
         strategy.check_resume(ckpt.read_train_state(resume_from / "trainer_state.json"), resume_from)
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, parts=strategy.parts(), rank=ranks.rank)
         note = global_batch_note(_saved_config(resume_from), cfg, state.world_size, ranks.world)
-        if note:
+        if note and ranks.main:  # (a warning would print on every rank)
             print(f"warning: {note}", file=sys.stderr)
         elif state.world_size != ranks.world:
             print(f"resuming a run of {state.world_size} process(es) on {ranks.world}: the data order goes on from the "

@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         if launched_world() == 1:  # the driver; inside a Ray worker the group is already there
             from longtune.launch.ray_launch import run_on_ray
 
-            return run_on_ray(cfg)
+            return run_on_ray(cfg, debug=args.debug)
     from longtune.launch.distributed import init_process_group, launched_world, prefix_output, restarted
     from longtune.trainer.errors import install_stop_handlers
 

@@ -130,6 +130,10 @@ def build_strategy(cfg: Config, ranks: Ranks, device: torch.device) -> Strategy:
     if name == "single" and ranks.world > 1:
         raise ConfigError(f"parallel.strategy=single, but {ranks.world} processes were launched: set "
                           "parallel.strategy to ddp, fsdp2 or deepspeed (or auto), or launch one process")
+    if name == "ddp" and ranks.world == 1:  # DDP would want a process group, and has nothing to reduce
+        print("parallel.strategy=ddp in one process: training as one process (parallel.strategy=single, the same "
+              "steps without a process group)")
+        return Strategy(cfg, ranks, device)
     if name == "deepspeed":
         from .deepspeed_strategy import DeepSpeed
 

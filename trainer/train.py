@@ -129,10 +129,6 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     except PlanInfeasible as e:
         raise infeasible_error(e) from None
     strategy = build_strategy(cfg, ranks, device)
-    if strategy.name == "ddp" and ranks.world == 1:  # DDP would want a process group, and has nothing to reduce
-        strategy = Strategy(cfg, ranks, device)
-        print("parallel.strategy=ddp in one process: training as one process (parallel.strategy=single, the same "
-              "steps without a process group)")
     seed_everything(cfg.train.seed)
     config_yaml = dump_config(cfg)
     # A resumed run reads its own copy of the tokenizer (no GGUF parse); a new run writes it (see write_run_files).

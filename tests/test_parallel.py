@@ -150,29 +150,48 @@ def test_ranks_die_with_their_launcher(tmp_path, tiny_config):
 
 
 LORA = ["adapter.kind=lora", "adapter.rank=4", "train.lr=3e-3"]
+LORA_STEPS = 4  # updates at steps 2 to 4: B first (it starts at zero), then A as well
 
 
 @pytest.fixture(scope="module")
-def lora_reference(tmp_path_factory, tokenizer_dir) -> dict[int, dict]:
-    """One process with LoRA adapters, two micro-batches per step."""
-    out = tmp_path_factory.mktemp("lora-reference") / "run"
-    cfg = _config(make_tiny_config(out, tokenizer_dir), out, grad_accum_steps=2)
-    result = run_cli("train", write_yaml(out.parent / "c.yaml", cfg), *LORA)
-    assert result.returncode == 0, result.stderr
-    return {m["step"]: m for m in read_metrics(out) if "loss" in m}
+def lora_runs(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, int, str]]:
+    """LoRA adapters in one process with two micro-batches per step ("one", the reference), and on 2 ranks under DDP
+    and under FSDP2: name -> (run folder, exit code, stderr). The three are launched at once: a launch keeps about
+    one core busy on average (its start-up is mostly one process at a time), so on 2 cores they overlap."""
+    commands = {"one": ["train.grad_accum_steps=2"],
+                **{s: ["--nproc", "2", f"parallel.strategy={s}"] for s in ("ddp", "fsdp2")}}
+    runs, procs = {}, {}
+    try:
+        for name, args in commands.items():
+            out = tmp_path_factory.mktemp(f"lora-{name}") / "run"
+            cfg = _config(make_tiny_config(out, tokenizer_dir), out)
+            cfg["train"]["max_steps"] = LORA_STEPS
+            logs = [open(out.parent / f, "w") for f in ("stdout", "stderr")]  # files: no pipe to fill and stall on
+            with logs[0], logs[1]:
+                procs[name] = start_cli("train", write_yaml(out.parent / "c.yaml", cfg), *args, *LORA,
+                                        stdout=logs[0], stderr=logs[1])
+            runs[name] = out
+        for proc in procs.values():
+            proc.wait(timeout=600)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {name: (out, procs[name].returncode, (out.parent / "stderr").read_text()) for name, out in runs.items()}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_lora_on_two_ranks_matches_one_process(strategy, lora_reference, tmp_path, tiny_config):
+def test_lora_on_two_ranks_matches_one_process(strategy, lora_runs):
     """LoRA adapters under DDP and FSDP2 (frozen base weights beside trained adapters) give one process's losses with
     the same global batch; each checkpoint holds the adapters only (DDP) or its shards (FSDP2)."""
-    out = tmp_path / "run"
-    result = run_cli("train", write_yaml(tmp_path / "c.yaml", _config(tiny_config, out)), "--nproc", "2",
-                     f"parallel.strategy={strategy}", *LORA)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_matches(lora_reference, out)
+    one, returncode, stderr = lora_runs["one"]
+    assert returncode == 0, stderr[-3000:]
+    out, returncode, stderr = lora_runs[strategy]
+    assert returncode == 0, stderr[-3000:]
+    _assert_matches({m["step"]: m for m in read_metrics(one) if "loss" in m}, out, steps=range(1, LORA_STEPS + 1))
     if strategy == "ddp":
-        assert (out / f"step_{STEPS}" / "adapter.safetensors").is_file()
+        assert (out / f"step_{LORA_STEPS}" / "adapter.safetensors").is_file()
 
 
 def _assert_exported_is_trained(hf: Path, step: Path) -> None:

@@ -314,6 +314,7 @@ CASES = {
     "export-missing-step": lambda c: (["export", c.run, "--out", c.tmp / "out", "--step", "7"], 1),
     "export-step-folder-and-other-step": lambda c: (["export", c.run / "step_2", "--out", c.tmp / "out", "--step", "1"], 2),
     "export-missing-run": lambda c: (["export", c.tmp / "nope", "--out", c.tmp / "out"], 2),
+    "export-merge-without-adapters": lambda c: (["export", c.run, "--out", c.tmp / "out", "--merge"], 2),
     # plans and machine profiles (exit 2)
     "plan-file-missing": lambda c: (["resume", c.run, f"memory.plan={c.tmp / 'nope.yaml'}", "memory.budget_gb=1"], 2),
     "plan-file-garbage": plan_file(lambda c: "layers: [\n"),

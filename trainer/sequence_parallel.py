@@ -44,13 +44,13 @@ class SequenceParallel:
 
     @staticmethod
     def build(cfg: Config, ranks: Ranks) -> "SequenceParallel":
-        layout = ParallelLayout.of(cfg, ranks.world, ranks.rank)
-        P = layout.sequence
-        if P == 1:
-            return SequenceParallel(1, 0, layout.dp_rank, layout.dp_world)
+        P = cfg.parallel.sequence_parallel
         if ranks.world % P:
             raise ConfigError(f"parallel.sequence_parallel={P} does not divide the {ranks.world} processes launched: "
                               f"launch a multiple of {P} (world = data parallel x sequence parallel)")
+        layout = ParallelLayout.of(cfg, ranks.world, ranks.rank)
+        if P == 1:
+            return SequenceParallel(1, 0, layout.dp_rank, layout.dp_world)
         import torch.distributed as dist
 
         from longtune.offload.ulysses import SequenceGroup

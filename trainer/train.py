@@ -417,6 +417,9 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, merge: bool
     model.config.use_cache = True  # for generation with the exported model
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     adapters = cfg.adapter.kind != "none"
+    if merge and not adapters:
+        raise ConfigError(f"export --merge merges LoRA adapters into their base model; {run_dir} was trained without "
+                          "adapters (adapter.kind=none): export it without --merge")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         if adapters and not merge:

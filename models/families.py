@@ -76,6 +76,16 @@ def sliding_window(config) -> Optional[int]:
     return _get(config, "sliding_window") or None
 
 
+def kernel_error(model_type: str, asked) -> Optional[str]:
+    """Why one of the kernels `asked` (names of KERNELS) does not compute this family exactly, or None."""
+    f = family(model_type)
+    for k in KERNELS:
+        if k in asked and k not in f.kernels:
+            return (f"model.kernels.{k}: the {k} kernel does not compute {model_type}'s layers exactly; "
+                    f"{model_type} takes {', '.join(f.kernels) or 'none'}")
+    return None
+
+
 def activation_error(config) -> Optional[str]:
     """Why the model's MLP activation is not the family's gated one, or None."""
     f = family(_get(config, "model_type"))

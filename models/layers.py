@@ -17,14 +17,13 @@ attention interface and the mask left out: attention is the runtime's.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .families import SUPPORTED, UnsupportedModel, activation_error, family, sliding_window
-from .patch import rope_of
+from .patch import modeling_module, rope_of
 
 __all__ = ["SUPPORTED", "UnsupportedModel", "LayerSplit", "check_supported", "decoder", "decoder_layers", "split_layer"]
 
@@ -42,11 +41,6 @@ def decoder(model: nn.Module) -> nn.Module:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of decoder layers of a transformers causal LM (model.model.layers)."""
     return decoder(model).layers
-
-
-def modeling_module(model_type: str):
-    """transformers' modeling module of a family (its classes and module-level RoPE)."""
-    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
 @dataclass

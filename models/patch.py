@@ -23,14 +23,15 @@ from typing import Callable, Optional
 
 import torch
 
-from .families import KERNELS, SUPPORTED, UnsupportedModel, activation_error, family
+from .families import SUPPORTED, UnsupportedModel, activation_error, family, kernel_error
 
 _ROPE_ATTR = "_longtune_rope"  # on an attention module: the RoPE function it uses instead of the stock one
 # The attention module whose forward is running (in this thread / context), for the module-level dispatcher.
 _RUNNING_ATTENTION: contextvars.ContextVar = contextvars.ContextVar("longtune_running_attention", default=None)
 
 
-def _modeling(model_type: str):
+def modeling_module(model_type: str):
+    """transformers' modeling module of a family (its classes and module-level RoPE)."""
     return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
@@ -133,14 +134,13 @@ def apply_kernels(
     if model_type not in SUPPORTED:
         raise UnsupportedModel(f"kernels support {', '.join(SUPPORTED)} models, not {model_type!r}")
     f = family(model_type)
-    asked = {"rmsnorm": rmsnorm, "rope": rope, "swiglu": swiglu, "fused_ce": fused_ce}
-    inexact = [k for k in KERNELS if asked[k] and k not in f.kernels]
-    if inexact:
-        raise UnsupportedModel(f"model.kernels.{inexact[0]}: the {inexact[0]} kernel does not compute {model_type}'s "
-                               f"layers exactly; {model_type} takes {', '.join(f.kernels)}")
+    asked = {k for k, on in (("rmsnorm", rmsnorm), ("rope", rope), ("swiglu", swiglu), ("fused_ce", fused_ce)) if on}
+    reason = kernel_error(model_type, asked)
+    if reason:
+        raise UnsupportedModel(reason)
     if swiglu and activation_error(model.config):
         raise UnsupportedModel(f"swiglu kernel: {activation_error(model.config)}")
-    modeling = _modeling(model_type)
+    modeling = modeling_module(model_type)
     norm_cls, mlp_cls, attn_cls = (getattr(modeling, f"{f.prefix}{n}") for n in ("RMSNorm", "MLP", "Attention"))
     counts = {"rmsnorm": 0, "rope": 0, "swiglu": 0, "fused_ce": 0}
     for module in model.modules():

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from longtune.models.families import FAMILIES, KERNELS, SUPPORTED, head_dim as config_head_dim, sliding_window
+from longtune.models.families import (FAMILIES, KERNELS, SUPPORTED, head_dim as config_head_dim, kernel_error,
+                                      sliding_window)
 
 from .config import Config, ConfigError, DataConfig, ModelConfig
 from .errors import RunError
@@ -179,14 +180,11 @@ def check_architecture(hf: dict, cfg: Config, complete: bool = True) -> None:
 
 def check_kernels(hf: dict, cfg: Config) -> None:
     """model.kernels: each kernel asked for computes this family's modules exactly (longtune.models.families)."""
-    f = FAMILIES.get(hf.get("model_type"))
-    if f is None:
+    if hf.get("model_type") not in FAMILIES:
         return
-    asked = [k for k in KERNELS if getattr(cfg.model.kernels, k)]
-    for k in asked:
-        if k not in f.kernels:
-            raise ConfigError(f"model.kernels.{k}: the {k} kernel does not compute {f.model_type}'s layers exactly; "
-                              f"{f.model_type} takes {', '.join(f.kernels) or 'none'}")
+    reason = kernel_error(hf["model_type"], {k for k in KERNELS if getattr(cfg.model.kernels, k)})
+    if reason:
+        raise ConfigError(reason)
 
 
 def check_sequence_parallel(hf: dict, cfg: Config, heads: int, kv: int) -> None:

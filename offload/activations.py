@@ -44,7 +44,7 @@ from torch.autograd.graph import get_gradient_edge
 from longtune.models.layers import check_supported, decoder, decoder_layers, split_layer
 from longtune.planner.plan import CLASSES, RECOMPUTE
 
-from .attention import attention_backward_chunk, attention_forward, documents
+from .attention import attention_backward_chunk, attention_forward_chunk, documents
 from .dispatch import SavedTensorDispatcher, storage_key
 from .stash import DEVICE, ActivationStash
 from .ulysses import (SequenceGroup, attention_backward_shard, gradient_sums, keys_values_from_heads,
@@ -78,8 +78,8 @@ class _LayerState:
     inputs: list = field(default_factory=list)  # SavedRef per chunk
     pre: list = field(default_factory=list)  # _Graph or None (recompute) per chunk
     post: list = field(default_factory=list)
-    out: object = None  # SavedRef of the attention output, chunk-major (see _chunk_major)
-    lse: object = None
+    out: list = field(default_factory=list)  # SavedRef per chunk of the attention output, [b, t, nq, d] contiguous
+    lse: list = field(default_factory=list)  # SavedRef per chunk of its logsumexp (sequence parallel: one, whole)
     rope: set = field(default_factory=set)  # storages of cos/sin, kept as they are until the last backward
     params: list = field(default_factory=list)  # the layer's parameters as its forward saw them (see _layer_params)
 
@@ -186,7 +186,7 @@ class ActivationRuntime:
 
     # --- forward ----------------------------------------------------------------------------------
     def _forward(self, l: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, params: list):
-        split, places, d, stash = self.splits[l], self.places[l], self.dispatcher, self.stash
+        places, d, stash = self.places[l], self.dispatcher, self.stash
         b, s, h = x.shape
         chunks = len(places["input"])
         if chunks > s:
@@ -197,64 +197,14 @@ class ActivationRuntime:
         st.rope, st.params = self._step["rope"], params
         weights = _storages(params) - d.passthrough
         d.passthrough |= weights
-        nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
         stash.begin_forward(l)
         leaves: list[torch.Tensor] = []
         aliases: list[int] = []
         with d.hooks():
-            qbuf, kbuf, vbuf = (x.new_empty(b, s, n, hd, dtype=st.attn_dtype) for n in (nq, nkv, nkv))
-            xs = []
-            for i, (a, e) in enumerate(st.bounds):
-                x_i = x[:, a:e].clone() if chunks > 1 else x
-                with d.scope(l, "input", places["input"][i]):
-                    ref = d.stash_tensor(x_i)
-                st.inputs.append(ref)
-                aliases.append(storage_key(x_i))
-                d.aliases[aliases[-1]] = ref.stored  # a pre/post graph saving the input refers to this copy
-                xs.append(x_i)
-                place = places["pre"][i]
-                if place == RECOMPUTE:
-                    with torch.no_grad():
-                        q, k, v = split.pre(x_i, cos[:, a:e], sin[:, a:e])
-                    st.pre.append(None)
-                else:
-                    leaf = x_i.detach().requires_grad_()
-                    with d.scope(l, "pre", place), torch.enable_grad():
-                        q, k, v = split.pre(leaf, cos[:, a:e], sin[:, a:e])
-                        refs = [d.stash_tensor(t.detach()) for t in (q, k, v)]
-                    st.pre.append(_Graph([get_gradient_edge(t) for t in (q, k, v)], [get_gradient_edge(leaf)], refs))
-                    leaves.append(leaf)
-                qbuf[:, a:e], kbuf[:, a:e], vbuf[:, a:e] = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-                del q, k, v
             if self.sequence is None:
-                out, lse = attention_forward(qbuf.transpose(1, 2), kbuf.transpose(1, 2), vbuf.transpose(1, 2),
-                                             st.docs, split.scale)
-            else:  # all tokens of the sequence for 1/P of the heads, and back (lse stays in the head layout)
-                out, lse = ulysses_forward(qbuf, kbuf, vbuf, st.docs, split.scale, self.sequence)
-                out = out.transpose(1, 2)
-            del qbuf, kbuf, vbuf
-            flat = _chunk_major(out, st.bounds)
-            del out
-            with d.scope(l, "attn", places["attn"][0]):
-                st.out, st.lse = d.stash_tensor(flat), d.stash_tensor(lse)
-            aliases.append(storage_key(flat))
-            d.aliases[aliases[-1]] = st.out.stored
-            y = x.new_empty(b, s, h)
-            for i, (a, e) in enumerate(st.bounds):
-                attn_i = _attn_chunk(flat, st.bounds[i], b, nq, hd).view(b, e - a, nq * hd)
-                place = places["post"][i]
-                if place == RECOMPUTE:
-                    with torch.no_grad():
-                        y[:, a:e] = split.post(xs[i], attn_i)
-                    st.post.append(None)
-                else:
-                    xl, al = xs[i].detach().requires_grad_(), attn_i.detach().requires_grad_()
-                    with d.scope(l, "post", place), torch.enable_grad():
-                        y_i = split.post(xl, al)
-                    st.post.append(_Graph([get_gradient_edge(y_i)], [get_gradient_edge(xl), get_gradient_edge(al)]))
-                    leaves += [xl, al]
-                    y[:, a:e] = y_i.detach()
-                    del y_i
+                y = self._forward_by_chunk(st, x, params, places, leaves, aliases)
+            else:
+                y = self._forward_whole_attention(st, x, params, places, leaves, aliases)
         for ptr in aliases:
             d.aliases.pop(ptr, None)
         d.passthrough -= weights
@@ -269,6 +219,112 @@ class ActivationRuntime:
                 if j >= 0:
                     self._prefetch(j)
         return st, y
+
+    def _stash_input(self, st: _LayerState, x: torch.Tensor, i: int, place: str, aliases: list) -> torch.Tensor:
+        """Chunk i of the layer input, stashed at `place` (a copy, unless one chunk is the whole input)."""
+        d, (a, e) = self.dispatcher, st.bounds[i]
+        x_i = x[:, a:e].clone() if len(st.bounds) > 1 else x
+        with d.scope(st.index, "input", place):
+            ref = d.stash_tensor(x_i)
+        st.inputs.append(ref)
+        aliases.append(storage_key(x_i))
+        d.aliases[aliases[-1]] = ref.stored  # a pre/post graph saving the input refers to this copy
+        return x_i
+
+    def _pre(self, st: _LayerState, x_i: torch.Tensor, i: int, place: str, leaves: list):
+        """Chunk i's pre part: q, k, v [b, t, heads, d], its graph kept (at `place`) or dropped (recompute)."""
+        split, d, (a, e) = self.splits[st.index], self.dispatcher, st.bounds[i]
+        if place == RECOMPUTE:
+            with torch.no_grad():
+                q, k, v = split.pre(x_i, st.cos[:, a:e], st.sin[:, a:e])
+            st.pre.append(None)
+            return q, k, v
+        leaf = x_i.detach().requires_grad_()
+        with d.scope(st.index, "pre", place), torch.enable_grad():
+            q, k, v = split.pre(leaf, st.cos[:, a:e], st.sin[:, a:e])
+            refs = [d.stash_tensor(t.detach()) for t in (q, k, v)]
+        st.pre.append(_Graph([get_gradient_edge(t) for t in (q, k, v)], [get_gradient_edge(leaf)], refs))
+        leaves.append(leaf)
+        return q, k, v
+
+    def _post(self, st: _LayerState, x_i: torch.Tensor, attn_i: torch.Tensor, i: int, place: str, leaves: list
+              ) -> torch.Tensor:
+        """Chunk i's post part on its input and attention output [b, t, nq * d]: its output, graph kept or dropped."""
+        split, d = self.splits[st.index], self.dispatcher
+        if place == RECOMPUTE:
+            with torch.no_grad():
+                y_i = split.post(x_i, attn_i)
+            st.post.append(None)
+            return y_i
+        xl, al = x_i.detach().requires_grad_(), attn_i.detach().requires_grad_()
+        with d.scope(st.index, "post", place), torch.enable_grad():
+            y_i = split.post(xl, al)
+        st.post.append(_Graph([get_gradient_edge(y_i)], [get_gradient_edge(xl), get_gradient_edge(al)]))
+        leaves += [xl, al]
+        return y_i.detach()
+
+    def _forward_by_chunk(self, st: _LayerState, x: torch.Tensor, params: list, places: dict, leaves: list,
+                          aliases: list) -> torch.Tensor:
+        """The layer, one token chunk at a time: pre part, attention of the chunk's queries against the keys so far
+        (offload/attention.attention_forward_chunk), post part. Of all tokens only the input, the output and K, V
+        are alive at once; a chunk's q, attention output and input copy go (to their places) when it is done."""
+        split, d = self.splits[st.index], self.dispatcher
+        b, s, h = st.shape
+        nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
+        kbuf, vbuf = (x.new_empty(b, s, nkv, hd, dtype=st.attn_dtype) for _ in range(2))
+        y = x.new_empty(b, s, h)
+        key_block = max(e - a for a, e in st.bounds)
+        for i, (a, e) in enumerate(st.bounds):
+            x_i = self._stash_input(st, x, i, places["input"][i], aliases)
+            q, k, v = self._pre(st, x_i, i, places["pre"][i], leaves)
+            kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)
+            del k, v
+            out, lse = attention_forward_chunk(q.to(st.attn_dtype), kbuf.transpose(1, 2),
+                                               vbuf.transpose(1, 2), st.docs, a, e, split.scale, key_block)
+            del q
+            out = out.transpose(1, 2)  # [b, t, nq, d], contiguous
+            with d.scope(st.index, "attn", places["attn"][0]):
+                st.out.append(d.stash_tensor(out))
+                st.lse.append(d.stash_tensor(lse))
+            aliases.append(storage_key(out))
+            d.aliases[aliases[-1]] = st.out[-1].stored  # the post graph's saved attention output is this one
+            y[:, a:e] = self._post(st, x_i, out.view(b, e - a, nq * hd), i, places["post"][i], leaves)
+            # The chunk's input copy and attention output may be freed now (offloaded), and their addresses reused:
+            # an alias is a storage address, so it must not outlive the chunk.
+            while aliases:
+                d.aliases.pop(aliases.pop(), None)
+            del x_i, out, lse
+        return y
+
+    def _forward_whole_attention(self, st: _LayerState, x: torch.Tensor, params: list, places: dict, leaves: list,
+                                 aliases: list) -> torch.Tensor:
+        """The layer under sequence parallelism: every chunk's pre part, then attention of all tokens over the group
+        (offload/ulysses.py), then every chunk's post part."""
+        split, d = self.splits[st.index], self.dispatcher
+        b, s, h = st.shape
+        nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
+        qbuf, kbuf, vbuf = (x.new_empty(b, s, n, hd, dtype=st.attn_dtype) for n in (nq, nkv, nkv))
+        xs = []
+        for i, (a, e) in enumerate(st.bounds):
+            xs.append(self._stash_input(st, x, i, places["input"][i], aliases))
+            q, k, v = self._pre(st, xs[-1], i, places["pre"][i], leaves)
+            qbuf[:, a:e], kbuf[:, a:e], vbuf[:, a:e] = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            del q, k, v
+        # all tokens of the sequence for 1/P of the heads, and back (lse stays in the head layout)
+        out, lse = ulysses_forward(qbuf, kbuf, vbuf, st.docs, split.scale, self.sequence)
+        del qbuf, kbuf, vbuf
+        flat = _chunk_major(out.transpose(1, 2), st.bounds)
+        del out
+        with d.scope(st.index, "attn", places["attn"][0]):  # one storage: every chunk's ref shares its Stored
+            st.out = [d.stash_tensor(_attn_chunk(flat, bound, b, nq, hd)) for bound in st.bounds]
+            st.lse = [d.stash_tensor(lse)]  # whole, in the head layout
+        aliases.append(storage_key(flat))
+        d.aliases[aliases[-1]] = st.out[0].stored
+        y = x.new_empty(b, s, h)
+        for i, (a, e) in enumerate(st.bounds):
+            attn_i = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd)
+            y[:, a:e] = self._post(st, xs[i], attn_i, i, places["post"][i], leaves)
+        return y
 
     def _drained(self, l: int) -> None:
         self.stash.drain(l)
@@ -321,7 +377,7 @@ class ActivationRuntime:
         autocast = torch.autocast(dy.device.type, dtype=st.autocast[1]) if st.autocast[0] else contextlib.nullcontext()
         dy = dy.contiguous()
         # Every stashed storage on the device now (kept or prefetched) is not recompute memory.
-        resident = {storage_key(ref.stored.device) for ref in st.inputs + [st.out]}
+        resident = {storage_key(ref.stored.device) for ref in st.inputs + st.out}
         resident |= _storages(params)  # a recompute saves the weights: they are not recompute memory
         resident -= d.passthrough
         d.passthrough |= resident
@@ -350,11 +406,11 @@ class ActivationRuntime:
         dk = torch.zeros(b, nkv, s, hd, dtype=acc, device=dy.device)
         dv = torch.zeros_like(dk)
         dx = torch.empty_like(dy)
-        flat, lse = st.out.tensor(), st.lse.tensor()
+        key_block = max(e - a for a, e in st.bounds)
         for i in reversed(range(len(st.bounds))):
             a, e = st.bounds[i]
             cos_i, sin_i = st.cos[:, a:e], st.sin[:, a:e]
-            dx_i, dattn = self._post_backward(st, i, dy, param_edges, sums, flat)
+            dx_i, dattn = self._post_backward(st, i, dy, param_edges, sums)
             # attention backward of query chunk i
             graph, scope = st.pre[i], None
             if graph is None:
@@ -367,9 +423,9 @@ class ActivationRuntime:
                 q = graph.refs[0].tensor()
                 outs, ins = graph.outs, graph.ins
             dout = dattn.view(b, e - a, nq, hd).transpose(1, 2)
-            out_i = _attn_chunk(flat, (a, e), b, nq, hd).transpose(1, 2)
-            dq = attention_backward_chunk(dout, q.to(st.attn_dtype), K, V, out_i, lse[:, :, a:e], st.docs, a, e,
-                                          split.scale, dk, dv)
+            out_i = st.out[i].tensor().transpose(1, 2)
+            dq = attention_backward_chunk(dout, q.to(st.attn_dtype), K, V, out_i, st.lse[i].tensor(), st.docs, a, e,
+                                          split.scale, dk, dv, key_block)
             del q, dout, dattn
             grads = torch.autograd.grad(outs, ins + param_edges,
                                         _as_outputs([dq, dk[:, :, a:e], dv[:, :, a:e]], outs, graph), allow_unused=True)
@@ -381,7 +437,7 @@ class ActivationRuntime:
             _accumulate(sums, grads[1:])
         return dx
 
-    def _post_backward(self, st: _LayerState, i: int, dy: torch.Tensor, param_edges: list, sums: list, flat):
+    def _post_backward(self, st: _LayerState, i: int, dy: torch.Tensor, param_edges: list, sums: list):
         """Chunk i's post part backward (recomputed if the plan dropped it): (its dx share, its attention output
         gradient [b, t, nq * d])."""
         l, split, d = st.index, self.splits[st.index], self.dispatcher
@@ -390,7 +446,7 @@ class ActivationRuntime:
         graph, scope = st.post[i], None
         if graph is None:
             xl = st.inputs[i].tensor().detach().requires_grad_()
-            al = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd).detach().requires_grad_()
+            al = st.out[i].tensor().view(b, e - a, nq * hd).detach().requires_grad_()
             with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
                 outs, ins = [split.post(xl, al)], [xl, al]
         else:
@@ -411,7 +467,7 @@ class ActivationRuntime:
         l, split, d, seq = st.index, self.splits[st.index], self.dispatcher, self.sequence
         b, s, h = st.shape
         nq, hd = split.num_heads, split.head_dim
-        flat, lse = st.out.tensor(), st.lse.tensor()
+        lse = st.lse[0].tensor()
         k, v = self._kv_tokens(st)
         kh, vh = keys_values_to_heads(k, v, seq)
         del k, v
@@ -419,7 +475,7 @@ class ActivationRuntime:
         dx, dq = torch.empty_like(dy), dy.new_empty(b, s, nq, hd)
         for i in reversed(range(len(st.bounds))):
             a, e = st.bounds[i]
-            dx[:, a:e], dattn = self._post_backward(st, i, dy, param_edges, sums, flat)
+            dx[:, a:e], dattn = self._post_backward(st, i, dy, param_edges, sums)
             graph = st.pre[i]
             if graph is None:
                 with torch.no_grad(), self._timed():
@@ -427,7 +483,7 @@ class ActivationRuntime:
             else:
                 q = graph.refs[0].tensor()
             dq[:, a:e] = attention_backward_shard(dattn.view(b, e - a, nq, hd), q.transpose(1, 2).to(st.attn_dtype),
-                                                  _attn_chunk(flat, (a, e), b, nq, hd), kh, vh, lse, st.docs, (a, e),
+                                                  st.out[i].tensor(), kh, vh, lse, st.docs, (a, e),
                                                   s, split.scale, seq, dkh, dvh)
             del q, dattn
         del kh, vh
@@ -464,7 +520,7 @@ class ActivationRuntime:
         graph."""
         split = self.splits[st.index]
         b, s, _ = st.shape
-        kbuf = torch.empty(b, s, split.num_kv_heads, split.head_dim, dtype=st.out.dtype, device=st.cos.device)
+        kbuf = torch.empty(b, s, split.num_kv_heads, split.head_dim, dtype=st.out[0].dtype, device=st.cos.device)
         vbuf = torch.empty_like(kbuf)
         for i, (a, e) in enumerate(st.bounds):
             graph = st.pre[i]

@@ -16,10 +16,20 @@ that block's exact share of dq, dk, dv; the shares add up. Two uses follow:
   no mask tensor is built and no work is spent on masked-out blocks.
 * A backward one query chunk at a time (``attention_backward_chunk``): the runtime frees the
   chunk's activations as soon as the chunk is done. Within a document, the chunk's queries
-  [a, b) see keys [doc_start, a) (a full, non-causal block) and [a, b) (a square causal block).
+  [a, b) see keys [doc_start, a) (full, non-causal blocks) and [a, b) (a square causal block).
   The split is needed because the kernels' ``is_causal`` is TOP-LEFT aligned when queries are
   fewer than keys (query i sees keys 0..i, not the last ones), so causal is only ever used with
   equal query and key lengths here.
+* Key blocks: the earlier keys go in blocks of at most ``key_block`` (the runtime passes its chunk
+  length), so no call's buffers grow with the sequence: FlashAttention-2's backward holds dk and dv
+  per query head for every key of a call (with grouped heads, 4x K and V for Llama-3), and its
+  shares of dk/dv are the call's size. The shares add up, so this is exact as it is.
+* A forward one query chunk at a time (``attention_forward_chunk``): the chunk's queries against
+  the keys so far, so the runtime never holds q or the output of all tokens at once. The blocks'
+  outputs are merged with their logsumexps (o = sum_j exp(L_j - L) o_j, L = logsumexp_j L_j, in
+  fp32): exact in real arithmetic; in floating point each block's output is rounded to q's dtype
+  once before the merge (a document that starts inside the chunk is one call, as in
+  ``attention_forward``).
 
 Kernels: on the CPU ``_scaled_dot_product_flash_attention_for_cpu`` and its backward (fp64,
 fp32, bf16, fp16; GQA native; bitwise ``F.scaled_dot_product_attention``). On CUDA the flash
@@ -39,7 +49,7 @@ import torch
 
 from .live_bytes import holds_no_data
 
-__all__ = ["documents", "attention_forward", "attention_backward_chunk"]
+__all__ = ["documents", "attention_forward", "attention_forward_chunk", "attention_backward_chunk"]
 
 aten = torch.ops.aten
 
@@ -118,6 +128,56 @@ def attention_forward(
     return out, lse
 
 
+def _key_blocks(first: int, end: int, key_block: int | None) -> list[tuple[int, int]]:
+    """[first, end) in consecutive blocks of at most key_block keys (one block when None)."""
+    step = (end - first) if not key_block else key_block
+    return [(ks, min(ks + step, end)) for ks in range(first, end, max(1, step))]
+
+
+def attention_forward_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, start: int, end: int, scale: float,
+    key_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of the query rows ``[start, end)`` within their documents: ``(out, lse)`` of those rows.
+
+    ``q`` is the chunk's [b, nq, end - start, d]; ``k``, ``v`` hold at least the keys ``[0, end)``
+    ([b, nkv, s, d], s >= end; later keys are not read, so a buffer still being filled is fine). ``out`` is
+    [b, nq, end - start, d] in q's dtype, a transposed view of a contiguous [b, end - start, nq, d] buffer;
+    ``lse`` [b, nq, end - start], contiguous, float32 (float64 for float64). Concatenated over the chunks
+    they are ``attention_forward``'s, to the rounding of q's dtype (the module doc)."""
+    b, nq, n, d = _check_qkv(q, k, v, key_len=k.shape[2])
+    s = k.shape[2]
+    if not 0 <= start < end <= s or n != end - start:
+        raise ValueError(f"chunk [{start}, {end}) does not fit {n} query rows in a sequence of {s}")
+    out = torch.empty(b, n, nq, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(b, nq, n, dtype=_lse_dtype(q), device=q.device)
+    for rows, row_docs in _row_groups(docs, b, all(row == docs[0] for row in docs)):
+        for ds, de in row_docs:
+            if de <= start:
+                continue
+            if ds >= end:
+                break
+            a, e = max(ds, start), min(de, end)  # the queries of this document in the chunk
+            qa, qe = a - start, e - start
+            qb = q[rows, :, qa:qe]
+            o, l = _forward(qb, k[rows, :, a:e], v[rows, :, a:e], True, scale)  # the square causal block
+            if ds < a:  # earlier keys of the document: all visible, merged by their logsumexps
+                acc, total = o.to(lse.dtype), l.to(lse.dtype)
+                del o, l
+                for ks, ke in _key_blocks(ds, a, key_block):
+                    ob, lb = _forward(qb, k[rows, :, ks:ke], v[rows, :, ks:ke], False, scale)
+                    merged = torch.logaddexp(total, lb)
+                    acc.mul_(torch.exp(total - merged).unsqueeze(-1))
+                    acc.addcmul_(ob, torch.exp(lb - merged).unsqueeze(-1))
+                    total = merged
+                    del ob, lb
+                o, l = acc, total
+            out[rows, :, qa:qe].copy_(o)
+            lse[rows, :, qa:qe].copy_(l)
+            del o, l
+    return out, lse
+
+
 def attention_backward_chunk(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -131,8 +191,10 @@ def attention_backward_chunk(
     scale: float,
     dk: torch.Tensor,
     dv: torch.Tensor,
+    key_block: int | None = None,
 ) -> torch.Tensor:
-    """Backward of the query rows ``[start, end)`` (all batch rows); returns their dq.
+    """Backward of the query rows ``[start, end)`` (all batch rows); returns their dq. The earlier keys of a
+    document go in blocks of at most ``key_block`` (None: one block), which bounds every call's buffers.
 
     ``dout``, ``q``, ``out`` are the chunk's rows, [b, nq, end - start, d]; ``lse`` the chunk's
     [b, nq, end - start] from ``attention_forward`` (global values, not recomputed); ``k``, ``v``
@@ -174,12 +236,12 @@ def attention_backward_chunk(
             blk = (dout[rows, :, qa:qe], q[rows, :, qa:qe], out[rows, :, qa:qe], lse[rows, :, qa:qe])
             # Earlier keys of the document: all visible, no mask. Skipped when empty: the CPU
             # kernel dies with SIGFPE on zero keys.
-            if ds < a:
-                gq, gk, gv = _backward(*blk, k[rows, :, ds:a], v[rows, :, ds:a], False, scale)
+            for ks, ke in _key_blocks(ds, a, key_block):  # none when ds == a
+                gq, gk, gv = _backward(*blk, k[rows, :, ks:ke], v[rows, :, ks:ke], False, scale)
                 dq[rows, :, qa:qe].add_(gq)
-                dk[rows, :, ds:a].add_(gk)
-                dv[rows, :, ds:a].add_(gv)
-                del gq, gk, gv  # before the next block's: the largest shares are these, of every earlier key
+                dk[rows, :, ks:ke].add_(gk)
+                dv[rows, :, ks:ke].add_(gv)
+                del gq, gk, gv  # before the next block's
             # The diagonal block: square, so top-left causal is the right mask.
             gq, gk, gv = _backward(*blk, k[rows, :, a:e], v[rows, :, a:e], True, scale)
             dq[rows, :, qa:qe].add_(gq)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from longtune.offload import attention as A
-from longtune.offload.attention import attention_backward_chunk, attention_forward, documents
+from longtune.offload.attention import attention_backward_chunk, attention_forward, attention_forward_chunk, documents
 
 NQ, NKV, D = 4, 2, 8
 SCALE = D**-0.5
@@ -226,6 +226,51 @@ def test_chunked_backward_matches_autograd(dtype, acc_dtype, tol, case, bounds):
         assert torch.equal(sk, dk[:, :, start:end]) and torch.equal(sv, dv[:, :, start:end])
 
 
+@pytest.mark.parametrize("key_block", [None, 5, 16])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 2**-7)],
+                         ids=["fp64", "fp32", "bf16"])
+def test_forward_by_query_chunk_is_the_whole_forward(dtype, tol, case, key_block):
+    """Each chunk's queries against the keys so far, in key blocks merged by their logsumexps: concatenated, the
+    whole forward's output and lse (fp64/fp32 to rounding; bf16 within one rounding of the output, as each
+    block's output is rounded once before the merge). Chunks cut through documents; a later key is never read."""
+    q, k, v, _ = _inputs(dtype)
+    docs = documents(CASES[case], S, 2)
+    out, lse = attention_forward(q, k, v, docs, SCALE)
+    for bounds in CHUNKS:
+        outs, lses = [], []
+        for a, e in zip(bounds, bounds[1:]):
+            garbage = k.clone(), v.clone()
+            for x in garbage:
+                x[:, :, e:] = float("nan")  # keys not computed yet when the chunk runs
+            o, l = attention_forward_chunk(q[:, :, a:e], *garbage, docs, a, e, SCALE, key_block)
+            assert o.shape == (2, NQ, e - a, D) and o.dtype == dtype and o.transpose(1, 2).is_contiguous()
+            assert l.shape == (2, NQ, e - a) and l.is_contiguous()
+            outs.append(o)
+            lses.append(l)
+        got, got_lse = torch.cat(outs, 2), torch.cat(lses, 2)
+        assert _rel(got, out.double()) < tol, (bounds, _rel(got, out.double()))
+        assert _rel(got_lse, lse.double()) < max(tol, 1e-6)
+        if len(bounds) == 2:  # one chunk: the whole forward, call for call
+            assert torch.equal(got, out)
+
+
+def test_key_blocks_give_the_backward_of_one_block():
+    """The backward's earlier keys in blocks (which bounds the kernel's buffers) add up to the one-block result."""
+    for case in CASES:
+        q, k, v, dout, docs, out, lse, _, _ = _backward_case(torch.float64, case)
+        for bounds in CHUNKS[1:]:
+            ref = _chunked_backward(dout, q, k, v, out, lse, docs, bounds, torch.float64)
+            for key_block in (1, 5, 16):
+                dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+                dqs = [attention_backward_chunk(dout[:, :, a:e], q[:, :, a:e], k, v, out[:, :, a:e], lse[:, :, a:e],
+                                                docs, a, e, SCALE, dk, dv, key_block)
+                       for a, e in reversed(list(zip(bounds, bounds[1:])))]
+                dq = torch.cat(dqs[::-1], 2)
+                for x, r in zip((dq, dk, dv), ref[:3]):
+                    assert _rel(x, r) < 1e-14, (case, bounds, key_block)
+
+
 def test_chunk_rows_incomplete_before_their_chunk():
     """The property above is not vacuous: earlier-processed chunks do not finish later rows."""
     q, k, v, dout = _inputs(torch.float64)
@@ -265,6 +310,9 @@ def test_cuda_branch_shapes_on_meta(dtype, native_gqa, monkeypatch):
     for docs in (documents(None, s, 2), documents(pos, s, 2)):
         out, lse = attention_forward(q, k, v, docs, 0.125)
         assert out.shape == q.shape and out.dtype == dtype and out.transpose(1, 2).is_contiguous()
+        for start, end in [(0, 17), (17, s)]:
+            o, l = attention_forward_chunk(q[:, :, start:end], k, v, docs, start, end, 0.125, 8)
+            assert o.shape == q[:, :, start:end].shape and l.shape == (2, NQ, end - start) and l.is_contiguous()
         assert lse.shape == (2, NQ, s) and lse.dtype == torch.float32 and lse.is_contiguous()
         dk = torch.zeros(k.shape, dtype=torch.float32, device="meta")
         dv = torch.zeros_like(dk)

@@ -570,28 +570,33 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     """Bytes the runtime holds while one layer runs, beyond the saved activations: (forward, backward while a
     chunk's graph runs, backward while a chunk's attention backward runs).
 
-    forward:  the layer input and output, the q/k/v buffers of all tokens, the attention output, the input
-              chunk copies, one chunk's transients;
+    forward:  the layer input and output and K, V of all tokens, and one chunk's: its input copy, q/k/v, the
+              attention of its queries (its output and logsumexp, the fp32 merge of its key blocks and one
+              block's output: offload/attention.attention_forward_chunk), its graph's transients. Under sequence
+              parallelism attention runs on all tokens at once: q/k/v, the output and the input copies of all
+              tokens instead;
     backward: the output gradient and the input gradient, K and V of all tokens and their gradients (fp32 when
               the model is bf16/fp16), the parameter gradients summed in fp32 and cast, and either one chunk's
               transients (its graph, run or recomputed, and their gradients; the recomputed chunk adds to it in
               the rows) or, between a chunk's post and pre graphs, with neither alive, the attention backward's
-              own buffers (inventory.attention_backward_workspace: the last chunk's queries against every
-              earlier key, the kernel's own buffers included; under sequence parallelism, this rank's heads
-              over the whole sequence).
+              own buffers (inventory.attention_backward_workspace: a chunk's queries against one block of
+              earlier keys, as long as a chunk, the kernel's own buffers included; under sequence parallelism,
+              this rank's heads over the whole sequence at once).
     The dry run measures them (trainer/dry_run.py)."""
     L = shape.layer
     wb, h, q, kv = L.dtype_bytes, L.hidden, shape.q_dim, shape.kv_dim
     acc = 4 if wb < 4 else wb
     chunk = chunk_tokens(tokens, chunks)
     transient = chunk * (saved["pre"] + saved["post"])  # a chunk's graph and its gradients, about its saved size
-    forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
+    forward = (tokens * (2 * h * wb + 2 * kv * wb)
+               + chunk * (h * wb + (q + 2 * kv) * wb + saved["attn"] + q * (wb + 4))) + transient
     # (trained_params: of a layer, where not all of it trains: adapters)
     grads = (shape.layer_params if trained_params is None else trained_params) * (4 + (wb if wb < 4 else 0))
     backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + grads
-    if sequence_parallel == 1:
-        attention = sum(attention_backward_workspace(L, tokens - chunk, chunk).values())
+    if sequence_parallel == 1:  # the earlier keys in blocks of a chunk's length (offload/attention.py)
+        attention = sum(attention_backward_workspace(L, min(tokens - chunk, chunk), chunk).values())
     if sequence_parallel > 1:  # offload/ulysses.py, beside the buffers above
+        forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
         kvw = kv_heads_on_wire(L.num_kv_heads, sequence_parallel) * L.head_dim
         heads = replace(L, num_heads=L.num_heads // sequence_parallel, num_kv_heads=kvw // L.head_dim // sequence_parallel)
         attention = sum(attention_backward_workspace(heads, tokens * sequence_parallel - chunk, chunk).values())

@@ -386,8 +386,10 @@ def test_cuda_matches_sdpa(dtype, native_gqa, monkeypatch):
 def test_the_planners_attention_backward_workspace_is_what_the_gpu_branch_allocates(dtype, nq, nkv):
     """The GPU branch of a chunk's attention backward run on the meta device (nothing computed, every buffer
     allocated, and what the flash kernel allocates inside itself, which only its source shows, held around the
-    call as a dry run does): the peak of what it allocates is the planner's description, item for item. At
-    Llama-3-8B / 128K, the last chunk's kernel alone needs ~2.1 GB for the dK/dV of its 32 query heads."""
+    call as a dry run does): the peak of what it allocates is the planner's description, item for item, with the
+    earlier keys in one block and in blocks of the chunk's length (what the runtime passes). At Llama-3-8B / 128K,
+    the last chunk's kernel alone would need ~2.1 GB for the dK/dV of its 32 query heads over every earlier key;
+    in key blocks, 0.13 GB."""
     from longtune.offload.live_bytes import LiveBytes
     from longtune.planner.inventory import LayerShape, attention_backward_workspace
     from longtune.planner.problem import ModelShape, layer_workspace
@@ -398,18 +400,20 @@ def test_the_planners_attention_backward_workspace_is_what_the_gpu_branch_alloca
     out, dout = torch.empty_like(q), torch.empty_like(q)
     lse = torch.empty(1, nq, n, device="meta", dtype=torch.float32)
     dk, dv = (torch.zeros(1, nkv, s, d, device="meta", dtype=torch.float32) for _ in range(2))
-    with LiveBytes() as allocated:
-        attention_backward_chunk(dout, q, k, v, out, lse, [[(0, s)]], s - n, s, d ** -0.5, dk, dv)
     shape = LayerShape(nq * d, 4 * nq * d, nq, nkv, d, dtype=str(dtype).removeprefix("torch."))
-    items = attention_backward_workspace(shape, s - n, n)
-    assert allocated.peak == pytest.approx(sum(items.values()), abs=64)  # (the kernels' RNG seed and offset: 24 bytes)
+    for key_block, keys in ((None, s - n), (n, n)):
+        with LiveBytes() as allocated:
+            attention_backward_chunk(dout, q, k, v, out, lse, [[(0, s)]], s - n, s, d ** -0.5, dk, dv, key_block)
+        items = attention_backward_workspace(shape, keys, n)
+        assert allocated.peak == pytest.approx(sum(items.values()), abs=64)  # (the kernels' RNG seed and offset: 24 B)
 
     llama8b = ModelShape.from_hf_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
                                          "num_hidden_layers": 32, "num_attention_heads": 32,
                                          "num_key_value_heads": 8, "vocab_size": 128256}, "bfloat16")
     tokens, chunks = 131072, 16
     saved = {c: 0.0 for c in ("input", "pre", "attn", "post")}
-    attention = attention_backward_workspace(llama8b.layer, tokens - tokens // chunks, tokens // chunks)
-    assert attention["kernel_dkv"] > 2e9
+    assert attention_backward_workspace(llama8b.layer, tokens - tokens // chunks, tokens // chunks)["kernel_dkv"] > 2e9
+    attention = attention_backward_workspace(llama8b.layer, tokens // chunks, tokens // chunks)
+    assert attention["kernel_dkv"] < 0.14e9
     k_v_and_sums = tokens * (2 * 1024 * 2 + 2 * 1024 * 4)
     assert layer_workspace(llama8b, tokens, chunks, saved)[2] >= k_v_and_sums + sum(attention.values())

@@ -302,13 +302,49 @@ def optimizer_host_buffers(tier: str) -> int:
 LAYER_MATRIX_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layer_matrices order
 
 
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # weights per absmax scale; scales per fp32 scale of the scales (double quant)
+
+
+def nf4_bytes(n: int, double_quant: bool) -> int:
+    """Bytes of one n-weight matrix in bitsandbytes' 4-bit NF4 (Params4bit and its QuantState, as they are on the
+    device): two weights a byte, an absmax per 64 weights (fp32, or with double quant uint8 codes with an fp32
+    absmax per 256 of them, a 256-entry fp32 code book and an fp32 offset) and the 16-entry fp32 NF4 code book."""
+    blocks = -(-n // NF4_BLOCK)
+    scales = blocks + 4 * -(-blocks // NF4_NESTED_BLOCK) + 4 * 256 + 4 if double_quant else 4 * blocks
+    return -(-n // 2) + scales + 4 * 16
+
+
 @dataclass(frozen=True)
 class AdapterSizing:
     """LoRA adapters (trainer/adapters.py) on the named projections of every decoder layer: rank-r A [r, in] and
-    B [out, r] in the weights' dtype; they alone train, so only they have gradients and optimizer state."""
+    B [out, r] in the weights' dtype; they alone train, so only they have gradients and optimizer state.
+    `quantized` (QLoRA): the frozen base's decoder-layer projections are 4-bit NF4 (nf4_bytes), de-quantized one
+    matrix at a time into `compute_bytes`-byte elements for each matmul."""
 
     rank: int
     targets: tuple[str, ...] = LAYER_MATRIX_NAMES
+    quantized: bool = False
+    double_quant: bool = True
+    compute_bytes: Optional[int] = None  # QLoRA's compute dtype; None: the weights' dtype
+
+    def base_bytes(self, shape: ModelShape) -> float:
+        """GPU bytes of the frozen base: every weight in the weights' dtype, or (QLoRA) the layers' projections in
+        NF4 and the rest (embeddings, head, norms) in the weights' dtype."""
+        wb = shape.layer.dtype_bytes
+        if not self.quantized:
+            return float(shape.params * wb)
+        mats = shape.layer_matrices()
+        rest = shape.params - shape.num_layers * sum(m * n for m, n in mats)
+        return float(rest * wb + shape.num_layers * sum(nf4_bytes(m * n, self.double_quant) for m, n in mats))
+
+    def dequantized_bytes(self, shape: ModelShape) -> float:
+        """QLoRA: the largest projection de-quantized for its matmul (forward, and the input gradient in backward),
+        in the compute dtype, plus its copy in the weights' dtype first when the two differ; 0 without."""
+        if not self.quantized:
+            return 0.0
+        wb = shape.layer.dtype_bytes
+        cb = self.compute_bytes or wb
+        return float(max(m * n for m, n in shape.layer_matrices()) * (cb + (wb if cb != wb else 0)))
 
     def layer_params(self, shape: ModelShape) -> int:
         return sum(self.rank * (m + n) for name, (m, n) in zip(LAYER_MATRIX_NAMES, shape.layer_matrices())
@@ -331,14 +367,14 @@ def _adapter_state_options(shape: ModelShape, machine: Machine, optimizer: str, 
                            sharding: Sharding) -> tuple[StateOption, ...]:
     """The placements of an adapter run's state: the frozen base and the adapters on the GPU; the adapters' AdamW
     state there or on the host (their few MB never need a drive)."""
-    wb, p, L = shape.layer.dtype_bytes, shape.params, shape.num_layers
+    wb = shape.layer.dtype_bytes
     a, layer_a = adapter.params(shape), adapter.layer_params(shape)
     host_link = {t.name: t for t in machine.tiers}.get("host")
     out = []
     for opt in (("gpu", "cpu") if optimizer == "auto" else (optimizer,)):
         if opt == "nvme" or (opt == "cpu" and host_link is None):
             continue
-        gpu = {"weights": (p + a) * wb, "grads": a * wb if opt == "gpu" else 2 * layer_a * wb,
+        gpu = {"weights": adapter.base_bytes(shape) + a * wb, "grads": a * wb if opt == "gpu" else 2 * layer_a * wb,
                "optimizer": 2 * wb * a if opt == "gpu" else 0.0}
         tier, exposed, fwd, bwd_out = {}, 4 * wb * a * 2 / machine.hbm_bps, 0.0, 0.0
         if opt == "cpu":
@@ -668,6 +704,8 @@ def build_problem(
     chunk = chunk_tokens(tokens, chunks)
     forward_phase, chunk_phase, attention_phase = layer_workspace(
         shape, tokens, chunks, saved, P, adapter.layer_params(shape) if adapter is not None else None)
+    if adapter is not None:  # a 4-bit matrix de-quantized for its matmul (not in the attention backward)
+        forward_phase, chunk_phase = (b + adapter.dequantized_bytes(shape) for b in (forward_phase, chunk_phase))
     return Problem(
         num_layers=shape.num_layers,
         chunks=chunks,
@@ -695,5 +733,6 @@ def build_problem(
               **({"world": sharding.world, "sharded": [k for k in ("optimizer", "grads", "weights") if getattr(sharding, k)]}
                  if sharding.world > 1 else {}),
               **({"sequence_parallel": P, "sequence_tokens": tokens * P} if P > 1 else {}),
-              **({"adapter": [f"lora rank {adapter.rank}", *adapter.targets]} if adapter is not None else {})},
+              **({"adapter": [f"{'qlora' if adapter.quantized else 'lora'} rank {adapter.rank}", *adapter.targets]}
+                 if adapter is not None else {})},
     )

@@ -7,11 +7,18 @@ model they know. Only the adapters require gradients, so the optimizers (which t
 step them alone; a checkpoint holds what trains (trainer/checkpoint.py), and the base is rebuilt from
 `model.*` on resume. `longtune export` writes a peft adapter folder (`PeftModel.from_pretrained` loads it), or
 the merged model.
+
+QLoRA (adapter.kind=qlora) first replaces every nn.Linear of the decoder layers by a bitsandbytes Linear4bit holding
+the same weight quantized to 4-bit NF4 (`quantize_base`; the model is built as for LoRA, from any source longtune
+reads, and quantized here rather than by transformers' BitsAndBytesConfig loader, which neither reads GGUF files nor
+builds inline configs), then injects the adapters over them (peft's bnb LoRA layers). The merge de-quantizes the
+base first: the merged model is the NF4 base's weights, de-quantized to model.dtype, plus the adapters' update.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +37,8 @@ def lora_config(a: AdapterConfig):
 
 
 def apply_adapter(model: torch.nn.Module, a: AdapterConfig) -> None:
-    """LoRA layers into `model` in place, and every other parameter frozen; a no-op for adapter.kind=none."""
+    """LoRA layers into `model` in place (over a 4-bit base for qlora), and every other parameter frozen; a no-op for
+    adapter.kind=none."""
     if a.kind == "none":
         return
     from peft import inject_adapter_in_model
@@ -41,11 +49,89 @@ def apply_adapter(model: torch.nn.Module, a: AdapterConfig) -> None:
         raise ConfigError(f"adapter.target_modules: {', '.join(missing)} not in the model; its linear layers are "
                           f"{', '.join(linear)}")
     dtype = next(p.dtype for p in model.parameters())
+    if a.kind == "qlora":
+        quantize_base(model, a)
     inject_adapter_in_model(lora_config(a), model)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
-        if p.dtype != dtype:  # peft leaves a meta base's adapters in the default dtype (a dry run's model)
+        if p.requires_grad and p.dtype != dtype:  # peft leaves a meta base's adapters in the default dtype (a dry run's)
             p.data = p.data.to(dtype)
+
+
+def import_bitsandbytes():
+    """bitsandbytes, or a one-line ConfigError (not installed, or its native library does not load). Its import asks
+    the network for nothing: see trainer/__init__.py."""
+    try:
+        import bitsandbytes
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken install's OSError / RuntimeError
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"adapter.kind=qlora keeps the base weights in 4 bits through bitsandbytes, which does not "
+                          f"import here ({reason}): pip install bitsandbytes, or adapter.kind=lora") from None
+    return bitsandbytes
+
+
+def compute_dtype(a: AdapterConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a 4-bit layer's matmuls run in: adapter.compute_dtype, `auto` the model's."""
+    return model_dtype if a.compute_dtype == "auto" else getattr(torch, a.compute_dtype)
+
+
+def quantize_base(model: torch.nn.Module, a: AdapterConfig) -> int:
+    """Every nn.Linear of the decoder layers replaced, in place, by a frozen bitsandbytes Linear4bit holding its weight
+    in NF4 (absmax per 64 weights, itself 8-bit with adapter.double_quant) and running its matmuls in
+    `compute_dtype(a, ...)`; returns how many. Quantized where the weights are (the host, before the runtime places
+    the model). The model is marked `is_loaded_in_4bit`, as transformers' loader marks it, so that peft wraps these
+    layers in its bnb LoRA layers."""
+    from longtune.models.layers import UnsupportedModel, decoder_layers
+
+    bnb = import_bitsandbytes()
+    try:
+        layers = decoder_layers(model)
+    except UnsupportedModel as e:
+        raise ConfigError(f"adapter.kind=qlora: {e}") from None
+    count = 0
+    for i, layer in enumerate(layers):
+        found = [(name, m) for name, m in layer.named_modules() if type(m) is torch.nn.Linear]
+        if not found:
+            kinds = sorted({type(m).__name__ for name, m in layer.named_modules() if name and not list(m.children())})
+            raise ConfigError(f"adapter.kind=qlora quantizes the nn.Linear layers of the decoder layers, and decoder "
+                              f"layer {i} ({type(layer).__name__}) has none (its layers: {', '.join(kinds)}); use "
+                              "adapter.kind=lora")
+        for name, m in found:
+            if m.weight.is_meta:
+                raise ConfigError("adapter.kind=qlora: a model without weights (a dry run's, on the meta device) cannot "
+                                  "be quantized; `longtune plan` without --dry-run counts the 4-bit base")
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                                  compute_dtype=compute_dtype(a, m.weight.dtype), compress_statistics=a.double_quant,
+                                  quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, compress_statistics=a.double_quant,
+                                         quant_type="nf4", module=q).to(m.weight.device)  # .to quantizes
+            if m.bias is not None:
+                q.bias = torch.nn.Parameter(m.bias.data, requires_grad=False)
+            # bitsandbytes repacks a layer's weight in place for its bf16 CPU inference kernel the first time it runs
+            # in eval mode without gradients (a passkey evaluation), and runs that layer in bf16, without a
+            # backward, from then on: keep its one training path
+            q.support_avx512bf16_for_cpu = False
+            q.train(m.training)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child, q)
+            count += 1
+    model.is_loaded_in_4bit = True
+    return count
+
+
+def _dequantized(layer: torch.nn.Module, dtype: torch.dtype, delta=None) -> torch.nn.Linear:
+    """A bitsandbytes Linear4bit as a plain nn.Linear in `dtype`: its NF4 weight de-quantized (plus `delta`, summed
+    in fp32)."""
+    import bitsandbytes.functional as F
+
+    weight = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    if delta is not None:
+        weight = weight + delta.float()
+    plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    plain.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+    return plain
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,14 +153,30 @@ def export_adapter(model: torch.nn.Module, a: AdapterConfig, base: str, out_dir:
 
 
 def merge_adapter(model: torch.nn.Module) -> None:
-    """Each LoRA layer's update folded into its base weight and the layer replaced by that base: a plain model."""
+    """Each LoRA layer's update folded into its base weight and the layer replaced by that base: a plain model. A 4-bit
+    base (qlora) is de-quantized to the model's dtype first (every Linear4bit, a target or not), and the update added
+    to that: the merged weights are the NF4 base's values plus the update, not the weights it was quantized from."""
     from peft.tuners.lora import LoraLayer
 
+    bnb = sys.modules.get("bitsandbytes")
+    four_bit = (bnb.nn.Linear4bit,) if bnb is not None else ()
+    dtype = model.get_input_embeddings().weight.dtype
     for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
         if isinstance(module, LoraLayer):
-            module.merge()
+            base = module.get_base_layer()
+            if four_bit and isinstance(base, four_bit):
+                merged = _dequantized(base, dtype, module.get_delta_weight(module.active_adapters[0]))
+            else:
+                module.merge()
+                merged = base
+            setattr(model.get_submodule(parent_name), child, merged)
+    for name, module in list(model.named_modules()):
+        if four_bit and isinstance(module, four_bit):  # a 4-bit layer no adapter targets
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+            setattr(model.get_submodule(parent_name), child, _dequantized(module, dtype))
+    if getattr(model, "is_loaded_in_4bit", False):
+        del model.is_loaded_in_4bit
     if getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None and \
             str(model.hf_quantizer.quantization_config.quant_method.value) == "gguf":
         # A base read from a GGUF file is de-quantized as it loads; transformers still marks it quantized and will not

@@ -312,13 +312,27 @@ class LaunchConfig(_Section):
 
 class AdapterConfig(_Section):
     """adapter.kind=lora: low-rank adapters (peft's LoRA) beside frozen base weights; only they train, only they and
-    their optimizer state are checkpointed (trainer/adapters.py)."""
+    their optimizer state are checkpointed (trainer/adapters.py). adapter.kind=qlora: the same over a base whose
+    decoder-layer linear weights are kept in 4-bit NF4 (bitsandbytes)."""
 
-    kind: Literal["none", "lora"] = "none"
+    kind: Literal["none", "lora", "qlora"] = "none"
     rank: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LAYER_MATRIX_NAMES), min_length=1)
+    # qlora: the dtype the 4-bit base's matmuls run in (its weights de-quantized to it); auto: model.dtype
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # qlora: the per-64-weight absmax scales themselves quantized to 8 bits (bitsandbytes' compress_statistics)
+    double_quant: bool = True
+
+    @model_validator(mode="after")
+    def _qlora_settings_need_qlora(self):
+        if self.kind != "qlora":
+            for key in ("compute_dtype", "double_quant"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"adapter.{key} is a QLoRA setting but adapter.kind={self.kind}: set "
+                                     "adapter.kind=qlora, or drop it")
+        return self
 
 
 class Config(_Section):
@@ -339,7 +353,7 @@ class Config(_Section):
         a = self.adapter
         if a.kind == "none":
             if a != AdapterConfig():
-                raise ValueError("adapter.* is set but adapter.kind is none: set adapter.kind=lora to use it")
+                raise ValueError("adapter.* is set but adapter.kind is none: set adapter.kind=lora or qlora to use it")
             return self
         if self.optim.name != "adamw":
             raise ValueError(f"adapter.kind={a.kind} trains the adapters with AdamW; optim.name={self.optim.name} projects "
@@ -347,6 +361,15 @@ class Config(_Section):
         if self.memory.params in ("cpu", "nvme"):
             raise ValueError(f"adapter.kind={a.kind}: the frozen base weights stay on the GPU (memory.params="
                              f"{self.memory.params} streams trained weights); set memory.params to gpu or auto")
+        if a.kind == "qlora":
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("adapter.kind=qlora keeps the base weights in 4 bits through bitsandbytes, which is not "
+                                 "installed: pip install bitsandbytes (or adapter.kind=lora)")
+            if self.parallel.strategy in ("fsdp2", "deepspeed"):
+                raise ValueError(f"adapter.kind=qlora runs with parallel.strategy single or ddp, not "
+                                 f"{self.parallel.strategy}: its sharding, mixed precision and checkpoints do not know "
+                                 "bitsandbytes' packed 4-bit weights; use parallel.strategy=ddp (each rank holds the "
+                                 "4-bit base, about 0.53 bytes a weight)")
         if self.parallel.strategy == "deepspeed":
             raise ValueError(f"adapter.kind={a.kind} runs with parallel.strategy single, ddp or fsdp2, not deepspeed")
         return self

@@ -120,5 +120,6 @@ def build_tokenizer(cfg: ModelConfig, saved: Optional[Path] = None):
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    # Tied weights (embedding = lm_head) count once.
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # Tied weights (embedding = lm_head) count once; a 4-bit weight (adapter.kind=qlora) as the weights it packs.
+    return sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+               for p in {id(p): p for p in model.parameters()}.values())

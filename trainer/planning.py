@@ -35,11 +35,7 @@ def activations_planned(cfg: Config) -> bool:
 
 def adapter_sizing(cfg: Config) -> Optional[AdapterSizing]:
     a = cfg.adapter
-    if a.kind == "none":
-        return None
-    compute = cfg.model.dtype if a.compute_dtype == "auto" else a.compute_dtype
-    return AdapterSizing(a.rank, tuple(a.target_modules), quantized=a.kind == "qlora", double_quant=a.double_quant,
-                         compute_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[compute])
+    return AdapterSizing(a.rank, tuple(a.target_modules)) if a.kind == "lora" else None
 
 
 def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None,
@@ -80,14 +76,20 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
 
 
 CHUNK_TOKENS, MAX_CHUNKS = 512, 16
+# Past 16 chunks of 8K tokens a chunk's graph (the MLP's intermediates above all) and its recompute grow with the
+# sequence while K/V and the gradient sums cannot shrink: more chunks, each still a matmul of 8K+ rows.
+LONG_CHUNK_TOKENS, MAX_LONG_CHUNKS = 8192, 64
 
 
 def plan_chunks(cfg: Config) -> int:
     """memory.plan_chunks, `auto` resolved: a chunk per 512 tokens of a sequence (of this rank's shard of it under
-    sequence parallelism), 1 to 16."""
+    sequence parallelism), 1 to 16; past 16 x 8192 tokens, a chunk per 8192 tokens, at most 64."""
     if cfg.memory.plan_chunks != "auto":
         return cfg.memory.plan_chunks
-    return max(1, min(MAX_CHUNKS, cfg.data.seq_len // cfg.parallel.sequence_parallel // CHUNK_TOKENS))
+    local = cfg.data.seq_len // cfg.parallel.sequence_parallel
+    if local > MAX_CHUNKS * LONG_CHUNK_TOKENS:
+        return min(MAX_LONG_CHUNKS, local // LONG_CHUNK_TOKENS)
+    return max(1, min(MAX_CHUNKS, local // CHUNK_TOKENS))
 
 
 def _ce_chunk_tokens(cfg: Config, shape: ModelShape, tokens: int) -> int:

@@ -35,7 +35,11 @@ def activations_planned(cfg: Config) -> bool:
 
 def adapter_sizing(cfg: Config) -> Optional[AdapterSizing]:
     a = cfg.adapter
-    return AdapterSizing(a.rank, tuple(a.target_modules)) if a.kind == "lora" else None
+    if a.kind == "none":
+        return None
+    compute = cfg.model.dtype if a.compute_dtype == "auto" else a.compute_dtype
+    return AdapterSizing(a.rank, tuple(a.target_modules), quantized=a.kind == "qlora", double_quant=a.double_quant,
+                         compute_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[compute])
 
 
 def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None,

@@ -60,6 +60,27 @@ _DIRECT_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
 DEFAULT_BLOCK_BYTES = 4 << 20
 
 
+# What the memory runtime's parts keep under their keys (offload/optimizer.py, params.py, stash.py), for messages:
+# a failed write names what it was writing, not only the key. Parameter group 0 holds the weights outside the
+# decoder layers; group g >= 1 is decoder layer g - 1 (offload/groups.py).
+_KEY_CONTENTS = (
+    (re.compile(r"adamw-(\d+)"), "the optimizer state of {group}"),
+    (re.compile(r"weights-(\d+)"), "the weights of {group}"),
+    (re.compile(r"activations-(\d+)"), "the offloaded activations of decoder layer {index}"),
+)
+
+
+def what_key_holds(key: str) -> str:
+    """In words, what a key holds: "the optimizer state of decoder layer 2 (key 'adamw-3')"."""
+    for pattern, text in _KEY_CONTENTS:
+        m = pattern.fullmatch(key)
+        if m:
+            index = int(m[1])
+            group = "the embeddings, final norm and LM head" if index == 0 else f"decoder layer {index - 1}"
+            return f"{text.format(group=group, index=index)} (key {key!r})"
+    return f"key {key!r}"
+
+
 @dataclass(frozen=True)
 class _Entry:
     path: Path
@@ -334,10 +355,12 @@ class NvmeStore:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             stat = os.statvfs(self.path)
             err = NvmeError(f"disk full at {self.folder}: needed {_round_up(job.nbytes)} bytes, "
-                            f"{stat.f_bavail * stat.f_frsize} free (writing key {job.key!r})")
+                            f"{stat.f_bavail * stat.f_frsize} free, writing {what_key_holds(job.key)} to the NVMe "
+                            f"tier's file {job.path} (free some space there, or give the NVMe tier another drive: "
+                            "memory.nvme_path)")
         else:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-            err = NvmeError(f"{action} key {job.key!r} failed at {job.path}: {reason}")
+            err = NvmeError(f"{action} {what_key_holds(job.key)} failed at {job.path} (the NVMe tier): {reason}")
         err.errno = getattr(exc, "errno", None)
         err.__cause__ = exc
         return err

@@ -1,10 +1,13 @@
 """No traceback, nothing silent (issue 27): what goes wrong around a run is one line naming what and where, with
-the right exit code. Damaged torch distributed checkpoints, a full disk during an FSDP2 checkpoint write."""
+the right exit code. Damaged torch distributed checkpoints, a full disk during an FSDP2 or ZeRO-2 checkpoint write,
+under TensorBoard, the run's tokenizer copy or the NVMe tier, a resume that would change what the data position
+counts."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,3 +189,80 @@ def test_nothing_silent_at_the_command_line(tmp_path, tiny_config, capsys, monke
         f"error: longtune resume: model.tokenizer={SMOLLM2_GGUF} cannot change in a resumed run ({run} has "
         f"model.tokenizer={tiny_config['model']['tokenizer']}; its checkpoint holds the model as it was, and the "
         f"model is rebuilt from it): {advice}"])
+
+
+def test_a_full_nvme_tier_names_the_file_and_what_was_being_written(tmp_path, monkeypatch):
+    """The NVMe tier's files hold the optimizer state, streamed weights and offloaded activations of the memory
+    runtime's parts, under keys of their own: a write the disk cannot take says which file, and what it held."""
+    import errno
+
+    import pytest
+    import torch
+
+    from longtune.offload import nvme
+
+    def full(fd, size):  # what posix_fallocate says on a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(nvme, "_preallocate", full)
+    with nvme.NvmeStore(tmp_path / "nvme", backend="threads", direct="off") as store:
+        for key, what in [("adamw-3", "the optimizer state of decoder layer 2"),
+                          ("adamw-0", "the optimizer state of the embeddings, final norm and LM head"),
+                          ("weights-1", "the weights of decoder layer 0"),
+                          ("activations-2", "the offloaded activations of decoder layer 2"),
+                          ("w", None)]:
+            with pytest.raises(nvme.NvmeError) as info:
+                store.write(key, torch.zeros(1000))
+            message = str(info.value)
+            assert re.fullmatch(
+                rf"disk full at {tmp_path}/nvme: needed 4096 bytes, \d+ free, writing "
+                rf"{re.escape(what + ' (' if what else '')}key '{key}'{re.escape(')' if what else '')} to the NVMe "
+                rf"tier's file {store.path}/\.{key}-[0-9a-f]{{8}}\.swp\.\d+\.tmp \(free some space there, or give the "
+                rf"NVMe tier another drive: memory.nvme_path\)", message), message
+        monkeypatch.setattr(nvme, "_preallocate", lambda fd, size: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+        with pytest.raises(nvme.NvmeError, match=r"^writing the weights of decoder layer 3 \(key 'weights-4'\) failed at "
+                                                 r".*\.tmp \(the NVMe tier\): Input/output error$"):
+            store.write("weights-4", torch.zeros(10))
+
+
+def test_a_full_disk_under_tensorboard_or_the_tokenizer_copy_is_one_line_naming_the_file(tmp_path, monkeypatch,
+                                                                                        tokenizer_dir, capfd):
+    """TensorBoard writes its events in a thread of its own, which printed the failure as a traceback before the
+    next add_scalar raised the bare `[Errno 28] No space left on device`; the run's tokenizer copy failed the same
+    bare way. Each is one RunError naming the file (and nothing on stderr); a logger whose writes failed closes
+    quietly."""
+    import errno
+
+    import pytest
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    from longtune.trainer.errors import RunError
+    from longtune.trainer.metrics import MetricsLogger
+    from longtune.trainer.train import _save_run_tokenizer
+
+    def full(self, filename, file_content, binary_mode=False):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    logger = MetricsLogger(tmp_path, ["tensorboard"], 10)
+    logger.log(1, {"loss": 1.0})
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    monkeypatch.setattr(gfile.LocalFileSystem, "append", full)
+    expected = (rf"^could not write the TensorBoard events file {events} \(log.sinks: tensorboard\): No space left "
+                r"on device \(free some space, or move run.output_dir\)$")
+    with pytest.raises(RunError, match=expected):
+        for step in range(2, 5):  # the writer thread's failure reaches the next call that checks on it
+            logger.log(step, {"loss": 1.0})
+    logger.close()
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    monkeypatch.setattr(tokenizer, "save_pretrained", lambda folder: (
+        (folder / "tokenizer_config.json").parent.mkdir(parents=True),
+        (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))))
+    with pytest.raises(RunError, match=rf"^could not write the run's tokenizer copy {tmp_path}/tokenizer: No space "
+                                       r"left on device \(free some space, or move run.output_dir\)$"):
+        _save_run_tokenizer(tokenizer, tmp_path / "tokenizer")
+    assert not (tmp_path / "tokenizer").exists()  # none of it is left
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err and "Exception in thread" not in err, err

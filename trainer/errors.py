@@ -19,6 +19,17 @@ class CheckpointError(RunError):
     """A checkpoint could not be written or read; the message says which and why."""
 
 
+def full_disk_hint(error: BaseException) -> str:
+    """' (free some space, or move run.output_dir)' after a write into the run folder that failed for space (a
+    full disk, a quota, a file-size limit: errno, or the '(os error 28)' of a Rust library's message), else ''."""
+    import errno
+
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if getattr(error, "errno", None) in full or any(f"(os error {n})" in str(error) for n in full):
+        return " (free some space, or move run.output_dir)"
+    return ""
+
+
 # --- stopping on a signal ------------------------------------------------------------------------------------
 # SIGTERM is what a scheduler sends (SLURM at the end of a job's time, Kubernetes when it evicts a pod), SIGINT
 # is Ctrl-C. A training process records both (install_stop_handlers). SIGINT stops at once (KeyboardInterrupt,

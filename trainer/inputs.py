@@ -22,7 +22,7 @@ from longtune.models.families import (FAMILIES, KERNELS, SUPPORTED, head_dim as 
                                       sliding_window)
 
 from .config import Config, ConfigError, DataConfig, ModelConfig
-from .errors import RunError
+from .errors import RunError, full_disk_hint
 
 COMPLETE = "COMPLETE"  # the marker a complete checkpoint carries (checkpoint.py writes it last)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -418,7 +418,7 @@ def write_atomic(path: Path, text: str) -> None:
     except OSError as e:  # a full disk's error names no file: this one does
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise RunError(f"could not write {path}: {e.strerror or e}") from None
+        raise RunError(f"could not write {path}: {e.strerror or e}{full_disk_hint(e)}") from None
 
 
 def run_folder_of(path: str, command: str) -> tuple[Path, Optional[int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import resource
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .errors import RunError
+from .errors import RunError, full_disk_hint
 
 
 def _drop_partial_line(f) -> None:
@@ -77,12 +76,16 @@ class MetricsLogger:
                 self.jsonl = open(self.path, "ab", buffering=0)
                 _drop_partial_line(self.jsonl)
             except OSError as e:
-                raise RunError(f"could not write {self.path}: {e.strerror or e}") from None
-        self.tensorboard = None
+                raise RunError(f"could not write {self.path}: {e.strerror or e}{full_disk_hint(e)}") from None
+        self.tensorboard, self.tensorboard_dir, self._tensorboard_failed = None, Path(output_dir) / "tensorboard", False
         if "tensorboard" in self.sinks:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            _quiet_tensorboard_writer_threads()
+            try:
+                self.tensorboard = SummaryWriter(str(self.tensorboard_dir))
+            except OSError as e:  # its first event is written (and flushed) at once
+                raise self._tensorboard_error(e) from None
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -100,10 +103,13 @@ class MetricsLogger:
         if self.jsonl:
             self._append((json.dumps(record) + "\n").encode())
         if self.tensorboard:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, step)
-            self.tensorboard.flush()
+            try:
+                for key, value in values.items():
+                    if isinstance(value, (int, float)):
+                        self.tensorboard.add_scalar(key, value, step)
+                self.tensorboard.flush()
+            except OSError as e:  # raised in its writer thread, handed over here
+                raise self._tensorboard_error(e) from None
         if "console" in self.sinks:
             self.bar.write(format_line(record))
 
@@ -116,15 +122,49 @@ class MetricsLogger:
         except OSError as e:
             with contextlib.suppress(OSError):  # shrinking needs no space
                 os.ftruncate(self.jsonl.fileno(), end)
-            hint = " (free some space, or move run.output_dir)" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
-            raise RunError(f"could not write {self.path}: {e.strerror or e}{hint}") from None
+            raise RunError(f"could not write {self.path}: {e.strerror or e}{full_disk_hint(e)}") from None
+
+    def _tensorboard_error(self, e: OSError) -> RunError:
+        """A failed TensorBoard write as one line naming the events file (the writer thread's OSError names none)."""
+        self._tensorboard_failed = True
+        writer = getattr(getattr(self.tensorboard, "file_writer", None), "event_writer", None)
+        where = getattr(writer, "_file_name", None) or next(self.tensorboard_dir.glob("events.out.tfevents.*"),
+                                                            self.tensorboard_dir)
+        return RunError(f"could not write the TensorBoard events file {where} (log.sinks: tensorboard): "
+                        f"{e.strerror or e}{full_disk_hint(e)}")
 
     def close(self) -> None:
         self.bar.close()
         if self.jsonl:
             self.jsonl.close()
         if self.tensorboard:
-            self.tensorboard.close()
+            try:
+                self.tensorboard.close()  # flushes what is queued: the disk may be full here too
+            except OSError as e:
+                if not self._tensorboard_failed:  # else: reported already, and the run is ending on it
+                    raise self._tensorboard_error(e) from None
+
+
+def _quiet_tensorboard_writer_threads() -> None:
+    """tensorboard writes events in a thread of its own; a write that fails there is printed as that thread's
+    traceback and then raised again from the next add_scalar or flush, where MetricsLogger reports it in one line.
+    The thread's traceback goes (once per process: a hook over threading.excepthook for that thread class only)."""
+    import threading
+
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another tensorboard: its tracebacks stay
+        return
+    previous = threading.excepthook
+    if getattr(previous, "longtune_tensorboard", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.thread, _AsyncWriterThread) and issubclass(args.exc_type, Exception)):
+            previous(args)
+
+    hook.longtune_tensorboard = True
+    threading.excepthook = hook
 
 
 _SHOWN = [

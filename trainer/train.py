@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from longtune.planner.plan import PlanInfeasible
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
-from .errors import Stopped, defer_stop, stop_requested
+from .errors import RunError, Stopped, defer_stop, full_disk_hint, stop_requested
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
 from .capacities import live_capacities
@@ -158,7 +159,7 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
             return
         write_atomic(output_dir / "config.resolved.yaml", config_yaml)
         if resume_from is None:
-            tokenizer.save_pretrained(output_dir / TOKENIZER_DIR)
+            _save_run_tokenizer(tokenizer, output_dir / TOKENIZER_DIR)
         if plan.problem.offload_activations:  # decided once, by plan_memory
             write_atomic(output_dir / "plan.yaml", plan.to_yaml())
             print(f"plan written to {output_dir / 'plan.yaml'}")
@@ -315,6 +316,18 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
     finally:
         logger.close()
     return RunResult(output_dir, state.step, last_loss, eval_metrics)
+
+
+def _save_run_tokenizer(tokenizer, folder: Path) -> None:
+    """The run's copy of its tokenizer; a save that fails (a full disk: an OSError from transformers, an
+    '(os error 28)' from the Rust tokenizers) is one line naming the folder, and leaves no half of it."""
+    try:
+        tokenizer.save_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 -- whatever the library raises, the folder could not be written
+        shutil.rmtree(folder, ignore_errors=True)
+        text = str(e).strip()
+        cause = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+        raise RunError(f"could not write the run's tokenizer copy {folder}: {cause}{full_disk_hint(e)}") from None
 
 
 def _saved_config(checkpoint: Path) -> dict:

@@ -67,7 +67,8 @@ if _SPEC:
 
     def _faulty_open(file, mode="r", *args, **kwargs):
         f = _open(file, mode, *args, **kwargs)
-        if any(m in mode for m in "wax+") and _SPEC["file"] in os.fspath(file if not isinstance(file, int) else ""):
+        name = "" if isinstance(file, int) else os.fsdecode(os.fspath(file))  # (a bytes path, as tensorboard gives)
+        if any(m in mode for m in "wax+") and _SPEC["file"] in name:
             return _Faulty(f)
         return f
 

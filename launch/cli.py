@@ -268,10 +268,14 @@ RESUME_FIXED_MODEL = ("path", "gguf_file", "config", "rope_scaling", "max_positi
 def _refuse_what_a_resume_ignores(cfg, run: Path) -> None:
     """After the overrides' own checks (a value that is wrong in itself says so first)."""
     from longtune.trainer.config import load_config
+    from longtune.trainer.inputs import data_change_refusal
 
+    was = load_config(run / "config.resolved.yaml")
+    refused = data_change_refusal(was.model_dump(), cfg, run, f"{run} has")  # what the data position counts
+    if refused:
+        raise UsageError(f"longtune resume: {refused}")
     if cfg.adapter.kind != "none":
         return
-    was = load_config(run / "config.resolved.yaml")
     for key in RESUME_FIXED_MODEL:
         old, new = getattr(was.model, key), getattr(cfg.model, key)
         if old != new:

@@ -190,6 +190,53 @@ def test_nothing_silent_at_the_command_line(tmp_path, tiny_config, capsys, monke
         f"model.tokenizer={tiny_config['model']['tokenizer']}; its checkpoint holds the model as it was, and the "
         f"model is rebuilt from it): {advice}"])
 
+    # ... and so are the data settings a checkpoint's data position counts in: which source (data.kind), and for
+    # data read from files which documents and how they are cut into samples, and the seed of their order; through
+    # `longtune resume` (before anything loads) and `longtune train ... run.resume` (before the model is built)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a document of a few words"}\n')
+    why = "and the data position it saved counts samples of that data, in that order"
+    assert cli("resume", run, "data.kind=jsonl", f"data.path={data}") == (2, [
+        f"error: longtune resume: data.kind=jsonl cannot change in a resumed run ({run} has data.kind=passkey, {why}): "
+        f"{advice}"])
+    files = tmp_path / "files"
+    (files / "step_1").mkdir(parents=True)
+    cfg = {**tiny_config, "data": {"kind": "jsonl", "path": str(data), "seq_len": 128}, "run": {"output_dir": str(files)}}
+    for folder in (files, files / "step_1"):
+        write_yaml(folder / "config.resolved.yaml", cfg)
+    (files / "step_1" / "COMPLETE").write_text("")
+    advice = advice.replace(str(run), str(files))
+    for override, was in [("data.seq_len=256", "128"), ("data.packing=false", "True"), ("train.seed=7", "0"),
+                          ("data.text_field=body", "text"), ("data.kind=passkey", "jsonl")]:
+        key, _, value = override.partition("=")
+        value = {"false": "False"}.get(value, value)
+        assert cli("resume", files, override) == (2, [
+            f"error: longtune resume: {key}={value} cannot change in a resumed run ({files} has {key}={was}, {why}): "
+            f"{advice}"]), override
+    try:
+        code, err = cli("train", write_yaml(tmp_path / "files.yaml", cfg), "train.seed=7", "run.resume=auto")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert (code, err[-1:]) == (2, [
+        f"error: train.seed=7 cannot change in a resumed run (checkpoint {files}/step_1 was written with train.seed=0, "
+        f"{why}): {advice}"])
+    assert sorted(p.name for p in files.iterdir()) == ["config.resolved.yaml", "step_1"]  # nothing written, no lock
+
+    from longtune.trainer.config import validate
+    from longtune.trainer.inputs import data_position_change
+
+    # a passkey sample is made from its index alone: sample N at another length (or seed) is still sample N
+    passkey = validate(tiny_config).model_dump()
+    assert data_position_change(passkey, validate({**tiny_config, "data": {**tiny_config["data"], "seq_len": 256},
+                                                   "train": {**tiny_config["train"], "seed": 3}})) is None
+    chat = validate({**tiny_config, "data": {"kind": "chat", "path": str(data)}})
+    changed = validate({**tiny_config, "data": {"kind": "chat", "path": str(data), "chat": {"too_long": "drop"}}})
+    assert data_position_change(chat.model_dump(), changed) == ("data.chat.too_long", "error", "drop")
+    older = chat.model_dump()
+    del older["data"]["chat"]["too_long"]  # a checkpoint written before the key existed: not compared
+    assert data_position_change(older, changed) is None
+
 
 def test_a_full_nvme_tier_names_the_file_and_what_was_being_written(tmp_path, monkeypatch):
     """The NVMe tier's files hold the optimizer state, streamed weights and offloaded activations of the memory

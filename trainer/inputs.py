@@ -520,6 +520,55 @@ def check_same_optimizer(cfg: Config, checkpoint: Path) -> None:
                               "its optimizer state does not fit; resume with the same value")
 
 
+def data_position_change(saved: dict, cfg: Config) -> Optional[tuple[str, Any, Any]]:
+    """The first setting that a checkpoint's data position depends on and `cfg` changes: (dotted key, the saved
+    value, the new one), or None. `saved`: the config the checkpoint was written with, as config.resolved.yaml holds
+    it (a key it lacks, as one written before the key existed, is not compared).
+
+    The position is (epoch, index) in the order the source's samples are drawn in (data.DataLoader): it means
+    nothing in another source (data.kind). A source read from files has a fixed number of samples, shuffled by
+    train.seed each epoch; which documents make it (data.path, data.text_field, data.chat.*) and how they are cut
+    into samples (data.seq_len, data.packing) decide what sample N is. A passkey sample is generated from its index
+    alone, so its other settings may change: sample N at another length is still sample N."""
+    now = cfg.model_dump()
+    keys = ["data.kind"]
+    if now["data"]["kind"] != "passkey":
+        keys += ["data.path", "data.seq_len", "data.packing", "train.seed"]
+        keys += {"chat": ["data.chat"], "text": []}.get(now["data"]["kind"], ["data.text_field"])
+    for key in keys:
+        section, name = key.split(".")
+        was = saved.get(section)
+        change = _first_change(key, was.get(name, _ABSENT) if isinstance(was, dict) else _ABSENT, now[section][name])
+        if change:
+            return change
+    return None
+
+
+_ABSENT = object()
+
+
+def _first_change(key: str, old, new) -> Optional[tuple[str, Any, Any]]:
+    """(key, old, new) where they differ, down to the sub-key of a section (data.chat.too_long); None if they do not."""
+    if old is _ABSENT or old == new:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        return next(filter(None, (_first_change(f"{key}.{k}", old[k], new.get(k, _ABSENT)) for k in sorted(old, key=str)
+                                  if k in new)), None)
+    return key, old, new
+
+
+def data_change_refusal(saved: dict, cfg: Config, run: Path, has: str) -> Optional[str]:
+    """Why a resume of the run in `run` cannot take this config's data settings (data_position_change), or None.
+    `has`: who holds the old value ('RUN has', 'checkpoint C was written with')."""
+    change = data_position_change(saved, cfg) if isinstance(saved, dict) else None
+    if change is None:
+        return None
+    key, old, new = change
+    return (f"{key}={new} cannot change in a resumed run ({has} {key}={old}, and the data position it saved counts "
+            "samples of that data, in that order): start a new run for it (from this run's weights: longtune export "
+            f"{run} --out DIR, then model.path=DIR)")
+
+
 def check_resume_path(resume: str) -> Path:
     path = Path(resume).expanduser()
     if not path.is_dir():

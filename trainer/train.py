@@ -21,7 +21,8 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
 from .errors import RunError, Stopped, defer_stop, full_disk_hint, stop_requested
 from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
-from .inputs import RunLock, check, check_same_optimizer, remove_stale_temporaries, resolve_resume, write_atomic
+from .inputs import (RunLock, check, check_same_optimizer, data_change_refusal, remove_stale_temporaries,
+                     resolve_resume, write_atomic)
 from .capacities import live_capacities
 from .memory import build_runtime
 from .planning import infeasible_error, plan_memory
@@ -124,6 +125,10 @@ def _train_in(cfg: Config, output_dir: Path, ranks: Ranks, on_checkpoint) -> Run
     resume_from = ranks.from_main(resolve_resume(cfg, output_dir) if ranks.main else None)
     if resume_from is not None:
         check_same_optimizer(cfg, resume_from)
+        refused = data_change_refusal(_saved_config(resume_from), cfg, output_dir,
+                                      f"checkpoint {resume_from} was written with")
+        if refused:
+            raise ConfigError(refused)
     device = pick_device(ranks, cfg.run.device)
     try:  # before the model is built: a plan that cannot fit stops here, in seconds
         plan = plan_memory(cfg, live_capacities(cfg, device), world=ranks.world)

@@ -67,6 +67,35 @@ def test_a_damaged_or_unwritable_distributed_checkpoint_is_one_line(tmp_path, ti
         assert not (tmp_path / f"{name}-export").exists()
 
 
+def test_a_full_disk_during_a_zero2_checkpoint_write_is_one_line(tmp_path, tiny_config):
+    """ZeRO-2 (in one process, the CPU config of tests/test_parallel.py: no DeepSpeed op is built; 2 ranks give each
+    rank this line). DeepSpeed writes its files with torch.save(path), whose C++ zip writer opens them itself (out of
+    the fault hook's reach) and reports a short write as "unexpected pos N vs M", which a full disk read as. A
+    file-size limit (RLIMIT_FSIZE) cuts the optimizer-state file short as a full disk does: one line saying the disk
+    is full, no traceback, nothing half-written left."""
+    import resource
+
+    run = tmp_path / "run"
+    cfg = tiny_config
+    cfg["train"]["max_steps"] = 1
+    cfg["data"]["passkey"]["eval_samples"] = 0
+    cfg["checkpoint"].update(every_n_steps=1)
+    cfg["parallel"] = {"strategy": "deepspeed", "zero_stage": 2}
+    cfg["run"].update(output_dir=str(run), device="cpu")
+    # above every other file the run writes (the tokenizer's 3.5 MB, the 12.6 MB of weights), below the 38 MB of
+    # fp32 master weights and Adam moments
+    limit = 20 << 20
+    result = subprocess.run([sys.executable, "-m", "longtune.launch.cli", "train",
+                             str(write_yaml(tmp_path / "zero2.yaml", cfg))], cwd=REPO, env=cli_env(),
+                            capture_output=True, text=True, timeout=600,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert _errors(result.stderr) == [
+        f"error: could not write checkpoint {run}/step_1: the disk is full: torch.save could not write the whole file "
+        f"(free some space under {run}, or move run.output_dir)"], result.stderr[-3000:]
+    assert not [p.name for p in run.iterdir() if p.name.startswith((".", "step_"))]
+
+
 def test_a_resume_on_fewer_ranks_says_how_the_global_batch_changes_and_how_to_keep_it(tiny_config):
     from longtune.trainer.config import validate
     from longtune.trainer.train import global_batch_note

@@ -189,6 +189,7 @@ class MemoryRuntime:
         """Around the forward and backward passes of one optimizer step."""
         if hasattr(self.optimizer, "expect_backwards"):
             self.optimizer.expect_backwards(micro_batches)
+        self._micro_batches = micro_batches
         with self.dispatcher.hooks():
             yield
 
@@ -222,10 +223,23 @@ class MemoryRuntime:
             totals |= {"nvme_read_gb": self.store.bytes_read / GB, "nvme_write_gb": self.store.bytes_written / GB}
         return totals
 
-    def memory_metrics(self) -> dict[str, float]:
-        """Saved-activation memory per tier: measured peak (since the last call) beside the plan's prediction."""
-        if self.activations is None:
+    def time_metrics(self) -> dict[str, float]:
+        """The plan's predicted step time for the last step's micro-batches (`time_plan_s`, beside the loop's measured
+        `step_time_s`) and its recompute share (`recompute_plan_s`, beside the measured `recompute_s`). The plan
+        prices one micro-batch (compute, recompute, exposed transfers) and the state's time once a step."""
+        pred = self.plan.predicted if self.plan is not None else {}
+        if "step_time_s" not in pred:
             return {}
+        n = getattr(self, "_micro_batches", 1)
+        per_micro = pred.get("compute_s", 0.0) + pred.get("recompute_s", 0.0) + pred.get("exposed_transfer_s", 0.0)
+        return {"time_plan_s": n * per_micro + pred.get("state_s", 0.0),
+                "recompute_plan_s": n * pred.get("recompute_s", 0.0)}
+
+    def memory_metrics(self) -> dict[str, float]:
+        """Saved-activation memory per tier: measured peak (since the last call) beside the plan's prediction; and the
+        step time the plan predicts (time_metrics)."""
+        if self.activations is None:
+            return self.time_metrics()
         r = self.dispatcher.residency
         pred = self.plan.predicted
         ev_tiers = {t.name: sum(self.plan.problem.chunk_bytes[c] * d.get(t.name, 0)
@@ -243,7 +257,7 @@ class MemoryRuntime:
             out["mem_plan_gpu_total_gb"] = pred["peak_bytes"]["gpu"] / GB
             out["mem_measured_gpu_total_gb"] = torch.cuda.max_memory_allocated(self.device) / GB
         r.reset_peaks()
-        return out
+        return out | self.time_metrics()
 
     def materialized(self):
         """Every weight reachable through the model (for checkpoint save and load)."""

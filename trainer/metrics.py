@@ -173,6 +173,7 @@ _SHOWN = [
     ("grad_norm", "gnorm {:.3f}"),
     ("tokens_per_s", "{:,.0f} tok/s"),
     ("step_time_s", "{:.2f} s/step"),
+    ("time_plan_s", "plan {:.2f} s"),
     ("tflops", "{:.2f} TFLOPS"),
     ("mfu", "MFU {:.1%}"),
     ("gpu_peak_allocated_gb", "gpu {:.2f} GB"),

@@ -230,7 +230,8 @@ def lora_runs(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, int, str
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_lora_on_two_ranks_matches_one_process(strategy, lora_runs):
     """LoRA adapters under DDP and FSDP2 (frozen base weights beside trained adapters) give one process's losses with
-    the same global batch; each checkpoint holds the adapters only (DDP) or its shards (FSDP2)."""
+    the same global batch; each checkpoint holds the adapters only (DDP), or the shards of the adapters only
+    (FSDP2)."""
     one, returncode, stderr = lora_runs["one"]
     assert returncode == 0, stderr[-3000:]
     out, returncode, stderr = lora_runs[strategy]
@@ -238,6 +239,13 @@ def test_lora_on_two_ranks_matches_one_process(strategy, lora_runs):
     _assert_matches({m["step"]: m for m in read_metrics(one) if "loss" in m}, out, steps=range(1, LORA_STEPS + 1))
     if strategy == "ddp":
         assert (out / f"step_{LORA_STEPS}" / "adapter.safetensors").is_file()
+    else:  # the shards of the adapters and their optimizer state, not of the frozen base (rebuilt from model.*)
+        from torch.distributed.checkpoint import FileSystemReader
+
+        dcp = out / f"step_{LORA_STEPS}" / "dcp"
+        keys = [k for k in FileSystemReader(str(dcp)).read_metadata().state_dict_metadata if k.startswith("model.")]
+        assert keys and all("lora_" in k for k in keys), [k for k in keys if "lora_" not in k][:3]
+        assert sum(f.stat().st_size for f in dcp.iterdir()) < 2e6  # the fp32 base alone is 12.8 MB
 
 
 def _assert_exported_is_trained(hf: Path, step: Path) -> None:

@@ -192,11 +192,21 @@ def _check_dcp(folder: Path) -> None:
                                   f"({path.stat().st_size:,} of at least {end:,} bytes)")
 
 
+def _dcp_options(model: torch.nn.Module):
+    """Frozen base weights (adapters) are neither written nor read: the base is rebuilt from model.*, as for the
+    other formats (TorchParts.trains_a_part). dcp.load still refuses a checkpoint that lacks a parameter that
+    trains; only the load into the module is not strict, which would ask for the frozen ones."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def _load_dcp(folder: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    options = StateDictOptions(strict=True)
+    options = _dcp_options(model)
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -211,11 +221,12 @@ def _load_dcp(folder: Path, model: torch.nn.Module, optimizer: Optional[torch.op
 
 
 def save_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its shards of the weights and the optimizer state (torch.distributed.checkpoint)."""
+    """Every rank writes its shards of the weights and the optimizer state (torch.distributed.checkpoint); with
+    adapters, of the parameters that train only."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options(model))
     with _dcp_errors():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / DCP_DIR))
 

@@ -10,9 +10,11 @@ For each decoder layer the plan names, per class and per token chunk, a place: "
 
 A layer runs as one autograd Function. Forward, chunk by chunk: stash the input chunk; run the pre part with
 autograd on (inside a dispatcher scope that sends its saved tensors to the chunk's place) or, for a chunk to
-be recomputed, under no_grad; then the attention core on all tokens (per document, offload/attention.py);
-then the post part chunk by chunk, likewise. Only the gradient edges of each chunk's small graph are kept
-(its leaves' data is dropped), so what stays alive is exactly what was stashed.
+be recomputed, under no_grad; its keys and values join the layer's K/V; the attention of the chunk's queries
+against the keys so far (per document, offload/attention.py, in key blocks merged by their logsumexps), stashed
+whole at the attention class's place; then the post part of the chunk, likewise. Only the gradient edges of each
+chunk's small graph are kept (its leaves' data is dropped), so what stays alive is exactly what was stashed, and
+of all tokens only the input, the output and K/V at once.
 
 Backward is one sweep over the chunks, last first: the post part's backward (recomputing the chunk if the
 plan says so) gives the chunk's attention-output gradient; the attention backward of that query chunk
@@ -21,10 +23,11 @@ dk/dv are complete once chunk i is done, so the pre part's backward (recomputed 
 One recomputed chunk is alive at a time. Parameter gradients of the chunks are summed in fp32 and handed to
 autograd once per layer and micro-batch, so gradient hooks (the offloaded optimizer) see one gradient each.
 
-Sequence parallel (ulysses.py): the layer holds this rank's shard of the sequence; the attention core runs over
-the group (all-to-all to the head layout and back). The backward keeps the chunk order, every rank taking its
-chunk i together, but a key's gradient is final only when every rank's queries are done, so the pre parts
-follow in a second pass.
+Sequence parallel (ulysses.py): the layer holds this rank's shard of the sequence; attention runs over the group
+(all-to-all to the head layout and back). A query of this rank's first chunk may see every key of an earlier
+rank's shard, so the forward runs every chunk's pre part first, then chunk by chunk the attention and the post
+part (every rank taking its chunk i together). The backward keeps the chunk order, but a key's gradient is final
+only when every rank's queries are done, so the pre parts follow in a second pass.
 
 Prefetch: when layer l's backward starts it waits for its own offloaded bytes and starts bringing back those
 of layer l - depth; the last layers' prefetch starts when the forward ends (behind the LM head).
@@ -48,7 +51,7 @@ from .attention import attention_backward_chunk, attention_forward_chunk, docume
 from .dispatch import SavedTensorDispatcher, storage_key
 from .stash import DEVICE, ActivationStash
 from .ulysses import (SequenceGroup, attention_backward_shard, gradient_sums, keys_values_from_heads,
-                      keys_values_to_heads, ulysses_forward)
+                      keys_values_to_heads, ulysses_forward_chunk)
 
 
 def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
@@ -79,7 +82,7 @@ class _LayerState:
     pre: list = field(default_factory=list)  # _Graph or None (recompute) per chunk
     post: list = field(default_factory=list)
     out: list = field(default_factory=list)  # SavedRef per chunk of the attention output, [b, t, nq, d] contiguous
-    lse: list = field(default_factory=list)  # SavedRef per chunk of its logsumexp (sequence parallel: one, whole)
+    lse: list = field(default_factory=list)  # SavedRef per chunk of its logsumexp (sequence parallel: head layout)
     rope: set = field(default_factory=set)  # storages of cos/sin, kept as they are until the last backward
     params: list = field(default_factory=list)  # the layer's parameters as its forward saw them (see _layer_params)
 
@@ -204,7 +207,7 @@ class ActivationRuntime:
             if self.sequence is None:
                 y = self._forward_by_chunk(st, x, params, places, leaves, aliases)
             else:
-                y = self._forward_whole_attention(st, x, params, places, leaves, aliases)
+                y = self._forward_sequence_parallel(st, x, params, places, leaves, aliases)
         for ptr in aliases:
             d.aliases.pop(ptr, None)
         d.passthrough -= weights
@@ -229,6 +232,20 @@ class ActivationRuntime:
         st.inputs.append(ref)
         aliases.append(storage_key(x_i))
         d.aliases[aliases[-1]] = ref.stored  # a pre/post graph saving the input refers to this copy
+        return x_i
+
+    def _input_again(self, st: _LayerState, x: torch.Tensor, i: int, aliases: list) -> torch.Tensor:
+        """Chunk i of the layer input once more, as the stash's copy of it (a graph saving it refers to that): the
+        kept copy itself, or a new copy of the same values where it went to a tier."""
+        d, (a, e), ref = self.dispatcher, st.bounds[i], st.inputs[i]
+        if len(st.bounds) == 1:
+            x_i = x
+        elif ref.stored.place == DEVICE:
+            x_i = ref.tensor()
+        else:
+            x_i = x[:, a:e].clone()
+        aliases.append(storage_key(x_i))
+        d.aliases[aliases[-1]] = ref.stored
         return x_i
 
     def _pre(self, st: _LayerState, x_i: torch.Tensor, i: int, place: str, leaves: list):
@@ -296,34 +313,39 @@ class ActivationRuntime:
             del x_i, out, lse
         return y
 
-    def _forward_whole_attention(self, st: _LayerState, x: torch.Tensor, params: list, places: dict, leaves: list,
-                                 aliases: list) -> torch.Tensor:
-        """The layer under sequence parallelism: every chunk's pre part, then attention of all tokens over the group
-        (offload/ulysses.py), then every chunk's post part."""
-        split, d = self.splits[st.index], self.dispatcher
+    def _forward_sequence_parallel(self, st: _LayerState, x: torch.Tensor, params: list, places: dict, leaves: list,
+                                   aliases: list) -> torch.Tensor:
+        """The layer under sequence parallelism, in two passes over the chunks: every chunk's pre part (a query of
+        this rank's last chunk needs the keys of every earlier rank's whole shard), K and V to the head layout once,
+        then chunk by chunk the attention of its queries over the group (offload/ulysses.ulysses_forward_chunk) and
+        its post part. Of all tokens only the input, the output, q and K/V are alive at once."""
+        split, d, seq = self.splits[st.index], self.dispatcher, self.sequence
         b, s, h = st.shape
         nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
         qbuf, kbuf, vbuf = (x.new_empty(b, s, n, hd, dtype=st.attn_dtype) for n in (nq, nkv, nkv))
-        xs = []
         for i, (a, e) in enumerate(st.bounds):
-            xs.append(self._stash_input(st, x, i, places["input"][i], aliases))
-            q, k, v = self._pre(st, xs[-1], i, places["pre"][i], leaves)
+            x_i = self._stash_input(st, x, i, places["input"][i], aliases)
+            q, k, v = self._pre(st, x_i, i, places["pre"][i], leaves)
             qbuf[:, a:e], kbuf[:, a:e], vbuf[:, a:e] = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            del q, k, v
-        # all tokens of the sequence for 1/P of the heads, and back (lse stays in the head layout)
-        out, lse = ulysses_forward(qbuf, kbuf, vbuf, st.docs, split.scale, self.sequence)
-        del qbuf, kbuf, vbuf
-        flat = _chunk_major(out.transpose(1, 2), st.bounds)
-        del out
-        with d.scope(st.index, "attn", places["attn"][0]):  # one storage: every chunk's ref shares its Stored
-            st.out = [d.stash_tensor(_attn_chunk(flat, bound, b, nq, hd)) for bound in st.bounds]
-            st.lse = [d.stash_tensor(lse)]  # whole, in the head layout
-        aliases.append(storage_key(flat))
-        d.aliases[aliases[-1]] = st.out[0].stored
+            del x_i, q, k, v
+            while aliases:  # (addresses, which a freed input copy gives back)
+                d.aliases.pop(aliases.pop(), None)
+        kh, vh = keys_values_to_heads(kbuf, vbuf, seq)
+        del kbuf, vbuf
         y = x.new_empty(b, s, h)
+        key_block = max(e - a for a, e in st.bounds)
         for i, (a, e) in enumerate(st.bounds):
-            attn_i = _attn_chunk(flat, (a, e), b, nq, hd).view(b, e - a, nq * hd)
-            y[:, a:e] = self._post(st, xs[i], attn_i, i, places["post"][i], leaves)
+            out, lse = ulysses_forward_chunk(qbuf[:, a:e], kh, vh, st.docs, (a, e), s, split.scale, seq, key_block)
+            with d.scope(st.index, "attn", places["attn"][0]):
+                st.out.append(d.stash_tensor(out))
+                st.lse.append(d.stash_tensor(lse))
+            aliases.append(storage_key(out))
+            d.aliases[aliases[-1]] = st.out[-1].stored
+            x_i = self._input_again(st, x, i, aliases)
+            y[:, a:e] = self._post(st, x_i, out.view(b, e - a, nq * hd), i, places["post"][i], leaves)
+            while aliases:
+                d.aliases.pop(aliases.pop(), None)
+            del x_i, out, lse
         return y
 
     def _drained(self, l: int) -> None:
@@ -467,7 +489,7 @@ class ActivationRuntime:
         l, split, d, seq = st.index, self.splits[st.index], self.dispatcher, self.sequence
         b, s, h = st.shape
         nq, hd = split.num_heads, split.head_dim
-        lse = st.lse[0].tensor()
+        key_block = max(e - a for a, e in st.bounds)
         k, v = self._kv_tokens(st)
         kh, vh = keys_values_to_heads(k, v, seq)
         del k, v
@@ -483,8 +505,8 @@ class ActivationRuntime:
             else:
                 q = graph.refs[0].tensor()
             dq[:, a:e] = attention_backward_shard(dattn.view(b, e - a, nq, hd), q.transpose(1, 2).to(st.attn_dtype),
-                                                  st.out[i].tensor(), kh, vh, lse, st.docs, (a, e),
-                                                  s, split.scale, seq, dkh, dvh)
+                                                  st.out[i].tensor(), kh, vh, st.lse[i].tensor(), st.docs, (a, e),
+                                                  s, split.scale, seq, dkh, dvh, key_block)
             del q, dattn
         del kh, vh
         dk, dv = keys_values_from_heads(dkh, dvh, split.num_kv_heads, dy.dtype, seq)
@@ -558,26 +580,6 @@ def _autocast_state(device_type: str) -> tuple[bool, Optional[torch.dtype]]:
 def _storages(tensors) -> set[int]:
     """Storage addresses of `tensors`: weights autograd saves are kept as they are, never stashed or counted."""
     return {storage_key(t) for t in tensors if t.numel()}
-
-
-def _chunk_major(out: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
-    """The attention output [b, nq, s, d] (a view of a [b, s, nq, d] buffer) as one flat buffer in which each
-    token chunk's [b, t, nq, d] is contiguous, so o_proj reads a chunk without copying it (and the copy would be
-    saved). One row: the kernel's own buffer already is that; several rows: one copy."""
-    b, nq, s, d = out.shape
-    tokens = out.transpose(1, 2)
-    if b == 1 and tokens.is_contiguous():
-        return tokens.reshape(-1)
-    flat = out.new_empty(b * s * nq * d)
-    for a, e in bounds:
-        flat[b * a * nq * d: b * e * nq * d].view(b, e - a, nq, d).copy_(tokens[:, a:e])
-    return flat
-
-
-def _attn_chunk(flat: torch.Tensor, bound: tuple[int, int], b: int, nq: int, d: int) -> torch.Tensor:
-    """Chunk [a, e) of the attention output, [b, e - a, nq, d], from `_chunk_major`'s buffer."""
-    a, e = bound
-    return flat[b * a * nq * d: b * e * nq * d].view(b, e - a, nq, d)
 
 
 def _accumulate(sums: list, grads) -> None:

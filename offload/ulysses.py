@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .attention import Documents, attention_backward_chunk, attention_forward, documents
+from .attention import Documents, attention_backward_chunk, attention_forward, attention_forward_chunk, documents
 
 
 @dataclass
@@ -101,6 +101,32 @@ def ulysses_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Doc
     return heads_to_seq(out.transpose(1, 2), seq), lse
 
 
+def ulysses_forward_chunk(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, docs: Documents, bound: tuple[int, int],
+                          shard_len: int, scale: float, seq: SequenceGroup, key_block: Optional[int] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of the queries [a, e) of every rank's shard (each rank passes its own, in step) against the
+    keys so far (offload/attention.attention_forward_chunk), so no rank holds q or the output of all tokens in the
+    head layout. q: this rank's [b, e - a, nq, d]; kh, vh: `keys_values_to_heads` of the whole sequence. Returns
+    this rank's out [b, e - a, nq, d] (contiguous) and the chunk's lse in the head layout, [b, nq/P, P*(e - a)]:
+    piece r (rank r's queries, global positions [r*s + a, r*s + e)) at [r*(e - a), (r+1)*(e - a)), as
+    `attention_backward_shard` takes it back."""
+    a, e = bound
+    t, P = e - a, seq.size
+    qh = seq_to_heads(q, seq)  # [b, P*t, nq/P, d]
+    b, _, m, d = qh.shape
+    oh = torch.empty_like(qh)
+    lse = torch.empty(b, m, P * t, dtype=torch.float64 if qh.dtype == torch.float64 else torch.float32,
+                      device=qh.device)
+    K, V = kh.transpose(1, 2), vh.transpose(1, 2)
+    for r in range(P):
+        piece, lo = slice(r * t, (r + 1) * t), r * shard_len + a
+        o, l = attention_forward_chunk(qh[:, piece].transpose(1, 2), K, V, docs, lo, lo + t, scale, key_block)
+        oh[:, piece], lse[:, :, piece] = o.transpose(1, 2), l
+        del o, l
+    del qh
+    return heads_to_seq(oh, seq).contiguous(), lse  # (one head per rank: the reordering is a view, not a copy)
+
+
 def keys_values_to_heads(k: torch.Tensor, v: torch.Tensor, seq: SequenceGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of this rank's tokens [b, s, nkv, d] -> of all tokens for this rank's heads, [b, P*s, n, d]."""
     return tuple(seq_to_heads(_expand_kv(t, seq.size), seq) for t in (k, v))
@@ -115,17 +141,18 @@ def keys_values_from_heads(dkh: torch.Tensor, dvh: torch.Tensor, num_kv_heads: i
 
 def attention_backward_shard(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, kh: torch.Tensor,
                              vh: torch.Tensor, lse: torch.Tensor, docs: Documents, bound: tuple[int, int],
-                             shard_len: int, scale: float, seq: SequenceGroup, dkh: torch.Tensor, dvh: torch.Tensor
-                             ) -> torch.Tensor:
+                             shard_len: int, scale: float, seq: SequenceGroup, dkh: torch.Tensor, dvh: torch.Tensor,
+                             key_block: Optional[int] = None) -> torch.Tensor:
     """The attention backward of the queries [a, e) of every rank's shard (each rank passes its own, in step):
     returns this rank's dq [b, e - a, nq, d] and adds into dkh, dvh ([b, n, P*s, d], the head layout's K and V
     gradient sums, fp32 for bf16/fp16).
 
     dout, q, out: this rank's tokens [a, e), [b, e - a, nq, d] (any strides); kh, vh: `keys_values_to_heads`;
-    lse: `ulysses_forward`'s. In the head layout the chunk's queries are P pieces, rank r's at the global
-    positions [r*s + a, r*s + e): each is a query chunk of offload/attention.py's blockwise-exact backward. The
-    K and V gradients are final once every chunk of every rank is done (a key gets gradient from every later
-    query, whichever rank holds it)."""
+    lse: the chunk's, in the head layout [b, nq/P, P*(e - a)] (`ulysses_forward_chunk`'s; for the whole shard as one
+    chunk, `ulysses_forward`'s). In the head layout the chunk's queries are P pieces, rank r's at the global
+    positions [r*s + a, r*s + e): each is a query chunk of offload/attention.py's blockwise-exact backward, its
+    earlier keys in blocks of at most `key_block`. The K and V gradients are final once every chunk of every rank
+    is done (a key gets gradient from every later query, whichever rank holds it)."""
     a, e = bound
     t, P = e - a, seq.size
     dh, qh, oh = (seq_to_heads(x, seq) for x in (dout, q, out))  # [b, P*t, nq/P, d]
@@ -135,7 +162,7 @@ def attention_backward_shard(dout: torch.Tensor, q: torch.Tensor, out: torch.Ten
         piece, lo = slice(r * t, (r + 1) * t), r * shard_len + a
         dqh[:, piece] = attention_backward_chunk(
             dh[:, piece].transpose(1, 2), qh[:, piece].transpose(1, 2), K, V, oh[:, piece].transpose(1, 2),
-            lse[:, :, lo:lo + t], docs, lo, lo + t, scale, dkh, dvh).transpose(1, 2)
+            lse[:, :, piece], docs, lo, lo + t, scale, dkh, dvh, key_block).transpose(1, 2)
     del dh, qh, oh
     return heads_to_seq(dqh, seq)
 

@@ -609,8 +609,7 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     forward:  the layer input and output and K, V of all tokens, and one chunk's: its input copy, q/k/v, the
               attention of its queries (its output and logsumexp, the fp32 merge of its key blocks and one
               block's output: offload/attention.attention_forward_chunk), its graph's transients. Under sequence
-              parallelism attention runs on all tokens at once: q/k/v, the output and the input copies of all
-              tokens instead;
+              parallelism q of the shard too, in two passes (below);
     backward: the output gradient and the input gradient, K and V of all tokens and their gradients (fp32 when
               the model is bf16/fp16), the parameter gradients summed in fp32 and cast, and either one chunk's
               transients (its graph, run or recomputed, and their gradients; the recomputed chunk adds to it in
@@ -632,13 +631,17 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
     if sequence_parallel == 1:  # the earlier keys in blocks of a chunk's length (offload/attention.py)
         attention = sum(attention_backward_workspace(L, min(tokens - chunk, chunk), chunk).values())
     if sequence_parallel > 1:  # offload/ulysses.py, beside the buffers above
-        forward = tokens * (3 * h * wb + (q + 2 * kv) * wb + saved["attn"]) + transient
         kvw = kv_heads_on_wire(L.num_kv_heads, sequence_parallel) * L.head_dim
         heads = replace(L, num_heads=L.num_heads // sequence_parallel, num_kv_heads=kvw // L.head_dim // sequence_parallel)
-        attention = sum(attention_backward_workspace(heads, tokens * sequence_parallel - chunk, chunk).values())
-        # forward: the all-to-alls' send, receive and reordered copies, one tensor at a time, beside the head
-        # layout's q, k, v and output
-        forward += tokens * wb * max(3 * q, q + 4 * kvw, 2 * q + 2 * kvw)
+        attention = sum(attention_backward_workspace(heads, min(tokens * sequence_parallel - chunk, chunk), chunk).values())
+        # forward, first pass (every chunk's pre part): the input, q, K and V of the shard, then K and V to the head
+        # layout, one at a time (the repeated heads, send, receive and reordered copies beside the first's result);
+        # second pass (a chunk's attention and post part): the input, the output, q of the shard and K, V in the
+        # head layout, and the chunk's input copy, q and output through the all-to-alls (send, receive, reordered
+        # copies), the attention's fp32 merge, the stashed output
+        first = tokens * wb * (h + q + 2 * kv + 5 * kvw)
+        second = tokens * wb * (2 * h + q + 2 * kvw) + chunk * (h * wb + 8 * q * wb + 4 * q + saved["attn"])
+        forward = max(first, second) + transient
         # backward: K and V in the head layout (their local copies and send buffers while they go) and their
         # gradient sums there, dq of the shard, dk and dv brought back; a chunk's output gradient, q and output
         # in both layouts with their send buffers, and its dq

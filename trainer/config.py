@@ -367,9 +367,9 @@ class Config(_Section):
                                  "installed: pip install bitsandbytes (or adapter.kind=lora)")
             if self.parallel.strategy in ("fsdp2", "deepspeed"):
                 raise ValueError(f"adapter.kind=qlora runs with parallel.strategy single or ddp, not "
-                                 f"{self.parallel.strategy}: its sharding, mixed precision and checkpoints do not know "
-                                 "bitsandbytes' packed 4-bit weights; use parallel.strategy=ddp (each rank holds the "
-                                 "4-bit base, about 0.53 bytes a weight)")
+                                 f"{self.parallel.strategy}: sharding bitsandbytes' packed 4-bit weights (their "
+                                 "quantization state kept apart) is not supported; use parallel.strategy=ddp (each rank "
+                                 "holds the 4-bit base, about half a byte a weight)")
         if self.parallel.strategy == "deepspeed":
             raise ValueError(f"adapter.kind={a.kind} runs with parallel.strategy single, ddp or fsdp2, not deepspeed")
         return self

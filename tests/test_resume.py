@@ -12,6 +12,7 @@ from conftest import run_cli, start_cli, train_losses, write_yaml
 from longtune.trainer.checkpoint import COMPLETE, is_complete, list_checkpoints, load_checkpoint
 from longtune.trainer.config import validate
 from longtune.trainer.model import build_model
+from longtune.trainer.train import train
 
 
 def _resume_config(tiny_config: dict, output_dir) -> dict:
@@ -48,23 +49,29 @@ def _kill_after_step(config_path, run_dir, step: int) -> None:
 def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tmp_path, tiny_config):
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight_cfg = write_yaml(tmp_path / "straight.yaml", _resume_config(dict(tiny_config), straight_dir))
-    result = run_cli("train", straight_cfg)
-    assert result.returncode == 0, result.stderr
+    # The uninterrupted run trains beside the killed one and its resume (its losses are read at the end).
+    straight_proc = start_cli("train", straight_cfg, stdout=subprocess.DEVNULL)
+    try:
+        killed_cfg = write_yaml(tmp_path / "killed.yaml", _resume_config(dict(tiny_config), killed_dir))
+        _kill_after_step(killed_cfg, killed_dir, 6)
+        complete = [s for s, p in list_checkpoints(killed_dir) if is_complete(p)]
+        assert complete == [4], f"expected only step_4 complete after the kill, found {complete}"
+
+        # A newer checkpoint folder without COMPLETE (as a crash mid-save leaves) must be skipped:
+        # its weights are garbage, so loading it would fail or change the losses.
+        fake = killed_dir / "step_8"
+        fake.mkdir()
+        (fake / "model.safetensors").write_bytes(b"not a checkpoint")
+
+        result = run_cli("resume", killed_dir)
+        _, err = straight_proc.communicate(timeout=600)
+    finally:
+        if straight_proc.poll() is None:
+            straight_proc.kill()
+            straight_proc.communicate()
+    assert straight_proc.returncode == 0, err[-3000:]
     straight = train_losses(straight_dir)
     assert sorted(straight) == list(range(1, 13))
-
-    killed_cfg = write_yaml(tmp_path / "killed.yaml", _resume_config(dict(tiny_config), killed_dir))
-    _kill_after_step(killed_cfg, killed_dir, 6)
-    complete = [s for s, p in list_checkpoints(killed_dir) if is_complete(p)]
-    assert complete == [4], f"expected only step_4 complete after the kill, found {complete}"
-
-    # A newer checkpoint folder without COMPLETE (as a crash mid-save leaves) must be skipped:
-    # its weights are garbage, so loading it would fail or change the losses.
-    fake = killed_dir / "step_8"
-    fake.mkdir()
-    (fake / "model.safetensors").write_bytes(b"not a checkpoint")
-
-    result = run_cli("resume", killed_dir)
     assert result.returncode == 0, result.stderr
     assert "skipping incomplete checkpoint" in result.stderr
     assert "resumed from" in result.stdout and "step_4 at step 4" in result.stdout
@@ -80,7 +87,7 @@ def test_resume_continues_with_a_larger_max_steps(tmp_path, tiny_config):
     tiny_config["checkpoint"]["every_n_steps"] = 0  # only the final checkpoint
     run_dir = tmp_path / "run"
     tiny_config["run"]["output_dir"] = str(run_dir)
-    assert run_cli("train", write_yaml(tmp_path / "c.yaml", tiny_config)).returncode == 0
+    train(validate(tiny_config))  # the finished run, trained in this process: the resume is what is looked at
     result = run_cli("resume", run_dir, "train.max_steps=5")
     assert result.returncode == 0, result.stderr
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5]
@@ -90,7 +97,7 @@ def test_resume_continues_with_a_larger_max_steps(tmp_path, tiny_config):
 def test_new_run_into_a_used_output_dir_is_refused(tmp_path, tiny_config):
     tiny_config["train"]["max_steps"] = 1
     path = write_yaml(tmp_path / "c.yaml", tiny_config)
-    assert run_cli("train", path).returncode == 0
+    train(validate(tiny_config))  # a run that holds a checkpoint, trained in this process
     again = run_cli("train", path)
     assert again.returncode == 2
     assert "already holds checkpoints" in again.stderr and "run.resume=auto" in again.stderr

@@ -47,7 +47,7 @@ from torch.autograd.graph import get_gradient_edge
 from longtune.models.layers import check_supported, decoder, decoder_layers, split_layer
 from longtune.planner.plan import CLASSES, RECOMPUTE
 
-from .attention import attention_backward_chunk, attention_forward_chunk, documents
+from .attention import attention_backward_chunk, attention_forward_chunk, documents, forward_key_block
 from .dispatch import SavedTensorDispatcher, storage_key
 from .stash import DEVICE, ActivationStash
 from .ulysses import (SequenceGroup, attention_backward_shard, gradient_sums, keys_values_from_heads,
@@ -296,8 +296,9 @@ class ActivationRuntime:
             q, k, v = self._pre(st, x_i, i, places["pre"][i], leaves)
             kbuf[:, a:e], vbuf[:, a:e] = k.transpose(1, 2), v.transpose(1, 2)
             del k, v
-            out, lse = attention_forward_chunk(q.to(st.attn_dtype), kbuf.transpose(1, 2),
-                                               vbuf.transpose(1, 2), st.docs, a, e, split.scale, key_block)
+            q = q.to(st.attn_dtype)
+            out, lse = attention_forward_chunk(q, kbuf.transpose(1, 2), vbuf.transpose(1, 2), st.docs, a, e,
+                                               split.scale, forward_key_block(q, key_block))
             del q
             out = out.transpose(1, 2)  # [b, t, nq, d], contiguous
             with d.scope(st.index, "attn", places["attn"][0]):
@@ -335,7 +336,8 @@ class ActivationRuntime:
         y = x.new_empty(b, s, h)
         key_block = max(e - a for a, e in st.bounds)
         for i, (a, e) in enumerate(st.bounds):
-            out, lse = ulysses_forward_chunk(qbuf[:, a:e], kh, vh, st.docs, (a, e), s, split.scale, seq, key_block)
+            out, lse = ulysses_forward_chunk(qbuf[:, a:e], kh, vh, st.docs, (a, e), s, split.scale, seq,
+                                             forward_key_block(qbuf, key_block))
             with d.scope(st.index, "attn", places["attn"][0]):
                 st.out.append(d.stash_tensor(out))
                 st.lse.append(d.stash_tensor(lse))

@@ -23,7 +23,9 @@ that block's exact share of dq, dk, dv; the shares add up. Two uses follow:
 * Key blocks: the earlier keys go in blocks of at most ``key_block`` (the runtime passes its chunk
   length), so no call's buffers grow with the sequence: FlashAttention-2's backward holds dk and dv
   per query head for every key of a call (with grouped heads, 4x K and V for Llama-3), and its
-  shares of dk/dv are the call's size. The shares add up, so this is exact as it is.
+  shares of dk/dv are the call's size. The shares add up, so this is exact as it is. The forward
+  needs them only where its kernel repeats K and V per query head (fp32 on CUDA,
+  ``forward_key_block``): FlashAttention's forward and the CPU kernel hold just the output.
 * A forward one query chunk at a time (``attention_forward_chunk``): the chunk's queries against
   the keys so far, so the runtime never holds q or the output of all tokens at once. The blocks'
   outputs are merged with their logsumexps (o = sum_j exp(L_j - L) o_j, L = logsumexp_j L_j, in
@@ -49,7 +51,8 @@ import torch
 
 from .live_bytes import holds_no_data
 
-__all__ = ["documents", "attention_forward", "attention_forward_chunk", "attention_backward_chunk"]
+__all__ = ["documents", "attention_forward", "attention_forward_chunk", "attention_backward_chunk",
+           "forward_key_block"]
 
 aten = torch.ops.aten
 
@@ -132,6 +135,13 @@ def _key_blocks(first: int, end: int, key_block: int | None) -> list[tuple[int, 
     """[first, end) in consecutive blocks of at most key_block keys (one block when None)."""
     step = (end - first) if not key_block else key_block
     return [(ks, min(ks + step, end)) for ks in range(first, end, max(1, step))]
+
+
+def forward_key_block(q: torch.Tensor, chunk: int) -> int | None:
+    """The key block a chunk's forward needs: `chunk` where a call's buffers grow with its keys (the fp32 CUDA
+    kernel, which repeats K and V per query head), else None (one call for all the earlier keys: FlashAttention's
+    forward and the CPU kernel hold only the output and lse, and fewer calls mean fewer merges)."""
+    return None if q.device.type == "cpu" or _is_flash(q) else chunk
 
 
 def attention_forward_chunk(

@@ -52,9 +52,11 @@ def machine(link_gbps: float = 10.0) -> Machine:
                                                    Tier("nvme", 1e12, link_gbps * 5e8, link_gbps * 5e8)))
 
 
-def problem(cfg: dict, tokens: int = SEQ, dtype: str = "float32", depth: int = 1, budget: float = 1e12, **kw):
+def problem(cfg: dict, tokens: int = SEQ, dtype: str = "float32", depth: int = 1, budget: float = 1e12, chunks: int = G,
+            **kw):
     shape = ModelShape.from_hf_config(cfg, dtype)
-    return build_problem(shape, tokens, kw.pop("machine", None) or machine(), budget, chunks=G, prefetch_depth=depth, **kw)
+    return build_problem(shape, tokens, kw.pop("machine", None) or machine(), budget, chunks=chunks, prefetch_depth=depth,
+                         **kw)
 
 
 def uniform(layers: int, **classes) -> list[dict]:
@@ -281,11 +283,12 @@ def test_unsupported_architecture_is_named(tmp_path):
 def test_a_slow_tier_is_hidden_when_prefetch_depth_allows(tmp_path):
     """Every copy takes `delay` on the host-to-device mover. The backward of a layer (made slow on purpose) hides
     its prefetch of the layer below: compute never waits on it. With no compute to hide behind (a fast layer),
-    the wait is measured, about `delay` per layer."""
+    the wait is measured, about `delay` per layer. One chunk per class: one copy out per layer, one back (with G
+    chunks, the forward's G copies out per layer were most of the test's time)."""
     cfg = tiny("llama", layers=4)
     model = build(cfg)
     ids = torch.randint(0, 256, (1, SEQ))
-    plan = plan_of(problem(cfg), uniform(4, input={"host": G}))  # G copies out per layer, one back
+    plan = plan_of(problem(cfg, chunks=1), [{c: {"host" if c == "input" else "gpu": 1} for c in CLASSES} for _ in range(4)])
     delay = 0.4  # well above a tiny layer's own backward, even on a loaded machine
     slow_backward = [0.0]
 

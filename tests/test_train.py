@@ -122,6 +122,9 @@ def test_weights_are_saved_as_trained(tmp_path, tiny_config):
 def test_kernels_on_gives_the_losses_of_kernels_off(tmp_path, tiny_config):
     """model.kernels switches each fused kernel; the training run's losses stay those of plain transformers."""
     tiny_config["data"]["passkey"]["eval_samples"] = 0  # the interpreter is slow; the steps are what matter
+    # ... and its time goes with the tokens (a RoPE and an RMSNorm program per token): a sequence just long enough
+    # for the passkey prompt (89 tokens with 3 digits).
+    tiny_config["data"].update(seq_len=96, passkey={"digits": 3, "eval_samples": 0})
     plain, _ = _run(json.loads(json.dumps(tiny_config)), "plain", tmp_path, train={"max_steps": 2})
     kernels = {"rmsnorm": True, "rope": True, "swiglu": True, "fused_ce": True, "ce_chunk_tokens": 32}
     tiny_config["model"]["kernels"] = kernels

@@ -55,7 +55,8 @@ def test_tiny_models_with_every_kernel_match_transformers(model_type):
     layers = plain.config.num_hidden_layers
     norms_per_layer = 4 if model_type == "qwen3" else 2  # Qwen3 adds q_norm and k_norm
     assert counts == {"rmsnorm": norms_per_layer * layers + 1, "rope": layers, "swiglu": layers, "fused_ce": 1}
-    ids, labels = _inputs(plain.config.vocab_size)
+    # 12 tokens a row: the interpreter's time goes with them (a RoPE program and a loss row each)
+    ids, labels = _inputs(plain.config.vocab_size, seq=12)
     _assert_same_training_signal(plain, patched, ids, labels)
     # num_items_in_batch (gradient accumulation) is honoured the same way
     _assert_same_training_signal(plain, patched, ids, labels, num_items_in_batch=50)

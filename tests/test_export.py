@@ -1,18 +1,23 @@
-"""Export: the real SmolLM2 fine-tuned for two steps reloads in transformers with the same logits."""
+"""Export: the real SmolLM2 fine-tuned for two steps reloads in transformers with the same logits.
+
+Its weights come from the session's folder copy of the GGUF file (conftest.smollm2_dir: the GGUF parse, paid once
+per session, was most of this test's time): the checkpoint's config.json, which the export builds the model from,
+is the GGUF's, quantization_config included, as in a run from the GGUF file. Runs from a GGUF base:
+tests/test_adapters.py; the GGUF header: tests/test_gguf_header.py."""
 
 from __future__ import annotations
 
 import torch
-from conftest import SMOLLM2_GGUF, run_cli, write_yaml
+from conftest import run_cli, write_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from longtune.trainer.train import load_trained
 
 
-def test_smollm2_export_reloads_with_identical_logits(tmp_path):
+def test_smollm2_export_reloads_with_identical_logits(tmp_path, smollm2_dir):
     run_dir, out = tmp_path / "run", tmp_path / "exported"
     cfg = {
-        "model": {"path": SMOLLM2_GGUF},
+        "model": {"path": str(smollm2_dir)},
         "data": {"kind": "passkey", "seq_len": 128, "passkey": {"eval_samples": 0}},
         "train": {"max_steps": 2, "lr": 1e-4, "warmup_steps": 0},
         "run": {"output_dir": str(run_dir)},

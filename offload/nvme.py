@@ -13,6 +13,11 @@ A write lands in a temporary file that replaces the key's file only once every b
 failed write never leaves a key that looks valid and the previous version stays readable. Each piece
 carries an xxh3_64 checksum (zlib.crc32 without the xxhash package) kept in memory; a read verifies it,
 so a damaged file is an error, never silently wrong numbers. The store is scratch space: close() deletes its files.
+
+Without O_DIRECT (a filesystem that refuses it, or direct="off") the bytes pass through the page cache, which the
+kernel charges to the process's memory cgroup as if the process held them: a write is flushed and its pages
+dropped (fdatasync, then POSIX_FADV_DONTNEED) before it completes, and a read drops what it read, so the tier's
+bytes are on the drive, not in host memory.
 """
 
 from __future__ import annotations
@@ -365,6 +370,14 @@ class NvmeStore:
         err.__cause__ = exc
         return err
 
+    def _drop_cached(self, fd: int, flush: bool) -> None:
+        """Without O_DIRECT: the file's pages out of the page cache (after writing them back: dirty pages stay)."""
+        if self.direct_io or isinstance(self._io, _DryIO) or not hasattr(os, "posix_fadvise"):
+            return
+        if flush:
+            os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def _job_done(self) -> None:
         with self._lock:
             self._outstanding -= 1
@@ -409,6 +422,8 @@ class NvmeStore:
             if job.fd is not None:
                 if job.error is None and self.fsync:
                     os.fsync(job.fd)
+                if job.error is None:
+                    self._drop_cached(job.fd, flush=True)
                 os.close(job.fd)  # on some filesystems a deferred write error only shows up here
             if job.error is not None:
                 raise job.error
@@ -489,6 +504,7 @@ class NvmeStore:
         error = None
         try:
             if job.fd is not None:
+                self._drop_cached(job.fd, flush=False)
                 os.close(job.fd)
             if job.error is not None:
                 raise job.error

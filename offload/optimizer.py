@@ -98,12 +98,17 @@ class OffloadedAdamW(torch.optim.Optimizer):
             layout += [(f"state/{g.index}", (3, g.numel), torch.float32) for g in self.groups]
         self.pool = HostPool(layout, numa_nodes=numa_nodes, interleave=interleave, numa_local_share=numa_local_share,
                              name="optimizer")
-        # (the planner counts them: problem.optimizer_host_buffers)
-        self._staging = [exact_pinned_empty((3 * biggest,), torch.float32) for _ in range(self.nvme_stagings)]
-        self._staging_busy: list[Optional[Future]] = [None] * self.nvme_stagings
-        self._incoming = exact_pinned_empty((biggest,), torch.float32)  # a micro-batch's grad before it is summed
+        # Staging k holds the groups k, k + S, ... in turn: it is sized for the largest of them (group 0, the weights
+        # outside the decoder layers, is often several layers' size). A micro-batch's gradient before it is summed
+        # is made with the first step of more than one micro-batch. (The planner counts both:
+        # problem.optimizer_host_buffer_bytes.)
+        S = self.nvme_stagings
+        self._staging = [exact_pinned_empty((3 * max((g.numel for g in self.groups if g.index % S == k), default=1),),
+                                            torch.float32) for k in range(S)]
+        self._staging_busy: list[Optional[Future]] = [None] * S
+        self._biggest, self._incoming = biggest, None
         for g in self.groups:
-            state = self._state_buffer(g, 0)
+            state = self._state_buffer(g, self._slot(g))
             with torch.no_grad():
                 for master, p in zip(self._unflat(state[0], g), g.params):
                     master.copy_(self._weights_of(g, p))
@@ -119,6 +124,10 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def _key(self, g: ParamGroup) -> str:
         return f"adamw-{g.index}"
 
+    def _slot(self, g: ParamGroup) -> int:
+        """The NVMe staging group g's state passes through."""
+        return g.index % self.nvme_stagings if self.tier == "nvme" else 0
+
     def _state_buffer(self, g: ParamGroup, slot: int) -> torch.Tensor:
         """(3, numel) fp32: master weights, exp_avg, exp_avg_sq. On NVMe, a staging buffer the caller fills."""
         if self.tier == "cpu":
@@ -131,6 +140,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
     # --- during backward ---------------------------------------------------------------------
     def _begin(self, micro_batches: int) -> None:
         self._micro_batches = micro_batches
+        if micro_batches > 1 and self._incoming is None:  # where the later micro-batches' gradients land
+            self._incoming = exact_pinned_empty((self._biggest,), torch.float32)
         self._seen = {id(p): 0 for g in self.groups for p in g.params}
         self._left = {g.index: len(g.params) * micro_batches for g in self.groups}
         self._norms: dict[int, Future] = {}
@@ -229,7 +240,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def _step_group(self, g: ParamGroup, coef, lrs: list[float], step: int) -> torch.Tensor:
         self._wait_events(g.index)
-        slot = g.index % self.nvme_stagings if self.tier == "nvme" else 0
+        slot = self._slot(g)
         if self.tier == "nvme":
             if self._staging_busy[slot] is not None:
                 self._staging_busy[slot].result()  # its write-back, and the H2D copy that read it

@@ -16,10 +16,15 @@ Lifetime: the mapping lives while the pool or any tensor from it is alive, and i
 and unmapped when the last of them goes. ``close()`` releases it now; tensors taken from a
 closed pool must not be used (they no longer hold data: their pages were given back to the OS
 and read as zeros, which is safe but meaningless).
+
+``resident_bytes()``: the bytes of every live pool's pages the OS holds now (``mincore``), and
+``in_pool(address)``: whether an address lies in one, so a process can tell its host tiers' memory from the
+rest of what it holds (trainer/memory.py's baseline).
 """
 
 from __future__ import annotations
 
+import ctypes
 import difflib
 import math
 import mmap
@@ -143,6 +148,35 @@ def clear_cuda_error() -> None:
             continue
 
 
+_LIVE: "weakref.WeakSet[_Mapping]" = weakref.WeakSet()  # every mapping of a pool not yet released
+_libc = ctypes.CDLL(None, use_errno=True)
+_mincore = getattr(_libc, "mincore", None)
+if _mincore is not None:
+    _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def _resident(addr: int, nbytes: int) -> int:
+    """Bytes of [addr, addr + nbytes) (page aligned) the OS holds in memory now; every byte where mincore is
+    missing or refuses (the conservative answer)."""
+    pages = -(-nbytes // PAGE)
+    if _mincore is None or pages == 0:
+        return nbytes
+    vec = (ctypes.c_ubyte * pages)()
+    if _mincore(addr, pages * PAGE, vec) != 0:
+        return nbytes
+    return sum(b & 1 for b in bytes(vec)) * PAGE
+
+
+def resident_bytes() -> int:
+    """Bytes of every live host pool's pages that are in memory now (touched, or all of a pinned pool)."""
+    return sum(_resident(m.addr, m.nbytes) for m in list(_LIVE) if not m.mm.closed and m.addr)
+
+
+def in_pool(address: int) -> bool:
+    """Whether `address` lies in a live host pool (a tensor viewing one: its bytes are the pool's)."""
+    return any(m.addr <= address < m.addr + m.nbytes for m in list(_LIVE) if not m.mm.closed and m.addr)
+
+
 class _Mapping:
     """The anonymous mmap and its CUDA registration; holds no tensor, so a finalizer may own it."""
 
@@ -237,6 +271,7 @@ class HostPool:
         self._finalizer.atexit = False
         self._bytes = torch.frombuffer(self._buffer, dtype=torch.uint8)
         self._mapping.addr = self._bytes.data_ptr()
+        _LIVE.add(self._mapping)
         try:
             if numa_nodes is not None:
                 from longtune.offload.numa import bind_memory

@@ -14,7 +14,7 @@ from typing import Optional
 import yaml
 
 from .inventory import LayerShape, attention_backward_workspace, class_bytes_per_token
-from .timeline import state_rows
+from .timeline import device_state_rows, state_rows
 from .vocabulary import CLASSES, STATE_PLACES, TIER_NAMES
 
 GB = 1e9
@@ -294,9 +294,27 @@ NVME_STATE_STAGINGS = 2
 
 def optimizer_host_buffers(tier: str) -> int:
     """fp32 buffers of the largest parameter group (a decoder layer, or the embeddings, head and final norm) that
-    an optimizer off the GPU holds on the host beside its per-parameter state (offload/optimizer.py): a
-    micro-batch's gradient before it is summed and, on NVMe, the stagings of master weights + two moments."""
+    an optimizer off the GPU holds on the host beside its per-parameter state (offload/optimizer.py), at most: a
+    micro-batch's gradient before it is summed and, on NVMe, the stagings of master weights + two moments.
+    (Adapters' bound; optimizer_host_buffer_bytes counts a full model's exactly.)"""
     return {"cpu": 1, "nvme": 1 + NVME_STATE_STAGINGS * 3}.get(tier, 0)
+
+
+def optimizer_host_buffer_bytes(tier: str, other_params: int, layer_params: int, num_layers: int,
+                                accumulation: int = 1) -> float:
+    """Bytes of the fp32 buffers an optimizer off the GPU holds on the host beside its per-parameter state
+    (offload/optimizer.py), its parameter groups being the weights outside the decoder layers (group 0) and one per
+    decoder layer (group g: layer g - 1): on NVMe, staging k of NVME_STATE_STAGINGS holds the master weights and two
+    moments of groups k, k + S, ... in turn and is sized for the largest of them; with accumulation, a
+    micro-batch's gradient before it is summed (the largest group; made with the first such step)."""
+    if tier not in ("cpu", "nvme"):
+        return 0.0
+    groups = [other_params] + [layer_params] * num_layers
+    elements = max(groups) if accumulation > 1 else 0
+    if tier == "nvme":
+        S = NVME_STATE_STAGINGS
+        elements += sum(3 * max(groups[k::S], default=0) for k in range(S))
+    return 4.0 * elements
 
 
 LAYER_MATRIX_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layer_matrices order
@@ -467,9 +485,12 @@ def kv_heads_on_wire(num_kv_heads: int, degree: int) -> int:
 
 def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optimizer: str = "auto",
                   params: str = "auto", galore: Optional[GaloreSizing] = None,
-                  sharding: Sharding = Sharding(), adapter: Optional[AdapterSizing] = None) -> tuple[StateOption, ...]:
+                  sharding: Sharding = Sharding(), adapter: Optional[AdapterSizing] = None,
+                  accumulation: int = 1) -> tuple[StateOption, ...]:
     """Every placement of optimizer state and weights the config allows (`auto` lets the MILP choose), with
-    its GPU and tier bytes and its time costs. Weights off the GPU need the optimizer off it too."""
+    its GPU and tier bytes and its time costs. Weights off the GPU need the optimizer off it too. `accumulation`:
+    micro-batches a step (with one, and one process, the gradients of a state on the GPU are counted from the
+    backward that makes them: timeline.device_state_rows)."""
     if adapter is not None:
         return _adapter_state_options(shape, machine, optimizer, adapter, sharding)
     wb, p, layer_p, L = shape.layer.dtype_bytes, shape.params, shape.layer_params, shape.num_layers
@@ -507,11 +528,12 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
                     continue
             host = {"cpu": HOST_OPTIMIZER_BYTES, "nvme": NVME_HOST_OPTIMIZER_BYTES}.get(opt, 0) * p
             if not sharding.optimizer:  # (a strategy's ZeRO-Offload has its own buffers, not these)
-                host += optimizer_host_buffers(opt) * 4 * max(layer_p, other_p)
+                host += optimizer_host_buffer_bytes(opt, other_p, layer_p, L, accumulation)
             nvme = NVME_OPTIMIZER_BYTES * p if opt == "nvme" else 0.0
             weights = L * layer_p * wb
             host += weights if par == "cpu" else 0.0
             nvme += weights if par == "nvme" else 0.0
+            host += 2 * layer_p * wb if par == "nvme" else 0.0  # a layer's read and write stagings (offload/params.py)
             tier_bytes = {k: v for k, v in (("host", host), ("nvme", nvme)) if v}
             exposed = fwd = bwd_in = bwd_out = 0.0
             if opt == "gpu":
@@ -538,11 +560,24 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
             rows = ()
             if opt != "gpu" and not (sharding.optimizer or sharding.grads or sharding.weights):
                 rows, gpu = _off_gpu_state_rows(shape, par != "gpu")
+            elif opt == "gpu" and galore is None and sharding.world == 1 and accumulation == 1:
+                rows = _device_state_rows(shape)
             out.append(StateOption(opt, par, gpu, tier_bytes, exposed, fwd, bwd_in, bwd_out, rows))
     if not out:
         raise ValueError(f"no placement of memory.optimizer={optimizer} memory.params={params} is possible on a machine "
                          f"with tiers {', '.join(tiers) or 'none'}")
     return tuple(out)
+
+
+def _device_state_rows(shape: ModelShape) -> tuple[float, ...]:
+    """The state's GPU bytes per position with the optimizer on the GPU, one micro-batch, one process
+    (timeline.device_state_rows)."""
+    wb, L = shape.layer.dtype_bytes, shape.num_layers
+    embedding = shape.vocab * shape.layer.hidden * wb
+    head = embedding + shape.layer.hidden * wb  # the head's weight (the embeddings' when tied) and the final norm
+    rows = device_state_rows(L, weights=shape.params * wb, moments=2 * wb * shape.params, head_grads=head,
+                             embedding_grads=embedding, layer_grads=shape.layer_params * wb, tied=shape.tied_embeddings)
+    return tuple(float(r) for r in rows)
 
 
 def _off_gpu_state_rows(shape: ModelShape, streamed: bool) -> tuple[tuple[float, ...], dict[str, float]]:
@@ -572,11 +607,12 @@ def head_bytes(shape: ModelShape, tokens: int, kernels: frozenset[str] = frozens
     `head_trains` False (adapters: the head is frozen): no weight gradient."""
     h, v, wb = shape.layer.hidden, shape.vocab, shape.layer.dtype_bytes
     weight_grad = 1 if head_trains else 0
+    cast = wb if wb < 4 else 0  # the model-dtype copy of an fp32 buffer (an fp32 model has none: .to() is a no-op)
     # final norm, as the layer's post norm: its input (stored once), rstd, normed (stock only), output
     norm = tokens * (wb * h + 4 + (0 if "rmsnorm" in kernels else wb * h) + wb * h)
-    if loss_chunk_tokens:  # logits of one chunk (fp32 and the model dtype), grad_hidden, grad_weight (fp32 + dtype),
+    if loss_chunk_tokens:  # logits of one chunk (fp32, and the model dtype), grad_hidden, grad_weight (fp32 + dtype),
         # and per token the fp32 loss, the label masks and the per-chunk counts (kernels/fused_ce.py)
-        loss = (min(loss_chunk_tokens, tokens) * v * (4 + wb) + tokens * h * wb + weight_grad * v * h * (4 + wb)
+        loss = (min(loss_chunk_tokens, tokens) * v * (4 + cast) + tokens * h * wb + weight_grad * v * h * (4 + cast)
                 + tokens * LOSS_TOKEN_BYTES)
     else:  # full logits in the model dtype, their fp32 copy and the fp32 softmax grad, the head's weight grad
         loss = tokens * v * (wb + 8) + weight_grad * v * h * wb
@@ -668,6 +704,7 @@ def build_problem(
     sharding: Sharding = Sharding(),
     sequence_parallel: int = 1,
     adapter: Optional[AdapterSizing] = None,
+    accumulation: int = 1,
 ) -> Problem:
     """The cost model: FLOPs over achieved throughput, bytes from the runtime's activation inventory.
 
@@ -729,7 +766,8 @@ def build_problem(
         head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens, head_trains=adapter is None),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
-        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding, adapter),
+        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding, adapter,
+                                    accumulation),
         prefetch_depth=prefetch_depth,
         offload_activations=offload_activations,
         meta={"tokens": tokens, "machine": machine.name, "params": shape.params, "kernels": sorted(kernels),

@@ -105,7 +105,7 @@ def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recomp
 def state_rows(num_layers: int, *, rest_weights: float, layer_weights: float, streamed: bool, head_grads: float,
                embedding_grads: float, layer_grads: float, tied: bool) -> list[float]:
     """GPU bytes of the weights and gradients at each of `positions()` when the optimizer is off the GPU
-    (offload/optimizer.py, offload/params.py); with it on the GPU every gradient lives the whole step instead.
+    (offload/optimizer.py, offload/params.py); with it on the GPU: device_state_rows.
 
     Weights: the embeddings, final norm and head always; the decoder layers too, unless streamed
     (ParamStreamer): then each from its prefetch to its last use, so at the head the last layer alone (backward
@@ -115,17 +115,40 @@ def state_rows(num_layers: int, *, rest_weights: float, layer_weights: float, st
     holds its own in its workspace (the head's in head_bytes, a layer's fp32 sum and cast in layer_workspace),
     so a row counts the gradient of the unit before it, whose copy the device may still be running as the next
     begins: the head's in the backward of the last layer, a layer's in the next one's. The backward of layer 0
-    also bounds the embeddings' backward after it (their gradient beside layer 0's, nothing kept then). Tied
-    embeddings: autograd holds the head's contribution until the embeddings' is added, through every row.
+    also bounds the embeddings' backward after it (their gradient beside layer 0's, nothing kept then; tied, the
+    sum of theirs and the head's too). Tied
+    embeddings: autograd holds the head's contribution until the embeddings' is added, through every row after
+    the head (at the head it is the loss's weight gradient, in head_bytes).
     The forward rows are implied as before: two layers' weights, no gradient, no more kept chunks."""
     L = num_layers
-    rows = [rest_weights + (1 if streamed else L) * layer_weights + (head_grads if tied else 0.0)]
+    rows = [rest_weights + (1 if streamed else L) * layer_weights]
     for j in reversed(range(L)):
         weights = rest_weights + ((2 if j > 0 else 1) if streamed else L) * layer_weights
         grads = (0.0 if tied else head_grads) if j == L - 1 else layer_grads
-        if j == 0:
-            grads += embedding_grads
+        if j == 0:  # tied: and the sum autograd makes of theirs and the head's, beside both
+            grads += (2 if tied else 1) * embedding_grads
         rows.append(weights + grads + (head_grads if tied else 0.0))
+    return rows
+
+
+def device_state_rows(num_layers: int, *, weights: float, moments: float, head_grads: float, embedding_grads: float,
+                      layer_grads: float, tied: bool) -> list[float]:
+    """GPU bytes of the state at each of `positions()` with the optimizer on the GPU (torch AdamW), one micro-batch a
+    step in one process: the weights, and the moments from the first step on, the whole step; a gradient from the
+    backward that makes it to the optimizer step (zero_grad sets them to None), so:
+    at the head none (the head's weight gradient is in head_bytes while the loss makes it); in the backward of
+    layer j the head's (with tied embeddings autograd holds it until the embeddings' is added) and those of the
+    layers above j (layer j's own are in its workspace, layer_workspace); in the backward of layer 0 also the
+    embeddings' dense gradient, which their backward makes after it, and with tied embeddings the sum autograd
+    makes of it and the head's, beside both. That row bounds the optimizer step (torch's fused AdamW: every
+    gradient, no temporaries).
+    With accumulation the gradients of the first micro-batch stay through the next ones, and a data-parallel
+    strategy keeps them in its buckets: there every gradient counts in every row (StateOption.gpu_bytes)."""
+    L = num_layers
+    rows = [weights + moments]
+    for j in reversed(range(L)):
+        embeddings = (2 if tied else 1) * embedding_grads if j == 0 else 0.0
+        rows.append(weights + moments + head_grads + (L - 1 - j) * layer_grads + embeddings)
     return rows
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_config, plan_budget_gb, read_metrics, run_cli, train_losses, write_yaml
+from conftest import budget_gb_placing, make_tiny_config, plan_budget_gb, read_metrics, run_cli, train_losses, write_yaml
 from safetensors.torch import load_file
 
 from longtune.offload.cpu_adam import deepspeed_cpu_adam_built as cpu_adam_built
@@ -264,8 +264,9 @@ def test_smollm2_offloaded_equal_in_memory(tmp_path, smollm2_dir):
         _assert_same(_run(cfg, tmp_path, placement.replace(" ", "-").replace(",", ""), memory), plain)
     # A tight activation plan (offload + recompute, beside the optimizer on the host): the plain run's losses to
     # fp32 rounding (the weight gradients are summed chunk by chunk, so not bit for bit).
-    memory = {**PLACEMENTS["optimizer on host"], "plan_chunks": 4}
-    budget = plan_budget_gb({**cfg, "memory": memory}, 0.0)
+    # (a drive for the plan as budget_gb_placing plans it: with the host alone at 96 tokens it recomputes only)
+    memory = {**PLACEMENTS["optimizer on host"], "plan_chunks": 4, "nvme_path": str(tmp_path / "planned-nvme")}
+    budget = budget_gb_placing({**cfg, "memory": memory}, {"host", "recompute"})
     planned = _run(cfg, tmp_path, "planned", {**memory, "budget_gb": budget})
     places = {p for layer in Plan.from_yaml((tmp_path / "planned" / "plan.yaml").read_text()).layers
               for d in layer.values() for p in d}

@@ -1,8 +1,10 @@
-"""Config + plan -> the MemoryRuntime that carries the plan out: options, NUMA binding of its host pools, GaLore.
+"""Config + plan -> the MemoryRuntime that carries the plan out: options, NUMA binding of its host pools, GaLore;
+and the process's memory outside the plan (its baseline).
 
     caps = live_capacities(cfg, device)          # capacities.py: what this machine has free now
     plan = plan_memory(cfg, caps)                # planning.py: the MILP decides activations, state and weights
     runtime = build_runtime(cfg, model, plan, device)
+    baseline_bytes(model)                        # right before the first step: what no plan counts
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .layout import ParallelLayout
 
 def build_runtime(cfg: Config, model, plan: Plan, device, world: int = 1, sequence=None):
     """The MemoryRuntime that carries out `plan` for this config; the model is moved where the plan says."""
+    steady_allocator()
     from longtune.offload.nvme import NvmeError
     from longtune.offload.runtime import MemoryRuntime, RuntimeOptions
 
@@ -140,3 +143,96 @@ def _numa_placement(cfg: Config, plan: Plan, n_params: int, weight_bytes: int):
             kw["numa_local_share"] = p.local_bytes / total
     striped = {"numa_nodes": [n.id for n in cxl], "interleave": len(cxl) > 1}
     return kwargs[0], (kwargs[1] if len(kwargs) > 1 else {}), {"host": bind_local, "cxl": striped}, notes
+
+
+# --- the process's memory outside the plan ----------------------------------------------------------------------
+MMAP_THRESHOLD = 128 << 10  # glibc's default, before it starts to move
+
+
+def steady_allocator() -> bool:
+    """Keep glibc's malloc from holding freed memory: its mmap threshold fixed at 128 KB (and the trim threshold
+    with it), then what it holds free given back (malloc_trim). By default the threshold rises to the largest block
+    freed, up to 32 MB (the model's load frees many), after which activation-sized buffers come from the heap and
+    stay in the process when freed: its memory tracks its history, not what it holds (SmolLM2 at 2048 tokens under
+    a 6 GB cap: killed at the cap, where it peaks at 5.17 GB with the threshold fixed). A threshold the user set
+    (MALLOC_MMAP_THRESHOLD_) is kept. Returns whether it applied (glibc only)."""
+    import ctypes
+    import os
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD)):
+        return False
+    trim(ctypes.c_size_t(0))
+    return True
+
+def process_memory_bytes() -> tuple[int, str]:
+    """This process's memory now, and how it was read: the usage of its memory cgroup where it is the only process
+    there (a `longtune bench` probe, a container of its own: what the kernel charges it, the page cache it caused
+    included, and what a cgroup's cap limits), else its resident set (VmRSS)."""
+    usage = _own_cgroup_usage()
+    if usage is not None:
+        return usage, "cgroup"
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize(), "rss"
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak rss"
+
+
+def _own_cgroup_usage():
+    """memory.current (cgroup v2) or memory.usage_in_bytes (v1) of this process's memory cgroup, where no other
+    process is in it; None otherwise or where it cannot be read."""
+    import os
+    from pathlib import Path
+
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            folder, usage = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.current"
+        elif "memory" in controllers.split(","):
+            folder, usage = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            procs = (folder / "cgroup.procs").read_text().split()
+            if procs == [str(os.getpid())]:
+                return int((folder / usage).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def baseline_bytes(model) -> tuple[int, str]:
+    """The process's memory outside the plan, right before its first step: process_memory_bytes() less what the plan
+    counts that is already there, the weights in host memory (where the device is the CPU; tied and shared storages
+    once) and the host pools' pages in memory (offload/pinned.py: the host tiers, the optimizer's state, staging;
+    all of a pinned pool). What is left: the interpreter, the libraries, the tokenizer and data, what loading the
+    model left behind (a GGUF file's page cache, the allocator's heap), the runtime's own objects. The moments of
+    torch AdamW and the activations come in the first step and are the plan's.
+    Returns (bytes, how the process's memory was read: 'cgroup' or 'rss')."""
+    from longtune.offload.pinned import in_pool, resident_bytes
+
+    memory, how = process_memory_bytes()
+    seen: set[int] = set()
+    weights = 0
+    for t in (*model.parameters(), *model.buffers()):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if t.device.type != "cpu" or ptr in seen or ptr == 0 or in_pool(ptr):
+            continue
+        seen.add(ptr)
+        weights += storage.nbytes()
+    return max(0, memory - weights - resident_bytes()), how

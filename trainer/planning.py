@@ -74,7 +74,7 @@ def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activation
             offload_activations=activations_planned(cfg) if activations is None else activations,
             checkpointed=mem.gradient_checkpointing, count_activations=count_activations, galore=galore_sizing(cfg),
             sharding=layout.sharding, sequence_parallel=cfg.parallel.sequence_parallel,
-            adapter=adapter_sizing(cfg))
+            adapter=adapter_sizing(cfg), accumulation=cfg.train.grad_accum_steps)
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
 

@@ -24,7 +24,7 @@ from .data import DataLoader, PasskeyTask, build_source, passkey_accuracy
 from .inputs import (RunLock, check, check_same_optimizer, data_change_refusal, remove_stale_temporaries,
                      resolve_resume, write_atomic)
 from .capacities import live_capacities
-from .memory import build_runtime
+from .memory import baseline_bytes, build_runtime
 from .planning import infeasible_error, plan_memory
 from .metrics import MetricsLogger, gpu_memory_gb, host_memory_gb, peak_flops, reset_gpu_peak, train_flops_per_token
 from .adapters import apply_adapter, export_adapter, merge_adapter
@@ -271,6 +271,9 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
         if state.step == 0:
             evaluate()  # the starting point, so the run shows what training changed
         stop_if_asked()
+        # the process's memory outside the plan, before its first step (on the first logged step's line)
+        outside, how = baseline_bytes(model)
+        baseline = {"mem_baseline_gb": outside / 1e9, "mem_baseline_source": how}
         for step in range(state.step + 1, t.max_steps + 1):
             start = time.perf_counter()
             batches = [sp.shard(next(loader)) for _ in range(t.grad_accum_steps)]
@@ -305,7 +308,9 @@ def _train(cfg, output_dir, resume_from, device, train_model, n_params, runtime,
                     **host_memory_gb(),
                     **share,
                     **runtime.memory_metrics(),
+                    **baseline,
                 })
+                baseline = {}
                 reset_gpu_peak(device)  # the next line's peak is that step's
             if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
                 save(state, {"loss": last_loss, "step": step})

@@ -20,7 +20,9 @@ Systems (every one trains: forward, backward and an AdamW step on every weight, 
 
 What it reports: the time of each step (the last is the steady one), tokens/s of the last step, the peak memory
 it saw itself (the device's allocator peak on a GPU, the process RSS sampled every 5 ms on the CPU), and for
-longtune the plan's predicted peak beside the runtime's own accounting.
+longtune the plan's predicted peak beside the runtime's own accounting, and the process's memory outside the plan
+(`baseline_gb`: what the trainer measured right before step 1, its cgroup's usage less the weights and host pools
+the plan counts; trainer/memory.baseline_bytes).
 """
 
 from __future__ import annotations
@@ -301,7 +303,10 @@ def longtune(spec) -> dict:
               "plan_places": places, "optimizer_tier": plan.optimizer_tier, "params_tier": plan.params_tier,
               "plan_peak_gb": plan.predicted["peak_bytes"]["gpu"] / GB,
               "plan_tiers_gb": {k: v / GB for k, v in plan.predicted["peak_bytes"].items() if k != "gpu" and v},
-              **{k: v for k, v in last.items() if k.startswith(("mem_", "recompute_s", "offload_wait_s"))}}
+              # the process's memory outside the plan, measured by the trainer right before step 1 (trainer/memory.py)
+              "baseline_gb": steps[0].get("mem_baseline_gb"), "baseline_source": steps[0].get("mem_baseline_source"),
+              **{k: v for k, v in last.items() if k.startswith(("mem_", "recompute_s", "offload_wait_s"))
+                 and not k.startswith("mem_baseline")}}
     if cpu:
         result["peak_gb"] = peak_rss / GB
     else:

@@ -75,6 +75,9 @@ def test_the_smoke_suite_runs_longtune_beside_transformers_and_writes_every_prob
     planned = rows["longtune"]["probes"][0]
     assert planned["mem_measured_gpu_gb"] == pytest.approx(planned["mem_plan_gpu_gb"], rel=0.05)
     assert "longtune @ 128: plan" in result.stdout  # the prediction beside the measurement
+    # the process's cgroup peak against its measured baseline + the plan's device and host bytes (issue 24)
+    process = planned["process"]
+    assert process["within"] and process["baseline_gb"] > 0 and record["claims"]["process_within_plan"]["holds"], process
 
 
 def test_an_out_of_memory_is_a_data_point_not_a_crash(tmp_path):

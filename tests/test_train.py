@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_model_config, train_losses
+from conftest import make_tiny_config, read_metrics, tiny_model_config, train_losses
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from longtune.trainer.config import validate
@@ -24,8 +25,17 @@ def _run(cfg: dict, name: str, tmp_path, **sections) -> tuple[dict[int, float], 
     return train_losses(result.output_dir), read_metrics(result.output_dir)
 
 
-def test_first_step_loss_equals_plain_transformers(tmp_path, tiny_config, tokenizer_dir):
-    losses, _ = _run(tiny_config, "run", tmp_path, train={"max_steps": 1})
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tokenizer_dir) -> tuple[dict[int, float], list[dict], Path]:
+    """(losses, metrics, run folder) of the tiny config's run of 3 steps, trained once for the module: the reference
+    the variants below (of as many steps) are compared with, and whose first step any run of the config takes."""
+    tmp = tmp_path_factory.mktemp("plain")
+    losses, metrics = _run(make_tiny_config(tmp / "unused", tokenizer_dir), "plain", tmp, train={"max_steps": 3})
+    return losses, metrics, tmp / "plain"
+
+
+def test_first_step_loss_equals_plain_transformers(plain_run, tiny_config, tokenizer_dir):
+    losses = plain_run[0]
 
     seed_everything(tiny_config["train"]["seed"])
     fields = dict(tiny_config["model"]["config"])
@@ -57,8 +67,8 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, tiny_config):
         assert acc[step] == pytest.approx(big[step], rel=1e-6, abs=1e-6)
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_config):
-    plain, _ = _run(json.loads(json.dumps(tiny_config)), "plain", tmp_path, train={"max_steps": 3})
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_config, plain_run):
+    plain = plain_run[0]
     ckpt, _ = _run(tiny_config, "gc", tmp_path, train={"max_steps": 3}, memory={"gradient_checkpointing": True})
     for step in (1, 2, 3):
         assert ckpt[step] == pytest.approx(plain[step], rel=1e-6)
@@ -72,10 +82,10 @@ def test_other_architectures_train(tmp_path, tiny_config, model_type):
     assert (tmp_path / model_type / "step_2" / "COMPLETE").exists()
 
 
-def test_bf16_autocast_stays_close_to_fp32(tmp_path, tiny_config):
-    fp32, _ = _run(json.loads(json.dumps(tiny_config)), "fp32", tmp_path, train={"max_steps": 2})
-    bf16, _ = _run(tiny_config, "bf16", tmp_path, train={"max_steps": 2, "mixed_precision": "bf16"})
-    for step in (1, 2):
+def test_bf16_autocast_stays_close_to_fp32(tmp_path, tiny_config, plain_run):
+    fp32 = plain_run[0]
+    bf16, _ = _run(tiny_config, "bf16", tmp_path, train={"max_steps": 3, "mixed_precision": "bf16"})
+    for step in (1, 2, 3):
         assert bf16[step] == pytest.approx(fp32[step], rel=2e-2)
         assert bf16[step] != fp32[step], "autocast must actually run in bf16"
 
@@ -105,13 +115,14 @@ def test_nonfinite_loss_stops_the_run_with_a_clear_error(tmp_path, tiny_config):
         _run(tiny_config, "run", tmp_path, train={"max_steps": 3, "lr": 1e30, "clip_grad_norm": None, "warmup_steps": 0})
 
 
-def test_weights_are_saved_as_trained(tmp_path, tiny_config):
+def test_weights_are_saved_as_trained(plain_run):
     """The final checkpoint holds the weights the loop ended with (load -> same eval loss)."""
     from longtune.trainer.train import load_trained
 
-    _, metrics = _run(tiny_config, "run", tmp_path, train={"max_steps": 2})
+    _, metrics, run = plain_run
     final_eval = [m for m in metrics if "passkey_loss" in m][-1]
-    cfg, model, tokenizer, _ = load_trained(tmp_path / "run")
+    assert final_eval["step"] == 3
+    cfg, model, tokenizer, _ = load_trained(run)
     from longtune.trainer.data import passkey_accuracy
 
     task = PasskeyTask(tokenizer, cfg.data.seq_len, cfg.data.passkey.digits, cfg.train.seed, split="eval")

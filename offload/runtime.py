@@ -228,7 +228,7 @@ class MemoryRuntime:
         `step_time_s`) and its recompute share (`recompute_plan_s`, beside the measured `recompute_s`). The plan
         prices one micro-batch (compute, recompute, exposed transfers) and the state's time once a step."""
         pred = self.plan.predicted if self.plan is not None else {}
-        if "step_time_s" not in pred:
+        if not pred.get("step_time_s"):
             return {}
         n = getattr(self, "_micro_batches", 1)
         per_micro = pred.get("compute_s", 0.0) + pred.get("recompute_s", 0.0) + pred.get("exposed_transfer_s", 0.0)
@@ -238,8 +238,8 @@ class MemoryRuntime:
     def memory_metrics(self) -> dict[str, float]:
         """Saved-activation memory per tier: measured peak (since the last call) beside the plan's prediction; and the
         step time the plan predicts (time_metrics)."""
-        if self.activations is None:
-            return self.time_metrics()
+        if self.activations is None:  # no memory plan of this run's activations: no time model for its device either
+            return {}
         r = self.dispatcher.residency
         pred = self.plan.predicted
         ev_tiers = {t.name: sum(self.plan.problem.chunk_bytes[c] * d.get(t.name, 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import plan_budget_gb, read_metrics, run_cli, train_losses, write_yaml
+from conftest import plan_budget_gb, read_metrics, start_cli, train_losses, write_yaml
 
 from longtune.planner.plan import Plan
 from longtune.trainer.config import validate
@@ -85,15 +85,28 @@ def test_cli_writes_the_plan_and_prints_it(config, tmp_path):
     cfg = copy.deepcopy(config)
     cfg["train"]["max_steps"] = 1
     cfg["run"]["output_dir"] = str(tmp_path / "cli")
-    result = run_cli("train", write_yaml(tmp_path / "c.yaml", cfg), f"memory.budget_gb={plan_budget_gb(cfg, 0.3)}")
-    assert result.returncode == 0, result.stderr
-    assert "predicted step" in result.stdout and "plan written to" in result.stdout
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    # Three independent runs, started together (each one's start-up is most of its time).
+    runs = {"budget": [f"memory.budget_gb={plan_budget_gb(cfg, 0.3)}"],
+            "auto": ["memory.budget_gb=auto", f"run.output_dir={tmp_path / 'auto'}"],
+            "too_small": ["memory.budget_gb=0.001", f"run.output_dir={tmp_path / 'small'}"]}
+    procs = {name: start_cli("train", path, *args) for name, args in runs.items()}
+    try:
+        out = {name: (*p.communicate(timeout=600), p.returncode) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    stdout, stderr, code = out["budget"]
+    assert code == 0, stderr
+    assert "predicted step" in stdout and "plan written to" in stdout
     assert (tmp_path / "cli" / "plan.yaml").is_file()
-    auto = run_cli("train", tmp_path / "c.yaml", "memory.budget_gb=auto", f"run.output_dir={tmp_path / 'auto'}")
-    assert auto.returncode == 0, auto.stderr  # auto: what this machine has free, less the margin
-    too_small = run_cli("train", tmp_path / "c.yaml", "memory.budget_gb=0.001", f"run.output_dir={tmp_path / 'small'}")
-    assert too_small.returncode == 2
-    assert "no plan fits a GPU budget of 0.00 GB" in too_small.stderr and "GB missing" in too_small.stderr
+    _, stderr, code = out["auto"]
+    assert code == 0, stderr  # auto: what this machine has free, less the margin
+    _, stderr, code = out["too_small"]
+    assert code == 2
+    assert "no plan fits a GPU budget of 0.00 GB" in stderr and "GB missing" in stderr
 
 
 def test_activations_that_autograd_keeps_are_a_warning_not_a_refusal(config):

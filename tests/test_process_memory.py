@@ -190,3 +190,23 @@ def test_the_trainer_keeps_glibc_from_holding_freed_buffers(tmp_path):
         held[mode] = float(out.stdout.split()[-1])
     assert held["default"] > 100, held  # the freed half, kept
     assert held["steady"] < 10, held
+
+
+def test_the_baseline_is_the_process_less_the_weights_and_the_host_pools_pages():
+    """trainer/memory.baseline_bytes: the process's memory less what the plan counts that is already there, the
+    weights in host memory (tied ones once) and the host pools' pages in memory (touched, or all of a pinned
+    pool), never a pool's untouched pages nor a tensor viewing a pool twice."""
+    from longtune.offload.pinned import HostPool, resident_bytes
+    from longtune.trainer.memory import baseline_bytes, process_memory_bytes
+
+    model = torch.nn.Sequential(torch.nn.Embedding(2048, 1024), torch.nn.Linear(1024, 2048, bias=False))
+    model[1].weight = model[0].weight  # tied: 8 MB once
+    with HostPool([("touched", (8 << 20,), torch.uint8), ("untouched", (64 << 20,), torch.uint8)], pin="off") as pool:
+        before = resident_bytes()
+        pool.tensor("touched").fill_(1)
+        assert resident_bytes() - before == 8 << 20
+        model.register_buffer("in_pool", pool.tensor("touched")[: 1 << 20])  # a pool's bytes, counted as the pool's
+        memory, _ = process_memory_bytes()
+        outside, _ = baseline_bytes(model)
+    # the weights (8 MB, once) and the pools' pages in memory (this one's 8 MB touched, and any other live pool's)
+    assert memory - outside == pytest.approx((8 << 20) + (8 << 20) + before, abs=2 << 20)

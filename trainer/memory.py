@@ -229,9 +229,14 @@ def baseline_bytes(model) -> tuple[int, str]:
     seen: set[int] = set()
     weights = 0
     for t in (*model.parameters(), *model.buffers()):
-        storage = t.untyped_storage()
+        if t.device.type != "cpu":
+            continue
+        try:
+            storage = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()  # an FSDP2 shard: its own
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
+            continue
         ptr = storage.data_ptr()
-        if t.device.type != "cpu" or ptr in seen or ptr == 0 or in_pool(ptr):
+        if ptr in seen or ptr == 0 or in_pool(ptr):
             continue
         seen.add(ptr)
         weights += storage.nbytes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_sigterm_to_the_nproc_2_launcher_stops_every_rank_with_a_checkpoint(tmp_
     """SIGTERM to `longtune train --nproc 2` (Kubernetes sends it to the container's first process): the launcher
     passes it on, the ranks save at their next step boundary (checkpoint.every_n_steps=0: the final one alone
     otherwise) and stop; one line, exit 143, then a bitwise resume."""
-    straight_dir, run = tmp_path / "straight", tmp_path / "run"
+    straight_dir, run, alone_dir = tmp_path / "straight", tmp_path / "run", tmp_path / "alone"
     launch = ["--nproc", "2", "run.device=cpu", "parallel.strategy=ddp"]
     straight = start_cli("train", write_yaml(tmp_path / "straight.yaml", _config(dict(tiny_config), straight_dir, 6, 0)),
                          *launch)
@@ -124,29 +125,32 @@ def test_sigterm_to_the_nproc_2_launcher_stops_every_rank_with_a_checkpoint(tmp_
                          rf"continue with: longtune resume {run}", line)
         assert m and int(m[1]) < 6, err[-3000:]
         assert _left_behind(run) == [], sorted(p.name for p in run.iterdir())
+        # The DDP checkpoint holds all one process needs: resumed in one (no process group: the single strategy),
+        # with the accumulation that keeps the global batch, it goes on as the two ranks do (to the all-reduce's
+        # rounding). Without it, a line says the global batch changes (test_failure_messages.py). That run goes on
+        # in a copy of the run folder, beside the two ranks' resume.
+        shutil.copytree(run, alone_dir)
         resumed = start_cli("resume", run, *launch[:2])
+        alone = start_cli("resume", alone_dir / f"step_{m[1]}", "train.grad_accum_steps=2")
         _, err = resumed.communicate(timeout=600)
         assert resumed.returncode == 0 and _errors(err) == [], err[-3000:]
+        out, alone_err = alone.communicate(timeout=600)
         _, err = straight.communicate(timeout=600)
         assert straight.returncode == 0, err[-3000:]
     finally:
-        for p in (straight, proc):
-            if p.poll() is None:
+        for p in (straight, proc, locals().get("resumed"), locals().get("alone")):
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.communicate()
     two_ranks = train_losses(run)
     assert two_ranks == train_losses(straight_dir) and sorted(two_ranks) == list(range(1, 7))
     assert _left_behind(run) == []
 
-    # The DDP checkpoint holds all one process needs: resumed in one (no process group: the single strategy),
-    # with the accumulation that keeps the global batch, it goes on as the two ranks did (to the all-reduce's
-    # rounding). Without it, a line says the global batch changes (test_failure_messages.py).
-    alone = start_cli("resume", run / f"step_{m[1]}", "train.grad_accum_steps=2")
-    out, err = alone.communicate(timeout=600)
-    assert alone.returncode == 0 and _errors(err) == [] and "global batch" not in err, err[-3000:]
+    assert alone.returncode == 0 and _errors(alone_err) == [] and "global batch" not in alone_err, alone_err[-3000:]
     assert "parallel.strategy=ddp in one process: training as one process (parallel.strategy=single, the same steps " \
            "without a process group)" in out.splitlines()
-    one = train_losses(run)
+    one = train_losses(alone_dir)
+    assert sorted(one) == list(range(1, 7))
     for step in range(int(m[1]) + 1, 7):
         assert one[step] == pytest.approx(two_ranks[step], rel=2e-6), step
 

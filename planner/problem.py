@@ -337,13 +337,43 @@ class AdapterSizing:
     """LoRA adapters (trainer/adapters.py) on the named projections of every decoder layer: rank-r A [r, in] and
     B [out, r] in the weights' dtype; they alone train, so only they have gradients and optimizer state.
     `quantized` (QLoRA): the frozen base's decoder-layer projections are 4-bit NF4 (nf4_bytes), de-quantized one
-    matrix at a time into `compute_bytes`-byte elements for each matmul."""
+    matrix at a time into `compute_bytes`-byte elements for each matmul.
+    `saved` (adapter.modules_to_save): modules that train in full beside the adapters, each a trained copy in the
+    weights' dtype with its gradient and optimizer state, the frozen original kept (in the base)."""
 
     rank: int
     targets: tuple[str, ...] = LAYER_MATRIX_NAMES
     quantized: bool = False
     double_quant: bool = True
     compute_bytes: Optional[int] = None  # QLoRA's compute dtype; None: the weights' dtype
+    saved: tuple[str, ...] = ()  # modules_to_save, as peft matches them: the end of a module's name
+
+    def saved_params(self, shape: ModelShape) -> tuple[int, int, int, bool]:
+        """The saved modules' parameters: (all of them, the most in one decoder layer, those outside the layers,
+        whether the LM head's weight trains). Each name selects, as peft's modules_to_save does, every module whose
+        name ends with it and the modules inside it; the modules are transformers' names for the supported
+        families (the weights they hold; biases not counted). A tied LM head is the embeddings' weight: one trained
+        copy for either name or both (peft's ensure_weight_tying)."""
+        if not self.saved:
+            return 0, 0, 0, False
+        h, L = shape.layer.hidden, shape.num_layers
+        layer = {"input_layernorm": h, "post_attention_layernorm": h}
+        for name, (m, n) in zip(LAYER_MATRIX_NAMES, shape.layer_matrices()):
+            layer[("self_attn." if name in LAYER_MATRIX_NAMES[:4] else "mlp.") + name] = m * n
+        if shape.layer.qk_norm:
+            layer["self_attn.q_norm"] = layer["self_attn.k_norm"] = shape.layer.head_dim
+        embedding = shape.vocab * h
+
+        def chosen(module: str) -> bool:  # the module, or one holding it, is named
+            parts = module.split(".")
+            return any(".".join(parts[:i]).endswith(s) for i in range(1, len(parts) + 1) for s in self.saved)
+
+        per_layer = [sum(n for name, n in layer.items() if chosen(f"model.layers.{i}.{name}")) for i in range(L)]
+        embeddings, head = chosen("model.embed_tokens"), chosen("lm_head")
+        if shape.tied_embeddings:
+            embeddings = head = embeddings or head
+        other = embedding * embeddings + (embedding * head if not shape.tied_embeddings else 0) + h * chosen("model.norm")
+        return sum(per_layer) + other, max(per_layer), other, head
 
     def base_bytes(self, shape: ModelShape) -> float:
         """GPU bytes of the frozen base: every weight in the weights' dtype, or (QLoRA) the layers' projections in
@@ -364,12 +394,17 @@ class AdapterSizing:
         cb = self.compute_bytes or wb
         return float(max(m * n for m, n in shape.layer_matrices()) * (cb + (wb if cb != wb else 0)))
 
-    def layer_params(self, shape: ModelShape) -> int:
+    def lora_layer_params(self, shape: ModelShape) -> int:
         return sum(self.rank * (m + n) for name, (m, n) in zip(LAYER_MATRIX_NAMES, shape.layer_matrices())
                    if name in self.targets)
 
+    def layer_params(self, shape: ModelShape) -> int:
+        """What trains in a decoder layer (the most in one): its adapters and saved modules."""
+        return self.lora_layer_params(shape) + self.saved_params(shape)[1]
+
     def params(self, shape: ModelShape) -> int:
-        return shape.num_layers * self.layer_params(shape)
+        """Every parameter that trains: the adapters and the saved modules' copies."""
+        return shape.num_layers * self.lora_layer_params(shape) + self.saved_params(shape)[0]
 
     def saved_bytes_per_token(self, shape: ModelShape) -> dict[str, float]:
         """What adapters add to a layer's saved activations per token: each target's rank-r A output, saved for
@@ -386,17 +421,18 @@ def _adapter_state_options(shape: ModelShape, machine: Machine, optimizer: str, 
     """The placements of an adapter run's state: the frozen base and the adapters on the GPU; the adapters' AdamW
     state there or on the host (their few MB never need a drive)."""
     wb = shape.layer.dtype_bytes
-    a, layer_a = adapter.params(shape), adapter.layer_params(shape)
+    a, layer_a, other_a = adapter.params(shape), adapter.layer_params(shape), adapter.saved_params(shape)[2]
     host_link = {t.name: t for t in machine.tiers}.get("host")
     out = []
     for opt in (("gpu", "cpu") if optimizer == "auto" else (optimizer,)):
         if opt == "nvme" or (opt == "cpu" and host_link is None):
             continue
-        gpu = {"weights": adapter.base_bytes(shape) + a * wb, "grads": a * wb if opt == "gpu" else 2 * layer_a * wb,
+        gpu = {"weights": adapter.base_bytes(shape) + a * wb,
+               "grads": a * wb if opt == "gpu" else (other_a + 2 * layer_a) * wb,
                "optimizer": 2 * wb * a if opt == "gpu" else 0.0}
         tier, exposed, fwd, bwd_out = {}, 4 * wb * a * 2 / machine.hbm_bps, 0.0, 0.0
         if opt == "cpu":
-            tier = {"host": HOST_OPTIMIZER_BYTES * a + optimizer_host_buffers("cpu") * 4 * layer_a}
+            tier = {"host": HOST_OPTIMIZER_BYTES * a + optimizer_host_buffers("cpu") * 4 * max(layer_a, other_a)}
             exposed = a / machine.cpu_adam_params_per_s
             fwd, bwd_out = layer_a * wb / host_link.to_gpu_bps, layer_a * wb / host_link.from_gpu_bps
         out.append(StateOption(opt, "gpu", sharding.apply(gpu, layer_a * wb), tier, exposed, fwd, 0.0, bwd_out))
@@ -763,7 +799,8 @@ def build_problem(
         layer_workspace_bytes=chunk_phase + extra_workspace,
         attention_phase_bytes=attention_phase + extra_workspace,
         forward_workspace_bytes=forward_phase + extra_workspace,
-        head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens, head_trains=adapter is None),
+        head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens,
+                              head_trains=adapter is None or adapter.saved_params(shape)[3]),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
         state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding, adapter,
@@ -774,6 +811,7 @@ def build_problem(
               **({"world": sharding.world, "sharded": [k for k in ("optimizer", "grads", "weights") if getattr(sharding, k)]}
                  if sharding.world > 1 else {}),
               **({"sequence_parallel": P, "sequence_tokens": tokens * P} if P > 1 else {}),
-              **({"adapter": [f"{'qlora' if adapter.quantized else 'lora'} rank {adapter.rank}", *adapter.targets]}
+              **({"adapter": [f"{'qlora' if adapter.quantized else 'lora'} rank {adapter.rank}", *adapter.targets,
+                              *(f"save {s}" for s in adapter.saved)]}
                  if adapter is not None else {})},
     )

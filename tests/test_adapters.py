@@ -1,5 +1,6 @@
-"""LoRA adapters (trainer/adapters.py): exact under a memory plan, small checkpoints that resume bitwise, exports
-that peft and transformers load with the trained logits, and the planner's count of their state."""
+"""LoRA adapters (trainer/adapters.py), with modules trained in full beside them (adapter.modules_to_save): exact
+under a memory plan, small checkpoints that resume bitwise, exports that peft and transformers load with the trained
+logits, and the planner's count of their state."""
 
 from __future__ import annotations
 
@@ -17,27 +18,44 @@ from longtune.trainer.adapters import apply_adapter
 from longtune.trainer.config import AdapterConfig
 
 LORA = AdapterConfig(kind="lora", rank=4, alpha=8.0)
+# modules_to_save: the LM head, the embeddings, the decoder layers' first norm and the final norm in full; and every
+# norm (Qwen3's q/k norms too) and the MLPs, whose projections then are no LoRA targets
+SAVED = AdapterConfig(kind="lora", rank=4, alpha=8.0, modules_to_save=["lm_head", "embed_tokens", "input_layernorm",
+                                                                       "model.norm"])
+NORMS_MLP = AdapterConfig(kind="lora", rank=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          modules_to_save=["norm", "mlp"])
 
 
-def lora_model(family: str):
+def lora_model(family: str, adapter: AdapterConfig = LORA):
     model = build(tiny(family))
-    apply_adapter(model, LORA)
+    apply_adapter(model, adapter)
     torch.manual_seed(5)
     with torch.no_grad():  # B starts at zero (the update is zero); random adapters make every gradient count
-        for p in model.parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
                 p.normal_(0, 0.05)
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_lora_under_a_plan_that_offloads_and_recomputes_is_exact(family, tmp_path):
-    """The runtime's layer split calls each projection as a module, so peft's LoRA layers run inside it: the loss
-    and every adapter gradient equal the same peft-injected model run plainly, and only the adapters train."""
-    model = lora_model(family)
+def trains(name: str) -> bool:
+    return ".lora_" in name or ".modules_to_save." in name
+
+
+@pytest.mark.parametrize("family, adapter", [("llama", LORA), ("qwen3", LORA), ("llama", SAVED), ("qwen3", NORMS_MLP)],
+                         ids=["llama", "qwen3", "llama+saved", "qwen3+norms,mlp"])
+def test_lora_under_a_plan_that_offloads_and_recomputes_is_exact(family, adapter, tmp_path):
+    """The runtime's layer split calls each projection and norm as a module, so peft's LoRA layers and its trained
+    copies of modules_to_save (ModulesToSaveWrapper) run inside it: the loss and every trainable gradient equal the
+    same peft-injected model run plainly, and only the adapters and the saved modules' copies train."""
+    model = lora_model(family, adapter)
     ids = torch.randint(0, 256, (1, 48))
     ref = grads_of(model, ids)
-    assert ref[1] and all(".lora_" in name for name in ref[1])
+    assert ref[1].keys() == {n for n, p in model.named_parameters() if p.requires_grad} and all(map(trains, ref[1]))
+    saved = {n for n in ref[1] if ".modules_to_save." in n}
+    assert bool(saved) == bool(adapter.modules_to_save)
+    if adapter is SAVED:  # the head's gradient comes back (the fused loss reads the trained copy)
+        assert {"lm_head.modules_to_save.default.weight", "model.embed_tokens.modules_to_save.default.weight",
+                "model.norm.modules_to_save.default.weight"} < saved
     plan = plan_of(problem(tiny(family)), uniform(2, input={"host": G}, pre={"recompute": 2, "gpu": 2}, attn={"nvme": G},
                                                   post={"recompute": 1, "host": 3}))
     got, runtime = run_plan(model, plan, ids, tmp_path)
@@ -45,18 +63,30 @@ def test_lora_under_a_plan_that_offloads_and_recomputes_is_exact(family, tmp_pat
     assert runtime.dispatcher.stash.unplanned_bytes == 0
 
 
-@pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("qwen3", torch.bfloat16)])
-def test_the_planner_counts_the_adapters_to_the_byte(family, dtype):
-    """AdapterSizing's parameters are the injected model's trainable ones, byte for byte, and AdamW's state for them
-    (two moments in the weights' dtype) is what a step makes."""
-    cfg = tiny(family)
+@pytest.mark.parametrize("family, dtype, adapter, tied", [
+    ("llama", torch.float32, LORA, False), ("qwen3", torch.bfloat16, LORA, False),
+    ("llama", torch.float32, SAVED, False), ("llama", torch.bfloat16, SAVED, True),
+    ("qwen3", torch.float32, NORMS_MLP, False)], ids=["llama", "qwen3", "llama+saved", "llama+saved,tied", "qwen3+norms,mlp"])
+def test_the_planner_counts_the_adapters_to_the_byte(family, dtype, adapter, tied):
+    """AdapterSizing's parameters are the injected model's trainable ones, byte for byte (the saved modules' copies
+    too, a tied head's once; the most in one decoder layer, and whether the head's weight trains), the state's GPU
+    weights are all of the model's (the frozen originals of the saved modules stay), and AdamW's state for what
+    trains (two moments in the weights' dtype) is what a step makes."""
+    cfg = {**tiny(family), "tie_word_embeddings": tied}
     model = build(cfg, dtype)
-    apply_adapter(model, LORA)
+    apply_adapter(model, adapter)
     trainable = [p for p in model.parameters() if p.requires_grad]
     shape = ModelShape.from_hf_config(cfg, str(dtype).removeprefix("torch."))
-    sizing = AdapterSizing(LORA.rank, tuple(LORA.target_modules))
+    sizing = AdapterSizing(adapter.rank, tuple(adapter.target_modules), saved=tuple(adapter.modules_to_save))
     wb = shape.layer.dtype_bytes
     assert sizing.params(shape) * wb == sum(p.numel() * p.element_size() for p in trainable)
+    per_layer = [sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(f"model.layers.{i}."))
+                 for i in range(shape.num_layers)]
+    assert sizing.layer_params(shape) == max(per_layer)
+    assert sizing.saved_params(shape)[3] == model.lm_head.weight.requires_grad == (adapter is SAVED)
+    state = problem(cfg, dtype=str(dtype).removeprefix("torch."), adapter=sizing).state(None).gpu_bytes
+    assert state["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert state["grads"] == sizing.params(shape) * wb
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     model(input_ids=torch.randint(0, 256, (1, 16)), labels=torch.randint(0, 256, (1, 16))).loss.backward()
     opt.step()
@@ -74,6 +104,21 @@ def test_adapter_settings_are_checked():
     model = build(tiny("llama"))
     with pytest.raises(ConfigError, match="q_projj not in the model; its linear layers are .*q_proj"):
         apply_adapter(model, AdapterConfig(kind="lora", target_modules=["q_projj"]))
+    with pytest.raises(ConfigError, match="adapter.kind is none"):
+        load_config("quickstart", ["adapter.modules_to_save=[lm_head]"])
+    for saved, match in (
+            (["lm_heed"], "lm_heed matches no module of the model with weights; the modules that can train in full: "
+                          "down_proj, embed_tokens, gate_proj, input_layernorm, k_proj, lm_head, norm, o_proj, "
+                          "post_attention_layernorm, up_proj$"),  # not q_proj, v_proj: the LoRA targets
+            (["rotary_emb"], "rotary_emb matches no module of the model with weights"),
+            (["v_proj"], "v_proj names model.layers.0.self_attn.v_proj, which is or holds a LoRA target"),
+            (["self_attn"], "self_attn names model.layers.0.self_attn, which is or holds a LoRA target"),
+            (["mlp", "down_proj"], "down_proj names model.layers.0.mlp.down_proj and mlp names model.layers.0.mlp, "
+                                   "one inside the other")):
+        with pytest.raises(ConfigError, match=match) as e:
+            apply_adapter(build(tiny("llama")), AdapterConfig(kind="lora", modules_to_save=saved,
+                                                              target_modules=["q_proj", "v_proj"]))
+        assert "\n" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +153,20 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
+RUN_SAVED = ("lm_head", "input_layernorm")
+RUN_SAVED_KEYS = {"model.embed_tokens.modules_to_save.default.weight", "model.layers.0.input_layernorm.modules_to_save.default.weight",
+                  "model.layers.1.input_layernorm.modules_to_save.default.weight"}
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_gguf, tokenizer_dir):
-    """The tiny GGUF base with LoRA, 4 steps, checkpoints at 2 and 4."""
+    """The tiny GGUF base with LoRA and, trained in full beside the adapters, its LM head (tied to the embeddings: one
+    trained copy) and its layers' first norms; 4 steps, checkpoints at 2 and 4. (QLoRA's run, tests/test_qlora.py,
+    has adapters alone.)"""
     run = tmp_path_factory.mktemp("lora") / "run"
     cfg = make_tiny_config(run, tokenizer_dir)
     cfg["model"] = {"path": str(tiny_gguf), "tokenizer": str(tokenizer_dir)}
-    cfg["adapter"] = {"kind": "lora"}
+    cfg["adapter"] = {"kind": "lora", "modules_to_save": list(RUN_SAVED)}
     cfg["data"]["passkey"]["eval_samples"] = 0
     cfg["checkpoint"].update(every_n_steps=2, keep_last=5)
     out = run_cli("train", write_yaml(run.parent / "c.yaml", cfg))
@@ -134,8 +186,24 @@ def assert_holds_the_adapters_only(step, model_bytes: float):
     assert keys and all(".lora_" in k for k in keys)
 
 
-def test_a_lora_checkpoint_holds_the_adapters_only_and_resumes_bitwise(lora_run, tiny_gguf, tmp_path):
-    assert_holds_the_adapters_only(lora_run / "step_2", tiny_gguf.stat().st_size)
+def test_a_lora_checkpoint_holds_the_adapters_and_saved_modules_and_resumes_bitwise(lora_run, tiny_gguf, tmp_path):
+    """adapter.safetensors holds the adapters and the saved modules' trained copies (not the frozen originals, not the
+    rest of the base), optimizer.pt their AdamW state; resumed from step 2, step 4 is bitwise the straight run's."""
+    import gguf
+
+    step = lora_run / "step_2"
+    assert not (step / "model.safetensors").exists()
+    state = load_file(str(step / "adapter.safetensors"))
+    assert {k for k in state if ".lora_" not in k} == RUN_SAVED_KEYS
+    assert sum(t.numel() * t.element_size() for t in state.values()) <= (step / "adapter.safetensors").stat().st_size
+    moments = torch.load(step / "optimizer.pt", weights_only=True)["state"]
+    assert sorted(t.numel() for s in moments.values() for k, t in s.items() if k == "exp_avg") == \
+        sorted(t.numel() for t in state.values())
+    base = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(str(tiny_gguf)).tensors}
+    trained_embeddings = state["model.embed_tokens.modules_to_save.default.weight"]
+    assert trained_embeddings.shape == base["token_embd.weight"].shape
+    assert not torch.equal(trained_embeddings, base["token_embd.weight"])  # trained, from the base's values
+    assert (trained_embeddings - base["token_embd.weight"]).abs().max() < 0.1
     copy = tmp_path / "copy"
     shutil.copytree(lora_run, copy)
     shutil.rmtree(copy / "step_4")
@@ -146,7 +214,9 @@ def test_a_lora_checkpoint_holds_the_adapters_only_and_resumes_bitwise(lora_run,
 
 
 def test_a_lora_export_loads_in_peft_and_merged_in_transformers_with_the_trained_logits(lora_run, tmp_path):
-    """Over a GGUF base (which the merge makes a plain model: transformers will not save one marked quantized)."""
+    """Over a GGUF base (which the merge makes a plain model: transformers will not save one marked quantized). The
+    saved modules are in the peft folder under peft's names (the tied head beside the embeddings, as
+    PeftModel.save_pretrained writes it), and the merged model holds their trained copies."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -156,7 +226,9 @@ def test_a_lora_export_loads_in_peft_and_merged_in_transformers_with_the_trained
     for args, folder in (([], "adapter"), (["--merge"], "merged")):
         out = run_cli("export", lora_run, "--out", tmp_path / folder, *args, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
-    cfg, trained, _, _ = load_trained(lora_run)
+    cfg, trained, _, path = load_trained(lora_run)
+    assert torch.equal(trained.get_input_embeddings().weight,  # the trained copy, as the checkpoint holds it
+                       load_file(str(path / "adapter.safetensors"))["model.embed_tokens.modules_to_save.default.weight"])
     ids = torch.randint(0, 1000, (1, 64))
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
@@ -167,6 +239,13 @@ def test_a_lora_export_loads_in_peft_and_merged_in_transformers_with_the_trained
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
     assert torch.equal(adapter, expected)
     assert torch.allclose(merged, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == list(RUN_SAVED) and config["ensure_weight_tying"]
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    saved = {k for k in weights if ".lora_" not in k}
+    assert saved == {"base_model.model." + k.replace(".modules_to_save.default", "") for k in RUN_SAVED_KEYS} | \
+        {"base_model.model.lm_head.weight"}
+    assert torch.equal(weights["base_model.model.lm_head.weight"], weights["base_model.model.model.embed_tokens.weight"])
 
 
 def test_smollm2_with_lora_trains_and_checkpoints_the_adapters_alone(smollm2_dir, tmp_path):

@@ -196,16 +196,20 @@ def test_ranks_die_with_their_launcher(tmp_path, tiny_config):
 
 
 LORA = ["adapter.kind=lora", "adapter.rank=4", "train.lr=3e-3"]
+QLORA = ["adapter.kind=qlora", *LORA[1:]]  # the same adapters over the base's decoder-layer projections in 4-bit NF4
 LORA_STEPS = 4  # updates at steps 2 to 4: B first (it starts at zero), then A as well
 
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, int, str]]:
     """LoRA adapters in one process with two micro-batches per step ("one", the reference), and on 2 ranks under DDP
-    and under FSDP2: name -> (run folder, exit code, stderr). The three are launched at once: a launch keeps about
-    one core busy on average (its start-up is mostly one process at a time), so on 2 cores they overlap."""
-    commands = {"one": ["train.grad_accum_steps=2"],
-                **{s: ["--nproc", "2", f"parallel.strategy={s}"] for s in ("ddp", "fsdp2")}}
+    and under FSDP2; QLoRA's the same in one process ("qlora-one") and under DDP ("qlora-ddp"): name -> (run folder,
+    exit code, stderr). They are launched at once: a launch keeps about one core busy on average (its start-up is
+    mostly one process at a time), so on 2 cores they overlap."""
+    commands = {"one": ["train.grad_accum_steps=2", *LORA],
+                **{s: ["--nproc", "2", f"parallel.strategy={s}", *LORA] for s in ("ddp", "fsdp2")},
+                "qlora-one": ["train.grad_accum_steps=2", *QLORA],
+                "qlora-ddp": ["--nproc", "2", "parallel.strategy=ddp", *QLORA]}
     runs, procs = {}, {}
     try:
         for name, args in commands.items():
@@ -214,7 +218,7 @@ def lora_runs(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, int, str
             cfg["train"]["max_steps"] = LORA_STEPS
             logs = [open(out.parent / f, "w") for f in ("stdout", "stderr")]  # files: no pipe to fill and stall on
             with logs[0], logs[1]:
-                procs[name] = start_cli("train", write_yaml(out.parent / "c.yaml", cfg), *args, *LORA,
+                procs[name] = start_cli("train", write_yaml(out.parent / "c.yaml", cfg), *args,
                                         stdout=logs[0], stderr=logs[1])
             runs[name] = out
         for proc in procs.values():
@@ -227,17 +231,17 @@ def lora_runs(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, int, str
     return {name: (out, procs[name].returncode, (out.parent / "stderr").read_text()) for name, out in runs.items()}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "qlora-ddp"])
 def test_lora_on_two_ranks_matches_one_process(strategy, lora_runs):
-    """LoRA adapters under DDP and FSDP2 (frozen base weights beside trained adapters) give one process's losses with
-    the same global batch; each checkpoint holds the adapters only (DDP), or the shards of the adapters only
-    (FSDP2)."""
-    one, returncode, stderr = lora_runs["one"]
+    """LoRA adapters under DDP and FSDP2 (frozen base weights beside trained adapters), and QLoRA's under DDP (each
+    rank quantizes the same base; the adapters' gradients are all-reduced), give one process's losses with the same
+    global batch; each checkpoint holds the adapters only (DDP), or the shards of the adapters only (FSDP2)."""
+    one, returncode, stderr = lora_runs["qlora-one" if strategy.startswith("qlora") else "one"]
     assert returncode == 0, stderr[-3000:]
     out, returncode, stderr = lora_runs[strategy]
     assert returncode == 0, stderr[-3000:]
     _assert_matches({m["step"]: m for m in read_metrics(one) if "loss" in m}, out, steps=range(1, LORA_STEPS + 1))
-    if strategy == "ddp":
+    if strategy.endswith("ddp"):
         assert (out / f"step_{LORA_STEPS}" / "adapter.safetensors").is_file()
     else:  # the shards of the adapters and their optimizer state, not of the frozen base (rebuilt from model.*)
         from torch.distributed.checkpoint import FileSystemReader

@@ -30,29 +30,33 @@ def qlora_model(family: str, dtype=torch.float32, **kw):
     apply_adapter(model, qlora(**kw))
     torch.manual_seed(5)
     with torch.no_grad():  # B starts at zero (the update is zero); random adapters make every gradient count
-        for p in model.parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
                 p.normal_(0, 0.05)
     return model
 
 
-@pytest.mark.parametrize("family, compute", [("llama", "auto"), ("qwen3", "float32"), ("qwen3", "bfloat16")])
-def test_qlora_under_a_plan_that_offloads_and_recomputes_is_exact(family, compute, tmp_path):
+@pytest.mark.parametrize("family, compute, saved", [("llama", "auto", ()), ("qwen3", "float32", ()),
+                                                    ("qwen3", "bfloat16", ()),
+                                                    ("llama", "auto", ("lm_head", "input_layernorm"))],
+                         ids=["llama-auto", "qwen3-float32", "qwen3-bfloat16", "llama-auto+saved"])
+def test_qlora_under_a_plan_that_offloads_and_recomputes_is_exact(family, compute, saved, tmp_path):
     """The layer split calls each projection as a module, so peft's bnb LoRA layers over bitsandbytes' Linear4bit run
     inside it: the loss and every adapter gradient equal the same quantized peft model run plainly, to fp32 rounding
     (matmuls in bf16 inside the fp32 model: to bf16 rounding, the chunks' matmuls summing in another order), and only
-    the adapters train."""
+    the adapters train (and the trained copies of modules_to_save, which stay unquantized)."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    model = qlora_model(family, compute_dtype=compute)
+    model = qlora_model(family, compute_dtype=compute, modules_to_save=list(saved))
     projections = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, LoraLinear4bit)]
     assert len(projections) == 2 * 7 and all(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in projections)
     assert all(m.get_base_layer().compute_dtype == (torch.bfloat16 if compute == "bfloat16" else torch.float32)
                for m in projections)
     ids = torch.randint(0, 256, (1, 48))
     ref = grads_of(model, ids)
-    assert len(ref[1]) == 2 * 7 * 2 and all(".lora_" in name for name in ref[1])
+    lora = [name for name in ref[1] if ".lora_" in name]
+    assert len(lora) == 2 * 7 * 2 and len(ref[1]) - len(lora) == (3 if saved else 0)  # the head, 2 layers' norm
     plan = plan_of(problem(tiny(family)), uniform(2, input={"host": G}, pre={"recompute": 2, "gpu": 2}, attn={"nvme": G},
                                                   post={"recompute": 1, "host": 3}))
     got, runtime = run_plan(model, plan, ids, tmp_path)
@@ -112,6 +116,9 @@ def test_qlora_refusals_are_one_line(monkeypatch):
             if isinstance(m, torch.nn.Linear):
                 parent, _, child = name.rpartition(".")
                 setattr(layer.get_submodule(parent), child, Conv1D(m.out_features, m.in_features))
+    refused("k_proj names model.layers.0.self_attn.k_proj, which is or holds a projection adapter.kind=qlora keeps in 4 "
+            "bits, frozen: use adapter.kind=lora to train it in full",
+            lambda: apply_adapter(build(tiny("llama")), qlora(target_modules=["q_proj"], modules_to_save=["k_proj"])))
     refused("q_proj, .* not in the model; its linear layers are lm_head", lambda: apply_adapter(model, qlora()))
     refused(r"decoder layer 0 \(LlamaDecoderLayer\) has none \(its layers: Conv1D, LlamaRMSNorm.*\); use adapter.kind=lora",
             lambda: quantize_base(model, qlora(target_modules=["lm_head"])))

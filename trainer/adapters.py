@@ -29,11 +29,60 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.j
 PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the base model's own parameter names
 
 
-def lora_config(a: AdapterConfig):
+def lora_config(a: AdapterConfig, tied: bool = False):
+    """peft's LoraConfig for these settings; `tied` (the model ties its LM head to its embeddings): a saved embedding or
+    head stays tied (one trained copy, peft's ensure_weight_tying), as the model was."""
     from peft import LoraConfig
 
     return LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=list(a.target_modules),
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", modules_to_save=list(a.modules_to_save) or None,
+                      ensure_weight_tying=bool(a.modules_to_save) and tied)
+
+
+def ties_embeddings(model: torch.nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _check_modules_to_save(model: torch.nn.Module, a: AdapterConfig) -> None:
+    """adapter.modules_to_save, matched as peft matches them (a module whose name ends with the given one; only modules
+    with weights count): a one-line ConfigError for a name that matches nothing, a module that is or holds a LoRA
+    target or (qlora) a projection kept in 4 bits, or one module inside another."""
+    if not a.modules_to_save:
+        return
+    from longtune.models.layers import UnsupportedModel, decoder_layers
+
+    weighted = {key: m for key, m in model.named_modules() if key and next(m.parameters(), None) is not None}
+    four_bit = set()
+    if a.kind == "qlora":  # the nn.Linear layers quantize_base replaces: those of the decoder layers
+        try:
+            layers = {id(layer) for layer in decoder_layers(model)}
+        except UnsupportedModel:
+            layers = set()  # quantize_base says why
+        within = [f"{key}." for key, m in weighted.items() if id(m) in layers]
+        four_bit = {f"{key}." for key, m in weighted.items()
+                    if type(m) is torch.nn.Linear and any(key.startswith(layer) for layer in within)}
+    targets = {f"{key}." for key, m in weighted.items()
+               if type(m) is torch.nn.Linear and key.rsplit(".", 1)[-1] in a.target_modules}
+    leaves = {key for key, m in weighted.items() if next(m.parameters(recurse=False), None) is not None}
+    candidates = sorted({k.rsplit(".", 1)[-1] for k in leaves if f"{k}." not in targets | four_bit})
+    chosen: dict[str, str] = {}
+    for name in a.modules_to_save:
+        matched = [key for key in weighted if key.endswith(name)]
+        if not matched:
+            raise ConfigError(f"adapter.modules_to_save: {name} matches no module of the model with weights; the modules "
+                              f"that can train in full: {', '.join(candidates)}")
+        for key in matched:
+            for kind, held in (("a LoRA target (adapter.target_modules): a module trains through its adapter or in "
+                                "full, not both", targets),
+                               ("a projection adapter.kind=qlora keeps in 4 bits, frozen: use adapter.kind=lora to train "
+                                "it in full", four_bit)):
+                if any(t.startswith(f"{key}.") for t in held):
+                    raise ConfigError(f"adapter.modules_to_save: {name} names {key}, which is or holds {kind}")
+            other = next((k for k in chosen if k != key and (k.startswith(f"{key}.") or key.startswith(f"{k}."))), None)
+            if other is not None:
+                raise ConfigError(f"adapter.modules_to_save: {name} names {key} and {chosen[other]} names {other}, one "
+                                  "inside the other: name one of them")
+            chosen[key] = name
 
 
 def apply_adapter(model: torch.nn.Module, a: AdapterConfig) -> None:
@@ -48,12 +97,13 @@ def apply_adapter(model: torch.nn.Module, a: AdapterConfig) -> None:
     if missing:
         raise ConfigError(f"adapter.target_modules: {', '.join(missing)} not in the model; its linear layers are "
                           f"{', '.join(linear)}")
+    _check_modules_to_save(model, a)
     dtype = next(p.dtype for p in model.parameters())
     if a.kind == "qlora":
         quantize_base(model, a)
-    inject_adapter_in_model(lora_config(a), model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(".lora_" in name)
+    inject_adapter_in_model(lora_config(a, ties_embeddings(model)), model)
+    for name, p in model.named_parameters():  # the adapters, and the trained copies of modules_to_save (peft's names)
+        p.requires_grad_(".lora_" in name or ".modules_to_save." in name)
         if p.requires_grad and p.dtype != dtype:  # peft leaves a meta base's adapters in the default dtype (a dry run's)
             p.data = p.data.to(dtype)
 
@@ -143,27 +193,41 @@ def export_adapter(model: torch.nn.Module, a: AdapterConfig, base: str, out_dir:
     """A peft adapter folder: adapter_config.json and adapter_model.safetensors with a PeftModel's key names."""
     from safetensors.torch import save_file
 
-    config = lora_config(a).to_dict()
+    from peft import get_peft_model_state_dict
+
+    config = lora_config(a, ties_embeddings(model)).to_dict()
     config["base_model_name_or_path"] = base
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    weights = {PEFT_PREFIX + name.replace(".default", ""): t.contiguous().cpu()
-               for name, t in trainable_state(model).items()}
+    # peft's own names (the adapter's name taken out; a saved module's trained copy under the module's name), and a
+    # tied head's copy beside the embeddings' as PeftModel.save_pretrained writes it (cloned: safetensors holds no
+    # shared storage)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    weights, seen = {}, set()
+    for name, t in state.items():
+        key = (t.data_ptr(), t.shape)
+        weights[PEFT_PREFIX + name] = (t.clone() if key in seen else t).contiguous().cpu()
+        seen.add(key)
     save_file(weights, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str))
 
 
 def merge_adapter(model: torch.nn.Module) -> None:
-    """Each LoRA layer's update folded into its base weight and the layer replaced by that base: a plain model. A 4-bit
+    """Each LoRA layer's update folded into its base weight and the layer replaced by that base, and each saved module
+    (modules_to_save) replaced by its trained copy: a plain model. A 4-bit
     base (qlora) is de-quantized to the model's dtype first (every Linear4bit, a target or not), and the update added
     to that: the merged weights are the NF4 base's values plus the update, not the weights it was quantized from."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
 
     bnb = sys.modules.get("bitsandbytes")
     four_bit = (bnb.nn.Linear4bit,) if bnb is not None else ()
     dtype = model.get_input_embeddings().weight.dtype
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
-        if isinstance(module, LoraLayer):
+        if isinstance(module, ModulesToSaveWrapper):  # its trained copy in its place (peft's unload)
+            setattr(model.get_submodule(parent_name), child,
+                    module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None))
+        elif isinstance(module, LoraLayer):
             base = module.get_base_layer()
             if four_bit and isinstance(base, four_bit):
                 merged = _dequantized(base, dtype, module.get_delta_weight(module.active_adapters[0]))

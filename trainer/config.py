@@ -320,6 +320,9 @@ class AdapterConfig(_Section):
     alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LAYER_MATRIX_NAMES), min_length=1)
+    # modules that train in full beside the adapters (peft's modules_to_save: a trained copy of each, the original
+    # kept frozen), each name the end of module names as peft matches them: lm_head, embed_tokens, input_layernorm
+    modules_to_save: list[str] = Field(default_factory=list)
     # qlora: the dtype the 4-bit base's matmuls run in (its weights de-quantized to it); auto: model.dtype
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # qlora: the per-64-weight absmax scales themselves quantized to 8 bits (bitsandbytes' compress_statistics)

@@ -39,7 +39,8 @@ def adapter_sizing(cfg: Config) -> Optional[AdapterSizing]:
         return None
     compute = cfg.model.dtype if a.compute_dtype == "auto" else a.compute_dtype
     return AdapterSizing(a.rank, tuple(a.target_modules), quantized=a.kind == "qlora", double_quant=a.double_quant,
-                         compute_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[compute])
+                         compute_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[compute],
+                         saved=tuple(a.modules_to_save))
 
 
 def planning_problem(cfg: Config, machine: Machine, caps: Capacities, activations: Optional[bool] = None,

@@ -197,17 +197,18 @@ def test_ranks_die_with_their_launcher(tmp_path, tiny_config):
 
 LORA = ["adapter.kind=lora", "adapter.rank=4", "train.lr=3e-3"]
 QLORA = ["adapter.kind=qlora", *LORA[1:]]  # the same adapters over the base's decoder-layer projections in 4-bit NF4
+SAVED = ["adapter.modules_to_save=[lm_head,input_layernorm]"]  # trained in full beside LoRA's adapters (not QLoRA's)
 LORA_STEPS = 4  # updates at steps 2 to 4: B first (it starts at zero), then A as well
 
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, int, str]]:
-    """LoRA adapters in one process with two micro-batches per step ("one", the reference), and on 2 ranks under DDP
-    and under FSDP2; QLoRA's the same in one process ("qlora-one") and under DDP ("qlora-ddp"): name -> (run folder,
+    """LoRA adapters with the LM head and the layers' first norms trained in full beside them (modules_to_save) in one
+    process with two micro-batches per step ("one", the reference), and on 2 ranks under DDP and under FSDP2; QLoRA's the same in one process ("qlora-one") and under DDP ("qlora-ddp"): name -> (run folder,
     exit code, stderr). They are launched at once: a launch keeps about one core busy on average (its start-up is
     mostly one process at a time), so on 2 cores they overlap."""
-    commands = {"one": ["train.grad_accum_steps=2", *LORA],
-                **{s: ["--nproc", "2", f"parallel.strategy={s}", *LORA] for s in ("ddp", "fsdp2")},
+    commands = {"one": ["train.grad_accum_steps=2", *LORA, *SAVED],
+                **{s: ["--nproc", "2", f"parallel.strategy={s}", *LORA, *SAVED] for s in ("ddp", "fsdp2")},
                 "qlora-one": ["train.grad_accum_steps=2", *QLORA],
                 "qlora-ddp": ["--nproc", "2", "parallel.strategy=ddp", *QLORA]}
     runs, procs = {}, {}
@@ -233,23 +234,31 @@ def lora_runs(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, int, str
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "qlora-ddp"])
 def test_lora_on_two_ranks_matches_one_process(strategy, lora_runs):
-    """LoRA adapters under DDP and FSDP2 (frozen base weights beside trained adapters), and QLoRA's under DDP (each
-    rank quantizes the same base; the adapters' gradients are all-reduced), give one process's losses with the same
-    global batch; each checkpoint holds the adapters only (DDP), or the shards of the adapters only (FSDP2)."""
+    """LoRA adapters and saved modules under DDP and FSDP2 (frozen base weights beside trained adapters and trained
+    copies of the LM head and norms), and QLoRA's adapters under DDP (each rank quantizes the same base; the adapters'
+    gradients are all-reduced), give one process's losses with the same global batch; each checkpoint holds what
+    trains only (DDP), or its shards (FSDP2)."""
     one, returncode, stderr = lora_runs["qlora-one" if strategy.startswith("qlora") else "one"]
     assert returncode == 0, stderr[-3000:]
     out, returncode, stderr = lora_runs[strategy]
     assert returncode == 0, stderr[-3000:]
     _assert_matches({m["step"]: m for m in read_metrics(one) if "loss" in m}, out, steps=range(1, LORA_STEPS + 1))
+    saved = 0 if strategy.startswith("qlora") else 3  # the head's copy, 2 layers' norm
     if strategy.endswith("ddp"):
-        assert (out / f"step_{LORA_STEPS}" / "adapter.safetensors").is_file()
-    else:  # the shards of the adapters and their optimizer state, not of the frozen base (rebuilt from model.*)
+        from safetensors import safe_open
+
+        with safe_open(out / f"step_{LORA_STEPS}" / "adapter.safetensors", "pt") as f:
+            keys = list(f.keys())
+    else:  # the shards of what trains and its optimizer state, not of the frozen base (rebuilt from model.*)
         from torch.distributed.checkpoint import FileSystemReader
 
         dcp = out / f"step_{LORA_STEPS}" / "dcp"
-        keys = [k for k in FileSystemReader(str(dcp)).read_metadata().state_dict_metadata if k.startswith("model.")]
-        assert keys and all("lora_" in k for k in keys), [k for k in keys if "lora_" not in k][:3]
-        assert sum(f.stat().st_size for f in dcp.iterdir()) < 2e6  # the fp32 base alone is 12.8 MB
+        keys = [k.removeprefix("model.") for k in FileSystemReader(str(dcp)).read_metadata().state_dict_metadata
+                if k.startswith("model.")]
+        # the fp32 base alone is 12.8 MB, of which its LM head 6.3 MB: the head's trained copy and its two moments
+        assert sum(f.stat().st_size for f in dcp.iterdir()) < 2e6 + 3 * 4 * 49152 * 32
+    assert keys and all("lora_" in k or ".modules_to_save." in k for k in keys), keys[:3]
+    assert sum(".modules_to_save." in k for k in keys) == saved
 
 
 def _assert_exported_is_trained(hf: Path, step: Path) -> None:

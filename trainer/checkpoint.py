@@ -102,7 +102,7 @@ class TorchParts:
         if set(state) != expected:
             raise CheckpointError(f"checkpoint {folder} does not match this run's adapters: missing "
                                   f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]} "
-                                  "(another adapter.rank or adapter.target_modules?)")
+                                  "(another adapter.rank, adapter.target_modules or adapter.modules_to_save?)")
         self.model.load_state_dict(state, strict=False)
 
     def load(self, folder: Path) -> None:

@@ -1,6 +1,6 @@
 """The dry run of the bundled configs at full size, beside the plan: no GPU needed.
 
-    python bench/dry_run.py                       # the four cases below, ~15 min on 2 cores
+    python bench/dry_run.py                       # the five cases below, ~20 min on 2 cores
     python bench/dry_run.py --cases 8b-128k       # one of them
 
 Each case is `longtune plan CFG --dry-run --json` in its own process (h100-pcie5 profile, budget 70 GB): one
@@ -28,6 +28,8 @@ NVME = ["memory.nvme_path={nvme}"]
 CASES = {
     "8b-128k": ["llama3-8b-128k"],
     "8b-longest": ["llama3-8b-128k", *NVME],  # data.seq_len: what --longest finds
+    # the same with the solver placing the optimizer state and the weights (issue 25: past a million tokens)
+    "8b-longest-auto": ["llama3-8b-128k", "memory.optimizer=auto", "memory.params=auto", *NVME],
     "70b-128k": ["llama3-70b-128k", *NVME],
     "8b-1m-sp8": ["llama3-8b-128k", "parallel.sequence_parallel=8", "data.seq_len=1048576",
                   "model.config.max_position_embeddings=1048576", "data.passkey.eval_samples=0",
@@ -50,7 +52,7 @@ def run(name: str, work: str) -> dict:
     nvme = Path(work) / f"nvme-{name}"
     nvme.mkdir()
     args = [a.format(nvme=nvme) for a in CASES[name]]
-    if name == "8b-longest":
+    if name.startswith("8b-longest"):
         n = longest(args, work)
         args += [f"data.seq_len={n}", f"model.config.max_position_embeddings={max(n, 131072)}"]
     start = time.perf_counter()

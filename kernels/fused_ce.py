@@ -48,6 +48,12 @@ forward; grad_hidden is written in hidden's dtype.
 Backward runs once: the saved gradients are scaled in place and released, so a
 second backward through the same graph (retain_graph=True) raises.
 
+`overwrite_hidden=True`: grad_hidden is written over `hidden` itself, chunk by
+chunk once the chunk's weight gradient has read it, so the step holds one
+[N, H] buffer instead of two (a caller whose hidden states are not used after
+the loss: the patched causal LM forward, models/patch.py). `hidden` then holds
+the gradient; the loss and every gradient are unchanged, bit for bit.
+
 The Triton kernel runs when `backend.use_triton(hidden)` (a GPU, or the CPU
 interpreter with TRITON_INTERPRET=1); otherwise the same chunk loop runs the CE
 part in plain torch (`fused_linear_cross_entropy_reference`), so memory stays
@@ -238,8 +244,10 @@ def _forward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    overwrite_hidden: bool = False,
 ):
-    """The loss and, as asked, grad_hidden, grad_weight, grad_bias for grad_output = 1."""
+    """The loss and, as asked, grad_hidden, grad_weight, grad_bias for grad_output = 1 (grad_hidden in hidden's own
+    storage with overwrite_hidden)."""
     n, h_size = hidden.shape
     v = weight.shape[0]
     device = hidden.device
@@ -269,7 +277,7 @@ def _forward(
 
     compute_grad = need_hidden or need_weight or need_bias
     loss_rows = torch.zeros(n, dtype=accum_dtype, device=device)
-    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_hidden = (hidden if overwrite_hidden else torch.empty_like(hidden)) if need_hidden else None
     grad_weight = torch.zeros(v, h_size, dtype=accum_dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(v, dtype=accum_dtype, device=device) if need_bias else None
 
@@ -284,13 +292,13 @@ def _forward(
         chunk_ce(logits, labels[start:end], loss_rows[start:end], ignore_index, scale, compute_grad)
         if compute_grad:  # logits now holds dlogits
             dlogits = logits if logits.dtype == hidden.dtype else logits.to(hidden.dtype)
-            if grad_hidden is not None:
-                torch.mm(dlogits, weight, out=grad_hidden[start:end])
-            if grad_weight is not None:
+            if grad_weight is not None:  # (before grad_hidden: that may be written over h)
                 if dlogits.dtype == accum_dtype:
                     grad_weight.addmm_(dlogits.t(), h)
                 else:
                     grad_weight.add_(torch.mm(dlogits.t(), h))
+            if grad_hidden is not None:
+                torch.mm(dlogits, weight, out=grad_hidden[start:end])
             if grad_bias is not None:
                 grad_bias.add_(logits.sum(0))
             del dlogits
@@ -307,14 +315,14 @@ def _forward(
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """forward(hidden [N,H], weight [V,H], bias [V] or None, labels [N], ignore_index, reduction,
-    num_items_in_batch, chunk_size, accum_dtype, use_kernel, needs (hidden, weight, bias))."""
+    num_items_in_batch, chunk_size, accum_dtype, use_kernel, needs (hidden, weight, bias), overwrite_hidden)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, num_items_in_batch,
-                chunk_size, accum_dtype, use_kernel, needs):
+                chunk_size, accum_dtype, use_kernel, needs, overwrite_hidden=False):
         chunk_ce = _chunk_ce_triton if use_kernel else _chunk_ce_torch
         loss, gh, gw, gb = _forward(hidden, weight, bias, labels, ignore_index, reduction, num_items_in_batch,
-                                    chunk_size, accum_dtype, chunk_ce, *needs)
+                                    chunk_size, accum_dtype, chunk_ce, *needs, overwrite_hidden=overwrite_hidden)
         ctx.grads = (gh, gw, gb)
         return loss
 
@@ -329,7 +337,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 if g is not None:
                     g.mul_(grad_output)
         gh, gw, gb = grads
-        return gh, gw, gb, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def _check(hidden, weight, labels, bias, reduction, num_items_in_batch, chunk_size, accum_dtype):
@@ -354,7 +362,7 @@ def _check(hidden, weight, labels, bias, reduction, num_items_in_batch, chunk_si
 
 
 def _apply(hidden, weight, labels, bias, ignore_index, reduction, num_items_in_batch, chunk_size,
-           accum_dtype, use_kernel: bool) -> torch.Tensor:
+           accum_dtype, use_kernel: bool, overwrite_hidden: bool = False) -> torch.Tensor:
     _check(hidden, weight, labels, bias, reduction, num_items_in_batch, chunk_size, accum_dtype)
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     if not hidden2.is_contiguous():
@@ -367,7 +375,7 @@ def _apply(hidden, weight, labels, bias, ignore_index, reduction, num_items_in_b
              grad_on and bias is not None and bias.requires_grad)
     return FusedLinearCrossEntropyFunction.apply(
         hidden2, weight, bias, labels, ignore_index, reduction, num_items_in_batch, chunk, accum_dtype,
-        use_kernel, needs,
+        use_kernel, needs, overwrite_hidden,
     )
 
 
@@ -381,10 +389,12 @@ def fused_linear_cross_entropy(
     num_items_in_batch=None,
     chunk_size: Optional[int] = None,
     accum_dtype: torch.dtype = torch.float32,
+    overwrite_hidden: bool = False,
 ) -> torch.Tensor:
-    """CE of (hidden @ weight.T + bias) against labels, chunk by chunk; Triton where it can run."""
+    """CE of (hidden @ weight.T + bias) against labels, chunk by chunk; Triton where it can run. overwrite_hidden:
+    the hidden states' gradient is written over them (see the module doc)."""
     return _apply(hidden, weight, labels, bias, ignore_index, reduction, num_items_in_batch, chunk_size,
-                  accum_dtype, use_kernel=use_triton(hidden))
+                  accum_dtype, use_kernel=use_triton(hidden), overwrite_hidden=overwrite_hidden)
 
 
 def fused_linear_cross_entropy_reference(

@@ -106,14 +106,17 @@ def _causal_lm_forward(original):
         shift_labels = kwargs.pop("shift_labels", None)  # targets shifted already (a sequence-parallel shard)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        if shift_labels is None:
-            hidden, targets = out.last_hidden_state[:, :-1, :], labels[:, 1:]
-        else:
-            hidden, targets = out.last_hidden_state, shift_labels
+        # Every position's hidden state, the last one's target ignored (not the states sliced [:, :-1]: the slice's
+        # backward would make a new zero-filled gradient of them all)
+        hidden = out.last_hidden_state
+        targets = shift_labels if shift_labels is not None else torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         targets = targets.to(hidden.device)
+        # The final norm's output is used by the loss alone (unless the caller asked for every hidden state): its
+        # gradient is written over it, one [tokens, hidden] buffer fewer at the head (planner/problem.head_bytes)
         loss = fused_linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), bias=self.lm_head.bias,
             num_items_in_batch=num_items_in_batch, chunk_size=self._longtune_ce_chunk,
+            overwrite_hidden=out.hidden_states is None,
         )
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)

@@ -31,12 +31,19 @@ only when every rank's queries are done, so the pre parts follow in a second pas
 
 Prefetch: when layer l's backward starts it waits for its own offloaded bytes and starts bringing back those
 of layer l - depth; the last layers' prefetch starts when the forward ends (behind the LM head).
+
+One full-length gradient per layer: a chunk's output gradient is read by that chunk's backward alone, so the
+input gradient is written over it, chunk by chunk, where the output gradient is one the runtime made itself (the
+gradient it handed autograd for the layer above, or the final norm's: the runtime runs the final norm too, its
+backward chunk by chunk). A gradient autograd made elsewhere may be shared (an add hands one tensor to both its
+inputs): that one is never written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -108,6 +115,23 @@ class _LayerFunction(torch.autograd.Function):
         return (dx, None, None, None, None, *grads)
 
 
+class _FinalNormFunction(torch.autograd.Function):
+    """The decoder's final norm, its backward chunk by chunk (ActivationRuntime._norm_backward)."""
+
+    @staticmethod
+    def forward(ctx, x, runtime, *params):
+        ctx.runtime, ctx.params = runtime, params
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return runtime.base.norm(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dx, grads = ctx.runtime._norm_backward(x, dy, list(ctx.params))
+        return (dx, None, *grads)
+
+
 class ActivationRuntime:
     """Patches a model's decoder stack to run `places` (see `plan_places`) with `stash` and `dispatcher`.
 
@@ -130,6 +154,7 @@ class ActivationRuntime:
         self.recompute_s = 0.0  # time spent recomputing dropped chunks (CUDA: measured by events, lazily)
         self._recompute_events: list = []
         self._step: Optional[dict] = None  # the running forward: cos/sin, documents
+        self._handed: Optional[weakref.ref] = None  # the last input gradient the runtime gave autograd
         self._originals = [(self.base, self.base.forward)] + [(layer, layer.forward) for layer in self.layers]
         self.base.forward = self._base_forward(self.base.forward)
         for i, layer in enumerate(self.layers):
@@ -174,7 +199,8 @@ class ActivationRuntime:
                     hidden = layer(hidden, position_embeddings=(cos, sin))
             finally:
                 self._step = None
-            return BaseModelOutputWithPast(last_hidden_state=base.norm(hidden))
+            norm_params = [p for p in base.norm.parameters() if p.requires_grad]
+            return BaseModelOutputWithPast(last_hidden_state=_FinalNormFunction.apply(hidden, self, *norm_params))
 
         return forward
 
@@ -387,6 +413,31 @@ class ActivationRuntime:
         return out
 
     # --- backward ---------------------------------------------------------------------------------
+    def _own(self, dy: torch.Tensor) -> bool:
+        """Whether `dy` is the gradient the runtime last handed autograd (which passes it on to the one node that
+        made that input): its bytes are the runtime's to write over."""
+        return self._handed is not None and self._handed() is dy
+
+    def _hand_over(self, dx: torch.Tensor) -> torch.Tensor:
+        self._handed = weakref.ref(dx)
+        return dx
+
+    def _norm_backward(self, x: torch.Tensor, dy: torch.Tensor, params: list):
+        """The final norm's backward, recomputed a chunk (the last layer's chunks) at a time: a chunk's temporaries
+        (fp32 in a bf16 model) instead of the whole sequence's; its weight gradient summed in fp32 and cast."""
+        sums: list[Optional[torch.Tensor]] = [None] * len(params)
+        dx = torch.empty_like(x)
+        norm = self.base.norm
+        for a, e in chunk_bounds(x.shape[1], len(self.places[-1]["input"])):
+            xl = x[:, a:e].detach().requires_grad_()
+            with torch.enable_grad():
+                out = norm(xl)
+            grads = torch.autograd.grad(out, [xl, *params], dy[:, a:e], allow_unused=True)
+            dx[:, a:e] = grads[0]
+            _accumulate(sums, grads[1:])
+            del out, grads
+        return self._hand_over(dx), [g.to(p.dtype) if g is not None else None for g, p in zip(sums, params)]
+
     def _backward(self, st: _LayerState, dy: torch.Tensor):
         l, d, stash = st.index, self.dispatcher, self.stash
         if l == len(self.layers) - 1:
@@ -399,6 +450,8 @@ class ActivationRuntime:
         param_edges = [get_gradient_edge(p) for p in params]
         sums: list[Optional[torch.Tensor]] = [None] * len(params)
         autocast = torch.autocast(dy.device.type, dtype=st.autocast[1]) if st.autocast[0] else contextlib.nullcontext()
+        # the input gradient goes over the output gradient where that is the runtime's own (see the module doc)
+        dx = dy if self._own(dy) and dy.is_contiguous() else torch.empty_like(dy, memory_format=torch.contiguous_format)
         dy = dy.contiguous()
         # Every stashed storage on the device now (kept or prefetched) is not recompute memory.
         resident = {storage_key(ref.stored.device) for ref in st.inputs + st.out}
@@ -408,7 +461,7 @@ class ActivationRuntime:
         try:
             with d.hooks(), autocast:
                 sweep = self._sweep if self.sequence is None else self._sweep_sequence
-                dx = sweep(st, dy, param_edges, sums)
+                sweep(st, dy, dx, param_edges, sums)
         finally:
             d.passthrough -= resident
         stash.release(l)
@@ -418,10 +471,11 @@ class ActivationRuntime:
             d.passthrough -= st.rope
             d.residency.phase(None)
         grads = [g.to(p.dtype) if g is not None else None for g, p in zip(sums, params)]
-        return dx, grads
+        return self._hand_over(dx), grads
 
-    def _sweep(self, st: _LayerState, dy: torch.Tensor, param_edges: list, sums: list) -> torch.Tensor:
-        """The backward of one layer, chunk by chunk from the last: post, attention of the chunk's queries, pre."""
+    def _sweep(self, st: _LayerState, dy: torch.Tensor, dx: torch.Tensor, param_edges: list, sums: list) -> None:
+        """The backward of one layer, chunk by chunk from the last: post, attention of the chunk's queries, pre.
+        Writes the input gradient into dx (which may be dy: chunk i's output gradient is read in step i alone)."""
         l, split, d = st.index, self.splits[st.index], self.dispatcher
         b, s, h = st.shape
         nq, nkv, hd = split.num_heads, split.num_kv_heads, split.head_dim
@@ -429,7 +483,6 @@ class ActivationRuntime:
         acc = torch.float32 if dy.dtype in (torch.bfloat16, torch.float16) else dy.dtype
         dk = torch.zeros(b, nkv, s, hd, dtype=acc, device=dy.device)
         dv = torch.zeros_like(dk)
-        dx = torch.empty_like(dy)
         key_block = max(e - a for a, e in st.bounds)
         for i in reversed(range(len(st.bounds))):
             a, e = st.bounds[i]
@@ -459,7 +512,6 @@ class ActivationRuntime:
                 d.release_recompute(scope)
             dx[:, a:e] = dx_i + grads[0]
             _accumulate(sums, grads[1:])
-        return dx
 
     def _post_backward(self, st: _LayerState, i: int, dy: torch.Tensor, param_edges: list, sums: list):
         """Chunk i's post part backward (recomputed if the plan dropped it): (its dx share, its attention output
@@ -483,7 +535,8 @@ class ActivationRuntime:
         _accumulate(sums, grads[2:])
         return grads[0], grads[1]
 
-    def _sweep_sequence(self, st: _LayerState, dy: torch.Tensor, param_edges: list, sums: list) -> torch.Tensor:
+    def _sweep_sequence(self, st: _LayerState, dy: torch.Tensor, dx: torch.Tensor, param_edges: list, sums: list
+                        ) -> None:
         """The backward of one layer under sequence parallelism, chunk by chunk from the last like `_sweep`; every
         rank of the group takes its chunk i together. K and V go to the head layout once; each chunk's post part
         gives its output gradient, whose attention backward (an all-to-all there and back) gives its dq. A key's
@@ -496,7 +549,7 @@ class ActivationRuntime:
         kh, vh = keys_values_to_heads(k, v, seq)
         del k, v
         dkh, dvh = gradient_sums(kh)
-        dx, dq = torch.empty_like(dy), dy.new_empty(b, s, nq, hd)
+        dq = dy.new_empty(b, s, nq, hd)
         for i in reversed(range(len(st.bounds))):
             a, e = st.bounds[i]
             dx[:, a:e], dattn = self._post_backward(st, i, dy, param_edges, sums)
@@ -532,7 +585,6 @@ class ActivationRuntime:
                 d.release_recompute(scope)
             dx[:, a:e] += grads[0]
             _accumulate(sums, grads[1:])
-        return dx
 
     def _keys_values(self, st: _LayerState):
         """K and V of every token for the attention backward, [b, nkv, s, d]."""

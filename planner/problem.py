@@ -636,23 +636,37 @@ LOSS_TOKEN_BYTES = 24  # the fused loss's per-token bookkeeping, with its tempor
 
 
 def head_bytes(shape: ModelShape, tokens: int, kernels: frozenset[str] = frozenset(),
-               loss_chunk_tokens: Optional[int] = None, head_trains: bool = True) -> float:
+               loss_chunk_tokens: Optional[int] = None, head_trains: bool = True,
+               norm_chunk_tokens: Optional[int] = None) -> float:
     """GPU bytes of the LM head's step: the final norm's saved tensors, the loss's logits workspace and the head's
     weight gradient (the fused loss computes it, with the hidden states', during the forward). An optimizer off
     the GPU takes that gradient in its hook, so the state counts it only after the head (timeline.state_rows).
-    `head_trains` False (adapters: the head is frozen): no weight gradient."""
+    `head_trains` False (adapters: the head is frozen): no weight gradient.
+    `norm_chunk_tokens`: the activation runtime runs the final norm (offload/activations._FinalNormFunction): it
+    saves its input alone, and its backward, that many tokens at a time, makes the input gradient beside the
+    output's; the step's head is the larger of the loss's forward and that backward."""
     h, v, wb = shape.layer.hidden, shape.vocab, shape.layer.dtype_bytes
     weight_grad = 1 if head_trains else 0
     cast = wb if wb < 4 else 0  # the model-dtype copy of an fp32 buffer (an fp32 model has none: .to() is a no-op)
-    # final norm, as the layer's post norm: its input (stored once), rstd, normed (stock only), output
-    norm = tokens * (wb * h + 4 + (0 if "rmsnorm" in kernels else wb * h) + wb * h)
-    if loss_chunk_tokens:  # logits of one chunk (fp32, and the model dtype), grad_hidden, grad_weight (fp32 + dtype),
-        # and per token the fp32 loss, the label masks and the per-chunk counts (kernels/fused_ce.py)
-        loss = (min(loss_chunk_tokens, tokens) * v * (4 + cast) + tokens * h * wb + weight_grad * v * h * (4 + cast)
-                + tokens * LOSS_TOKEN_BYTES)
+    if norm_chunk_tokens is None:  # final norm, as the layer's post norm: its input (stored once), rstd, normed
+        # (stock only), output
+        norm = tokens * (wb * h + 4 + (0 if "rmsnorm" in kernels else wb * h) + wb * h)
+    else:  # its input and output
+        norm = tokens * 2 * wb * h
+    if loss_chunk_tokens:  # logits of one chunk (fp32, and the model dtype), grad_weight (fp32 + dtype), and per
+        # token the fp32 loss, the label masks and the per-chunk counts (kernels/fused_ce.py); grad_hidden is written
+        # over the norm's output (models/patch.py: overwrite_hidden), or, with autograd's norm, counted apart
+        loss = (min(loss_chunk_tokens, tokens) * v * (4 + cast) + weight_grad * v * h * (4 + cast)
+                + tokens * LOSS_TOKEN_BYTES + (tokens * h * wb if norm_chunk_tokens is None else 0))
     else:  # full logits in the model dtype, their fp32 copy and the fp32 softmax grad, the head's weight grad
         loss = tokens * v * (wb + 8) + weight_grad * v * h * wb
-    return norm + loss
+    if norm_chunk_tokens is None:
+        return norm + loss
+    # the norm's backward: its input, the output's gradient and the input's, the head's weight gradient on its way
+    # to the optimizer, and a chunk's recompute (fp32 in a bf16 model: the upcast input, its square, the normed
+    # input, their gradients)
+    backward = tokens * 3 * wb * h + weight_grad * v * h * wb + min(norm_chunk_tokens, tokens) * h * 4 * 4
+    return max(norm + loss, backward)
 
 
 def all_to_all_bytes(shape: ModelShape, tokens: int, degree: int) -> tuple[float, float]:
@@ -682,8 +696,10 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
               attention of its queries (its output and logsumexp, the fp32 merge of its key blocks and one
               block's output: offload/attention.attention_forward_chunk), its graph's transients. Under sequence
               parallelism q of the shard too, in two passes (below);
-    backward: the output gradient and the input gradient, K and V of all tokens and their gradients (fp32 when
-              the model is bf16/fp16), the parameter gradients summed in fp32 and cast, and either one chunk's
+    backward: the output gradient (the input gradient is written over it chunk by chunk, from the last: a chunk's
+              output gradient is read by its own backward alone; offload/activations.py), K and V of all tokens
+              and their gradients (fp32 when the model is bf16/fp16), the parameter gradients summed in fp32 and
+              cast, and either one chunk's
               transients (its graph, run or recomputed, and their gradients; the recomputed chunk adds to it in
               the rows) or, between a chunk's post and pre graphs, with neither alive, the attention backward's
               own buffers (inventory.attention_backward_workspace: a chunk's queries against one block of
@@ -699,7 +715,7 @@ def layer_workspace(shape: ModelShape, tokens: int, chunks: int, saved: dict[str
                + chunk * (h * wb + (q + 2 * kv) * wb + saved["attn"] + q * (wb + 4))) + transient
     # (trained_params: of a layer, where not all of it trains: adapters)
     grads = (shape.layer_params if trained_params is None else trained_params) * (4 + (wb if wb < 4 else 0))
-    backward = tokens * (2 * h * wb + 2 * kv * wb + 2 * kv * acc) + grads
+    backward = tokens * (h * wb + 2 * kv * wb + 2 * kv * acc) + grads
     if sequence_parallel == 1:  # the earlier keys in blocks of a chunk's length (offload/attention.py)
         attention = sum(attention_backward_workspace(L, min(tokens - chunk, chunk), chunk).values())
     if sequence_parallel > 1:  # offload/ulysses.py, beside the buffers above
@@ -800,7 +816,8 @@ def build_problem(
         attention_phase_bytes=attention_phase + extra_workspace,
         forward_workspace_bytes=forward_phase + extra_workspace,
         head_bytes=head_bytes(shape, tokens, kernels, loss_chunk_tokens,
-                              head_trains=adapter is None or adapter.saved_params(shape)[3]),
+                              head_trains=adapter is None or adapter.saved_params(shape)[3],
+                              norm_chunk_tokens=chunk_tokens(tokens, chunks) if offload_activations else None),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
         state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding, adapter,

@@ -129,6 +129,27 @@ def test_every_class_place_and_token_split_is_exact(family, models, tmp_path):
         assert runtime.dispatcher.stash.unplanned_bytes == 0, (cls, place, n)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_each_layers_input_gradient_is_written_over_its_output_gradient(family, models, tmp_path, monkeypatch):
+    """One full-length gradient a layer: the input gradient goes over the output gradient the runtime made (the layer
+    above's, or its final norm's, run chunk by chunk), in every layer, and the gradients stay exact."""
+    from longtune.offload.activations import ActivationRuntime
+
+    model, ids, ref, _, _ = models[family]
+    same: list[bool] = []
+    backward = ActivationRuntime._backward
+
+    def recording(self, st, dy):
+        dx, grads = backward(self, st, dy)
+        same.append(dx.data_ptr() == dy.data_ptr())
+        return dx, grads
+
+    monkeypatch.setattr(ActivationRuntime, "_backward", recording)
+    got, _ = run_plan(model, plan_of(problem(tiny(family)), uniform(2, post={"recompute": 2, "gpu": 2})), ids, tmp_path)
+    assert_same(ref, got)
+    assert same == [True, True]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_documents_are_exact(family, models, tmp_path):
     """Attention never crosses a document: per-document calls of the core, equal to transformers' masked sdpa."""

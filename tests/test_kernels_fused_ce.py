@@ -249,3 +249,21 @@ def test_bf16_cuda_peak_memory_an_eighth_of_naive():
 
     fc.fused_linear_cross_entropy(hidden, weight, labels).backward()  # compile outside the measurement
     assert peak(fc.fused_linear_cross_entropy) * 8 <= peak(fc.linear_cross_entropy_naive)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_hidden_gives_the_same_loss_and_gradients_in_hiddens_own_bytes(backend):
+    """overwrite_hidden: the hidden states' gradient is written over them (the patched causal LM's loss), every
+    chunk's weight gradient having read the chunk first: loss and gradients bit for bit those of a separate buffer."""
+    hidden, weight, bias, labels = make()
+    want = run(fc.fused_linear_cross_entropy, hidden, weight, bias, labels, grad_scale=3.0, chunk_size=8)
+    states = hidden.detach().clone()
+    x = states.requires_grad_()  # a leaf whose bytes the loss takes over
+    inner = x.view(N, H)  # (autograd hands the gradient of this view back to the leaf: the same bytes)
+    for t in (weight, bias):
+        t.grad = None
+    loss = fc.fused_linear_cross_entropy(inner, weight, labels, bias=bias, chunk_size=8, overwrite_hidden=True)
+    (loss * 3.0).backward()
+    assert torch.equal(loss.detach(), want[0])
+    assert torch.equal(x.grad, want[1]) and torch.equal(weight.grad, want[2]) and torch.equal(bias.grad, want[3])
+    assert x.grad.data_ptr() == states.data_ptr()  # one buffer: the states' bytes hold their gradient

@@ -124,6 +124,12 @@ def _causal_lm_forward(original):
     return forward
 
 
+def loss_writes_over_hidden(model: torch.nn.Module) -> bool:
+    """Whether the model's loss is the fused one of `_causal_lm_forward`, which writes the final hidden states'
+    gradient over them."""
+    return hasattr(model, "_longtune_ce_chunk")
+
+
 def apply_kernels(
     model: torch.nn.Module,
     rmsnorm: bool = True,

@@ -52,6 +52,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from longtune.models.layers import check_supported, decoder, decoder_layers, split_layer
+from longtune.models.patch import loss_writes_over_hidden
 from longtune.planner.plan import CLASSES, RECOMPUTE
 
 from .attention import attention_backward_chunk, attention_forward_chunk, documents, forward_key_block
@@ -123,12 +124,17 @@ class _FinalNormFunction(torch.autograd.Function):
         ctx.runtime, ctx.params = runtime, params
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return runtime.base.norm(x)
+            out = runtime.base.norm(x)
+        # The fused loss writes its gradient over the output (models/patch.py): its bytes are held (they are alive
+        # until this backward anyway) so that a gradient coming back in them is known as the output's own
+        ctx.out = out.detach() if runtime.loss_writes_over_hidden else None
+        return out
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx, grads = ctx.runtime._norm_backward(x, dy, list(ctx.params))
+        dx, grads = ctx.runtime._norm_backward(x, dy, list(ctx.params), ctx.out)
+        ctx.out = None
         return (dx, None, *grads)
 
 
@@ -155,6 +161,7 @@ class ActivationRuntime:
         self._recompute_events: list = []
         self._step: Optional[dict] = None  # the running forward: cos/sin, documents
         self._handed: Optional[weakref.ref] = None  # the last input gradient the runtime gave autograd
+        self.loss_writes_over_hidden = loss_writes_over_hidden(model)
         self._originals = [(self.base, self.base.forward)] + [(layer, layer.forward) for layer in self.layers]
         self.base.forward = self._base_forward(self.base.forward)
         for i, layer in enumerate(self.layers):
@@ -422,11 +429,15 @@ class ActivationRuntime:
         self._handed = weakref.ref(dx)
         return dx
 
-    def _norm_backward(self, x: torch.Tensor, dy: torch.Tensor, params: list):
+    def _norm_backward(self, x: torch.Tensor, dy: torch.Tensor, params: list, out: Optional[torch.Tensor]):
         """The final norm's backward, recomputed a chunk (the last layer's chunks) at a time: a chunk's temporaries
-        (fp32 in a bf16 model) instead of the whole sequence's; its weight gradient summed in fp32 and cast."""
+        (fp32 in a bf16 model) instead of the whole sequence's; its weight gradient summed in fp32 and cast. The
+        input gradient goes over the output gradient where that lies in the norm's own output (`out`), which the
+        fused loss wrote it over."""
         sums: list[Optional[torch.Tensor]] = [None] * len(params)
-        dx = torch.empty_like(x)
+        own = (out is not None and dy.is_contiguous() and dy.shape == x.shape and storage_key(dy) == storage_key(out)
+               and dy.storage_offset() == out.storage_offset())
+        dx = dy if own else torch.empty_like(x)
         norm = self.base.norm
         for a, e in chunk_bounds(x.shape[1], len(self.places[-1]["input"])):
             xl = x[:, a:e].detach().requires_grad_()

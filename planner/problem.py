@@ -662,10 +662,11 @@ def head_bytes(shape: ModelShape, tokens: int, kernels: frozenset[str] = frozens
         loss = tokens * v * (wb + 8) + weight_grad * v * h * wb
     if norm_chunk_tokens is None:
         return norm + loss
-    # the norm's backward: its input, the output's gradient and the input's, the head's weight gradient on its way
-    # to the optimizer, and a chunk's recompute (fp32 in a bf16 model: the upcast input, its square, the normed
-    # input, their gradients)
-    backward = tokens * 3 * wb * h + weight_grad * v * h * wb + min(norm_chunk_tokens, tokens) * h * 4 * 4
+    # the norm's backward: its input, the output's gradient and the input's (written over the output's where the
+    # fused loss put that in the output's own bytes), the head's weight gradient on its way to the optimizer, and
+    # a chunk's recompute (fp32 in a bf16 model: the upcast input, its square, the normed input, their gradients)
+    gradients = 1 if loss_chunk_tokens else 2
+    backward = tokens * (1 + gradients) * wb * h + weight_grad * v * h * wb + min(norm_chunk_tokens, tokens) * h * 4 * 4
     return max(norm + loss, backward)
 
 

@@ -150,6 +150,29 @@ def test_each_layers_input_gradient_is_written_over_its_output_gradient(family, 
     assert same == [True, True]
 
 
+def test_the_final_norms_input_gradient_goes_over_the_fused_losss_gradient(tmp_path, monkeypatch):
+    """With the fused loss, which writes the hidden states' gradient over the final norm's output, the norm's input
+    gradient goes over that in turn, and the last layer's over it: one full-length gradient from the head down, and
+    the loss and gradients of the same model without the runtime."""
+    from longtune.models.patch import apply_kernels
+    from longtune.offload.activations import ActivationRuntime
+
+    model = build(tiny("llama"))
+    apply_kernels(model, rmsnorm=False, rope=False, swiglu=False, fused_ce=True, ce_chunk_tokens=16)
+    ids = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(3))
+    ref = grads_of(model, ids)
+    same: list[bool] = []
+    for name in ("_norm_backward", "_backward"):
+        def recording(self, *args, _original=getattr(ActivationRuntime, name)):
+            dx, grads = _original(self, *args)
+            same.append(dx.data_ptr() == args[1].data_ptr())
+            return dx, grads
+        monkeypatch.setattr(ActivationRuntime, name, recording)
+    got, _ = run_plan(model, plan_of(problem(tiny("llama")), uniform(2, pre={"host": 2, "gpu": 2})), ids, tmp_path)
+    assert_same(ref, got)
+    assert same == [True, True, True]  # the norm, then layers 1 and 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_documents_are_exact(family, models, tmp_path):
     """Attention never crosses a document: per-document calls of the core, equal to transformers' masked sdpa."""

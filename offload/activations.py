@@ -575,8 +575,9 @@ class ActivationRuntime:
                                                   s, split.scale, seq, dkh, dvh, key_block)
             del q, dattn
         del kh, vh
-        dk, dv = keys_values_from_heads(dkh, dvh, split.num_kv_heads, dy.dtype, seq)
-        del dkh, dvh
+        kv_sums = [dkh, dvh]
+        del dkh, dvh  # (each goes as it is cast back: keys_values_from_heads)
+        dk, dv = keys_values_from_heads(kv_sums, split.num_kv_heads, dy.dtype, seq)
         for i in reversed(range(len(st.bounds))):
             a, e = st.bounds[i]
             graph, scope = st.pre[i], None

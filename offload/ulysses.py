@@ -132,11 +132,17 @@ def keys_values_to_heads(k: torch.Tensor, v: torch.Tensor, seq: SequenceGroup) -
     return tuple(seq_to_heads(_expand_kv(t, seq.size), seq) for t in (k, v))
 
 
-def keys_values_from_heads(dkh: torch.Tensor, dvh: torch.Tensor, num_kv_heads: int, dtype: torch.dtype,
-                           seq: SequenceGroup) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients `attention_backward_shard` summed in the head layout ([b, n, P*s, d]) -> this rank's tokens,
-    [b, s, nkv, d] in `dtype`."""
-    return tuple(_reduce_kv(heads_to_seq(t.to(dtype).transpose(1, 2), seq), num_kv_heads) for t in (dkh, dvh))
+def keys_values_from_heads(sums: list[torch.Tensor], num_kv_heads: int, dtype: torch.dtype, seq: SequenceGroup
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients `attention_backward_shard` summed in the head layout, `sums` = [dkh, dvh] ([b, n, P*s, d]) ->
+    this rank's tokens, [b, s, nkv, d] in `dtype`. `sums` is emptied as they go: each sum (fp32 for bf16/fp16) is
+    let go once cast, before its all-to-all, where the caller holds no other reference."""
+    out = []
+    while sums:
+        t = sums.pop(0).to(dtype)
+        out.append(_reduce_kv(heads_to_seq(t.transpose(1, 2), seq), num_kv_heads))
+        del t
+    return tuple(out)
 
 
 def attention_backward_shard(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, kh: torch.Tensor,
@@ -180,11 +186,11 @@ def ulysses_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     """dq, dk, dv ([b, s, n, d], this rank's tokens, q's dtype) of `ulysses_forward`, given its out and lse:
     the whole shard as one chunk."""
     kh, vh = keys_values_to_heads(k, v, seq)
-    dkh, dvh = gradient_sums(kh)
+    sums = list(gradient_sums(kh))
     s = q.shape[1]
-    dq = attention_backward_shard(dout, q, out, kh, vh, lse, docs, (0, s), s, scale, seq, dkh, dvh)
+    dq = attention_backward_shard(dout, q, out, kh, vh, lse, docs, (0, s), s, scale, seq, *sums)
     del kh, vh
-    return (dq, *keys_values_from_heads(dkh, dvh, k.shape[2], q.dtype, seq))
+    return (dq, *keys_values_from_heads(sums, k.shape[2], q.dtype, seq))
 
 
 class UlyssesAttention(torch.autograd.Function):

@@ -48,6 +48,7 @@ BASELINE = "hf"
 PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 # A longtune probe's process peak against its baseline + the plan's device and host bytes: within this, either way.
 PROCESS_TOLERANCE = 0.05
+STEP_TOLERANCE = 0.10  # a longtune probe's measured step against the plan's predicted one (issue 25)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,24 @@ def run_probe(spec: dict, cap_gb: Optional[float], timeout_s: float, env: dict[s
     process = process_against_plan(result)
     if process:
         result["process"] = process
+    step = step_against_plan(result)
+    if step:
+        result["step_time"] = step
     return result
+
+
+def step_against_plan(r: dict) -> Optional[dict]:
+    """A longtune probe's last (timed) step beside the plan's prediction for it (`time_plan_s`, from the machine
+    profile the probe planned with), whole and by term: recompute (measured by the runtime) and the rest (compute,
+    the optimizer's exposed time, waits for copies), and whether the whole is within STEP_TOLERANCE."""
+    if not (r.get("ok") and r.get("time_plan_s")):
+        return None
+    measured, predicted = r["step_s"][-1], r["time_plan_s"]
+    recompute, recompute_plan = r.get("recompute_s", 0.0), r.get("recompute_plan_s", 0.0)
+    return {"measured_s": measured, "predicted_s": predicted, "ratio": measured / predicted,
+            "within": abs(measured / predicted - 1) <= STEP_TOLERANCE, "tolerance": STEP_TOLERANCE,
+            "terms": {"recompute": {"measured_s": recompute, "predicted_s": recompute_plan},
+                      "rest": {"measured_s": measured - recompute, "predicted_s": predicted - recompute_plan}}}
 
 
 def process_against_plan(r: dict) -> Optional[dict]:
@@ -148,6 +166,18 @@ def process_against_plan(r: dict) -> Optional[dict]:
 
 
 # --- bisection --------------------------------------------------------------------------------------------
+def cpu_compute_profile() -> dict:
+    """The CPU's fp32 matmul rate and attention efficiency, by `longtune probe`'s own measurements."""
+    import torch
+
+    from longtune.offload.probe import attention_tflops, matmul_tflops
+
+    cpu = torch.device("cpu")
+    peak = matmul_tflops(cpu, torch.float32, 1024)
+    return {"bf16_tflops": round(peak, 4), "matmul_efficiency": 1.0,
+            "attention_efficiency": round(min(attention_tflops(cpu, torch.float32, 1024) / peak, 1.0), 3)}
+
+
 def longest_fitting(ladder: tuple[int, ...], fits: Callable[[int], bool], start: int) -> tuple[Optional[int], Optional[int]]:
     """(the longest length of `ladder` that fits, the shortest that does not), by bisection from ladder[start];
     a length assumed to fit when a longer one does (memory grows with the length). None: none fits / all fit."""
@@ -164,6 +194,12 @@ def longest_fitting(ladder: tuple[int, ...], fits: Callable[[int], bool], start:
 # --- the suite ----------------------------------------------------------------------------------------------
 def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
     results = {"suite": name, "config": asdict(suite), "models": {}}
+    if suite.device == "cpu" and "longtune" in suite.systems:
+        # longtune plans with this machine's own compute figures, measured as `longtune probe` measures them, so
+        # that its predicted step times are this machine's (the links and tiers are the bench's fixed ones)
+        results["compute_profile"] = cpu_compute_profile()
+        log(f"this CPU, measured as `longtune probe` does: {results['compute_profile']['bf16_tflops']:.3f} TFLOPS "
+            f"(fp32 matmul), attention at {results['compute_profile']['attention_efficiency']:.2f} of it")
     deadline = time.monotonic() + suite.deadline_s if suite.deadline_s else None
     total = len(suite.models) * len(suite.systems)
     done = 0
@@ -177,7 +213,8 @@ def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
                 spec = {"system": system, "model": model, "seq": seq, "steps": suite.steps, "dtype": suite.dtype}
                 if system == "longtune":
                     if suite.device == "cpu":
-                        spec.update(budget_gb=suite.cap_gb - suite.reserve_gb - suite.host_gb, host_gb=suite.host_gb)
+                        spec.update(budget_gb=suite.cap_gb - suite.reserve_gb - suite.host_gb, host_gb=suite.host_gb,
+                                    compute=results.get("compute_profile"))
                     else:
                         spec["budget_gb"] = suite.cap_gb or "auto"
                 left = deadline - time.monotonic() if deadline else suite.probe_timeout_s
@@ -224,8 +261,9 @@ def _probe_line(r: dict) -> str:
         extra = f", plan {r['plan_peak_gb']:.2f} GB" if "plan_peak_gb" in r else ""
         cap = f", cgroup peak {r['cap']['peak_gb']:.2f} GB" if r.get("cap") else ""
         process = f"; {_process_words(r['process'])}" if r.get("process") else ""
+        step = f"; {_step_words(r['step_time'])}" if r.get("step_time") else ""
         return (f"fits: step {r['step_s'][-1]:.1f} s, {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gb']:.2f} GB"
-                f"{cap}{extra} ({r['wall_s']:.0f} s){process}")
+                f"{cap}{extra} ({r['wall_s']:.0f} s){process}{step}")
     return f"does not fit: {r.get('reason')}: {r.get('error', '')} ({r['wall_s']:.0f} s)"
 
 
@@ -234,6 +272,29 @@ def _process_words(p: dict) -> str:
     return (f"process {p['peak_gb']:.3f} GB = {p['ratio']:.3f} x (baseline {p['baseline_gb']:.3f} + plan "
             f"{p['plan_device_gb']:.3f} device + {p['plan_host_gb']:.3f} host = {p['predicted_gb']:.3f} GB): "
             f"{verdict} {p['tolerance']:.0%}")
+
+
+def _step_words(s: dict) -> str:
+    t = s["terms"]
+    return (f"step {s['measured_s']:.2f} s = {s['ratio']:.2f} x the plan's {s['predicted_s']:.2f} s "
+            f"({'within' if s['within'] else 'NOT within'} {s['tolerance']:.0%}; recompute "
+            f"{t['recompute']['measured_s']:.2f} / {t['recompute']['predicted_s']:.2f} s, the rest "
+            f"{t['rest']['measured_s']:.2f} / {t['rest']['predicted_s']:.2f} s)")
+
+
+def step_claim(results: dict) -> Optional[dict]:
+    """Over every longtune probe that fitted: is the measured step within STEP_TOLERANCE of the plan's?"""
+    probes = [(model, p) for model, rows in results["models"].items() for system, row in rows.items()
+              for p in row["probes"] if system == "longtune" and p.get("step_time")]
+    if not probes:
+        return None
+    ratios = [p["step_time"]["ratio"] for _, p in probes]
+    return {"claim": f"each longtune probe's measured step within {STEP_TOLERANCE:.0%} of the plan's predicted step "
+                     "(from the machine profile it planned with)",
+            "holds": all(p["step_time"]["within"] for _, p in probes), "probes": len(probes),
+            "ratios": {f"{model} @ {p['seq']}": p["step_time"]["ratio"] for model, p in probes},
+            "min_ratio": min(ratios), "max_ratio": max(ratios),
+            "compute_profile": results.get("compute_profile")}
 
 
 def process_claim(results: dict) -> Optional[dict]:
@@ -280,10 +341,12 @@ def table(results: dict, suite: Suite) -> str:
                                f"{p.get('mem_plan_gpu_gb', 0):.2f} GB")
                 if p.get("process"):
                     lines.append(f"    {_process_words(p['process'])}")
-    claim = process_claim(results)
-    if claim:
-        lines.append(f"\n{claim['claim']}: {'yes' if claim['holds'] else 'NO'}, at {claim['probes']} probe(s), "
-                     f"ratios {claim['min_ratio']:.3f}-{claim['max_ratio']:.3f}")
+                if p.get("step_time"):
+                    lines.append(f"    {_step_words(p['step_time'])}")
+    for claim in (process_claim(results), step_claim(results)):
+        if claim:
+            lines.append(f"\n{claim['claim']}: {'yes' if claim['holds'] else 'NO'}, at {claim['probes']} probe(s), "
+                         f"ratios {claim['min_ratio']:.3f}-{claim['max_ratio']:.3f}")
     return "\n".join(lines)
 
 
@@ -401,7 +464,8 @@ def run(args: argparse.Namespace, isolated_env: Callable[..., dict[str, str]]) -
               "command": " ".join(["longtune", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else
               " ".join(["python", "-m", "longtune.bench", *sys.argv[1:]]),
               "environment": {**env, "probe_env": PROBE_ENV},
-              "claims": {k: v for k, v in (("process_within_plan", process_claim(results)),) if v}, **results}
+              "claims": {k: v for k, v in (("process_within_plan", process_claim(results)),
+                                           ("step_time_within_plan", step_claim(results))) if v}, **results}
     tmp = Path(tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")[1])
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out)

@@ -258,8 +258,9 @@ def longtune(spec) -> dict:
     memory = {"budget_gb": spec["budget_gb"], "optimizer": "auto", "params": "auto", "nvme_path": str(work / "nvme")}
     if cpu:  # host RAM is the device here: the disk is the tier off it, with host_gb of the cap set aside
         # for what the tiers stage in host memory (the NVMe optimizer's gradient sums, pools)
-        machine = {"name": "cpu-bench", "gpu": {"memory_gb": 1000, "bf16_tflops": 0.2, "matmul_efficiency": 1,
-                                                "attention_efficiency": 0.5},
+        # the compute figures the runner measured on this CPU (bench/runner.cpu_compute_profile), else a guess
+        compute = spec.get("compute") or {"bf16_tflops": 0.2, "matmul_efficiency": 1, "attention_efficiency": 0.5}
+        machine = {"name": "cpu-bench", "gpu": {"memory_gb": 1000, **compute},
                    "tiers": {"host": {"capacity_gb": 1000, "to_gpu_gbps": 8, "from_gpu_gbps": 8},
                              "nvme": {"capacity_gb": 200, "to_gpu_gbps": 2, "from_gpu_gbps": 2}}}
         (work / "machine.yaml").write_text(yaml.safe_dump(machine))
@@ -305,7 +306,8 @@ def longtune(spec) -> dict:
               "plan_tiers_gb": {k: v / GB for k, v in plan.predicted["peak_bytes"].items() if k != "gpu" and v},
               # the process's memory outside the plan, measured by the trainer right before step 1 (trainer/memory.py)
               "baseline_gb": steps[0].get("mem_baseline_gb"), "baseline_source": steps[0].get("mem_baseline_source"),
-              **{k: v for k, v in last.items() if k.startswith(("mem_", "recompute_s", "offload_wait_s"))
+              **{k: v for k, v in last.items() if k.startswith(("mem_", "recompute_s", "offload_wait_s", "time_plan_s",
+                                                                 "recompute_plan_s"))
                  and not k.startswith("mem_baseline")}}
     if cpu:
         result["peak_gb"] = peak_rss / GB

@@ -282,33 +282,29 @@ def _step_words(s: dict) -> str:
             f"{t['rest']['measured_s']:.2f} / {t['rest']['predicted_s']:.2f} s)")
 
 
-def step_claim(results: dict) -> Optional[dict]:
-    """Over every longtune probe that fitted: is the measured step within STEP_TOLERANCE of the plan's?"""
+def _claim(results: dict, key: str, claim: str) -> Optional[dict]:
+    """Over every longtune probe that fitted and carries `key` (a comparison with a ratio and a verdict): whether
+    each is within its tolerance."""
     probes = [(model, p) for model, rows in results["models"].items() for system, row in rows.items()
-              for p in row["probes"] if system == "longtune" and p.get("step_time")]
+              for p in row["probes"] if system == "longtune" and p.get(key)]
     if not probes:
         return None
-    ratios = [p["step_time"]["ratio"] for _, p in probes]
-    return {"claim": f"each longtune probe's measured step within {STEP_TOLERANCE:.0%} of the plan's predicted step "
-                     "(from the machine profile it planned with)",
-            "holds": all(p["step_time"]["within"] for _, p in probes), "probes": len(probes),
-            "ratios": {f"{model} @ {p['seq']}": p["step_time"]["ratio"] for model, p in probes},
-            "min_ratio": min(ratios), "max_ratio": max(ratios),
-            "compute_profile": results.get("compute_profile")}
+    ratios = {f"{model} @ {p['seq']}": p[key]["ratio"] for model, p in probes}
+    return {"claim": claim, "holds": all(p[key]["within"] for _, p in probes), "probes": len(probes),
+            "ratios": ratios, "min_ratio": min(ratios.values()), "max_ratio": max(ratios.values())}
+
+
+def step_claim(results: dict) -> Optional[dict]:
+    """Is every longtune probe's measured step within STEP_TOLERANCE of the plan's?"""
+    claim = _claim(results, "step_time", f"each longtune probe's measured step within {STEP_TOLERANCE:.0%} of the "
+                                         "plan's predicted step (from the machine profile it planned with)")
+    return claim and {**claim, "compute_profile": results.get("compute_profile")}
 
 
 def process_claim(results: dict) -> Optional[dict]:
-    """Over every longtune probe that fitted: does the process stay within PROCESS_TOLERANCE of baseline + plan?"""
-    probes = [(model, p) for model, rows in results["models"].items() for system, row in rows.items()
-              for p in row["probes"] if system == "longtune" and p.get("process")]
-    if not probes:
-        return None
-    ratios = [p["process"]["ratio"] for _, p in probes]
-    return {"claim": f"each longtune probe's process peak (cgroup) within {PROCESS_TOLERANCE:.0%} of its baseline + "
-                     "the plan's device and host bytes",
-            "holds": all(p["process"]["within"] for _, p in probes), "probes": len(probes),
-            "ratios": {f"{model} @ {p['seq']}": p["process"]["ratio"] for model, p in probes},
-            "min_ratio": min(ratios), "max_ratio": max(ratios)}
+    """Does every longtune probe's process stay within PROCESS_TOLERANCE of its baseline + its plan?"""
+    return _claim(results, "process", f"each longtune probe's process peak (cgroup) within {PROCESS_TOLERANCE:.0%} "
+                                      "of its baseline + the plan's device and host bytes")
 
 
 def table(results: dict, suite: Suite) -> str:

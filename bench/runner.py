@@ -138,16 +138,22 @@ def run_probe(spec: dict, cap_gb: Optional[float], timeout_s: float, env: dict[s
 
 def step_against_plan(r: dict) -> Optional[dict]:
     """A longtune probe's last (timed) step beside the plan's prediction for it (`time_plan_s`, from the machine
-    profile the probe planned with), whole and by term: recompute (measured by the runtime) and the rest (compute,
-    the optimizer's exposed time, waits for copies), and whether the whole is within STEP_TOLERANCE."""
+    profile the probe planned with), whole and by term, and whether the whole is within STEP_TOLERANCE. Terms:
+    recompute (the runtime times it); waits (the time the step waited for copies and the tiers, measured by the
+    runtime, against the plan's exposed transfers and the state placement's time); compute (the rest)."""
     if not (r.get("ok") and r.get("time_plan_s")):
         return None
     measured, predicted = r["step_s"][-1], r["time_plan_s"]
+    plan = r.get("plan_step_s") or {}
     recompute, recompute_plan = r.get("recompute_s", 0.0), r.get("recompute_plan_s", 0.0)
+    waits = r.get("offload_wait_s", 0.0)
+    waits_plan = (plan.get("exposed_transfer_s") or 0.0) + (plan.get("state_s") or 0.0)
     return {"measured_s": measured, "predicted_s": predicted, "ratio": measured / predicted,
             "within": abs(measured / predicted - 1) <= STEP_TOLERANCE, "tolerance": STEP_TOLERANCE,
             "terms": {"recompute": {"measured_s": recompute, "predicted_s": recompute_plan},
-                      "rest": {"measured_s": measured - recompute, "predicted_s": predicted - recompute_plan}}}
+                      "waits": {"measured_s": waits, "predicted_s": waits_plan},
+                      "compute": {"measured_s": measured - recompute - waits,
+                                  "predicted_s": predicted - recompute_plan - waits_plan}}}
 
 
 def process_against_plan(r: dict) -> Optional[dict]:
@@ -277,9 +283,8 @@ def _process_words(p: dict) -> str:
 def _step_words(s: dict) -> str:
     t = s["terms"]
     return (f"step {s['measured_s']:.2f} s = {s['ratio']:.2f} x the plan's {s['predicted_s']:.2f} s "
-            f"({'within' if s['within'] else 'NOT within'} {s['tolerance']:.0%}; recompute "
-            f"{t['recompute']['measured_s']:.2f} / {t['recompute']['predicted_s']:.2f} s, the rest "
-            f"{t['rest']['measured_s']:.2f} / {t['rest']['predicted_s']:.2f} s)")
+            f"({'within' if s['within'] else 'NOT within'} {s['tolerance']:.0%}; measured / planned: "
+            + ", ".join(f"{name} {v['measured_s']:.2f} / {v['predicted_s']:.2f} s" for name, v in t.items()) + ")")
 
 
 def _claim(results: dict, key: str, claim: str) -> Optional[dict]:

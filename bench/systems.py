@@ -303,6 +303,9 @@ def longtune(spec) -> dict:
               "solve_s": plan.solver.get("solve_s"),
               "plan_places": places, "optimizer_tier": plan.optimizer_tier, "params_tier": plan.params_tier,
               "plan_peak_gb": plan.predicted["peak_bytes"]["gpu"] / GB,
+              # the plan's step by term, for one micro-batch (the probes run one)
+              "plan_step_s": {k: plan.predicted.get(k) for k in ("compute_s", "recompute_s", "exposed_transfer_s",
+                                                                "state_s")},
               "plan_tiers_gb": {k: v / GB for k, v in plan.predicted["peak_bytes"].items() if k != "gpu" and v},
               # the process's memory outside the plan, measured by the trainer right before step 1 (trainer/memory.py)
               "baseline_gb": steps[0].get("mem_baseline_gb"), "baseline_source": steps[0].get("mem_baseline_source"),

@@ -109,7 +109,10 @@ def _causal_lm_forward(original):
         # Every position's hidden state, the last one's target ignored (not the states sliced [:, :-1]: the slice's
         # backward would make a new zero-filled gradient of them all)
         hidden = out.last_hidden_state
-        targets = shift_labels if shift_labels is not None else torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        if shift_labels is None:
+            targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        else:
+            targets = shift_labels
         targets = targets.to(hidden.device)
         # The final norm's output is used by the loss alone (unless the caller asked for every hidden state): its
         # gradient is written over it, one [tokens, hidden] buffer fewer at the head (planner/problem.head_bytes)

@@ -442,12 +442,12 @@ class ActivationRuntime:
         for a, e in chunk_bounds(x.shape[1], len(self.places[-1]["input"])):
             xl = x[:, a:e].detach().requires_grad_()
             with torch.enable_grad():
-                out = norm(xl)
-            grads = torch.autograd.grad(out, [xl, *params], dy[:, a:e], allow_unused=True)
+                y = norm(xl)
+            grads = torch.autograd.grad(y, [xl, *params], dy[:, a:e], allow_unused=True)
             dx[:, a:e] = grads[0]
             _accumulate(sums, grads[1:])
-            del out, grads
-        return self._hand_over(dx), [g.to(p.dtype) if g is not None else None for g, p in zip(sums, params)]
+            del y, grads
+        return self._hand_over(dx), _as_params(sums, params)
 
     def _backward(self, st: _LayerState, dy: torch.Tensor):
         l, d, stash = st.index, self.dispatcher, self.stash
@@ -481,8 +481,7 @@ class ActivationRuntime:
         if l == 0:
             d.passthrough -= st.rope
             d.residency.phase(None)
-        grads = [g.to(p.dtype) if g is not None else None for g, p in zip(sums, params)]
-        return self._hand_over(dx), grads
+        return self._hand_over(dx), _as_params(sums, params)
 
     def _sweep(self, st: _LayerState, dy: torch.Tensor, dx: torch.Tensor, param_edges: list, sums: list) -> None:
         """The backward of one layer, chunk by chunk from the last: post, attention of the chunk's queries, pre.
@@ -656,6 +655,11 @@ def _accumulate(sums: list, grads) -> None:
             sums[j] = g.float() if g.dtype != torch.float32 else g
         else:
             sums[j] += g
+
+
+def _as_params(sums: list, params: list) -> list:
+    """The fp32 gradient sums cast to their parameters' dtypes, as autograd hands them on (None where unused)."""
+    return [g.to(p.dtype) if g is not None else None for g, p in zip(sums, params)]
 
 
 def plan_places(layers: list[dict[str, dict[str, int]]], tier_order: tuple[str, ...] = ("host", "cxl", "nvme")

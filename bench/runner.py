@@ -71,7 +71,7 @@ class Suite:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-CPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu")
+CPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu", "deepspeed-zero3-offload")
 GPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu", "hf-liger", "hf-gc-galore", "deepspeed-zero3-offload")
 SUITES = {
     "cpu": Suite(("smollm2-135m",), CPU_SYSTEMS, (1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384), 4096,

@@ -16,7 +16,11 @@ Systems (every one trains: forward, backward and an AdamW step on every weight, 
   hf-gc-galore    transformers + gradient checkpointing + galore-torch's GaLoreAdamW (rank 128) on the 2-D
                   weights of the decoder layers: the optimizer-memory peer
   deepspeed-zero3-offload  DeepSpeed ZeRO-3 with the optimizer and parameters offloaded to the CPU, gradient
-                  checkpointing on (what ZeRO-Infinity users run); GPU
+                  checkpointing on (what ZeRO-Infinity users run), in one process; DeepSpeed's CPU Adam on a GPU,
+                  torch's AdamW on a CPU machine (nothing to compile; there the offload moves nothing)
+
+The transformers and DeepSpeed systems build the same model the same way (random weights from seed 0 for the
+random architectures) and train on the same tokens: their losses at a step agree to rounding.
 
 What it reports: the time of each step (the last is the steady one), tokens/s of the last step, the peak memory
 it saw itself (the device's allocator peak on a GPU, the process RSS sampled every 5 ms on the CPU), and for
@@ -107,6 +111,7 @@ def _hf_model(spec, attn: str = "sdpa"):
     else:
         arch = dict(ARCHS[spec["model"]])
         config = AutoConfig.for_model(arch.pop("model_type"), max_position_embeddings=max(spec["seq"], 8192), **arch)
+        torch.manual_seed(0)  # random weights, the same in every system's probe: their losses compare
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False
@@ -163,7 +168,8 @@ def _flops(model, tokens_per_s: float, seq: int, device) -> dict:
     from longtune.trainer.metrics import peak_flops, train_flops_per_token
 
     c = model.config
-    flops = train_flops_per_token(sum(p.numel() for p in model.parameters()), c.num_hidden_layers, c.hidden_size, seq)
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves its parameters empty
+    flops = train_flops_per_token(n, c.num_hidden_layers, c.hidden_size, seq)
     peak = peak_flops(device)
     return {"tflops": flops * tokens_per_s / 1e12, "mfu": flops * tokens_per_s / peak if peak else None}
 
@@ -210,10 +216,30 @@ def hf_gc_galore(spec) -> dict:
 
 
 def deepspeed_zero3_offload(spec) -> dict:
+    """DeepSpeed ZeRO-3, optimizer and parameters offloaded to the CPU, gradient checkpointing on, in this one
+    process (a group of one: gloo on the CPU, NCCL on a GPU).
+
+    The optimizer: on a GPU DeepSpeed's own AdamW type (DeepSpeedCPUAdam steps the offloaded fp32 shard), as
+    ZeRO-Infinity users run it. On the CPU, torch's AdamW (`_adamw`, as the transformers systems use) handed to
+    deepspeed.initialize with `zero_force_ds_cpu_optimizer` off (as trainer/deepspeed_strategy.py does):
+    DeepSpeedCPUAdam is compiled with ninja on first use (about a minute, and it needs a C++ compiler), and so is
+    DeepSpeed's shared-memory all-reduce op (about 3 minutes), which is switched off there (one process has nothing
+    to all-reduce with). On the CPU the "offload" moves nothing (host RAM is the device) and shows its overhead.
+    """
+    import logging
     import socket
+    import warnings
+
+    import torch
+
+    import longtune.trainer.deepspeed_files  # noqa: F401 -- picks DeepSpeed's CPU accelerator without CUDA, first
 
     import deepspeed
 
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    # ZeRO calls the collectives under their old names; torch warns on every call
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated\. Please use .*_single")
+    cuda = torch.cuda.is_available()
     with socket.socket() as sock:  # one process is its own group
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -223,11 +249,20 @@ def deepspeed_zero3_offload(spec) -> dict:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "bf16": {"enabled": spec["dtype"] == "bfloat16"},
-              "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                                    "offload_param": {"device": "cpu", "pin_memory": True}},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    return _train_hf(spec, model, None, engine=engine)
+              "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": cuda},
+                                    "offload_param": {"device": "cpu", "pin_memory": cuda}},
+              "steps_per_print": 10**9}
+    if cuda:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-5}}
+        optimizer = None
+    else:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build; gloo does the work
+        config.update(zero_force_ds_cpu_optimizer=False, zero_allow_untested_optimizer=True)
+        optimizer = _adamw(model)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
+                                      config=config)
+    optimizer_name = type(engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer)
+    return {**_train_hf(spec, model, None, engine=engine), "optimizer": optimizer_name.__name__}
 
 
 # --- longtune ---------------------------------------------------------------------------------------

@@ -106,3 +106,23 @@ def test_bad_bench_arguments_are_one_line_errors(tmp_path):
     gpu = run_cli("bench", "gpu")
     assert gpu.returncode == 2 and "the gpu suite needs a CUDA GPU; run `longtune bench cpu` here" in gpu.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_deepspeed_zero3_offload_trains_on_the_cpu_as_transformers_does(tmp_path):
+    """The DeepSpeed peer in one process on a CPU machine: gloo, torch's AdamW, nothing compiled (any JIT build would
+    land in TORCH_EXTENSIONS_DIR), and the same first-step loss as transformers on the same weights and tokens."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path: on a GPU the probe takes DeepSpeed's own CPU Adam")
+    from longtune.bench.runner import PROBE_ENV, run_probe
+    from longtune.launch.isolation import safe_env
+
+    extensions = tmp_path / "torch_extensions"
+    env = safe_env(TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=str(extensions), **PROBE_ENV)
+    spec = {"model": "tiny", "seq": 128, "steps": 1, "dtype": "float32"}
+    ds, hf = (run_probe({**spec, "system": s}, None, 120, env) for s in ("deepspeed-zero3-offload", "hf-gc"))
+    assert ds["ok"] and hf["ok"], (ds, hf)
+    assert ds["optimizer"] == "AdamW" and not extensions.exists()
+    assert ds["loss"] == pytest.approx(hf["loss"], rel=1e-5) and 10 < ds["loss"] < 12  # ln(49152) = 10.8
+    assert ds["peak_gb"] > 0 and ds["tflops"] > 0 and len(ds["step_s"]) == 1

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--size-mb", type=int, default=1024, help="working set of each bandwidth test (default: 1024)")
     probe.add_argument("--nvme-backend", choices=["auto", "threads", "aio"], default="auto")
     probe.add_argument("--emulate-cxl-gbps", type=float, help="with no CXL node, emulate a cxl tier on the local node at this bandwidth")
+    probe.add_argument("--config", help="also time this config's model (its kernels in) at two lengths and write the "
+                       "matmul and attention rates at which the planner's step time equals it (predictions for this model)")
+    probe.add_argument("--lengths", default="1024,4096", help="with --config: the two sequence lengths (default: 1024,4096)")
 
     from longtune.bench.runner import add_arguments as bench_arguments
 
@@ -489,6 +492,45 @@ def _longest_lines(cfg, machine, world: int, longest: list) -> str:
     return "\n".join(lines)
 
 
+def _probe_lengths(text: str) -> tuple[int, int]:
+    try:
+        lengths = tuple(sorted(int(x) for x in text.split(",")))
+    except ValueError:
+        lengths = ()
+    if len(lengths) != 2 or lengths[0] < 16 or lengths[1] < 2 * lengths[0]:
+        raise UsageError(f"longtune probe: --lengths takes two token counts, the second at least twice the first "
+                         f"(e.g. 1024,4096), got {text!r}")
+    return lengths
+
+
+def _model_compute(config: str, lengths: tuple[int, int], peak_flops: float, attention_flops: float) -> dict:
+    """`longtune probe --config`: the config's model, as a run builds and patches it, timed at two lengths."""
+    from longtune.offload.probe import model_compute
+    from longtune.planner.problem import ModelShape
+    from longtune.trainer.config import load_config
+    from longtune.trainer.model import build_model, patch_model
+    from longtune.trainer.planning import hf_config_dict
+
+    from longtune.trainer.memory import steady_allocator
+
+    cfg = load_config(config)
+    print(f"timing the model of {config} at {lengths[0]:,} and {lengths[1]:,} tokens ...")
+    steady_allocator()  # as a run's runtime sets it: on a CPU the allocator's page faults are part of the step
+    model = build_model(cfg.model).to(_device()).train()
+    patch_model(model, cfg)
+    shape = ModelShape.from_hf_config(hf_config_dict(cfg), cfg.model.dtype)
+    try:
+        return model_compute(model, shape, lengths, peak_flops, attention_flops)
+    except ValueError as e:
+        raise UsageError(f"longtune probe --config: {e}") from None
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def run_probe(args: argparse.Namespace) -> int:
     import yaml
 
@@ -496,7 +538,12 @@ def run_probe(args: argparse.Namespace) -> int:
 
     if args.size_mb < 16:
         raise UsageError(f"longtune probe: --size-mb must be at least 16, got {args.size_mb}")
+    lengths = _probe_lengths(args.lengths) if args.config else None
     profile = probe(args.nvme_path, args.size_mb, args.emulate_cxl_gbps, args.nvme_backend)
+    if args.config:
+        gpu = profile["gpu"]
+        gpu.update(_model_compute(args.config, lengths, gpu["bf16_tflops"] * 1e12,
+                                  gpu["bf16_tflops"] * gpu["attention_efficiency"] * 1e12))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# Measured by `longtune probe` on {profile['measured']['date']}\n" + yaml.safe_dump(profile, sort_keys=False))

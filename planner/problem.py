@@ -284,6 +284,37 @@ class ModelShape:
         return self.num_layers * self.layer_params + embeddings + self.layer.hidden
 
 
+def step_flops(shape: ModelShape) -> tuple[float, float]:
+    """One training step of one sequence of T tokens as build_problem prices it (forward and backward, nothing
+    recomputed): (FLOPs per token, at the matmul rate; FLOPs per token squared, at the attention rate). Every
+    matmul runs three times (forward; the input's and the weight's gradients), the LM head's included; causal
+    attention's forward is 2 T^2 q_dim FLOPs and its backward 2.5 times that (flash)."""
+    matmul = 6 * (shape.num_layers * (shape.pre_matmul_params + shape.post_matmul_params) + shape.layer.hidden * shape.vocab)
+    return float(matmul), 7.0 * shape.num_layers * shape.q_dim
+
+
+def fitted_rates(shape: ModelShape, seconds: dict[int, float], attention_rate: Optional[float] = None) -> tuple[float, float]:
+    """The matmul and attention rates (FLOP/s) at which the planner's compute of a step equals the model's own
+    step times measured at two lengths ({tokens: seconds}; `longtune probe --config`): a step is a T + b T^2
+    seconds, so two lengths give a (the matmuls, and every cost that grows with the tokens: norms, activations,
+    the loss) and b (attention). Where the attention is too small beside the rest to show (b <= 0: a small
+    model's fixed costs shrink per token as the length grows), `attention_rate` (the attention kernel's own,
+    measured) prices it and a is fitted to the longer length."""
+    if len(seconds) != 2:
+        raise ValueError(f"two lengths are needed, got {sorted(seconds)}")
+    (t1, s1), (t2, s2) = sorted(seconds.items())
+    matmul, attention = step_flops(shape)
+    b = (s2 / t2 - s1 / t1) / (t2 - t1)
+    a = s1 / t1 - b * t1
+    if b <= 0 and attention_rate:
+        b = attention / attention_rate
+        a = s2 / t2 - b * t2
+    if a <= 0 or b <= 0:
+        raise ValueError(f"step times {s1:.3f} s at {t1} tokens and {s2:.3f} s at {t2} do not grow as a T + b T^2 "
+                         "(too noisy, or lengths too close): measure again, or at lengths further apart")
+    return matmul / a, attention / b
+
+
 # Host bytes per parameter with the optimizer off the GPU: fp32 master, two moments, the fp32 gradient sum;
 # on NVMe the master and moments go to the drive and the gradient sum stays on the host.
 HOST_OPTIMIZER_BYTES, NVME_OPTIMIZER_BYTES, NVME_HOST_OPTIMIZER_BYTES = 16, 12, 4

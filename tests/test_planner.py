@@ -389,3 +389,22 @@ def test_the_host_buffers_nvme_activations_pass_through_are_counted_in_the_host_
     assert state_host + host_acts + ring <= capacity
     half = [{**layer, "input": {"host" if l < 3 else "nvme": G}} for l, layer in enumerate(plan.layers)]
     assert evaluate(tight, half, plan.state).violations  # three and three: the host would overflow
+
+
+def test_fitted_rates_make_the_planned_compute_equal_the_measured_steps():
+    """`longtune probe --config` times the model at two lengths and fits the matmul and attention rates: a plan
+    built with them predicts exactly those step times (its compute: every layer's forward and backward + the
+    head), so the fit and build_problem price a step alike; a step time that does not grow is refused."""
+    from longtune.planner.problem import fitted_rates
+
+    shape = ModelShape.from_hf_config({**LLAMA_8B, "num_hidden_layers": 4}, "bfloat16")
+    measured = {1024: 0.5, 4096: 3.1}
+    matmul, attention = fitted_rates(shape, measured)
+    peak = max(matmul, attention)
+    machine = Machine("fitted", 80e9, peak, matmul / peak, attention / peak, ())
+    for tokens, seconds in measured.items():
+        problem = build_problem(shape, tokens, machine, chunks=1, optimizer="gpu")
+        planned = problem.num_layers * (problem.layer_fwd_s + problem.layer_bwd_s) + problem.head_s
+        assert planned == pytest.approx(seconds, rel=1e-9)
+    with pytest.raises(ValueError, match="do not grow"):
+        fitted_rates(shape, {1024: 2.0, 4096: 2.0})

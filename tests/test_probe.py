@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import yaml
 from conftest import run_cli, write_yaml
 
@@ -33,3 +36,21 @@ def test_probe_rejects_a_tiny_working_set(tmp_path):
     result = run_cli("probe", "--out", tmp_path / "m.yaml", "--size-mb", 1)
     assert result.returncode == 2
     assert "--size-mb must be at least 16" in result.stderr
+
+
+def test_probe_config_times_the_model_and_the_plan_predicts_its_step(tmp_path, tiny_config):
+    """`longtune probe --config`: the config's model timed at two lengths; a plan made with the profile
+    predicts (compute, nothing offloaded or recomputed) the step time measured at the longer length."""
+    config = write_yaml(tmp_path / "c.yaml", {**tiny_config, "data": {**tiny_config["data"], "seq_len": 2048}})
+    out = tmp_path / "machine.yaml"
+    result = run_cli("probe", "--out", out, "--size-mb", 16, "--config", config, "--lengths", "256,2048")
+    assert result.returncode == 0, result.stderr
+    gpu = yaml.safe_load(out.read_text())["gpu"]
+    measured = gpu["calibrated"]["step_s"]["2048"]
+    assert 0 < gpu["matmul_efficiency"] <= 1 and 0 < gpu["attention_efficiency"] <= 1
+    plan = run_cli("plan", config, "--machine", out, "--json")
+    assert plan.returncode == 0, plan.stderr
+    predicted = json.loads(plan.stdout)["predicted"]["compute_s"]
+    assert predicted == pytest.approx(measured, rel=0.01)  # the profile's figures are rounded to 4 digits
+    bad = run_cli("probe", "--out", out, "--config", config, "--lengths", "256,300")
+    assert bad.returncode == 2 and "--lengths takes two token counts" in bad.stderr

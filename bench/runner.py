@@ -172,16 +172,36 @@ def process_against_plan(r: dict) -> Optional[dict]:
 
 
 # --- bisection --------------------------------------------------------------------------------------------
-def cpu_compute_profile() -> dict:
-    """The CPU's fp32 matmul rate and attention efficiency, by `longtune probe`'s own measurements."""
-    import torch
+def machine_profile(suite: "Suite", env: dict[str, str], log=print) -> dict:
+    """This CPU as `longtune probe --config` measures it for the suite's longtune config: the model's own step at
+    two of the ladder's lengths (the compute rates the plan prices a step at), host memcpy and the disk under a
+    temporary folder (the links); capacities left to the suite (the cap is the device's: it is not the profile's
+    to say). Run in a child process, as a user runs it, so the runner holds no model."""
+    import yaml
 
-    from longtune.offload.probe import attention_tflops, matmul_tflops
+    from .systems import longtune_config
 
-    cpu = torch.device("cpu")
-    peak = matmul_tflops(cpu, torch.float32, 1024)
-    return {"bf16_tflops": round(peak, 4), "matmul_efficiency": 1.0,
-            "attention_efficiency": round(min(attention_tflops(cpu, torch.float32, 1024) / peak, 1.0), 3)}
+    short = suite.ladder[0]
+    long = max(n for n in suite.ladder if n <= max(4096, 2 * short))
+    with tempfile.TemporaryDirectory(prefix="longtune-bench-probe-") as tmp:
+        work = Path(tmp)
+        spec = {"model": suite.models[0], "seq": long, "steps": 1, "dtype": suite.dtype, "budget_gb": 1.0,
+                "host_gb": suite.host_gb}
+        (work / "config.yaml").write_text(yaml.safe_dump(longtune_config(spec, work, cpu=True)))
+        (work / "nvme").mkdir()
+        command = [sys.executable, "-m", "longtune.launch.cli", "probe", "--config", str(work / "config.yaml"),
+                   "--lengths", f"{short},{long}", "--nvme-path", str(work / "nvme"), "--size-mb", "256",
+                   "--out", str(work / "machine.yaml")]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"longtune probe --config failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        profile = yaml.safe_load((work / "machine.yaml").read_text())
+    profile["name"] = "cpu-bench"
+    profile["gpu"]["memory_gb"] = 1000  # the suite's budget decides
+    for tier, capacity in (("host", 1000), ("nvme", 200)):
+        profile["tiers"][tier]["capacity_gb"] = capacity
+        profile["tiers"][tier].pop("path", None)
+    return profile
 
 
 def longest_fitting(ladder: tuple[int, ...], fits: Callable[[int], bool], start: int) -> tuple[Optional[int], Optional[int]]:
@@ -201,11 +221,16 @@ def longest_fitting(ladder: tuple[int, ...], fits: Callable[[int], bool], start:
 def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
     results = {"suite": name, "config": asdict(suite), "models": {}}
     if suite.device == "cpu" and "longtune" in suite.systems:
-        # longtune plans with this machine's own compute figures, measured as `longtune probe` measures them, so
-        # that its predicted step times are this machine's (the links and tiers are the bench's fixed ones)
-        results["compute_profile"] = cpu_compute_profile()
-        log(f"this CPU, measured as `longtune probe` does: {results['compute_profile']['bf16_tflops']:.3f} TFLOPS "
-            f"(fp32 matmul), attention at {results['compute_profile']['attention_efficiency']:.2f} of it")
+        # longtune plans with this machine's own profile (`longtune probe --config`), so that its predicted step
+        # times are this machine's
+        log("measuring this CPU with `longtune probe --config` (the model's own step at two lengths, memcpy, disk) ...")
+        profile = results["machine_profile"] = machine_profile(suite, env)
+        gpu, tiers = profile["gpu"], profile["tiers"]
+        calibrated = gpu["calibrated"]
+        log(f"    the model's step: {', '.join(f'{float(s):.2f} s at {int(n):,}' for n, s in calibrated['step_s'].items())} "
+            f"tokens: matmuls at {calibrated['matmul_tflops']:.3f} TFLOPS, attention at "
+            f"{calibrated['attention_tflops']:.3f}; memcpy {tiers['host']['to_gpu_gbps']:.1f} GB/s, disk read "
+            f"{tiers['nvme']['read_gbps']:.2f} / write {tiers['nvme']['write_gbps']:.2f} GB/s")
     deadline = time.monotonic() + suite.deadline_s if suite.deadline_s else None
     total = len(suite.models) * len(suite.systems)
     done = 0
@@ -220,7 +245,7 @@ def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
                 if system == "longtune":
                     if suite.device == "cpu":
                         spec.update(budget_gb=suite.cap_gb - suite.reserve_gb - suite.host_gb, host_gb=suite.host_gb,
-                                    compute=results.get("compute_profile"))
+                                    machine_profile=results.get("machine_profile"))
                     else:
                         spec["budget_gb"] = suite.cap_gb or "auto"
                 left = deadline - time.monotonic() if deadline else suite.probe_timeout_s
@@ -303,7 +328,7 @@ def step_claim(results: dict) -> Optional[dict]:
     """Is every longtune probe's measured step within STEP_TOLERANCE of the plan's?"""
     claim = _claim(results, "step_time", f"each longtune probe's measured step within {STEP_TOLERANCE:.0%} of the "
                                          "plan's predicted step (from the machine profile it planned with)")
-    return claim and {**claim, "compute_profile": results.get("compute_profile")}
+    return claim and {**claim, "machine_profile": results.get("machine_profile")}
 
 
 def process_claim(results: dict) -> Optional[dict]:

@@ -270,6 +270,40 @@ class Infeasible(Exception):
     """longtune's planner found no plan for the budget: it says so before loading anything (a data point)."""
 
 
+def longtune_config(spec: dict, work: Path, cpu: bool) -> dict:
+    """The config `longtune train` gets for a probe (and `longtune probe --config` for the suite's profile)."""
+    import yaml
+
+    # past SmolLM2's 8192 positions as transformers runs it for the peers: RoPE as it is, no scaling
+    model = {"path": SMOLLM2, **({"max_position_embeddings": spec["seq"]} if spec["seq"] > 8192 else {})} \
+        if spec["model"] == "smollm2-135m" else \
+        {"config": {**ARCHS[spec["model"]], "max_position_embeddings": max(spec["seq"], 8192)},
+         "tokenizer": spec.get("tokenizer") or SMOLLM2}
+    model.update(dtype=spec["dtype"], attn_implementation="sdpa",
+                 kernels={"fused_ce": True, **({} if cpu else {"rmsnorm": True, "rope": True, "swiglu": True})})
+    memory = {"budget_gb": spec["budget_gb"], "optimizer": "auto", "params": "auto", "nvme_path": str(work / "nvme")}
+    if cpu:  # host RAM is the device here: the disk is the tier off it, with host_gb of the cap set aside
+        # for what the tiers stage in host memory (the NVMe optimizer's gradient sums, pools)
+        # this CPU's profile as `longtune probe --config` measured it for the suite (bench/runner.machine_profile:
+        # the model's own step, the memcpy and the disk), else a guess
+        machine = spec.get("machine_profile") or {
+            "name": "cpu-bench", "gpu": {"memory_gb": 1000, "bf16_tflops": 0.2, "matmul_efficiency": 1,
+                                         "attention_efficiency": 0.5},
+            "tiers": {"host": {"capacity_gb": 1000, "to_gpu_gbps": 8, "from_gpu_gbps": 8},
+                      "nvme": {"capacity_gb": 200, "to_gpu_gbps": 2, "from_gpu_gbps": 2}}}
+        (work / "machine.yaml").write_text(yaml.safe_dump(machine))
+        memory.update(machine=str(work / "machine.yaml"), tiers={"host_gb": spec["host_gb"]})
+    else:
+        memory.update(machine=spec.get("machine", "h100-pcie5"))
+    cfg = {"model": model,
+           "data": {"kind": "passkey", "seq_len": spec["seq"], "passkey": {"eval_samples": 0}},
+           "train": {"max_steps": spec["steps"], "warmup_steps": 0, "lr": 1e-5, "seed": 0,
+                     "mixed_precision": "bf16" if spec["dtype"] == "bfloat16" else "no"},
+           "memory": memory, "checkpoint": {"every_n_steps": 0, "save_final": False},
+           "run": {"output_dir": str(work / "run")}, "log": {"every_n_steps": 1, "sinks": ["jsonl"]}}
+    return cfg
+
+
 def longtune(spec) -> dict:
     """What `longtune train CONFIG` runs in one process (the config loaded and checked, then trained), in this
     process, on a config made for the probe; figures from its metrics.jsonl. The trainer is called directly, not
@@ -283,31 +317,7 @@ def longtune(spec) -> dict:
 
     work = Path(spec.get("workdir") or tempfile.mkdtemp(prefix="longtune-bench-"))
     cpu = _device().type == "cpu"
-    # past SmolLM2's 8192 positions as transformers runs it for the peers: RoPE as it is, no scaling
-    model = {"path": SMOLLM2, **({"max_position_embeddings": spec["seq"]} if spec["seq"] > 8192 else {})} \
-        if spec["model"] == "smollm2-135m" else \
-        {"config": {**ARCHS[spec["model"]], "max_position_embeddings": max(spec["seq"], 8192)},
-         "tokenizer": spec.get("tokenizer") or SMOLLM2}
-    model.update(dtype=spec["dtype"], attn_implementation="sdpa",
-                 kernels={"fused_ce": True, **({} if cpu else {"rmsnorm": True, "rope": True, "swiglu": True})})
-    memory = {"budget_gb": spec["budget_gb"], "optimizer": "auto", "params": "auto", "nvme_path": str(work / "nvme")}
-    if cpu:  # host RAM is the device here: the disk is the tier off it, with host_gb of the cap set aside
-        # for what the tiers stage in host memory (the NVMe optimizer's gradient sums, pools)
-        # the compute figures the runner measured on this CPU (bench/runner.cpu_compute_profile), else a guess
-        compute = spec.get("compute") or {"bf16_tflops": 0.2, "matmul_efficiency": 1, "attention_efficiency": 0.5}
-        machine = {"name": "cpu-bench", "gpu": {"memory_gb": 1000, **compute},
-                   "tiers": {"host": {"capacity_gb": 1000, "to_gpu_gbps": 8, "from_gpu_gbps": 8},
-                             "nvme": {"capacity_gb": 200, "to_gpu_gbps": 2, "from_gpu_gbps": 2}}}
-        (work / "machine.yaml").write_text(yaml.safe_dump(machine))
-        memory.update(machine=str(work / "machine.yaml"), tiers={"host_gb": spec["host_gb"]})
-    else:
-        memory.update(machine=spec.get("machine", "h100-pcie5"))
-    cfg = {"model": model,
-           "data": {"kind": "passkey", "seq_len": spec["seq"], "passkey": {"eval_samples": 0}},
-           "train": {"max_steps": spec["steps"], "warmup_steps": 0, "lr": 1e-5, "seed": 0,
-                     "mixed_precision": "bf16" if spec["dtype"] == "bfloat16" else "no"},
-           "memory": memory, "checkpoint": {"every_n_steps": 0, "save_final": False},
-           "run": {"output_dir": str(work / "run")}, "log": {"every_n_steps": 1, "sinks": ["jsonl"]}}
+    cfg = longtune_config(spec, work, cpu)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     rss = _PeakRss()
     try:

@@ -503,32 +503,36 @@ def _probe_lengths(text: str) -> tuple[int, int]:
     return lengths
 
 
-def _model_compute(config: str, lengths: tuple[int, int], peak_flops: float, attention_flops: float) -> dict:
-    """`longtune probe --config`: the config's model, as a run builds and patches it, timed at two lengths."""
-    from longtune.offload.probe import model_compute
-    from longtune.planner.problem import ModelShape
+def _model_compute(config: str, lengths: tuple[int, int], profile: dict) -> dict:
+    """`longtune probe --config`: the config's step as the runtime runs it (trainer/calibrate.py) at two lengths,
+    and the rates at which the planner prices it so."""
+    import tempfile
+
+    import yaml
+
+    from longtune.planner.problem import ModelShape, fitted_rates
+    from longtune.trainer.calibrate import step_compute_seconds
     from longtune.trainer.config import load_config
-    from longtune.trainer.model import build_model, patch_model
     from longtune.trainer.planning import hf_config_dict
 
-    from longtune.trainer.memory import steady_allocator
-
     cfg = load_config(config)
-    print(f"timing the model of {config} at {lengths[0]:,} and {lengths[1]:,} tokens ...")
-    steady_allocator()  # as a run's runtime sets it: on a CPU the allocator's page faults are part of the step
-    model = build_model(cfg.model).to(_device()).train()
-    patch_model(model, cfg)
+    gpu = profile["gpu"]
+    print(f"timing the step of {config} at {lengths[0]:,} and {lengths[1]:,} tokens (two steps each, nothing offloaded) ...")
+    with tempfile.TemporaryDirectory(prefix="longtune-probe-") as tmp:
+        machine = Path(tmp) / "machine.yaml"
+        machine.write_text(yaml.safe_dump(profile))
+        seconds = step_compute_seconds(cfg, lengths, str(machine), budget_gb=0.9 * gpu["memory_gb"])
     shape = ModelShape.from_hf_config(hf_config_dict(cfg), cfg.model.dtype)
+    peak = gpu["bf16_tflops"] * 1e12
     try:
-        return model_compute(model, shape, lengths, peak_flops, attention_flops)
+        matmul, attention = fitted_rates(shape, seconds, peak * gpu["attention_efficiency"])
     except ValueError as e:
         raise UsageError(f"longtune probe --config: {e}") from None
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    peak = max(peak, matmul, attention)
+    return {"bf16_tflops": round(peak / 1e12, 4), "matmul_efficiency": round(matmul / peak, 4),
+            "attention_efficiency": round(attention / peak, 4),
+            "calibrated": {"config": str(config), "step_s": {str(n): round(s, 4) for n, s in seconds.items()},
+                           "matmul_tflops": round(matmul / 1e12, 4), "attention_tflops": round(attention / 1e12, 4)}}
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -541,9 +545,7 @@ def run_probe(args: argparse.Namespace) -> int:
     lengths = _probe_lengths(args.lengths) if args.config else None
     profile = probe(args.nvme_path, args.size_mb, args.emulate_cxl_gbps, args.nvme_backend)
     if args.config:
-        gpu = profile["gpu"]
-        gpu.update(_model_compute(args.config, lengths, gpu["bf16_tflops"] * 1e12,
-                                  gpu["bf16_tflops"] * gpu["attention_efficiency"] * 1e12))
+        profile["gpu"].update(_model_compute(args.config, lengths, profile))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# Measured by `longtune probe` on {profile['measured']['date']}\n" + yaml.safe_dump(profile, sort_keys=False))

@@ -99,39 +99,6 @@ def attention_tflops(device: torch.device, dtype: torch.dtype, tokens: int, head
     return 2 * 2 * tokens * tokens * heads * head_dim / 2 / seconds / 1e12  # QK^T and AV over half the square
 
 
-def model_step_seconds(model: torch.nn.Module, tokens: int, repeats: int = 2) -> float:
-    """The best time of one forward and backward of `model` (a transformers causal LM, in training mode) on one
-    sequence of `tokens` random tokens, loss included; the gradients are dropped after each."""
-    device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
-
-    def step():
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return _best_seconds(step, repeats, _sync(device))
-
-
-def model_compute(model: torch.nn.Module, shape, lengths: tuple[int, int], peak_flops: float,
-                  attention_flops: float, log=print) -> dict:
-    """The profile's compute figures for this model: its own step timed at two lengths, and the matmul and
-    attention rates at which the planner's compute of a step equals them (planner/problem.fitted_rates; where the
-    attention does not show at these lengths, `attention_flops`, the kernel's measured rate), as efficiencies of
-    `peak_flops` (raised to the faster of the two where a rate exceeds it)."""
-    from longtune.planner.problem import fitted_rates
-
-    seconds = {}
-    for n in lengths:
-        seconds[n] = model_step_seconds(model, n)
-        log(f"  {n:,} tokens: forward and backward in {seconds[n]:.3f} s")
-    matmul, attention = fitted_rates(shape, seconds, attention_flops)
-    peak = max(peak_flops, matmul, attention)
-    return {"bf16_tflops": round(peak / 1e12, 4), "matmul_efficiency": round(matmul / peak, 4),
-            "attention_efficiency": round(attention / peak, 4),
-            "calibrated": {"step_s": {str(n): round(s, 4) for n, s in seconds.items()},
-                           "matmul_tflops": round(matmul / 1e12, 4), "attention_tflops": round(attention / 1e12, 4)}}
-
-
 def probe(nvme_path: Optional[str] = None, size_mb: int = 1024, emulate_cxl_gbps: Optional[float] = None,
           nvme_backend: str = "auto", log: Callable[[str], None] = print) -> dict:
     """The machine profile as a dict (the planner's `Machine` format plus what was measured and how)."""
@@ -158,6 +125,11 @@ def probe(nvme_path: Optional[str] = None, size_mb: int = 1024, emulate_cxl_gbps
     log(f"measuring host {'<-> GPU' if cuda else 'memcpy'} bandwidth over {size_mb} MiB (NUMA node {local}) ...")
     tiers = {"host": {"capacity_gb": round(psutil.virtual_memory().available / GB, 1),
                       **copy_bandwidth(device, nbytes, [local]), "numa_nodes": [local]}}
+    if not cuda:  # the device's memory is host RAM: its bandwidth is memcpy's (what the AdamW step on it streams);
+        # and the device's cores are the host's: a copy, a read from the disk or a host optimizer step takes its
+        # time from the compute, not beside it
+        gpu["hbm_gbps"] = min(tiers["host"]["to_gpu_gbps"], tiers["host"]["from_gpu_gbps"])
+        gpu["overlaps_transfers"] = False
     cxl = cxl_nodes(nodes)
     if cxl:
         ids = [n.id for n in cxl]

@@ -39,6 +39,7 @@ class Evaluation:
     exposed_h2d_s: list[float]
     residency: dict[str, dict[str, float]]  # timeline.activation_residency: saved activations on the device
     violations: list[str]
+    link_s: float = 0.0  # every transfer's link time, hidden or not
 
     @property
     def gpu_peak_bytes(self) -> float:
@@ -137,7 +138,7 @@ def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None
 
     out_s = [link_time(l, "from_gpu_bps") for l in range(L)]
     in_s = [link_time(l, "to_gpu_bps") + (option.bwd_h2d_s if option else 0.0) for l in range(L)]
-    d2h = [max(0.0, out_s[l] - problem.layer_fwd_s) for l in range(L)]
+    d2h = [max(0.0, out_s[l] - problem.hides(problem.layer_fwd_s)) for l in range(L)]
     h2d = [max(0.0, in_s[l] - prefetch_window_s(problem, l, recompute_per_layer)) for l in range(L)]
     compute = L * (problem.layer_fwd_s + problem.layer_bwd_s) + problem.head_s
     recompute_total = sum(recompute_per_layer)
@@ -176,4 +177,5 @@ def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None
         residency=activation_residency(problem, kept, off, [
             max((B[c] for c, d in layer.items() if d.get(RECOMPUTE, 0)), default=0.0) for layer in decisions]),
         violations=violations,
+        link_s=link_s,
     )

@@ -47,6 +47,13 @@ def _number(d: dict, key: str, where: str, *, positive: bool = True, default=Non
     return float(value)
 
 
+def _flag(d: dict, key: str, where: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ProfileError(f"{where}.{key} must be true or false, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Machine:
     name: str
@@ -61,6 +68,9 @@ class Machine:
     # a node has: they share its host RAM and drives (the tiers' capacities are the node's).
     interconnect_bps: float = 200e9
     gpus_per_node: int = 1
+    # Whether copies, the tiers' I/O and the host's optimizer step run beside the device's compute (a GPU: its copy
+    # engines and the host's cores) or take their time from it (the CPU as the device: one set of cores for all).
+    overlaps_transfers: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "Machine":
@@ -96,6 +106,7 @@ class Machine:
             _number(host, "cpu_adam_gparams_per_s", "tiers.host", default=1.5) * 1e9,
             _number(gpu, "interconnect_gbps", "gpu", default=200.0) * GB,
             int(_number(d, "gpus_per_node", "machine", default=1)),
+            _flag(gpu, "overlaps_transfers", "gpu", default=True),
         )
 
     @classmethod
@@ -217,7 +228,12 @@ class Problem:
     # and one layer's forward: a row holds the largest of the three (timeline.backward_phase_bytes).
     attention_phase_bytes: float = 0.0
     forward_workspace_bytes: float = 0.0
+    overlap: bool = True  # transfers hide behind compute (Machine.overlaps_transfers); False: every one adds to the step
     meta: dict = field(default_factory=dict, compare=False)
+
+    def hides(self, seconds: float) -> float:
+        """Of `seconds` of compute, what a transfer can hide behind: all of it, or none without overlap."""
+        return seconds if self.overlap else 0.0
 
     @property
     def fixed_total(self) -> float:
@@ -609,7 +625,7 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
                 cpu_step = p / machine.cpu_adam_params_per_s
                 # Clipping needs every gradient first, so the updates run after backward, layer 0 first; each
                 # layer's next forward waits for its own: the first layer's step is exposed, the rest overlaps.
-                exposed = cpu_step / L + max(0.0, cpu_step - L * layer_fwd_s)
+                exposed = min(cpu_step, cpu_step / L + max(0.0, cpu_step - L * layer_fwd_s))
                 bwd_out = layer_p * wb / host_link.from_gpu_bps
                 if par == "gpu":
                     fwd = layer_p * wb / host_link.to_gpu_bps  # updated weights back before the layer's forward
@@ -852,7 +868,8 @@ def build_problem(
                               norm_chunk_tokens=chunk_tokens(tokens, chunks) if offload_activations else None),
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
-        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding, adapter,
+        overlap=machine.overlaps_transfers,
+        state_options=state_options(shape, machine, layer_fwd_s if machine.overlaps_transfers else 0.0, optimizer, params, galore, sharding, adapter,
                                     accumulation),
         prefetch_depth=prefetch_depth,
         offload_activations=offload_activations,

@@ -182,7 +182,7 @@ def prefetch_window_s(problem: Problem, j: int, recompute_s: Sequence[float]) ->
     window = sum(problem.layer_bwd_s + recompute_s[l] for l in range(j + 1, min(j + d, L - 1) + 1))
     if j + d >= L:
         window += problem.head_s
-    return window
+    return problem.hides(window)
 
 
 def state_constant_s(problem: Problem, option) -> float:
@@ -191,5 +191,5 @@ def state_constant_s(problem: Problem, option) -> float:
     if option is None:
         return 0.0
     L = problem.num_layers
-    return (option.exposed_s + L * max(0.0, option.fwd_h2d_s - problem.layer_fwd_s)
-            + L * max(0.0, option.bwd_d2h_s - problem.layer_bwd_s))
+    return (option.exposed_s + L * max(0.0, option.fwd_h2d_s - problem.hides(problem.layer_fwd_s))
+            + L * max(0.0, option.bwd_d2h_s - problem.hides(problem.layer_bwd_s)))

@@ -72,13 +72,22 @@ def test_milp_matches_brute_force(layers, chunks, tiers):
         make_plan(base.with_budget(low * 0.99), with_arena=False)
 
 
-def test_milp_objective_is_what_evaluate_predicts():
-    problem = small_problem(6, 4, ("host", "nvme")).with_budget(0)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_milp_objective_is_what_evaluate_predicts(overlap):
+    """Also where transfers cannot hide behind compute (the CPU as the device: Machine.overlaps_transfers false):
+    then every second of link time is in the step."""
+    from dataclasses import replace
+
+    problem = replace(small_problem(6, 4, ("host", "nvme")), overlap=overlap).with_budget(0)
     problem = problem.with_budget(min_gpu_budget(problem) * 1.3)
     solution = solve_schedule(problem, gap=0)
     ev = evaluate(problem, solution.decisions)
     assert ev.feasible
     assert solution.objective == pytest.approx(ev.objective, rel=1e-9)
+    if not overlap:  # every activation to the host: all of its link time is in the step
+        to_host = [{c: {"host": problem.chunks} for c in CLASSES} for _ in range(problem.num_layers)]
+        moved = evaluate(problem, to_host)
+        assert moved.exposed_transfer_s == pytest.approx(moved.link_s, rel=1e-9) and moved.link_s > 0
 
 
 def test_step_time_never_increases_with_the_budget():

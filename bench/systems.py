@@ -18,6 +18,9 @@ Systems (every one trains: forward, backward and an AdamW step on every weight, 
   deepspeed-zero3-offload  DeepSpeed ZeRO-3 with the optimizer and parameters offloaded to the CPU, gradient
                   checkpointing on (what ZeRO-Infinity users run), in one process; DeepSpeed's CPU Adam on a GPU,
                   torch's AdamW on a CPU machine (nothing to compile; there the offload moves nothing)
+  alst            Arctic Long Sequence Training (Bekman et al. 2025) on one device, from DeepSpeed's own pieces:
+                  hf-gc + every MLP tiled along the sequence (TiledMLP) + the logits and loss tiled
+                  (TiledFusedLogitsLoss), the checkpointed layer inputs in host memory on a GPU (save_on_cpu)
 
 The transformers and DeepSpeed systems build the same model the same way (random weights from seed 0 for the
 random architectures) and train on the same tokens: their losses at a step agree to rounding.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -126,8 +130,9 @@ def _attention() -> str:
     return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
-def _train_hf(spec, model, optimizer, context=None, engine=None) -> dict:
-    """`steps` steps of batch 1 on random tokens; the step times and the peak memory."""
+def _train_hf(spec, model, optimizer, context=None, engine=None, forward=None) -> dict:
+    """`steps` steps of batch 1 on random tokens; the step times and the peak memory. `forward`: called in place of
+    the model (the same arguments; it returns an object with the `loss`), for a system with its own loss (alst)."""
     import torch
 
     device = next(model.parameters()).device
@@ -141,7 +146,7 @@ def _train_hf(spec, model, optimizer, context=None, engine=None) -> dict:
         ids = torch.randint(0, model.config.vocab_size, (1, spec["seq"]), generator=gen).to(device)
         start = time.perf_counter()
         with context() if context else contextlib.nullcontext():
-            out = (engine or model)(input_ids=ids, labels=ids, use_cache=False)
+            out = (forward or engine or model)(input_ids=ids, labels=ids, use_cache=False)
             (engine.backward if engine else torch.Tensor.backward)(out.loss)
         if engine:
             engine.step()
@@ -265,6 +270,83 @@ def deepspeed_zero3_offload(spec) -> dict:
     return {**_train_hf(spec, model, None, engine=engine), "optimizer": optimizer_name.__name__}
 
 
+# --- ALST: DeepSpeed's tiled compute on transformers -------------------------------------------------------
+def _mlp(mlp, x):
+    """LlamaMLP's forward (SwiGLU), as TiledMLP calls it on each slice."""
+    return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def _tiled_mlp_forward(mlp, x):
+    """DeepSpeed's TiledMLP as its docstring patches LlamaMLP, in one process (no all_reduce of the shard count):
+    the MLP on ceil(seq / hidden) slices of the sequence, so its intermediate is never whole; each slice is
+    recomputed in the backward (under checkpointing the MLP's forward runs three times a step)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    shards = math.ceil(x.shape[-2] / x.shape[-1])
+    return TiledMLP.apply(_mlp, mlp, x, shards, [mlp.down_proj.weight, mlp.gate_proj.weight, mlp.up_proj.weight])
+
+
+def _tiled_loss(model, hidden, labels, shards: int | None = None):
+    """transformers' causal-LM loss (the mean cross-entropy of position t's logits against token t+1, -100 ignored)
+    through DeepSpeed's TiledFusedLogitsLoss: the head and the cross-entropy slice by slice, the logits never whole.
+    `shards`: by default ArcticTraining's (sft_trainer.py): ceil(tokens x vocab x 4 B / 1 GiB), about 1 GiB of fp32
+    logits a slice (one slice up to 5,461 tokens at SmolLM2's vocabulary).
+
+    Each slice returns its sum over the valid targets divided by their count in the whole sequence, and the slices
+    are summed ("sum"): the mean. Not the sum divided afterwards, as ArcticTraining does: TiledFusedLogitsLoss runs
+    the slices' backward inside its forward with an incoming gradient of 1 and scales only the hidden states'
+    gradient by the loss's incoming one, so lm_head's weight would get the gradient of the sum, n times the mean's.
+    """
+    import torch.nn.functional as F
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t+1; the last, nothing
+    valid = int((targets != -100).sum())
+    if shards is None:
+        shards = max(1, math.ceil(targets.numel() * model.config.vocab_size * 4 / 2**30))
+
+    def slice_loss(head, x, y):  # x: (tokens, hidden), y: (tokens,)
+        return F.cross_entropy(head(x).float(), y, ignore_index=-100, reduction="sum") / max(valid, 1)
+
+    return TiledFusedLogitsLoss.apply(slice_loss, model.lm_head, hidden, targets, None, shards, [model.lm_head.weight],
+                                      "sum")
+
+
+def alst(spec) -> dict:
+    """ALST's single-device recipe (Arctic Long Sequence Training, Bekman et al. 2025) on transformers, from the
+    implementation DeepSpeed ships (deepspeed.runtime.sequence_parallel.ulysses_sp): gradient checkpointing of every
+    decoder layer (non-reentrant, as hf-gc), every layer's MLP tiled along the sequence (TiledMLP, patched on the
+    instances), and the loss from the final hidden states through TiledFusedLogitsLoss (the model run without
+    labels). No sequence parallelism: one process, one device.
+
+    On a GPU the decoder stack's forward runs under save_on_cpu (pinned): with non-reentrant checkpointing what it
+    saves outside the checkpointed layers is their inputs (and the final norm's), so those wait in host memory, as
+    ALST's checkpoint offload does (DeepSpeed also ships one for this, offload_activations.
+    CheckpointHiddenStatesOffload, on a side stream; save_on_cpu copies in line). On the CPU there is nothing to
+    offload to (host RAM is the device), so nothing is.
+    """
+    import functools
+    import types
+
+    import torch
+
+    import longtune.trainer.deepspeed_files  # noqa: F401 -- picks DeepSpeed's CPU accelerator without CUDA, first
+
+    model = _hf_model(spec, _attention())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(_tiled_mlp_forward, layer.mlp)
+    offload = functools.partial(torch.autograd.graph.save_on_cpu, pin_memory=True) if torch.cuda.is_available() \
+        else contextlib.nullcontext
+
+    def forward(input_ids, labels, use_cache):
+        with offload():
+            hidden = model.model(input_ids=input_ids, use_cache=use_cache).last_hidden_state
+        return types.SimpleNamespace(loss=_tiled_loss(model, hidden, labels))
+
+    return _train_hf(spec, model, _adamw(model), forward=forward)
+
+
 # --- longtune ---------------------------------------------------------------------------------------
 class Infeasible(Exception):
     """longtune's planner found no plan for the budget: it says so before loading anything (a data point)."""
@@ -372,6 +454,7 @@ SYSTEMS = {
     "hf-liger": hf_liger,
     "hf-gc-galore": hf_gc_galore,
     "deepspeed-zero3-offload": deepspeed_zero3_offload,
+    "alst": alst,
 }
 
 

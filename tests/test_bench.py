@@ -127,3 +127,47 @@ def test_deepspeed_zero3_offload_trains_on_the_cpu_as_transformers_does(tmp_path
     assert ds["optimizer"] == "AdamW" and not extensions.exists()
     assert ds["loss"] == pytest.approx(hf["loss"], rel=1e-5) and 10 < ds["loss"] < 12  # ln(49152) = 10.8
     assert ds["peak_gb"] > 0 and ds["tflops"] > 0 and len(ds["step_s"]) == 1
+
+
+def test_alst_trains_on_the_cpu_as_transformers_does():
+    """ALST (DeepSpeed's TiledMLP and TiledFusedLogitsLoss on transformers, checkpointing on): the same losses as
+    hf-gc at both steps, and the same gradients with the loss in several slices. The gradients are compared directly:
+    AdamW hides their scale from the losses (the sum divided after TiledFusedLogitsLoss gives lm_head n times its
+    gradient and the same second-step loss to the last bit)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path: on a GPU the probe offloads the checkpointed inputs to host memory")
+    import types
+
+    import longtune.trainer.deepspeed_files  # noqa: F401 -- DeepSpeed's CPU accelerator, before DeepSpeed
+    from longtune.bench import systems
+    from longtune.bench.runner import PROBE_ENV, run_probe
+    from longtune.launch.isolation import safe_env
+
+    env = safe_env(TOKENIZERS_PARALLELISM="false", **PROBE_ENV)
+    spec = {"model": "tiny", "seq": 128, "steps": 1, "dtype": "float32"}  # seq 2 x hidden: the MLP in 2 slices
+    for steps in (1, 2):
+        alst, hf = (run_probe({**spec, "steps": steps, "system": s}, None, 120, env) for s in ("alst", "hf-gc"))
+        assert alst["ok"] and hf["ok"], (alst, hf)
+        assert alst["loss"] == pytest.approx(hf["loss"], rel=1e-5) and 10 < alst["loss"] < 12  # ln(49152) = 10.8
+        assert alst["peak_gb"] > 0 and alst["tflops"] > 0 and len(alst["step_s"]) == steps
+
+    ids = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for tiled in (False, True):
+        model = systems._hf_model(spec)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tiled:
+            for layer in model.model.layers:
+                layer.mlp.forward = types.MethodType(systems._tiled_mlp_forward, layer.mlp)
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            loss = systems._tiled_loss(model, hidden, ids, shards=3)  # 43 + 43 + 42 positions
+        else:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads.append((loss.item(), {name: p.grad for name, p in model.named_parameters()}))
+    (hf_loss, hf_grads), (alst_loss, alst_grads) = grads
+    assert alst_loss == pytest.approx(hf_loss, rel=1e-5)
+    for name, grad in hf_grads.items():
+        assert (alst_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name

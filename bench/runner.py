@@ -68,17 +68,23 @@ class Suite:
     host_gb: float = 1.5
     probe_timeout_s: float = 3600.0
     deadline_s: Optional[float] = None  # the whole suite: probes past it are not run (and say so)
+    # longtune is trained for real up to this length (None: the whole ladder); its ceiling past it is the plan's
+    # (`longtune plan --longest`), checked by a dry run at that length (`longtune plan --dry-run`): on two CPU
+    # cores a step at the ceiling would take hours, its memory is what the plan and the dry run say
+    real_until: Optional[int] = None
+    calibrate: tuple[int, int] = (1024, 4096)  # CPU: the lengths `longtune probe --config` times the step at
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-CPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu", "deepspeed-zero3-offload")
-GPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu", "hf-liger", "hf-gc-galore", "deepspeed-zero3-offload")
+CPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu", "alst", "deepspeed-zero3-offload")
+GPU_SYSTEMS = ("longtune", "hf", "hf-gc", "hf-save-on-cpu", "alst", "hf-liger", "hf-gc-galore",
+               "deepspeed-zero3-offload")
 SUITES = {
     "cpu": Suite(("smollm2-135m",), CPU_SYSTEMS, (1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384), 4096,
-                 "cpu", "float32", cap_gb=6.0),
+                 "cpu", "float32", cap_gb=6.0, real_until=8192),
     # a 1.3 GB budget: the optimizer state and the decoder weights on NVMe, through host stagings
     "cpu-quick": Suite(("smollm2-135m",), CPU_SYSTEMS, (512, 1024, 1536, 2048), 1024, "cpu", "float32", cap_gb=3.5,
-                       reserve_gb=0.7, host_gb=1.5, probe_timeout_s=600),
+                       reserve_gb=0.7, host_gb=1.5, probe_timeout_s=600, calibrate=(512, 2048)),
     # one 10-minute device command: probes that would start past the deadline are reported as not run
     "gpu": Suite(("llama-3.2-1b", "llama-3-8b"), GPU_SYSTEMS, (16384, 32768, 65536, 131072, 262144, 524288), 16384,
                  "cuda", "bfloat16", cap_gb=None, steps=2, probe_timeout_s=120, deadline_s=540),
@@ -86,7 +92,7 @@ SUITES = {
                        cap_gb=None, steps=2, probe_timeout_s=90, deadline_s=240),
     # the runner's own tests: a 2-layer model, seconds per probe
     "smoke": Suite(("tiny",), ("longtune", "hf"), (64, 128), 128, "cpu", "float32", cap_gb=3.0,
-                   reserve_gb=1.0, probe_timeout_s=300),
+                   reserve_gb=1.0, probe_timeout_s=300, real_until=128),
 }
 
 
@@ -181,8 +187,7 @@ def machine_profile(suite: "Suite", env: dict[str, str], log=print) -> dict:
 
     from .systems import longtune_config
 
-    short = max(256, suite.ladder[0])  # (the passkey task needs ~100 tokens; shorter steps time mostly overhead)
-    long = 4 * short
+    short, long = suite.calibrate
     with tempfile.TemporaryDirectory(prefix="longtune-bench-probe-") as tmp:
         work = Path(tmp)
         spec = {"model": suite.models[0], "seq": long, "steps": 1, "dtype": suite.dtype, "budget_gb": 1.0,
@@ -263,9 +268,12 @@ def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
                     raise _Broken(r)  # an error is not a memory limit: the search would only repeat it
                 return bool(r["ok"])
 
-            start = suite.ladder.index(suite.rate_seq)
+            ladder = suite.ladder
+            if system == "longtune" and suite.real_until:
+                ladder = tuple(n for n in ladder if n <= suite.real_until)
+            start = ladder.index(suite.rate_seq)
             try:
-                best, first_fail = longest_fitting(suite.ladder, fits, start)
+                best, first_fail = longest_fitting(ladder, fits, start)
             except _Broken as e:  # what is known so far
                 best = max((p["seq"] for p in probes if p["ok"]), default=None)
                 first_fail = e.probe["seq"]
@@ -278,7 +286,56 @@ def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
                 "peak_gb_at_rate_seq": rate.get("peak_gb") if rate and rate["ok"] else None,
                 "probes": probes,
             }
+            if system == "longtune" and suite.real_until and best == ladder[-1]:
+                spec = {"model": model, "seq": best, "steps": suite.steps, "dtype": suite.dtype,
+                        "budget_gb": suite.cap_gb - suite.reserve_gb - suite.host_gb, "host_gb": suite.host_gb,
+                        "machine_profile": results.get("machine_profile")}
+                log(f"[{done}/{total}] {model} {system}: past {best:,} tokens, the plan's longest context and a dry "
+                    "run at it ...")
+                ceiling = rows[system]["planned_longest"] = planned_longest(spec, env)
+                log("    " + _ceiling_words(ceiling))
     return results
+
+
+def planned_longest(spec: dict, env: dict[str, str]) -> dict:
+    """longtune's longest context for a probe's config by its own planner (`longtune plan --longest`, the state
+    placement searched too), and one step of that plan at that length on fake tensors (`longtune plan --dry-run`):
+    the dry run's device and host peaks beside the plan's, and whether the device's stays inside the budget."""
+    import yaml
+
+    from .systems import longtune_config
+
+    def plan(work: Path, *args: str) -> dict:
+        command = [sys.executable, "-m", "longtune.launch.cli", "plan", str(work / "config.yaml"), "--json", *args]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+        line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith("{")), None)
+        if line is None:
+            raise RuntimeError(f"longtune plan {' '.join(args)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return json.loads(line)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="longtune-bench-plan-") as tmp:
+        work = Path(tmp)
+        (work / "config.yaml").write_text(yaml.safe_dump(longtune_config(spec, work, cpu=True)))
+        found = plan(work, "--longest")["longest_context"]
+        n = found["seq_len"]
+        spec = {**spec, "seq": n}  # (positions past the model's own, as the probes get them)
+        (work / "config.yaml").write_text(yaml.safe_dump(longtune_config(spec, work, cpu=True)))
+        checked = plan(work, "--dry-run")
+    budget = spec["budget_gb"] * GB
+    gpu = checked["dry_run"]["bytes"].get("GPU peak") or {}
+    return {"seq_len": n, "next_failure": found.get("next_failure"), "placement": found.get("placement"),
+            "predicted_step_s": found.get("step_time_s"),
+            "dry_run": checked["dry_run"]["bytes"], "dry_run_ops": checked["dry_run"]["ops"],
+            "inside_budget": bool(gpu) and gpu["dry_run"] <= budget,
+            "ratio": gpu["dry_run"] / gpu["plan"] if gpu else None, "seconds": time.perf_counter() - start}
+
+
+def _ceiling_words(c: dict) -> str:
+    gpu = c["dry_run"].get("GPU peak") or {}
+    return (f"the plan's longest: {c['seq_len']:,} tokens ({c['placement']}; predicted step {c['predicted_step_s']:.0f} s); "
+            f"dry run there: device peak {gpu.get('dry_run', 0) / GB:.2f} GB against the plan's {gpu.get('plan', 0) / GB:.2f}"
+            f" ({'inside' if c['inside_budget'] else 'OVER'} the budget); next: {c['next_failure']}")
 
 
 class _Broken(Exception):
@@ -357,6 +414,11 @@ def table(results: dict, suite: Suite) -> str:
             x_tps = f"{tps / base_tps:.2f}" if tps and base_tps else "-"
             peak = f"{row['peak_gb_at_rate_seq']:.2f}" if row["peak_gb_at_rate_seq"] else "-"
             lines.append(f"{system:<26}{best_s:>16}{x_len:>7}{why:>36}{tps_s:>11}{x_tps:>7}{peak:>9}")
+            if row.get("planned_longest"):
+                c = row["planned_longest"]
+                x = f" ({c['seq_len'] / base['longest_seq']:.1f}x hf)" if base.get("longest_seq") else ""
+                lines.append(f"  {system}: trained for real to {best:,} tokens (the suite's real_until); "
+                             + _ceiling_words(c).replace(f"{c['seq_len']:,} tokens", f"{c['seq_len']:,} tokens{x}", 1))
         for system, row in rows.items():  # the plan's prediction beside the measured peak
             for p in (p for p in row["probes"] if p["ok"] and "plan_peak_gb" in p):
                 host = p.get("plan_tiers_gb", {}).get("host", 0.0)

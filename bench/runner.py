@@ -15,7 +15,11 @@ On the CPU each probe takes two steps, so its peak is that of a step in steady s
 in the first step, which then holds less than every later one), and each longtune probe checks the claim that a
 budget is what the process uses: the cgroup's peak of its process within 5% of its baseline (the memory the trainer
 measured outside the plan right before step 1) plus the plan's device and host bytes (`process` in the JSON, a
-line under the table, `claims` at the top).
+line under the table, `claims` at the top). Its plan is made with this CPU's profile, measured first by `longtune
+probe --config` on the suite's own config (the step timed at two lengths, memcpy, the disk), and each probe's timed
+step is put beside the plan's prediction, by term (`step_time`). longtune is trained for real up to the suite's
+`real_until`; past it, its ceiling is its planner's (`longtune plan --longest`) with a dry run of one step there
+(`planned_longest`): on two cores a step at the ceiling would take hours.
 """
 
 from __future__ import annotations

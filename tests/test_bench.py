@@ -150,12 +150,12 @@ def test_alst_trains_on_the_cpu_as_transformers_does():
     from longtune.launch.isolation import safe_env
 
     env = safe_env(TOKENIZERS_PARALLELISM="false", **PROBE_ENV)
-    spec = {"model": "tiny", "seq": 128, "steps": 1, "dtype": "float32"}  # seq 2 x hidden: the MLP in 2 slices
-    for steps in (1, 2):
-        alst, hf = (run_probe({**spec, "steps": steps, "system": s}, None, 120, env) for s in ("alst", "hf-gc"))
-        assert alst["ok"] and hf["ok"], (alst, hf)
-        assert alst["loss"] == pytest.approx(hf["loss"], rel=1e-5) and 10 < alst["loss"] < 12  # ln(49152) = 10.8
-        assert alst["peak_gb"] > 0 and alst["tflops"] > 0 and len(alst["step_s"]) == steps
+    spec = {"model": "tiny", "seq": 128, "steps": 2, "dtype": "float32"}  # seq 2 x hidden: the MLP in 2 slices
+    alst, hf = (run_probe({**spec, "system": s}, None, 120, env) for s in ("alst", "hf-gc"))
+    assert alst["ok"] and hf["ok"], (alst, hf)
+    # the second step's loss (the first is compared below, with every gradient)
+    assert alst["loss"] == pytest.approx(hf["loss"], rel=1e-5) and 10 < alst["loss"] < 12  # ln(49152) = 10.8
+    assert alst["peak_gb"] > 0 and alst["tflops"] > 0 and len(alst["step_s"]) == 2
 
     ids = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
     grads = []

@@ -96,7 +96,7 @@ SUITES = {
                        cap_gb=None, steps=2, probe_timeout_s=90, deadline_s=240),
     # the runner's own tests: a 2-layer model, seconds per probe
     "smoke": Suite(("tiny",), ("longtune", "hf"), (64, 128), 128, "cpu", "float32", cap_gb=3.0,
-                   reserve_gb=1.0, probe_timeout_s=300, real_until=128),
+                   reserve_gb=1.0, probe_timeout_s=300, real_until=128, calibrate=(256, 1024)),
 }
 
 

@@ -198,12 +198,8 @@ def machine_profile(suite: "Suite", env: dict[str, str], log=print) -> dict:
                 "host_gb": suite.host_gb}
         (work / "config.yaml").write_text(yaml.safe_dump(longtune_config(spec, work, cpu=True)))
         (work / "nvme").mkdir()
-        command = [sys.executable, "-m", "longtune.launch.cli", "probe", "--config", str(work / "config.yaml"),
-                   "--lengths", f"{short},{long}", "--nvme-path", str(work / "nvme"), "--size-mb", "256",
-                   "--out", str(work / "machine.yaml")]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
-        if done.returncode != 0:
-            raise RuntimeError(f"longtune probe --config failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        _longtune_cli(env, "probe", "--config", work / "config.yaml", "--lengths", f"{short},{long}",
+                      "--nvme-path", work / "nvme", "--size-mb", 256, "--out", work / "machine.yaml")
         profile = yaml.safe_load((work / "machine.yaml").read_text())
     profile["name"] = "cpu-bench"
     profile["gpu"]["memory_gb"] = 1000  # the suite's budget decides
@@ -253,8 +249,7 @@ def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
                 spec = {"system": system, "model": model, "seq": seq, "steps": suite.steps, "dtype": suite.dtype}
                 if system == "longtune":
                     if suite.device == "cpu":
-                        spec.update(budget_gb=suite.cap_gb - suite.reserve_gb - suite.host_gb, host_gb=suite.host_gb,
-                                    machine_profile=results.get("machine_profile"))
+                        spec.update(_longtune_on_cpu(suite, results))
                     else:
                         spec["budget_gb"] = suite.cap_gb or "auto"
                 left = deadline - time.monotonic() if deadline else suite.probe_timeout_s
@@ -292,13 +287,23 @@ def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
             }
             if system == "longtune" and suite.real_until and best == ladder[-1]:
                 spec = {"model": model, "seq": best, "steps": suite.steps, "dtype": suite.dtype,
-                        "budget_gb": suite.cap_gb - suite.reserve_gb - suite.host_gb, "host_gb": suite.host_gb,
-                        "machine_profile": results.get("machine_profile")}
+                        **_longtune_on_cpu(suite, results)}
                 log(f"[{done}/{total}] {model} {system}: past {best:,} tokens, the plan's longest context and a dry "
                     "run at it ...")
                 ceiling = rows[system]["planned_longest"] = planned_longest(spec, env)
                 log("    " + _ceiling_words(ceiling))
     return results
+
+
+def _longtune_cli(env: dict[str, str], *args) -> str:
+    """`longtune ARGS` in a child process, as a user runs it; its stdout, or a RuntimeError with its last error line."""
+    args = [str(a) for a in args]
+    done = subprocess.run([sys.executable, "-m", "longtune.launch.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"longtune {' '.join(args[:1] + [a for a in args if a.startswith('--')])} failed: "
+                           f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return done.stdout
 
 
 def planned_longest(spec: dict, env: dict[str, str]) -> dict:
@@ -310,12 +315,8 @@ def planned_longest(spec: dict, env: dict[str, str]) -> dict:
     from .systems import longtune_config
 
     def plan(work: Path, *args: str) -> dict:
-        command = [sys.executable, "-m", "longtune.launch.cli", "plan", str(work / "config.yaml"), "--json", *args]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
-        line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith("{")), None)
-        if line is None:
-            raise RuntimeError(f"longtune plan {' '.join(args)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        return json.loads(line)
+        out = _longtune_cli(env, "plan", work / "config.yaml", "--json", *args)
+        return json.loads(next(x for x in reversed(out.splitlines()) if x.startswith("{")))
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="longtune-bench-plan-") as tmp:
@@ -335,11 +336,19 @@ def planned_longest(spec: dict, env: dict[str, str]) -> dict:
             "ratio": gpu["dry_run"] / gpu["plan"] if gpu else None, "seconds": time.perf_counter() - start}
 
 
-def _ceiling_words(c: dict) -> str:
+def _ceiling_words(c: dict, beside: str = "") -> str:
     gpu = c["dry_run"].get("GPU peak") or {}
-    return (f"the plan's longest: {c['seq_len']:,} tokens ({c['placement']}; predicted step {c['predicted_step_s']:.0f} s); "
+    return (f"the plan's longest: {c['seq_len']:,} tokens{beside} ({c['placement']}; predicted step "
+            f"{c['predicted_step_s']:.0f} s); "
             f"dry run there: device peak {gpu.get('dry_run', 0) / GB:.2f} GB against the plan's {gpu.get('plan', 0) / GB:.2f}"
             f" ({'inside' if c['inside_budget'] else 'OVER'} the budget); next: {c['next_failure']}")
+
+
+def _longtune_on_cpu(suite: Suite, results: dict) -> dict:
+    """A longtune probe's share of the cap on the CPU (the budget: the cap less its reserve and host tier) and the
+    machine profile measured for the suite."""
+    return {"budget_gb": suite.cap_gb - suite.reserve_gb - suite.host_gb, "host_gb": suite.host_gb,
+            "machine_profile": results.get("machine_profile")}
 
 
 class _Broken(Exception):
@@ -422,7 +431,7 @@ def table(results: dict, suite: Suite) -> str:
                 c = row["planned_longest"]
                 x = f" ({c['seq_len'] / base['longest_seq']:.1f}x hf)" if base.get("longest_seq") else ""
                 lines.append(f"  {system}: trained for real to {best:,} tokens (the suite's real_until); "
-                             + _ceiling_words(c).replace(f"{c['seq_len']:,} tokens", f"{c['seq_len']:,} tokens{x}", 1))
+                             + _ceiling_words(c, x))
         for system, row in rows.items():  # the plan's prediction beside the measured peak
             for p in (p for p in row["probes"] if p["ok"] and "plan_peak_gb" in p):
                 host = p.get("plan_tiers_gb", {}).get("host", 0.0)

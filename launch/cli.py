@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--size-mb", type=int, default=1024, help="working set of each bandwidth test (default: 1024)")
     probe.add_argument("--nvme-backend", choices=["auto", "threads", "aio"], default="auto")
     probe.add_argument("--emulate-cxl-gbps", type=float, help="with no CXL node, emulate a cxl tier on the local node at this bandwidth")
-    probe.add_argument("--config", help="also time this config's model (its kernels in) at two lengths and write the "
-                       "matmul and attention rates at which the planner's step time equals it (predictions for this model)")
+    probe.add_argument("--config", help="also train this config two steps at each of two lengths (nothing offloaded) "
+                       "and write the matmul and attention rates at which the planner's step time equals it")
     probe.add_argument("--lengths", default="1024,4096", help="with --config: the two sequence lengths (default: 1024,4096)")
 
     from longtune.bench.runner import add_arguments as bench_arguments
@@ -503,7 +503,7 @@ def _probe_lengths(text: str) -> tuple[int, int]:
     return lengths
 
 
-def _model_compute(config: str, lengths: tuple[int, int], profile: dict) -> dict:
+def _model_compute(cfg, config: str, lengths: tuple[int, int], profile: dict) -> dict:
     """`longtune probe --config`: the config's step as the runtime runs it (trainer/calibrate.py) at two lengths,
     and the rates at which the planner prices it so."""
     import tempfile
@@ -512,10 +512,8 @@ def _model_compute(config: str, lengths: tuple[int, int], profile: dict) -> dict
 
     from longtune.planner.problem import ModelShape, fitted_rates
     from longtune.trainer.calibrate import step_compute_seconds
-    from longtune.trainer.config import load_config
     from longtune.trainer.planning import hf_config_dict
 
-    cfg = load_config(config)
     gpu = profile["gpu"]
     print(f"timing the step of {config} at {lengths[0]:,} and {lengths[1]:,} tokens (two steps each, nothing offloaded) ...")
     with tempfile.TemporaryDirectory(prefix="longtune-probe-") as tmp:
@@ -542,10 +540,13 @@ def run_probe(args: argparse.Namespace) -> int:
 
     if args.size_mb < 16:
         raise UsageError(f"longtune probe: --size-mb must be at least 16, got {args.size_mb}")
-    lengths = _probe_lengths(args.lengths) if args.config else None
+    if args.config:  # the config and the lengths checked before anything is measured
+        from longtune.trainer.config import load_config
+
+        lengths, cfg = _probe_lengths(args.lengths), load_config(args.config)
     profile = probe(args.nvme_path, args.size_mb, args.emulate_cxl_gbps, args.nvme_backend)
     if args.config:
-        profile["gpu"].update(_model_compute(args.config, lengths, profile))
+        profile["gpu"].update(_model_compute(cfg, args.config, lengths, profile))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# Measured by `longtune probe` on {profile['measured']['date']}\n" + yaml.safe_dump(profile, sort_keys=False))

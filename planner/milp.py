@@ -135,8 +135,9 @@ class _Model:
             h2d = pulp.LpVariable(f"exposed_h2d_{l}", 0)
             self.prob += link("from_gpu_bps") <= P.hides(P.layer_fwd_s) + d2h
             link_s += [link("from_gpu_bps"), link("to_gpu_bps") + bwd_h2d]
-            window = prefetch_window_s(P, l, [0.0] * L) + pulp.lpSum(
-                recompute_s[j] for j in range(l + 1, min(l + max(1, P.prefetch_depth), L - 1) + 1)) * P.hides(1.0)
+            window = prefetch_window_s(P, l, [0.0] * L)  # (and the recompute of the same layers, where it hides)
+            if P.overlap:
+                window += pulp.lpSum(recompute_s[j] for j in range(l + 1, min(l + max(1, P.prefetch_depth), L - 1) + 1))
             self.prob += link("to_gpu_bps") + bwd_h2d <= window + h2d
             exposed += [d2h, h2d]
         ring = 0.0  # the host buffers NVMe activations pass through (timeline.nvme_ring_slots), in the host tier

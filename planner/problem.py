@@ -578,6 +578,8 @@ def state_options(shape: ModelShape, machine: Machine, layer_fwd_s: float, optim
         return _adapter_state_options(shape, machine, optimizer, adapter, sharding)
     wb, p, layer_p, L = shape.layer.dtype_bytes, shape.params, shape.layer_params, shape.num_layers
     other_p = p - L * layer_p  # embeddings, LM head, final norm: always on the GPU
+    if not machine.overlaps_transfers:  # the host's work and the drive's take their time from the compute
+        layer_fwd_s = 0.0
     tiers = {t.name: t for t in machine.tiers}
     host_link = tiers.get("host")
     out = []
@@ -869,7 +871,7 @@ def build_problem(
         budget_bytes=budget_bytes if budget_bytes is not None else machine.gpu_bytes,
         tiers=machine.tiers,
         overlap=machine.overlaps_transfers,
-        state_options=state_options(shape, machine, layer_fwd_s if machine.overlaps_transfers else 0.0, optimizer, params, galore, sharding, adapter,
+        state_options=state_options(shape, machine, layer_fwd_s, optimizer, params, galore, sharding, adapter,
                                     accumulation),
         prefetch_depth=prefetch_depth,
         offload_activations=offload_activations,

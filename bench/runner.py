@@ -161,6 +161,9 @@ def step_against_plan(r: dict) -> Optional[dict]:
     return {"measured_s": measured, "predicted_s": predicted, "ratio": measured / predicted,
             "within": abs(measured / predicted - 1) <= STEP_TOLERANCE, "tolerance": STEP_TOLERANCE,
             "terms": {"recompute": {"measured_s": recompute, "predicted_s": recompute_plan},
+                      **{f"recompute {part}": {"measured_s": r[f"recompute_{part}_s"],
+                                               "predicted_s": r[f"recompute_plan_{part}_s"]}
+                         for part in ("pre", "post") if f"recompute_{part}_s" in r},
                       "waits": {"measured_s": waits, "predicted_s": waits_plan},
                       "compute": {"measured_s": measured - recompute - waits,
                                   "predicted_s": predicted - recompute_plan - waits_plan}}}
@@ -234,7 +237,8 @@ def run_suite(name: str, suite: Suite, env: dict[str, str], log=print) -> dict:
         calibrated = gpu["calibrated"]
         log(f"    the model's step: {', '.join(f'{float(s):.2f} s at {int(n):,}' for n, s in calibrated['step_s'].items())} "
             f"tokens: matmuls at {calibrated['matmul_tflops']:.3f} TFLOPS, attention at "
-            f"{calibrated['attention_tflops']:.3f}; memcpy {tiers['host']['to_gpu_gbps']:.1f} GB/s, disk read "
+            f"{calibrated['attention_tflops']:.3f}; a recompute "
+            f"{', '.join(f'{part} {f:.2f}x' for part, f in gpu.get('recompute_factor', {}).items())} its FLOPs' time; memcpy {tiers['host']['to_gpu_gbps']:.1f} GB/s, disk read "
             f"{tiers['nvme']['read_gbps']:.2f} / write {tiers['nvme']['write_gbps']:.2f} GB/s")
     deadline = time.monotonic() + suite.deadline_s if suite.deadline_s else None
     total = len(suite.models) * len(suite.systems)

@@ -436,8 +436,7 @@ def longtune(spec) -> dict:
               "plan_tiers_gb": {k: v / GB for k, v in plan.predicted["peak_bytes"].items() if k != "gpu" and v},
               # the process's memory outside the plan, measured by the trainer right before step 1 (trainer/memory.py)
               "baseline_gb": steps[0].get("mem_baseline_gb"), "baseline_source": steps[0].get("mem_baseline_source"),
-              **{k: v for k, v in last.items() if k.startswith(("mem_", "recompute_s", "offload_wait_s", "time_plan_s",
-                                                                 "recompute_plan_s"))
+              **{k: v for k, v in last.items() if k.startswith(("mem_", "recompute_", "offload_wait_s", "time_plan_s"))
                  and not k.startswith("mem_baseline")}}
     if cpu:
         result["peak_gb"] = peak_rss / GB

@@ -505,30 +505,35 @@ def _probe_lengths(text: str) -> tuple[int, int]:
 
 def _model_compute(cfg, config: str, lengths: tuple[int, int], profile: dict) -> dict:
     """`longtune probe --config`: the config's step as the runtime runs it (trainer/calibrate.py) at two lengths,
-    and the rates at which the planner prices it so."""
+    the rates at which the planner prices it so, and at those rates the recompute's factors."""
     import tempfile
 
     import yaml
 
     from longtune.planner.problem import ModelShape, fitted_rates
-    from longtune.trainer.calibrate import step_compute_seconds
+    from longtune.trainer.calibrate import recompute_factors, step_compute_seconds
     from longtune.trainer.planning import hf_config_dict
 
     gpu = profile["gpu"]
-    print(f"timing the step of {config} at {lengths[0]:,} and {lengths[1]:,} tokens (two steps each, nothing offloaded) ...")
+    print(f"timing the step of {config} at {lengths[0]:,} and {lengths[1]:,} tokens (two steps each, nothing "
+          f"offloaded), then at {lengths[0]:,} with every chunk recomputed ...")
     with tempfile.TemporaryDirectory(prefix="longtune-probe-") as tmp:
         machine = Path(tmp) / "machine.yaml"
         machine.write_text(yaml.safe_dump(profile))
-        seconds = step_compute_seconds(cfg, lengths, str(machine), budget_gb=0.9 * gpu["memory_gb"])
-    shape = ModelShape.from_hf_config(hf_config_dict(cfg), cfg.model.dtype)
-    peak = gpu["bf16_tflops"] * 1e12
-    try:
-        matmul, attention = fitted_rates(shape, seconds, peak * gpu["attention_efficiency"])
-    except ValueError as e:
-        raise UsageError(f"longtune probe --config: {e}") from None
-    peak = max(peak, matmul, attention)
-    return {"bf16_tflops": round(peak / 1e12, 4), "matmul_efficiency": round(matmul / peak, 4),
-            "attention_efficiency": round(attention / peak, 4),
+        budget = 0.9 * gpu["memory_gb"]
+        seconds, plans = step_compute_seconds(cfg, lengths, str(machine), budget)
+        shape = ModelShape.from_hf_config(hf_config_dict(cfg), cfg.model.dtype)
+        peak = gpu["bf16_tflops"] * 1e12
+        try:
+            matmul, attention = fitted_rates(shape, seconds, peak * gpu["attention_efficiency"])
+        except ValueError as e:
+            raise UsageError(f"longtune probe --config: {e}") from None
+        peak = max(peak, matmul, attention)
+        fitted = {"bf16_tflops": round(peak / 1e12, 4), "matmul_efficiency": round(matmul / peak, 4),
+                  "attention_efficiency": round(attention / peak, 4)}
+        machine.write_text(yaml.safe_dump({**profile, "gpu": {**gpu, **fitted}}))
+        factors = recompute_factors(cfg, plans[lengths[0]], str(machine), budget)
+    return {**fitted, "recompute_factor": {part: round(f, 4) for part, f in factors.items()},
             "calibrated": {"config": str(config), "step_s": {str(n): round(s, 4) for n, s in seconds.items()},
                            "matmul_tflops": round(matmul / 1e12, 4), "attention_tflops": round(attention / 1e12, 4)}}
 

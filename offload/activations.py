@@ -157,7 +157,8 @@ class ActivationRuntime:
             raise ValueError(f"the plan decides {len(places)} layers, the model has {len(self.layers)}")
         self.splits = [split_layer(layer, self.base.config) for layer in self.layers]
         self._prefetch_bytes: dict[int, int] = {}  # layer -> bytes its prefetch brought back
-        self.recompute_s = 0.0  # time spent recomputing dropped chunks (CUDA: measured by events, lazily)
+        # time spent recomputing dropped chunks, by part (CUDA: measured by events, read lazily)
+        self.recompute_s = {"pre": 0.0, "post": 0.0}
         self._recompute_events: list = []
         self._step: Optional[dict] = None  # the running forward: cos/sin, documents
         self._handed: Optional[weakref.ref] = None  # the last input gradient the runtime gave autograd
@@ -396,27 +397,28 @@ class ActivationRuntime:
         self.dispatcher.residency.add("prefetch", self._prefetch_bytes[l])
 
     @contextlib.contextmanager
-    def _timed(self):
-        """Time a recompute: wall time on the CPU; CUDA events on a GPU (read at the step's end, no sync here)."""
+    def _timed(self, part: str):
+        """Time a recompute of `part` (pre, post): wall time on the CPU; CUDA events on a GPU (read at the step's
+        end, no sync here)."""
         if self.stash.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             yield
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self._recompute_events.append((start, end))
+            self._recompute_events.append((part, start, end))
         else:
             t = time.perf_counter()
             yield
-            self.recompute_s += time.perf_counter() - t
+            self.recompute_s[part] += time.perf_counter() - t
 
-    def take_recompute_s(self) -> float:
-        """Seconds spent recomputing since the last call."""
-        for start, end in self._recompute_events:
+    def take_recompute_s(self) -> dict[str, float]:
+        """Seconds spent recomputing since the last call, by part ({"pre": s, "post": s})."""
+        for part, start, end in self._recompute_events:
             end.synchronize()
-            self.recompute_s += start.elapsed_time(end) / 1e3
+            self.recompute_s[part] += start.elapsed_time(end) / 1e3
         self._recompute_events = []
-        out, self.recompute_s = self.recompute_s, 0.0
+        out, self.recompute_s = self.recompute_s, dict.fromkeys(self.recompute_s, 0.0)
         return out
 
     # --- backward ---------------------------------------------------------------------------------
@@ -502,7 +504,7 @@ class ActivationRuntime:
             graph, scope = st.pre[i], None
             if graph is None:
                 xl = st.inputs[i].tensor().detach().requires_grad_()
-                with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
+                with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed("pre"):
                     q, k, v = split.pre(xl, cos_i, sin_i)
                 d.count_recomputed(scope, (q, k, v))
                 outs, ins = [q, k, v], [xl]
@@ -533,7 +535,7 @@ class ActivationRuntime:
         if graph is None:
             xl = st.inputs[i].tensor().detach().requires_grad_()
             al = st.out[i].tensor().view(b, e - a, nq * hd).detach().requires_grad_()
-            with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
+            with d.scope(l, "post", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed("post"):
                 outs, ins = [split.post(xl, al)], [xl, al]
         else:
             outs, ins = graph.outs, graph.ins
@@ -565,7 +567,7 @@ class ActivationRuntime:
             dx[:, a:e], dattn = self._post_backward(st, i, dy, param_edges, sums)
             graph = st.pre[i]
             if graph is None:
-                with torch.no_grad(), self._timed():
+                with torch.no_grad(), self._timed("pre"):
                     q = split.pre(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])[0]
             else:
                 q = graph.refs[0].tensor()
@@ -582,7 +584,7 @@ class ActivationRuntime:
             graph, scope = st.pre[i], None
             if graph is None:
                 xl = st.inputs[i].tensor().detach().requires_grad_()
-                with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed():
+                with d.scope(l, "pre", DEVICE, recompute=True) as scope, torch.enable_grad(), self._timed("pre"):
                     outs, ins = list(split.pre(xl, st.cos[:, a:e], st.sin[:, a:e])), [xl]
                 d.count_recomputed(scope, outs)
             else:
@@ -612,7 +614,7 @@ class ActivationRuntime:
         for i, (a, e) in enumerate(st.bounds):
             graph = st.pre[i]
             if graph is None:
-                with torch.no_grad(), self._timed():
+                with torch.no_grad(), self._timed("pre"):
                     k, v = split.keys_values(st.inputs[i].tensor(), st.cos[:, a:e], st.sin[:, a:e])
             else:
                 k, v = graph.refs[1].tensor(), graph.refs[2].tensor()

@@ -225,7 +225,8 @@ class MemoryRuntime:
 
     def time_metrics(self) -> dict[str, float]:
         """The plan's predicted step time for the last step's micro-batches (`time_plan_s`, beside the loop's measured
-        `step_time_s`) and its recompute share (`recompute_plan_s`, beside the measured `recompute_s`). The plan
+        `step_time_s`) and its recompute share (`recompute_plan_s`, beside the measured `recompute_s`; and by part,
+        `recompute_plan_pre_s` beside `recompute_pre_s`, post likewise). The plan
         prices one micro-batch (compute, recompute, exposed transfers) and the state's time once a step."""
         pred = self.plan.predicted if self.plan is not None else {}
         if not pred.get("step_time_s"):
@@ -233,7 +234,8 @@ class MemoryRuntime:
         n = getattr(self, "_micro_batches", 1)
         per_micro = pred.get("compute_s", 0.0) + pred.get("recompute_s", 0.0) + pred.get("exposed_transfer_s", 0.0)
         return {"time_plan_s": n * per_micro + pred.get("state_s", 0.0),
-                "recompute_plan_s": n * pred.get("recompute_s", 0.0)}
+                "recompute_plan_s": n * pred.get("recompute_s", 0.0),
+                **{f"recompute_plan_{part}_s": n * s for part, s in self.plan.recompute_by_part().items()}}
 
     def memory_metrics(self) -> dict[str, float]:
         """Saved-activation memory per tier: measured peak (since the last call) beside the plan's prediction; and the
@@ -250,7 +252,9 @@ class MemoryRuntime:
             if nbytes or r.peak.get(tier):
                 out[f"mem_plan_{tier}_gb"] = nbytes / GB
                 out[f"mem_measured_{tier}_gb"] = r.peak.get(tier, 0) / GB
-        out["recompute_s"] = self.activations.take_recompute_s()
+        recompute = self.activations.take_recompute_s()
+        out["recompute_s"] = sum(recompute.values())
+        out |= {f"recompute_{part}_s": s for part, s in recompute.items()}
         if self.dispatcher.stash.unplanned_bytes:
             out["mem_unplanned_gb"] = self.dispatcher.stash.unplanned_bytes / GB
         if self.device.type == "cuda":  # everything on the device, the plan's rows against the allocator's peak

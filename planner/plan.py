@@ -140,6 +140,12 @@ class Plan:
         group's fp32 master and moments: the plan counts them in the host tier (problem.optimizer_host_buffers)."""
         return NVME_STATE_STAGINGS
 
+    def recompute_by_part(self) -> dict[str, float]:
+        """The step's predicted recompute seconds by part (pre, post): a chunk's price times the chunks recomputed
+        (their sum is predicted["recompute_s"])."""
+        return {c: self.problem.recompute_s[c] * sum(layer[c].get(RECOMPUTE, 0) for layer in self.layers)
+                for c in self.problem.recompute_s}
+
     def evaluation(self) -> Evaluation:
         arena = self.arena.size_bytes if self.arena is not None else None
         return evaluate(self.problem, self.layers, self.state, arena_bytes=arena)

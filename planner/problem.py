@@ -71,6 +71,11 @@ class Machine:
     # Whether copies, the tiers' I/O and the host's optimizer step run beside the device's compute (a GPU: its copy
     # engines and the host's cores) or take their time from it (the CPU as the device: one set of cores for all).
     overlaps_transfers: bool = True
+    # The runtime's recompute of a chunk's pre part (norm, q/k/v, RoPE) and post part (o_proj, norm, MLP) against its
+    # FLOPs at the matmul rate (`longtune probe --config` times a plan that recomputes everything): a recompute is a
+    # forward alone, in small pieces, without the backward's larger matmuls to share its elementwise costs.
+    pre_recompute_factor: float = 1.0
+    post_recompute_factor: float = 1.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "Machine":
@@ -95,6 +100,9 @@ class Machine:
             if cap > 0:
                 tiers.append(Tier(name, cap * GB, to_gpu * GB, from_gpu * GB))
         host = raw_tiers.get("host") if isinstance(raw_tiers.get("host"), dict) else {}
+        factors = gpu.get("recompute_factor") or {}
+        if not isinstance(factors, dict) or set(factors) - {"pre", "post"}:
+            raise ProfileError(f"gpu.recompute_factor must be a mapping of pre and post, got {factors!r}")
         return cls(
             str(d.get("name", "unnamed")),
             _number(gpu, "memory_gb", "gpu") * GB,
@@ -107,6 +115,7 @@ class Machine:
             _number(gpu, "interconnect_gbps", "gpu", default=200.0) * GB,
             int(_number(d, "gpus_per_node", "machine", default=1)),
             _flag(gpu, "overlaps_transfers", "gpu", default=True),
+            *(_number(factors, part, "gpu.recompute_factor", default=1.0) for part in ("pre", "post")),
         )
 
     @classmethod
@@ -855,8 +864,9 @@ def build_problem(
         # A dropped pre chunk is recomputed twice: its keys and values (no q) for the attention backward of every
         # token, then whole with its graph for its own backward (offload/activations.py).
         # (Under sequence parallelism the queries are recomputed with them: the first pass is whole.)
-        recompute_s={"pre": pre_fwd_s * (2 if P > 1 else 1 + 2 * shape.kv_dim / (shape.q_dim + 2 * shape.kv_dim)) / chunks,
-                     "post": post_fwd_s / chunks},
+        recompute_s={"pre": pre_fwd_s * (2 if P > 1 else 1 + 2 * shape.kv_dim / (shape.q_dim + 2 * shape.kv_dim))
+                            * machine.pre_recompute_factor / chunks,
+                     "post": post_fwd_s * machine.post_recompute_factor / chunks},
         all_or_nothing=("attn",),
         layer_fwd_s=layer_fwd_s,
         layer_bwd_s=layer_bwd_s,

@@ -107,7 +107,7 @@ def run_case(case: str, groups: dict, world: int, rank: int) -> dict:
                          shift_labels=mine.shift_labels, num_items_in_batch=int(n_targets)).loss
             loss.backward()
         if runtime:  # the plan ran: bytes came back from the host, chunks were recomputed
-            moved, recomputed = runtime.activations.stash.bytes_to_device, runtime.activations.take_recompute_s()
+            moved, recomputed = runtime.activations.stash.bytes_to_device, sum(runtime.activations.take_recompute_s().values())
         else:
             moved = recomputed = None
     finally:

@@ -417,3 +417,32 @@ def test_fitted_rates_make_the_planned_compute_equal_the_measured_steps():
         assert planned == pytest.approx(seconds, rel=1e-9)
     with pytest.raises(ValueError, match="do not grow"):
         fitted_rates(shape, {1024: 2.0, 4096: 2.0})
+
+
+def test_recompute_factors_price_each_part_and_the_plan_splits_its_recompute_by_part():
+    """A profile's gpu.recompute_factor (`longtune probe --config`) multiplies each part's recompute price; the
+    plan's recompute by part is its chunks recomputed at those prices and sums to its predicted recompute."""
+    from dataclasses import replace
+
+    from longtune.planner.plan import plan_of
+    from longtune.planner.problem import ProfileError
+
+    shape = ModelShape.from_hf_config({**LLAMA_8B, "num_hidden_layers": 2}, "bfloat16")
+    plain = Machine.load("h100-pcie5")
+    slow = replace(plain, pre_recompute_factor=2.0, post_recompute_factor=3.0)
+    a, b = (build_problem(shape, 4096, m, chunks=4, optimizer="gpu") for m in (plain, slow))
+    assert b.recompute_s["pre"] == pytest.approx(2 * a.recompute_s["pre"])
+    assert b.recompute_s["post"] == pytest.approx(3 * a.recompute_s["post"])
+    decisions = [{c: ({RECOMPUTE: 4} if c == "post" or (c == "pre" and l) else {GPU: 4}) for c in CLASSES}
+                 for l in range(2)]
+    plan = plan_of(b, decisions)
+    assert plan.recompute_by_part() == pytest.approx({"pre": 4 * b.recompute_s["pre"], "post": 8 * b.recompute_s["post"]})
+    assert sum(plan.recompute_by_part().values()) == pytest.approx(plan.predicted["recompute_s"])
+    profile = {"gpu": {"memory_gb": 80, "bf16_tflops": 900, "matmul_efficiency": 0.5, "attention_efficiency": 0.5,
+                       "recompute_factor": {"pre": 1.5, "post": 1.25}}}
+    m = Machine.from_dict(profile)
+    assert (m.pre_recompute_factor, m.post_recompute_factor) == (1.5, 1.25)
+    with pytest.raises(ProfileError, match="recompute_factor must be a mapping of pre and post"):
+        Machine.from_dict({**profile, "gpu": {**profile["gpu"], "recompute_factor": {"mlp": 2}}})
+    with pytest.raises(ProfileError, match="gpu.recompute_factor.pre must be > 0"):
+        Machine.from_dict({**profile, "gpu": {**profile["gpu"], "recompute_factor": {"pre": 0}}})

@@ -40,7 +40,8 @@ def test_probe_rejects_a_tiny_working_set(tmp_path):
 
 def test_probe_config_times_the_model_and_the_plan_predicts_its_step(tmp_path, tiny_config):
     """`longtune probe --config`: the config's model timed at two lengths; a plan made with the profile
-    predicts (compute, nothing offloaded or recomputed) the step time measured at the longer length."""
+    predicts (compute, nothing offloaded or recomputed) the step time measured at the longer length. The shorter
+    is run again with everything recomputed: the recompute's factors, which the planner's prices carry."""
     config = write_yaml(tmp_path / "c.yaml", {**tiny_config, "data": {**tiny_config["data"], "seq_len": 2048}})
     out = tmp_path / "machine.yaml"
     result = run_cli("probe", "--out", out, "--size-mb", 16, "--config", config, "--lengths", "256,2048")
@@ -52,5 +53,11 @@ def test_probe_config_times_the_model_and_the_plan_predicts_its_step(tmp_path, t
     assert plan.returncode == 0, plan.stderr
     predicted = json.loads(plan.stdout)["predicted"]["compute_s"]
     assert predicted == pytest.approx(measured, rel=0.01)  # the profile's figures are rounded to 4 digits
+    factors = gpu["recompute_factor"]
+    assert set(factors) == {"pre", "post"} and all(f > 0 for f in factors.values())
+    assert "every chunk recomputed" in result.stdout
+    from longtune.planner.problem import Machine
+    machine = Machine.load(str(out))
+    assert (machine.pre_recompute_factor, machine.post_recompute_factor) == (factors["pre"], factors["post"])
     bad = run_cli("probe", "--out", out, "--config", config, "--lengths", "256,300")
     assert bad.returncode == 2 and "--lengths takes two token counts" in bad.stderr

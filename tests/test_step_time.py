@@ -33,4 +33,7 @@ def test_time_plan_s_is_the_plans_micro_batches_and_state_once(tmp_path):
                                                + p["state_s"])
     assert got["recompute_plan_s"] == pytest.approx(2 * p["recompute_s"])
     assert got["recompute_s"] > 0  # measured beside it
+    # by part: only post is recomputed here; the parts sum to the whole, measured and planned
+    assert got["recompute_plan_post_s"] == pytest.approx(got["recompute_plan_s"]) and got["recompute_plan_pre_s"] == 0
+    assert got["recompute_post_s"] == pytest.approx(got["recompute_s"]) and got["recompute_pre_s"] == 0
     assert "plan 1.50 s" in format_line({"step": 3, "step_time_s": 1.4, "time_plan_s": 1.5})

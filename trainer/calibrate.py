@@ -1,10 +1,12 @@
-"""`longtune probe --config`: the compute of a config's step as the runtime runs it, at two lengths.
+"""`longtune probe --config`: the compute of a config's step as the runtime runs it, at two lengths, and its recompute.
 
 A kernel microbenchmark prices FLOPs at the best GEMM's rate; a step runs narrower matmuls, norms, activations,
 the loss, and the activation runtime's token chunks (smaller GEMMs, attention in blocks, their merges). So the
 config itself is trained for two steps at each length with a plan that keeps everything on the device, and the
 second step, less what the plan prices apart (the optimizer step), is the compute the planner's rates are fitted
-to (planner/problem.fitted_rates).
+to (planner/problem.fitted_rates). A recompute is a forward alone, in chunks; at those rates it takes longer than
+its FLOPs say, so the shorter length is trained once more with every chunk's pre and post parts recomputed, and
+the runtime's timing of each part against its price is the profile's recompute factor.
 """
 
 from __future__ import annotations
@@ -12,37 +14,62 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from longtune.planner.plan import Plan
+from longtune.planner.vocabulary import GPU, RECOMPUTE
 
 from .config import Config, validate
 
 
-def step_compute_seconds(cfg: Config, lengths: tuple[int, ...], machine: str, budget_gb: float,
-                         log: Callable[[str], None] = print) -> dict[int, float]:
-    """{tokens: seconds of the timed step's forward and backward}, the config trained at each length with the
-    profile `machine`, the optimizer and weights on the device and a `budget_gb` that keeps every activation."""
+def _train(cfg: Config, tokens: int, machine: str, budget_gb: float, plan: Optional[Plan] = None) -> tuple[dict, Plan]:
+    """The timed (second) step's metrics of the config trained two steps at `tokens`, the optimizer and weights on
+    the device, with `plan` (None: the planner's, which keeps everything within a budget this large); and the plan
+    it ran."""
     from .train import train
 
-    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="longtune-probe-") as tmp:
+        data = cfg.model_dump(mode="json")
+        data["data"]["seq_len"] = tokens
+        if data["data"].get("passkey"):
+            data["data"]["passkey"]["eval_samples"] = 0
+        data["train"].update(max_steps=2, warmup_steps=0, grad_accum_steps=1, micro_batch_size=1)
+        data["memory"].update(budget_gb=budget_gb, machine=machine, optimizer="gpu", params="gpu", plan="auto")
+        if plan is not None:
+            (Path(tmp) / "plan.yaml").write_text(plan.to_yaml())
+            data["memory"]["plan"] = str(Path(tmp) / "plan.yaml")
+        data["checkpoint"].update(every_n_steps=0, save_final=False)
+        data["run"].update(output_dir=str(Path(tmp) / "run"), resume=None)
+        data["log"].update(every_n_steps=1, sinks=["jsonl"])
+        train(validate(data))
+        metrics = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [m for m in metrics if "loss" in m][-1], Plan.from_yaml((Path(tmp) / "run" / "plan.yaml").read_text())
+
+
+def step_compute_seconds(cfg: Config, lengths: tuple[int, ...], machine: str, budget_gb: float,
+                         log: Callable[[str], None] = print) -> tuple[dict[int, float], dict[int, Plan]]:
+    """({tokens: seconds of the timed step's forward and backward}, {tokens: the plan it ran}), the config trained
+    at each length with the profile `machine`, the optimizer and weights on the device and a `budget_gb` that keeps
+    every activation."""
+    seconds, plans = {}, {}
     for n in lengths:
-        with tempfile.TemporaryDirectory(prefix="longtune-probe-") as tmp:
-            data = cfg.model_dump(mode="json")
-            data["data"]["seq_len"] = n
-            if data["data"].get("passkey"):
-                data["data"]["passkey"]["eval_samples"] = 0
-            data["train"].update(max_steps=2, warmup_steps=0, grad_accum_steps=1, micro_batch_size=1)
-            data["memory"].update(budget_gb=budget_gb, machine=machine, optimizer="gpu", params="gpu", plan="auto")
-            data["checkpoint"].update(every_n_steps=0, save_final=False)
-            data["run"].update(output_dir=str(Path(tmp) / "run"), resume=None)
-            data["log"].update(every_n_steps=1, sinks=["jsonl"])
-            run = validate(data)
-            train(run)
-            step = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-            last = [m for m in step if "loss" in m][-1]
-            predicted = Plan.from_yaml((Path(tmp) / "run" / "plan.yaml").read_text()).predicted
-            apart = sum(predicted.get(k) or 0.0 for k in ("state_s", "exposed_transfer_s", "recompute_s"))
-            seconds[n] = last["step_time_s"] - apart
+        last, plans[n] = _train(cfg, n, machine, budget_gb)
+        apart = sum(plans[n].predicted.get(k) or 0.0 for k in ("state_s", "exposed_transfer_s", "recompute_s"))
+        seconds[n] = last["step_time_s"] - apart
         log(f"  {n:,} tokens: the runtime's step {last['step_time_s']:.3f} s, of it forward and backward {seconds[n]:.3f} s")
-    return seconds
+    return seconds, plans
+
+
+def recompute_factors(cfg: Config, kept: Plan, machine: str, budget_gb: float,
+                      log: Callable[[str], None] = print) -> dict[str, float]:
+    """{part: the runtime's recompute of it / its price}, part pre and post: the plan `kept` (everything kept, at its
+    length) run again with every chunk's pre and post parts recomputed, on the profile `machine` (its factors 1)."""
+    every = [{c: ({RECOMPUTE: n} if c in kept.problem.recompute_s else {GPU: n})
+              for c, d in layer.items() for n in [sum(d.values())]} for layer in kept.layers]
+    last, plan = _train(cfg, kept.problem.meta["tokens"], machine, budget_gb,
+                        Plan(kept.problem, every, {}, {}, [], None, kept.state))
+    factors = {part: last[f"recompute_{part}_s"] / last[f"recompute_plan_{part}_s"] for part in plan.problem.recompute_s}
+    log(f"  {plan.problem.meta['tokens']:,} tokens, every chunk recomputed: the step {last['step_time_s']:.3f} s; "
+        + ", ".join(f"{part} recomputed in {last[f'recompute_{part}_s']:.3f} s, {factors[part]:.2f}x its price"
+                    for part in factors))
+    return factors

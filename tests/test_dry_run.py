@@ -39,3 +39,17 @@ def test_a_dry_run_allocates_what_the_plan_predicts(tmp_path, extra):
     picture = tmp_path / "timeline.png"
     draw_timeline(plan, run, str(picture), "small")
     assert picture.stat().st_size > 10_000
+
+
+def test_a_dry_run_holds_the_optimizer_state_a_later_step_holds(tmp_path):
+    """AdamW on the device makes its moments in its first step; the plan counts them in every row (a run's steps
+    after the first hold them throughout), and so does the dry run's step. At 512 tokens the state is most of
+    the head's row: the dry run's is the plan's to 1% (without the moments it would read 30% less)."""
+    cfg = load_config("llama3-8b-128k", SMALL + ["memory.optimizer=gpu", "memory.budget_gb=0.2", "data.seq_len=512",
+                                                 f"run.output_dir={tmp_path}"])
+    machine = load_machine(cfg.memory.machine)
+    plan = plan_memory(cfg, profile_capacities(cfg, machine, 1), machine, activations=True)
+    assert plan.optimizer_tier == "gpu"
+    rows = rows_beside_plan(plan, dry_run(cfg, plan, timeline=True))
+    assert rows[0][0] == "head" and rows[0][2] == pytest.approx(rows[0][1], rel=0.01), rows
+    assert all(measured <= planned for _, planned, measured in rows), rows

@@ -80,6 +80,8 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
         if sp is not None:
             sp.apply(model)
         runtime = build_runtime(cfg, model, plan, torch.device(GPU), world=P, sequence=sp.group if sp else None)
+        if plan.optimizer_tier == "gpu":
+            _make_optimizer_state(runtime.optimizer)
         backward_starts: dict[int, int] = {}
         marks = _mark_backward_starts(model, counter, backward_starts)
         # The step starts here. The model was made on the device, where a run makes it on the host and the
@@ -106,6 +108,20 @@ def dry_run(cfg: Config, plan, timeline: bool = False) -> DryRun:
     return DryRun(peak_bytes={"gpu": counter.device_peak[GPU], "host": counter.device_peak[HOST]}, ops=counter.ops,
                   forward_ops=forward_ops, seconds=time.perf_counter() - start, samples=counter.samples or [],
                   activation_peak_bytes=residency, backward_starts=backward_starts)
+
+
+def _make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """A run holds its optimizer's state from the end of its first step on, and the plan counts it in every row;
+    torch's AdamW on the device (GaLore's too) makes it lazily, in that first step. So, before the counted step,
+    one step of it on zero gradients (fake: it changes nothing that matters) makes the state a run's every later
+    step holds. (The optimizers off the device, offload/optimizer.py, make theirs when they are built.)"""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _mark_backward_starts(model: torch.nn.Module, counter, starts: dict[int, int]) -> list:

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--nvme-backend", choices=["auto", "threads", "aio"], default="auto")
     probe.add_argument("--emulate-cxl-gbps", type=float, help="with no CXL node, emulate a cxl tier on the local node at this bandwidth")
     probe.add_argument("--config", help="also train this config two steps at each of two lengths (nothing offloaded) "
-                       "and write the matmul and attention rates at which the planner's step time equals it")
+                       "and write the matmul and attention rates at which the planner's step time equals it; then the shorter "
+                       "length once more with every chunk recomputed, for the recompute's factors")
     probe.add_argument("--lengths", default="1024,4096", help="with --config: the two sequence lengths (default: 1024,4096)")
 
     from longtune.bench.runner import add_arguments as bench_arguments

@@ -96,7 +96,11 @@ class MemoryCap:
 
     # --- the watchdog -----------------------------------------------------------------------------
     def watch(self, pid: int) -> None:
-        """Sample the tree's RSS (its peak, in every mode); without a cgroup, kill the tree over the cap."""
+        """Without a cgroup: sample the tree's RSS every 5 ms (its peak) and kill the tree over the cap. With one the
+        kernel does both, and nothing samples: on two cores the sampler took some 12% of one, and the probe's steps
+        were 12% slower beside it (measured: longtune at 4K, 40.4 s in a cgroup with the sampler, 36.1 s without)."""
+        if self.folder is not None:
+            return
         self._thread = threading.Thread(target=self._sample, args=(pid,), daemon=True)
         self._thread.start()
 
@@ -138,8 +142,7 @@ class MemoryCap:
                     break
                 except OSError:
                     time.sleep(0.1)
-        return {"enforced_by": self.enforced_by, "cap_gb": self.cap / GB, "peak_gb": peak / GB,
-                "rss_peak_gb": self._peak / GB, "oom_killed": killed}
+        return {"enforced_by": self.enforced_by, "cap_gb": self.cap / GB, "peak_gb": peak / GB, "oom_killed": killed}
 
     def _read_cgroup(self) -> tuple[int, bool]:
         f = self.folder

@@ -49,6 +49,8 @@ def test_a_probe_over_the_cap_is_killed_and_one_under_it_is_measured(mode, monke
         cap = MemoryCap(400e6)
         proc = subprocess.Popen([sys.executable, "-c", _child(mb)], preexec_fn=cap.join)
         cap.watch(proc.pid)
+        # the kernel counts and enforces: nothing in this process samples the tree (it would take the probe's cores)
+        assert (cap._thread is None) == (mode == "kernel" and cap.enforced_by.startswith("cgroup"))
         proc.wait(timeout=60)
         results[mb] = (proc.returncode, cap.finish())
     if mode == "watchdog":

@@ -30,7 +30,9 @@ part (every rank taking its chunk i together). The backward keeps the chunk orde
 only when every rank's queries are done, so the pre parts follow in a second pass.
 
 Prefetch: when layer l's backward starts it waits for its own offloaded bytes and starts bringing back those
-of layer l - depth; the last layers' prefetch starts when the forward ends (behind the LM head).
+of layer l - depth; the last layers' prefetch starts when the forward ends (behind the LM head). Depth 0 holds
+one layer's buffers in all: a layer's copies out end with its forward, and its bytes come back when its backward
+starts (the plan prices those copies as not hidden).
 
 One full-length gradient per layer: a chunk's output gradient is read by that chunk's backward alone, so the
 input gradient is written over it, chunk by chunk, where the output gradient is one the runtime made itself (the
@@ -149,7 +151,7 @@ class ActivationRuntime:
         self.model, self.places, self.dispatcher, self.stash = model, places, dispatcher, stash
         # Sequence parallel: this rank holds a shard of each sequence and attention runs over the group (ulysses.py)
         self.sequence = sequence if sequence is not None and sequence.size > 1 else None
-        self.depth = max(1, depth)
+        self.depth = max(0, depth)
         self.base = decoder(model)
         check_supported(self.base.config, 0)
         self.layers = list(decoder_layers(model))
@@ -248,7 +250,9 @@ class ActivationRuntime:
         for leaf in leaves:  # the graphs' AccumulateGrad nodes hold their leaves: keep none of their bytes
             leaf.data = leaf.data.new_empty(0)
         stash.end_forward(l)
-        if l >= 1:
+        if self.depth == 0:  # one layer's buffers in all: the next layer's staging may be these bytes
+            self._drained(l)
+        elif l >= 1:
             self._drained(l - 1)
         if l == len(self.layers) - 1:  # the forward is over: the first prefetches hide behind the head
             self.dispatcher.residency.phase("head")

@@ -157,7 +157,7 @@ class MemoryRuntime:
         from .stash import ActivationStash
 
         plan, o = self.plan, self.options
-        if max(1, o.prefetch_depth) != max(1, plan.problem.prefetch_depth):
+        if o.prefetch_depth != plan.problem.prefetch_depth:
             raise ValueError(f"prefetch depth {o.prefetch_depth}, but the plan's arena and NVMe ring are sized for depth "
                              f"{plan.problem.prefetch_depth}")
         layout = plan.layer_regions()

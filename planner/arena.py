@@ -4,7 +4,8 @@ Given a schedule (decisions, see evaluate.py), the runtime needs these buffers o
 lifetimes of timeline.py (one description for the memory rows, the arena and the runtime):
 
   staging.<l>     layer l's offloaded bytes on their way out (D2H): alive from the forward of l to the
-                  end of the forward of l+1 (the copy overlaps l's forward and drains during l+1's);
+                  end of the forward of l+1 (the copy overlaps l's forward and drains during l+1's;
+                  prefetch depth 0: drained at the end of l's);
   prefetch.<l>    layer l's offloaded bytes coming back (H2D), same size: alive from the backward of
                   l+depth (the head, for the last layers) to the end of the backward of l.
 
@@ -78,7 +79,7 @@ def _bytes(x: float) -> int:
 
 def runtime_buffers(problem: Problem, decisions: Decisions) -> list[Buffer]:
     """The staging and prefetch buffers of a schedule, with their lifetimes (see the module doc)."""
-    L, depth = problem.num_layers, max(1, problem.prefetch_depth)
+    L, depth = problem.num_layers, problem.prefetch_depth
     if len(decisions) != L:
         raise ValueError(f"{len(decisions)} layers decided, the model has {L}")
     tiers = {t.name for t in problem.tiers}
@@ -90,7 +91,7 @@ def runtime_buffers(problem: Problem, decisions: Decisions) -> list[Buffer]:
             raise ValueError(f"layer {l}: unknown place {sorted(unknown)}")
         size = sum(layer_region_bytes(problem, layer).values())
         if size > 0:
-            out.append(Buffer(f"staging.{l}", size, *staging_lifetime(l, L)))
+            out.append(Buffer(f"staging.{l}", size, *staging_lifetime(l, L, depth)))
             prefetch.append(Buffer(f"prefetch.{l}", size, *prefetch_lifetime(l, L, depth)))
     return out + prefetch
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .problem import Problem
-from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, activation_residency, backward_phase_bytes, nvme_ring_slots, arena_live, gpu_rows, positions, prefetch_window_s, state_constant_s
+from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, activation_residency, backward_phase_bytes, nvme_ring_slots, arena_live, gpu_rows, positions, prefetch_window_s, staging_window_s, state_constant_s
 from .vocabulary import CLASSES, GPU, RECOMPUTE
 
 # decisions[l][class][place] = number of chunks; place is "gpu", "recompute" or a tier name.
@@ -138,7 +138,7 @@ def evaluate(problem: Problem, decisions: Decisions, state: Optional[str] = None
 
     out_s = [link_time(l, "from_gpu_bps") for l in range(L)]
     in_s = [link_time(l, "to_gpu_bps") + (option.bwd_h2d_s if option else 0.0) for l in range(L)]
-    d2h = [max(0.0, out_s[l] - problem.hides(problem.layer_fwd_s)) for l in range(L)]
+    d2h = [max(0.0, out_s[l] - staging_window_s(problem)) for l in range(L)]
     h2d = [max(0.0, in_s[l] - prefetch_window_s(problem, l, recompute_per_layer)) for l in range(L)]
     compute = L * (problem.layer_fwd_s + problem.layer_bwd_s) + problem.head_s
     recompute_total = sum(recompute_per_layer)

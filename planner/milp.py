@@ -23,7 +23,7 @@ import pulp
 
 from .evaluate import Decisions, margin_bytes, places
 from .problem import Problem
-from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, arena_live, nvme_ring_slots, gpu_rows, prefetch_window_s, state_constant_s
+from .timeline import ARENA_CHUNK_OVERHEAD, REGION_SLACK_BYTES, arena_live, nvme_ring_slots, gpu_rows, prefetch_window_s, staging_window_s, state_constant_s
 from .vocabulary import CLASSES, GPU, RECOMPUTE
 
 GB = 1e9
@@ -133,11 +133,11 @@ class _Model:
                 )
             d2h = pulp.LpVariable(f"exposed_d2h_{l}", 0)
             h2d = pulp.LpVariable(f"exposed_h2d_{l}", 0)
-            self.prob += link("from_gpu_bps") <= P.hides(P.layer_fwd_s) + d2h
+            self.prob += link("from_gpu_bps") <= staging_window_s(P) + d2h
             link_s += [link("from_gpu_bps"), link("to_gpu_bps") + bwd_h2d]
             window = prefetch_window_s(P, l, [0.0] * L)  # (and the recompute of the same layers, where it hides)
             if P.overlap:
-                window += pulp.lpSum(recompute_s[j] for j in range(l + 1, min(l + max(1, P.prefetch_depth), L - 1) + 1))
+                window += pulp.lpSum(recompute_s[j] for j in range(l + 1, min(l + P.prefetch_depth, L - 1) + 1))
             self.prob += link("to_gpu_bps") + bwd_h2d <= window + h2d
             exposed += [d2h, h2d]
         ring = 0.0  # the host buffers NVMe activations pass through (timeline.nvme_ring_slots), in the host tier

@@ -9,8 +9,11 @@ backward of layer j is step 2L - j. With prefetch depth d:
 
   staging.<l>   layer l's offloaded bytes on their way out: written during forward l, drained during
                 forward l+1 (the head, for the last layer)                     alive [l, l+1]
+                (d = 0: drained at the end of forward l                        alive [l, l])
   prefetch.<l>  layer l's offloaded bytes coming back: requested when the backward of layer l+d starts (at
                 the head for the last d layers), used by the backward of l    alive [max(L, 2L-l-d), 2L-l]
+                (d = 0: requested when its own backward starts, and waited for: one layer's buffers in
+                all, the copies not hidden behind any compute)
   kept          a layer's kept chunks: from its forward to the end of its backward
   recompute     one recomputed chunk at a time, inside a layer's backward
 
@@ -38,9 +41,10 @@ ARENA_CHUNK_OVERHEAD = REGION_SLACK_BYTES + 512
 def nvme_ring_slots(prefetch_depth: int) -> int:
     """Host buffers the NVMe tier's activations pass through (offload/stash.py), each the size of the largest
     layer's NVMe region: a layer's bytes wait in one from its forward until written, and come back through
-    one a layer before their prefetch; depth + 2 of them never collide. They are host memory: the host
-    tier holds them beside its own activations and the state."""
-    return max(1, prefetch_depth) + 2
+    one a layer before their prefetch; depth + 2 of them never collide (depth 0: the slot the backward copies
+    out of and the one the next layer's read fills). They are host memory: the host tier holds them beside its
+    own activations and the state. (Fewer would only wait: the stash claims a slot once nothing uses it.)"""
+    return prefetch_depth + 2
 
 
 def positions(num_layers: int) -> list[str]:
@@ -48,8 +52,8 @@ def positions(num_layers: int) -> list[str]:
     return ["head"] + [f"backward {j}" for j in reversed(range(num_layers))]
 
 
-def staging_lifetime(l: int, num_layers: int) -> tuple[int, int]:
-    return l, l + 1
+def staging_lifetime(l: int, num_layers: int, depth: int = 1) -> tuple[int, int]:
+    return l, l + (1 if depth else 0)
 
 
 def prefetch_lifetime(l: int, num_layers: int, depth: int) -> tuple[int, int]:
@@ -75,10 +79,10 @@ def _prefix_sums(xs: Sequence) -> list:
 
 def arena_live(problem: Problem, off: Sequence) -> list:
     """Bytes of staging + prefetch buffers alive at every time step (the arena must hold the largest)."""
-    L, d = problem.num_layers, max(1, problem.prefetch_depth)
+    L, d = problem.num_layers, problem.prefetch_depth
     terms: list[list] = [[] for _ in range(2 * L + 1)]
     for l in range(L):
-        for start, end in (staging_lifetime(l, L), prefetch_lifetime(l, L, d)):
+        for start, end in (staging_lifetime(l, L, d), prefetch_lifetime(l, L, d)):
             for t in range(start, end + 1):
                 terms[t].append(off[l])
     return [_total(x) for x in terms]
@@ -88,13 +92,14 @@ def activation_residency(problem: Problem, kept: Sequence, off: Sequence, recomp
     """Saved-activation bytes on the device per position and kind (kept / staging / prefetch / recompute): the
     runtime's expected residency, compared kind by kind with what it measures. `recompute[j]` is the largest
     chunk layer j recomputes (the memory rows reserve the step's largest in every row instead: a tighter LP)."""
-    L, d = problem.num_layers, max(1, problem.prefetch_depth)
+    L, d = problem.num_layers, problem.prefetch_depth
     prefetch: list[list] = [[] for _ in range(2 * L + 1)]
     for l in range(L):
         start, end = prefetch_lifetime(l, L, d)
         for t in range(start, end + 1):
             prefetch[t].append(off[l])
-    out = {"head": {"kept": _total(kept), "staging": off[L - 1], "prefetch": _total(prefetch[L]), "recompute": 0}}
+    out = {"head": {"kept": _total(kept), "staging": off[L - 1] if d else 0, "prefetch": _total(prefetch[L]),
+                    "recompute": 0}}
     prefixes = _prefix_sums(kept)
     for j in reversed(range(L)):
         out[f"backward {j}"] = {"kept": prefixes[j], "staging": 0, "prefetch": _total(prefetch[2 * L - j]),
@@ -175,10 +180,16 @@ def backward_phase_bytes(problem: Problem, recompute: float) -> float:
     return max(problem.layer_workspace_bytes + recompute, problem.attention_phase_bytes, problem.forward_workspace_bytes)
 
 
+def staging_window_s(problem: Problem) -> float:
+    """Compute time a layer's copies to its tiers hide behind: the next layer's forward, during which its staging
+    buffer drains (depth 0: none; it drains before the next layer starts)."""
+    return problem.hides(problem.layer_fwd_s) if problem.prefetch_depth else 0.0
+
+
 def prefetch_window_s(problem: Problem, j: int, recompute_s: Sequence[float]) -> float:
     """Compute time the prefetch of layer j hides behind: the backward of the layers between its request and
     its use (with their recompute), and the head when it is requested at the end of the forward."""
-    L, d = problem.num_layers, max(1, problem.prefetch_depth)
+    L, d = problem.num_layers, problem.prefetch_depth
     window = sum(problem.layer_bwd_s + recompute_s[l] for l in range(j + 1, min(j + d, L - 1) + 1))
     if j + d >= L:
         window += problem.head_s

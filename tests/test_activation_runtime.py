@@ -367,12 +367,13 @@ MIXED = [  # every tier and token split somewhere, a different mix per layer
 ]
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("depth", [0, 1, 2, 4])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_when_copies_lag_as_on_a_gpu(family, depth, tmp_path):
     """Lagging-device mode: a copy runs only when compute or the host must have it done, so a destination read
     or a source reused without waiting gives wrong gradients here as it would on a GPU. Every tier, token
-    splits, packed documents, prefetch depth 1-4: the plain model's loss and gradients."""
+    splits, packed documents, prefetch depth 0-4 (at 0 every layer's buffers are the same bytes): the plain
+    model's loss and gradients."""
     cfg = tiny(family, layers=LAGGING_LAYERS)
     model = build(cfg)
     torch.manual_seed(2)
@@ -386,6 +387,10 @@ def test_exact_when_copies_lag_as_on_a_gpu(family, depth, tmp_path):
     assert stash.unplanned_bytes == 0
     assert runtime.h2d.lagging and not runtime.h2d._queue
     assert 0 < stash.nvme_read == stash.nvme_written  # each layer read back once (not again ahead of a prefetch)
+    if depth == 0:  # one layer's buffers: at every position the device holds what the plan says (no next layer's)
+        for position, kinds in plan.evaluation().residency.items():
+            assert runtime.dispatcher.residency.phase_peaks.get(position, 0) == \
+                pytest.approx(sum(kinds.values()), abs=64 * G * 8), position
 
 
 def test_the_nvme_ring_waits_for_the_device_before_reusing_a_slot(tmp_path):

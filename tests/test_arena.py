@@ -230,6 +230,26 @@ def test_deeper_prefetch_starts_earlier():
     assert [(by_name[f"prefetch.{l}"].start, by_name[f"prefetch.{l}"].end) for l in range(4)] == [(6, 8), (5, 7), (4, 6), (4, 5)]
 
 
+def test_prefetch_depth_zero_holds_one_layer_and_hides_no_copy():
+    """Depth 0: a layer's staging drains within its own forward and its prefetch lands when its own backward
+    starts, so no two layers' buffers are ever alive together: the arena is the largest layer's region, where
+    depth 1 holds two; and the plan prices every copy as exposed (no compute to hide behind)."""
+    from longtune.planner.evaluate import evaluate
+
+    P1 = tiny_problem(4)
+    P0 = replace(P1, prefetch_depth=0)
+    decisions = [layer(input={"host": 4}, attn={"host": 4}) for _ in range(4)]
+    by_name = {b.name: b for b in runtime_buffers(P0, decisions)}
+    assert [(by_name[f"staging.{l}"].start, by_name[f"staging.{l}"].end) for l in range(4)] == [(l, l) for l in range(4)]
+    assert [(by_name[f"prefetch.{l}"].start, by_name[f"prefetch.{l}"].end) for l in range(4)] == [(8 - l, 8 - l) for l in range(4)]
+    one = by_name["staging.0"].size
+    assert plan_arena(P0, decisions).size == one and plan_arena(P1, decisions).size == 2 * one
+    shallow, deep = evaluate(P0, decisions), evaluate(P1, decisions)
+    assert shallow.exposed_transfer_s == pytest.approx(shallow.link_s)
+    assert shallow.exposed_transfer_s > deep.exposed_transfer_s
+    assert shallow.arena_bytes < deep.arena_bytes
+
+
 def test_no_offload_no_buffers():
     P = tiny_problem(3)
     result = plan_arena(P, [layer() for _ in range(3)])

@@ -85,7 +85,7 @@ def run_folder(path: Path, cfg: dict, steps: dict[int, bool] | None = None) -> P
     pytest.param(["memory.budget_gb=lots"], ["memory.budget_gb", "got 'lots'"], id="budget-not-a-number"),
     pytest.param(["memory.budget_gb=2", "memory.gradient_checkpointing=true"],
                  ["memory.gradient_checkpointing and a memory plan", "drop gradient_checkpointing"], id="plan-and-checkpointing"),
-    pytest.param(["memory.prefetch_depth=0"], ["memory.prefetch_depth", "expected a number >= 1"], id="prefetch-depth"),
+    pytest.param(["memory.prefetch_depth=-1"], ["memory.prefetch_depth", "expected a number >= 0"], id="prefetch-depth"),
     pytest.param(["memory.budget_gb=.nan"], ["memory.budget_gb: got nan; must be a finite number"], id="budget-nan"),
     pytest.param(["memory.budget_gb=.inf"], ["memory.budget_gb: got inf; must be a finite number"], id="budget-inf"),
     pytest.param(["train.lr=.nan"], ["train.lr: got nan; expected a finite number"], id="lr-nan"),

@@ -132,7 +132,8 @@ SP8 = ["parallel.strategy=fsdp2", "memory.optimizer=gpu", "parallel.sequence_par
 def test_longtune_plan_llama3_8b_at_a_million_tokens_on_8_h100(tmp_path):
     """The per-GPU plan of Llama-3-8B (the bundled 128K config, 70 GB budget, FSDP2) split 8 ways on the h100
     profile: 1M, 2M and 6M tokens fit, 7M does not; the longest context is printed, past ALST's 3.7M on 8xH100
-    (the planner's prediction, not a measurement)."""
+    (the planner's prediction, not a measurement). With prefetch depth 0 it is past 8M; the bundled config as it
+    is (no FSDP2, the state placed by the solver) fits 8M (8,388,608) at depth 0, not 9M."""
     from longtune.planner.plan import PlanInfeasible
     from longtune.trainer.config import load_config
     from longtune.trainer.capacities import load_machine, profile_capacities
@@ -145,7 +146,21 @@ def test_longtune_plan_llama3_8b_at_a_million_tokens_on_8_h100(tmp_path):
     line = next(x for x in result.stdout.splitlines() if x.startswith("longest context on 8 GPU(s) of h100-pcie5"))
     longest = int(line.split(": ")[1].split(" tokens")[0].replace(",", ""))
     assert 6 * 2**20 < longest < 7 * 2**20, line  # past ALST's 3.7M and 6M (predicted), short of 7M at this budget
+    # and with memory.prefetch_depth=0 (one layer's staging/prefetch buffers instead of two), which --longest tries
+    line = next(x for x in result.stdout.splitlines() if x.startswith("longest context") and "prefetch_depth=0" in x)
+    assert int(line.split(": ")[1].split(" tokens")[0].replace(",", "")) > 8 * 10**6, line
     machine = load_machine("h100-pcie5")
+    # the bundled config as it is (no FSDP2), the solver placing the state, prefetch depth 0: 8M tokens (issue 25)
+    eight = ["parallel.sequence_parallel=8", "data.passkey.eval_samples=0", "memory.optimizer=auto",
+             "memory.params=auto", "memory.prefetch_depth=0", "model.max_position_embeddings=9437184"]
+    for n, fits in ((8 * 2**20, True), (9 * 2**20, False)):
+        cfg = load_config(str(REPO / "configs" / "llama3-8b-128k.yaml"), [*eight, f"data.seq_len={n}"])
+        try:
+            plan = plan_memory(cfg, profile_capacities(cfg, machine, 8), machine, activations=True, world=8)
+            assert plan.predicted["peak_bytes"]["gpu"] <= 70e9 and plan.problem.prefetch_depth == 0
+        except PlanInfeasible:
+            plan = None
+        assert (plan is not None) == fits, n
     for n, fits in ((2 * 2**20, True), (6 * 2**20, True), (7 * 2**20, False)):
         cfg = load_config(str(REPO / "configs" / "llama3-8b-128k.yaml"), [*SP8, f"data.seq_len={n}"])
         try:

@@ -198,7 +198,9 @@ class MemoryConfig(_Section):
     plan_chunks: Union[Literal["auto"], int] = "auto"
     plan_time_limit_s: float = Field(10.0, gt=0)
     plan_gap: float = Field(0.01, ge=0, lt=1)
-    prefetch_depth: int = Field(1, ge=1, le=4)  # layers whose offloaded activations come back ahead of backward
+    # layers whose offloaded activations come back ahead of backward; 0: each layer's when its backward starts
+    # (one layer's staging/prefetch buffers on the device instead of two, its copies not hidden behind compute)
+    prefetch_depth: int = Field(1, ge=0, le=4)
     # fp32 master weights + Adam moments: on the GPU (torch AdamW), host RAM or NVMe (stepped on the CPU
     # during backward); decoder-layer weights: on the GPU, or streamed one layer ahead from host or NVMe.
     # auto: the GPU while it holds them with room for activations, else host, else NVMe.

@@ -38,15 +38,25 @@ def longest_over_placements(cfg: Config, machine: Machine, world: int, on_probe=
                             solved: Optional[dict[int, Optional[Plan]]] = None) -> list[Longest]:
     """The longest context with the config's memory.optimizer / memory.params (first) and, unless those are both
     auto already, with the solver placing the state (auto, auto): a length the config's placement cannot reach
-    may fit with the optimizer state or the weights on the host or NVMe."""
+    may fit with the optimizer state or the weights on the host or NVMe. Then, where a plan found offloads
+    activations (it has an arena), the widest of those with memory.prefetch_depth=0 (one layer's buffers)."""
     own = f"memory.optimizer={cfg.memory.optimizer} memory.params={cfg.memory.params}"
     found = [longest_context(cfg, machine, world, on_probe, solved)]
     found[0].placement = own
     # (FSDP2 and DeepSpeed hold the state themselves: memory.optimizer / params are not theirs to move)
+    widest, words = cfg, own
     if (cfg.memory.optimizer, cfg.memory.params) != ("auto", "auto") and not ParallelLayout.of(cfg, world).strategy_owns_state:
-        auto = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"optimizer": "auto", "params": "auto"})})
-        found.append(longest_context(auto, machine, world, on_probe))
-        found[1].placement = "memory.optimizer=auto memory.params=auto"
+        widest = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"optimizer": "auto", "params": "auto"})})
+        words = "memory.optimizer=auto memory.params=auto"
+        found.append(longest_context(widest, machine, world, on_probe))
+        found[-1].placement = words
+    # Prefetch depth 0: a layer's offloaded activations come back when its own backward starts, so the device holds
+    # one layer's staging/prefetch buffers instead of two, and the step waits for those copies (the plan prices it)
+    if cfg.memory.prefetch_depth > 0 and any(f.plan is not None and f.plan.arena is not None and f.plan.arena.size_bytes
+                                             for f in found):
+        shallow = widest.model_copy(update={"memory": widest.memory.model_copy(update={"prefetch_depth": 0})})
+        found.append(longest_context(shallow, machine, world, on_probe))
+        found[-1].placement = f"{words} memory.prefetch_depth=0"
     return found
 
 

@@ -163,7 +163,7 @@ def step_against_plan(r: dict) -> Optional[dict]:
             "terms": {"recompute": {"measured_s": recompute, "predicted_s": recompute_plan},
                       **{f"recompute {part}": {"measured_s": r[f"recompute_{part}_s"],
                                                "predicted_s": r[f"recompute_plan_{part}_s"]}
-                         for part in ("pre", "post") if f"recompute_{part}_s" in r},
+                         for part in ("pre", "post") if r.get(f"recompute_{part}_s") or r.get(f"recompute_plan_{part}_s")},
                       "waits": {"measured_s": waits, "predicted_s": waits_plan},
                       "compute": {"measured_s": measured - recompute - waits,
                                   "predicted_s": predicted - recompute_plan - waits_plan}}}

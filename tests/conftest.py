@@ -81,6 +81,33 @@ def smollm2_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture
+def ram_dir(tmp_path) -> Path:
+    """A folder in RAM (/dev/shm) for the real model's run folders, where it has room for them: a checkpoint of
+    SmolLM2-135M is 1.5 GB (fp32 weights and AdamW's two moments), which written and fsynced to a 2-core machine's
+    disk was ~5 s of a run; the checkpoint code is the same on either filesystem. tmp_path where /dev/shm is small
+    (a container's 64 MB) or the host is short of memory. (An NVMe tier's files belong on tmp_path: a tmpfs refuses
+    O_DIRECT.) Removed at the end of the test."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    shm = Path("/dev/shm")
+    try:
+        roomy = shm.is_dir() and shutil.disk_usage(shm).free > 4e9 and psutil.virtual_memory().available > 10e9
+    except OSError:
+        roomy = False
+    if not roomy:
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="longtune-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
 def tiny_config(tmp_path, tokenizer_dir) -> dict:
     """A complete config (as a dict) for a fast run of a tiny Llama on the passkey task."""
     return make_tiny_config(tmp_path / "run", tokenizer_dir)
@@ -120,10 +147,12 @@ def run_cli(*args: str, timeout: float = 600, env: Optional[dict] = None, **kwar
     )
 
 
-def start_cli(*args: str, **kwargs) -> subprocess.Popen:
-    """`longtune ARGS` started in a subprocess (stdout and stderr piped, as text), for a test that acts on it."""
-    return subprocess.Popen([sys.executable, "-m", "longtune.launch.cli", *map(str, args)], cwd=REPO, env=cli_env(),
-                            text=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs})
+def start_cli(*args: str, env: Optional[dict] = None, **kwargs) -> subprocess.Popen:
+    """`longtune ARGS` started in a subprocess (stdout and stderr piped, as text), for a test that acts on it
+    (`env`: variables on top of cli_env's)."""
+    return subprocess.Popen([sys.executable, "-m", "longtune.launch.cli", *map(str, args)], cwd=REPO,
+                            env={**cli_env(), **(env or {})}, text=True,
+                            **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs})
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

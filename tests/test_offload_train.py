@@ -34,15 +34,20 @@ PLACEMENTS = {
 }
 
 
-def _run(base: dict, tmp_path, name: str, memory: dict | None = None, **sections) -> tuple[dict, dict]:
+def _run(base: dict, tmp_path, name: str, memory: dict | None = None, runs: Path | None = None,
+         **sections) -> tuple[dict, dict]:
+    """(losses, final weights) of `base` with `memory` and `sections` on top; NVMe files under tmp_path, the run
+    folder under `runs` (tmp_path when not given). A run with checkpoint.save_final=false gives its losses alone."""
     cfg = copy.deepcopy(base)
     for key, value in sections.items():
         cfg.setdefault(key, {}).update(value)
     cfg["memory"] = {**cfg.get("memory", {}), **(memory or {})}
     if "nvme" in (cfg["memory"].get("optimizer"), cfg["memory"].get("params")):
         cfg["memory"]["nvme_path"] = str(tmp_path / f"{name}-nvme")
-    cfg["run"]["output_dir"] = str(tmp_path / name)
+    cfg["run"]["output_dir"] = str((runs or tmp_path) / name)
     result = train(validate(cfg))
+    if cfg["checkpoint"].get("save_final", True) is False and not cfg["checkpoint"].get("every_n_steps"):
+        return train_losses(result.output_dir), {}
     weights = load_file(str(latest_complete(result.output_dir) / "model.safetensors"))
     return train_losses(result.output_dir), weights
 
@@ -243,7 +248,7 @@ SMOLLM2_STEPS = 2
 
 
 @pytest.mark.slow
-def test_smollm2_offloaded_equal_in_memory(tmp_path, smollm2_dir):
+def test_smollm2_offloaded_equal_in_memory(tmp_path, smollm2_dir, ram_dir):
     """The real model: optimizer on host, on NVMe, weights streamed from host; a tight activation plan."""
     cfg = {
         "model": {"path": str(smollm2_dir)},
@@ -255,8 +260,8 @@ def test_smollm2_offloaded_equal_in_memory(tmp_path, smollm2_dir):
     }
     def run(name: str, memory: dict | None = None) -> tuple[dict, dict]:
         """A run's losses and final weights; its folder (a 1.5 GB checkpoint) and NVMe files go once read."""
-        result = _run(cfg, tmp_path, name, memory)
-        for folder in (tmp_path / name, tmp_path / f"{name}-nvme"):
+        result = _run(cfg, tmp_path, name, memory, runs=ram_dir)
+        for folder in (ram_dir / name, tmp_path / f"{name}-nvme"):
             shutil.rmtree(folder, ignore_errors=True)
         return result
 
@@ -271,11 +276,13 @@ def test_smollm2_offloaded_equal_in_memory(tmp_path, smollm2_dir):
     for placement, memory in placements.items():
         _assert_same(run(placement.replace(" ", "-").replace(",", ""), memory), plain)
     # A tight activation plan (offload + recompute, beside the optimizer on the host): the plain run's losses to
-    # fp32 rounding (the weight gradients are summed chunk by chunk, so not bit for bit).
+    # fp32 rounding (the weight gradients are summed chunk by chunk, so not bit for bit). Only its losses and plan
+    # are read: it writes no checkpoint.
     # (a drive for the plan as budget_gb_placing plans it: with the host alone at 96 tokens it recomputes only)
     memory = {**PLACEMENTS["optimizer on host"], "plan_chunks": 4, "nvme_path": str(tmp_path / "planned-nvme")}
     budget = budget_gb_placing({**cfg, "memory": memory}, {"host", "recompute"})
-    planned = _run(cfg, tmp_path, "planned", {**memory, "budget_gb": budget})
+    planned = _run(cfg, tmp_path, "planned", {**memory, "budget_gb": budget}, checkpoint={"save_final": False})
+    assert not list((tmp_path / "planned").glob("step_*"))
     places = {p for layer in Plan.from_yaml((tmp_path / "planned" / "plan.yaml").read_text()).layers
               for d in layer.values() for p in d}
     assert {"host", "recompute"} <= places

@@ -1,6 +1,6 @@
 """The dry run of the bundled configs at full size, beside the plan: no GPU needed.
 
-    python bench/dry_run.py                       # the five cases below, ~20 min on 2 cores
+    python bench/dry_run.py                       # the six cases below, ~25 min on 2 cores
     python bench/dry_run.py --cases 8b-128k       # one of them
 
 Each case is `longtune plan CFG --dry-run --json` in its own process (h100-pcie5 profile, budget 70 GB): one
@@ -30,6 +30,9 @@ CASES = {
     "8b-longest": ["llama3-8b-128k", *NVME],  # data.seq_len: what --longest finds
     # the same with the solver placing the optimizer state and the weights (issue 25: past a million tokens)
     "8b-longest-auto": ["llama3-8b-128k", "memory.optimizer=auto", "memory.params=auto", *NVME],
+    # prefetch depth 0 (one layer's staging/prefetch buffers), the solver placing the state: past 1.5M on one GPU
+    "8b-longest-depth0": ["llama3-8b-128k", "memory.optimizer=auto", "memory.params=auto", "memory.prefetch_depth=0",
+                          *NVME],
     "70b-128k": ["llama3-70b-128k", *NVME],
     "8b-1m-sp8": ["llama3-8b-128k", "parallel.sequence_parallel=8", "data.seq_len=1048576",
                   "model.config.max_position_embeddings=1048576", "data.passkey.eval_samples=0",

@@ -169,19 +169,23 @@ def test_more_ranks_than_gpus_are_refused_in_one_line(tiny_config, tmp_path):
 
 
 def test_the_longest_context_is_searched_with_the_state_placed_by_the_solver_too():
-    """`longtune plan --longest`: the config's placement (optimizer on the host, weights on the GPU) and the solver's
-    (auto, auto); each says where the state went, what its plan presses on, and why one step more fails."""
+    """`longtune plan --longest`: the config's placement (optimizer on the host, weights on the GPU), the solver's
+    (auto, auto), and that with prefetch depth 0 (one layer's staging/prefetch buffers); each says where the state
+    went, what its plan presses on, and why one step more fails."""
     from longtune.trainer.config import load_config
     from conftest import REPO
 
     from longtune.trainer.longest import SEARCH_STEP_TOKENS, longest_over_placements
 
     cfg = load_config(str(REPO / "configs" / "llama3-8b-128k.yaml"), [])
-    own, auto = longest_over_placements(cfg, load_machine(cfg.memory.machine), 1)
+    own, auto, shallow = longest_over_placements(cfg, load_machine(cfg.memory.machine), 1)
     assert own.placement == "memory.optimizer=cpu memory.params=gpu" and own.plan.params_tier == "gpu"
     assert auto.placement == "memory.optimizer=auto memory.params=auto"
-    assert auto.seq_len > own.seq_len > 131072  # moving the weights too buys context (predicted)
-    for found in (own, auto):
+    assert shallow.placement == "memory.optimizer=auto memory.params=auto memory.prefetch_depth=0"
+    assert shallow.plan.problem.prefetch_depth == 0
+    # moving the weights too buys context, and holding one layer's buffers instead of two more (predicted)
+    assert shallow.seq_len > auto.seq_len > own.seq_len > 131072
+    for found in (own, auto, shallow):
         assert found.seq_len % SEARCH_STEP_TOKENS == 0 and found.plan.problem.meta["tokens"] == found.seq_len
         assert any("GPU budget" in b for b in found.plan.binding)
         assert found.next_failure.startswith("no plan fits a GPU budget of 70.00 GB")

@@ -40,11 +40,14 @@ def _config(tiny_config: dict, out: Path, **train) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tokenizer_dir) -> dict[int, dict]:
-    """One process, two micro-batches per step: step -> metrics record."""
+    """One process, two micro-batches per step: step -> metrics record. Trained in this process, without a CLI
+    start-up: only its metrics are used."""
+    from longtune.trainer.config import validate
+    from longtune.trainer.train import train
+
     out = tmp_path_factory.mktemp("reference") / "run"
     cfg = _config(make_tiny_config(out, tokenizer_dir), out, grad_accum_steps=2)
-    result = run_cli("train", write_yaml(out.parent / "c.yaml", cfg))
-    assert result.returncode == 0, result.stderr
+    assert train(validate(cfg)).step == STEPS
     return {m["step"]: m for m in read_metrics(out) if "loss" in m}
 
 
@@ -108,8 +111,11 @@ def test_two_ranks_match_one_process(name, reference, tmp_path, tiny_config):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         _assert_matches(reference, out, steps=range(5, STEPS + 1))
     if name in ("fsdp2", "zero3-offload"):  # a plain transformers folder from the sharded checkpoint
-        exported = run_cli("export", out, "--out", tmp_path / "hf")
-        assert exported.returncode == 0, exported.stderr
+        # `longtune export` through the CLI's main in this process, which loads the checkpoint below anyway: no
+        # start-up of its own (an export in its own process: test_export.py, test_adapters.py)
+        from longtune.launch.cli import main
+
+        assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
         _assert_exported_is_trained(tmp_path / "hf", step)
 
 
@@ -423,16 +429,37 @@ def test_sharded_strategies_carry_out_a_tight_memory_plan(name, reference, tmp_p
         _assert_matches(reference, out, steps=range(5, STEPS + 1))
 
 
+def _together(commands: dict[str, list], folder: Path) -> dict[str, tuple[int, str]]:
+    """`longtune ARGS` for each name at once (one start-up beside another's, where each leaves a core idle part of
+    the time): name -> (exit code, stderr). Their output goes to files in `folder` (no pipe to fill and stall on)."""
+    procs = {}
+    try:
+        for name, args in commands.items():
+            logs = [open(folder / f"{name}.{f}", "w") for f in ("stdout", "stderr")]
+            with logs[0], logs[1]:
+                procs[name] = start_cli(*args, stdout=logs[0], stderr=logs[1])
+        for proc in procs.values():
+            proc.wait(timeout=600)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {name: (proc.returncode, (folder / f"{name}.stderr").read_text()) for name, proc in procs.items()}
+
+
 def test_layerwise_galore_under_ddp_reduces_in_its_hooks_and_matches_one_process(tmp_path, tiny_config):
     """Layer-wise GaLore steps each weight in its gradient hook, before a DDP wrapper would reduce: under
-    parallel.strategy=ddp the trainer hands it the process group and it averages each gradient there."""
+    parallel.strategy=ddp the trainer hands it the process group and it averages each gradient there. The
+    one-process run and the two ranks are launched at once."""
     galore = ["optim.name=galore_adamw", "optim.galore.rank=4", "optim.galore.layerwise=true",
               "train.clip_grad_norm=null", "train.max_steps=6"]
     one, two = tmp_path / "one", tmp_path / "two"
     cfg = write_yaml(tmp_path / "c.yaml", _config(tiny_config, one))
-    assert run_cli("train", cfg, *galore, "train.grad_accum_steps=2").returncode == 0
-    result = run_cli("train", cfg, "--nproc", "2", *galore, f"run.output_dir={two}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    done = _together({"one": ["train", cfg, *galore, "train.grad_accum_steps=2"],
+                      "two": ["train", cfg, "--nproc", "2", *galore, f"run.output_dir={two}"]}, tmp_path)
+    for name, (returncode, stderr) in done.items():
+        assert returncode == 0, (name, stderr[-3000:])
     expected, got = train_losses(one), train_losses(two)
     assert got.keys() == expected.keys() and len(got) == 6
     for step in expected:

@@ -90,6 +90,12 @@ def ray_address():
 
 
 
+# Ray Train's controller polls its worker group every 2 s (a finished, failed or dead worker is noticed at the next
+# poll); the drivers of the runs below poll every 0.2 s, which Ray passes on to the controller (ray.train.v2's
+# propagated variables).
+FAST_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
 def _last_step(run: Path) -> int:
     return max(train_losses(run), default=0) if (run / "metrics.jsonl").exists() else 0
 
@@ -141,7 +147,7 @@ def test_ray_worker_killed_resumes_and_rerun_continues(tiny_config, tmp_path, ra
 
     # 1. Kill one Ray Train worker once step 3 is logged and Ray has registered a checkpoint (step 2 or 4): the
     #    restarted group must resume from Ray's checkpoint, not from the start nor from the run folder alone.
-    proc = start_cli("train", config, *ray_args, "launch.ray.max_failures=1")
+    proc = start_cli("train", config, *ray_args, "launch.ray.max_failures=1", env=FAST_POLL)
     try:
         deadline = time.monotonic() + 300
         while not (_last_step(run) >= 3 and _registered(snapshot)):
@@ -180,7 +186,7 @@ def test_ray_worker_killed_resumes_and_rerun_continues(tiny_config, tmp_path, ra
     # 2. The same command again with more steps: Ray hands back its latest checkpoint (step 8) and the run goes
     #    on from there; metrics.jsonl gains steps 9 and 10 only.
     logged_before = len(read_metrics(run))
-    again = run_cli("train", config, *ray_args, "train.max_steps=10", timeout=400)
+    again = run_cli("train", config, *ray_args, "train.max_steps=10", timeout=400, env=FAST_POLL)
     assert again.returncode == 0, f"stdout:\n{again.stdout[-3000:]}\nstderr:\n{again.stderr[-3000:]}"
     assert f"resuming from Ray's checkpoint {storage / 'story' / f'step_{MAX_STEPS}'}" in again.stdout
     assert f"resumed from {run / f'step_{MAX_STEPS}'} at step {MAX_STEPS}" in again.stdout
@@ -401,7 +407,7 @@ def test_refused_before_workers_and_config_errors_not_retried(tiny_config, tmp_p
     lock.acquire()
     start = time.monotonic()
     try:
-        out = run_cli("train", config, *joined, "launch.ray.max_failures=-1", timeout=240)
+        out = run_cli("train", config, *joined, "launch.ray.max_failures=-1", timeout=240, env=FAST_POLL)
     finally:
         lock.release()
     failed_s = time.monotonic() - start

@@ -512,7 +512,7 @@ def _model_compute(cfg, config: str, lengths: tuple[int, int], profile: dict) ->
     import yaml
 
     from longtune.planner.problem import ModelShape, fitted_rates
-    from longtune.trainer.calibrate import recompute_factors, step_compute_seconds
+    from longtune.trainer.calibrate import per_token_grows, recompute_factors, step_compute_seconds
     from longtune.trainer.planning import hf_config_dict
 
     gpu = profile["gpu"]
@@ -529,6 +529,10 @@ def _model_compute(cfg, config: str, lengths: tuple[int, int], profile: dict) ->
             matmul, attention = fitted_rates(shape, seconds, peak * gpu["attention_efficiency"])
         except ValueError as e:
             raise UsageError(f"longtune probe --config: {e}") from None
+        attention_from = "the step" if per_token_grows(seconds) else "the attention kernel"
+        if attention_from != "the step":
+            print("  the step's time per token does not grow with its length (a small model, or a busy machine): "
+                  "attention is priced at the attention kernel's measured rate, the rest fitted to the longer length")
         peak = max(peak, matmul, attention)
         fitted = {"bf16_tflops": round(peak / 1e12, 4), "matmul_efficiency": round(matmul / peak, 4),
                   "attention_efficiency": round(attention / peak, 4)}
@@ -536,7 +540,8 @@ def _model_compute(cfg, config: str, lengths: tuple[int, int], profile: dict) ->
         factors = recompute_factors(cfg, plans[lengths[0]], str(machine), budget)
     return {**fitted, "recompute_factor": {part: round(f, 4) for part, f in factors.items()},
             "calibrated": {"config": str(config), "step_s": {str(n): round(s, 4) for n, s in seconds.items()},
-                           "matmul_tflops": round(matmul / 1e12, 4), "attention_tflops": round(attention / 1e12, 4)}}
+                           "matmul_tflops": round(matmul / 1e12, 4), "attention_tflops": round(attention / 1e12, 4),
+                           "attention_from": attention_from}}
 
 
 def run_probe(args: argparse.Namespace) -> int:

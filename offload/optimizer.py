@@ -29,7 +29,7 @@ from torch import nn
 from .cpu_adam import AdamWHyper, CpuAdamW
 from .groups import ParamGroup, decay_groups, flat_offsets, param_groups
 from .hooks import HookSet
-from .movers import worker_pool
+from .movers import InlineExecutor, worker_pool
 from .pinned import HostPool, exact_pinned_empty
 
 WeightWriter = Callable[[ParamGroup, list[torch.Tensor]], None]
@@ -45,7 +45,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                  cpu_adam: Optional[CpuAdamW] = None, numa_nodes=None, interleave: bool = False,
                  numa_local_share: Optional[float] = None,
                  weight_writers: Optional[dict[int, WeightWriter]] = None, device: Optional[torch.device] = None,
-                 copy_stream=None, hooks: Optional[HookSet] = None, process_group=None):
+                 copy_stream=None, hooks: Optional[HookSet] = None, process_group=None, inline: bool = False):
         if tier not in ("cpu", "nvme"):
             raise ValueError(f"optimizer tier must be cpu or nvme, not {tier!r}")
         if tier == "nvme" and nvme_store is None:
@@ -78,8 +78,12 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._offsets = {g.index: flat_offsets(g.shapes) for g in self.groups}
         # OpenMP's thread count is per thread: without this the worker would split the fused kernel
         # differently from the main thread, and chunk edges change the rounding of a few elements.
-        self._worker = worker_pool("adam", initializer=torch.set_num_threads,
-                                   initargs=(torch.get_num_threads(),))
+        # `inline`: each layer's norms and update run on the training thread when launched (a CPU device, whose
+        # cores the update would share: two OpenMP teams on the same cores took 1.5 s more a step than one,
+        # SmolLM2 at 2,048 tokens on 2 cores); their time is then time the training thread was blocked.
+        self.inline = inline
+        self._worker = InlineExecutor() if inline else worker_pool("adam", initializer=torch.set_num_threads,
+                                                                   initargs=(torch.get_num_threads(),))
         self._pending: dict[int, Future] = {}  # group -> its update in flight
         self._build_state(numa_nodes, interleave, numa_local_share)
         self._begin(1)
@@ -201,9 +205,17 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def _launch_ready(self, g: ParamGroup) -> None:
         if self.clip is not None:
-            self._norms[g.index] = self._worker.submit(self._group_norms, g)
+            self._norms[g.index] = self._submit(self._group_norms, g)
         else:
             self._launch_step(g, None)
+
+    def _submit(self, fn, *args) -> Future:
+        """fn(*args) on the worker; inline, on this thread, counted as time the training thread was blocked."""
+        start = time.perf_counter()
+        future = self._worker.submit(fn, *args)
+        if self.inline:
+            self.wait_s += time.perf_counter() - start
+        return future
 
     def _group_norms(self, g: ParamGroup) -> dict[int, torch.Tensor]:
         self._wait_events(g.index)
@@ -235,7 +247,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def _launch_step(self, g: ParamGroup, coef: Optional[torch.Tensor]) -> None:
         self._launched.add(g.index)
         lrs = [self.param_groups[self._torch_group_of[id(p)]]["lr"] for p in g.params]  # read now: the scheduler moves on
-        self._pending[g.index] = self._worker.submit(self._step_group, g, coef, lrs, self.steps_done + 1)
+        self._pending[g.index] = self._submit(self._step_group, g, coef, lrs, self.steps_done + 1)
         self._step_results.append(self._pending[g.index])
 
     def _step_group(self, g: ParamGroup, coef, lrs: list[float], step: int) -> torch.Tensor:

@@ -142,7 +142,10 @@ class MemoryRuntime:
                                         clip_grad_norm=o.clip_grad_norm, tier=opt_tier, nvme_store=self.store,
                                         nvme_stagings=self.plan.nvme_state_stagings, cpu_adam=cpu_adam,
                                         device=self.device, copy_stream=self.d2h.stream, hooks=self.hooks,
-                                        process_group=o.process_group, **o.numa_optimizer)
+                                        process_group=o.process_group, **o.numa_optimizer,
+                                        # a CPU device's cores would run the update beside the compute; the
+                                        # lagging-device mode imitates a GPU's overlap, worker thread included
+                                        inline=self.device.type == "cpu" and not o.lagging_copies)
         if params_tier != "gpu":
             self.streamer = ParamStreamer(model, self.device, tier=params_tier, nvme_store=self.store,
                                           mover=self.h2d, hooks=self.hooks, **o.numa_weights)

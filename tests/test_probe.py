@@ -61,3 +61,23 @@ def test_probe_config_times_the_model_and_the_plan_predicts_its_step(tmp_path, t
     assert (machine.pre_recompute_factor, machine.post_recompute_factor) == (factors["pre"], factors["post"])
     bad = run_cli("probe", "--out", out, "--config", config, "--lengths", "256,300")
     assert bad.returncode == 2 and "--lengths takes two token counts" in bad.stderr
+
+
+def test_a_shorter_step_slower_per_token_than_the_longer_is_timed_again(monkeypatch):
+    """The step times that `longtune probe --config` fits the planner's rates to: a shorter length that took as
+    long per token as the longer one (a busy machine: 18.96 s at 512 tokens, 12.57 s at 2,048, measured) is timed
+    again with the longer, and each keeps its faster time."""
+    from types import SimpleNamespace
+
+    from longtune.trainer import calibrate
+
+    times = iter([18.96, 12.57, 2.54, 12.9])
+    monkeypatch.setattr(calibrate, "_train", lambda cfg, n, machine, budget: (
+        {"step_time_s": next(times)}, SimpleNamespace(predicted={"state_s": 0.0})))
+    lines: list[str] = []
+    seconds, _ = calibrate.step_compute_seconds(None, (512, 2048), "m.yaml", 1.0, log=lines.append)
+    assert seconds == {512: 2.54, 2048: 12.57}
+    assert calibrate.per_token_grows(seconds) and len(lines) == 5 and "timing both again" in lines[2]
+    times = iter([2.54, 12.12])
+    seconds, _ = calibrate.step_compute_seconds(None, (512, 2048), "m.yaml", 1.0, log=lines.append)
+    assert seconds == {512: 2.54, 2048: 12.12} and len(lines) == 7  # grows: timed once

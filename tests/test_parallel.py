@@ -217,25 +217,14 @@ def lora_runs(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, int, str
                 **{s: ["--nproc", "2", f"parallel.strategy={s}", *LORA, *SAVED] for s in ("ddp", "fsdp2")},
                 "qlora-one": ["train.grad_accum_steps=2", *QLORA],
                 "qlora-ddp": ["--nproc", "2", "parallel.strategy=ddp", *QLORA]}
-    runs, procs = {}, {}
-    try:
-        for name, args in commands.items():
-            out = tmp_path_factory.mktemp(f"lora-{name}") / "run"
-            cfg = _config(make_tiny_config(out, tokenizer_dir), out)
-            cfg["train"]["max_steps"] = LORA_STEPS
-            logs = [open(out.parent / f, "w") for f in ("stdout", "stderr")]  # files: no pipe to fill and stall on
-            with logs[0], logs[1]:
-                procs[name] = start_cli("train", write_yaml(out.parent / "c.yaml", cfg), *args,
-                                        stdout=logs[0], stderr=logs[1])
-            runs[name] = out
-        for proc in procs.values():
-            proc.wait(timeout=600)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return {name: (out, procs[name].returncode, (out.parent / "stderr").read_text()) for name, out in runs.items()}
+    runs, launches = {}, {}
+    for name, args in commands.items():
+        out = runs[name] = tmp_path_factory.mktemp(f"lora-{name}") / "run"
+        cfg = _config(make_tiny_config(out, tokenizer_dir), out)
+        cfg["train"]["max_steps"] = LORA_STEPS
+        launches[name] = ["train", write_yaml(out.parent / "c.yaml", cfg), *args]
+    done = _together(launches, tmp_path_factory.mktemp("lora-logs"))
+    return {name: (out, *done[name]) for name, out in runs.items()}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "qlora-ddp"])

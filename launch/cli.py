@@ -529,8 +529,8 @@ def _model_compute(cfg, config: str, lengths: tuple[int, int], profile: dict) ->
             matmul, attention = fitted_rates(shape, seconds, peak * gpu["attention_efficiency"])
         except ValueError as e:
             raise UsageError(f"longtune probe --config: {e}") from None
-        attention_from = "the step" if per_token_grows(seconds) else "the attention kernel"
-        if attention_from != "the step":
+        grows = per_token_grows(seconds)  # else fitted_rates priced attention at the kernel's rate
+        if not grows:
             print("  the step's time per token does not grow with its length (a small model, or a busy machine): "
                   "attention is priced at the attention kernel's measured rate, the rest fitted to the longer length")
         peak = max(peak, matmul, attention)
@@ -541,7 +541,7 @@ def _model_compute(cfg, config: str, lengths: tuple[int, int], profile: dict) ->
     return {**fitted, "recompute_factor": {part: round(f, 4) for part, f in factors.items()},
             "calibrated": {"config": str(config), "step_s": {str(n): round(s, 4) for n, s in seconds.items()},
                            "matmul_tflops": round(matmul / 1e12, 4), "attention_tflops": round(attention / 1e12, 4),
-                           "attention_from": attention_from}}
+                           "attention_from": "the step" if grows else "the attention kernel"}}
 
 
 def run_probe(args: argparse.Namespace) -> int:
